@@ -1,0 +1,60 @@
+# One command surface for people, CI and the README.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export MLX_DISABLE_COMPILE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install build lint fmt test test-rust test-py bench demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+STAMP := $(VENV)/.deps-installed
+
+$(STAMP): requirements-dev.txt | $(PY)
+	$(PIP) install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+## install: virtualenv, Python dependencies (torch first), and the Rust extension
+install: $(STAMP)
+	$(MAKE) build
+
+## build: compile the Rust extension into the virtualenv (release mode)
+build: $(PY)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+lint: $(STAMP)
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest backpropagate._core --allowlist .stubtest-allowlist
+
+fmt:
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+test-rust:
+	cargo test
+
+test-py:
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+## test: what CI and the README run
+test: install
+	$(MAKE) lint test-rust test-py
+
+bench:
+	cargo bench
+
+## demo: the main job on the built-in default (tiny model + example data): train, export GGUF, generate
+demo: install
+	$(VENV)/bin/backprop train --model tiny-llama --steps 60 --output runs/demo --export gguf
+
+clean:
+	rm -rf target runs .pytest_cache .ruff_cache .mypy_cache

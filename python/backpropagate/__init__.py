@@ -1,0 +1,20 @@
+"""backpropagate: fine-tune a language model on your own data with one GPU, run it locally.
+
+from backpropagate import Trainer
+trainer = Trainer("tiny-llama")
+trainer.train("data.jsonl", steps=100)
+trainer.export("gguf", quantization="q4_k_m")
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from backpropagate.errors import BackpropagateError
+
+try:
+    __version__ = version("backpropagate")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["BackpropagateError", "__version__"]

@@ -1,0 +1,3 @@
+"""Type stubs of the Rust extension (kept in sync by mypy.stubtest)."""
+
+__version__: str

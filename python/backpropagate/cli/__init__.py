@@ -1,0 +1,80 @@
+"""The `backprop` command: one typer app, one module per command group.
+
+`main()` owns the process boundary: it sets up logging and redaction, turns every
+`BackpropagateError` into `[CODE]: message` plus a hint on stderr, and exits with
+the family's status (see `errors.FAMILY_EXIT`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO, cast
+
+import typer
+
+from backpropagate import log
+from backpropagate.errors import CATALOG, EXIT_INTERRUPTED, BackpropagateError
+from backpropagate.log import redact, redaction_enabled
+
+app = typer.Typer(
+    name="backprop",
+    help="Fine-tune a language model on your own data, then run it locally.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _global_options(
+    log_format: str = typer.Option("text", "--log-format", help="Log line format: text or json."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and no redaction of secrets."),
+) -> None:
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("must be 'text' or 'json'", param_hint="--log-format")
+    log.configure(log_format=log_format, verbose=verbose)
+    if not redaction_enabled(verbose) and isinstance(sys.stderr, log.RedactingStream):
+        sys.stderr = sys.stderr._inner
+
+
+def _register_commands() -> None:
+    # Imported here so each command module can import `app` from this one.
+    from backpropagate.cli import info_cmd  # noqa: F401
+
+
+def print_error(err: BackpropagateError) -> None:
+    """Writes the user-facing form of `err` to stderr."""
+    retry = " (retryable)" if err.retryable else ""
+    sys.stderr.write(f"{err}\nhint: {err.hint}{retry}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `backprop` script."""
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    if redaction_enabled(verbose):
+        sys.stderr = cast(TextIO, log.RedactingStream(sys.stderr))
+    _register_commands()
+    try:
+        status = app(args=argv, standalone_mode=False)
+    except BackpropagateError as err:
+        print_error(err)
+        sys.exit(err.exit_status)
+    except (KeyboardInterrupt, typer.Abort):
+        status = EXIT_INTERRUPTED
+    except (typer.Exit, SystemExit) as done:
+        sys.exit(getattr(done, "exit_code", None) or getattr(done, "code", 0) or 0)
+    except Exception as exc:
+        # Usage errors of the CLI framework know how to print themselves and their status (2).
+        exit_code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "show") and isinstance(exit_code, int):
+            exc.show()
+            sys.exit(exit_code)
+        raise
+    # The framework turns Ctrl-C into a returned status instead of an exception.
+    if status == EXIT_INTERRUPTED:
+        print_error(BackpropagateError("RUNTIME_INTERRUPTED", "interrupted by the user"))
+    if isinstance(status, int) and status:
+        sys.exit(status)
+
+
+__all__ = ["CATALOG", "app", "main", "redact"]

@@ -1,0 +1,162 @@
+"""Errors with stable codes, one-line hints and a retryable flag.
+
+Every failure a user can meet is a `BackpropagateError` whose code is listed in
+`CATALOG`. The CLI prints `[CODE]: message` and the hint, and exits with the family's
+status, so scripts can branch on codes and exit statuses without parsing prose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    """What the catalog knows about one code."""
+
+    hint: str
+    retryable: bool = False
+
+
+# Exit statuses by family. 130 is the shell convention for SIGINT.
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_DEPENDENCY = 4
+EXIT_RUNTIME = 5
+EXIT_STATE = 6
+EXIT_INTERRUPTED = 130
+
+CATALOG: dict[str, CodeInfo] = {
+    # CONFIG_*: a setting is wrong; fix the command line or the call.
+    "CONFIG_INVALID_SETTING": CodeInfo("Check the option's allowed values in `backprop COMMAND --help`."),
+    "CONFIG_UNKNOWN_MODEL": CodeInfo(
+        "Pass a Hugging Face id, a local model folder, or a preset from `backprop info --presets`."
+    ),
+    # INPUT_*: a file the user gave is missing or malformed.
+    "INPUT_FILE_NOT_FOUND": CodeInfo("Check the path; relative paths start from the current folder."),
+    "INPUT_DATASET_PARSE_FAILED": CodeInfo(
+        "Fix the listed lines (one JSON object per line), or pass --skip-invalid to skip them."
+    ),
+    "INPUT_DATASET_VALIDATION_FAILED": CodeInfo(
+        "Each row needs a known shape (messages, conversations, instruction/output, text, "
+        "chosen/rejected, completion/label); run `backprop validate FILE` for details."
+    ),
+    "INPUT_DATASET_EMPTY": CodeInfo("The dataset has no usable rows; run `backprop validate FILE`."),
+    "INPUT_TEMPLATE_RENDER_FAILED": CodeInfo(
+        "The model's chat template rejected a row; check roles and their order in that row."
+    ),
+    "INPUT_TOKENIZER_LOAD_FAILED": CodeInfo(
+        "The model folder needs a tokenizer.json (and tokenizer_config.json for chat models)."
+    ),
+    "INPUT_MODEL_LOAD_FAILED": CodeInfo("Check that the folder holds config.json and weights in safetensors."),
+    # DEP_*: something outside the package is missing or unreachable.
+    "DEP_MISSING_PACKAGE": CodeInfo("Install the extra named in the message, e.g. pip install 'backpropagate[qlora]'."),
+    "DEP_CUDA_UNAVAILABLE": CodeInfo("This mode needs an NVIDIA GPU; use mode='lora' on CPU or run on a GPU machine."),
+    "DEP_OLLAMA_REGISTRATION_FAILED": CodeInfo(
+        "Start Ollama (`ollama serve`) and rerun, or run the `ollama create` command printed above.",
+        retryable=True,
+    ),
+    "DEP_LLAMA_CPP_UNAVAILABLE": CodeInfo("Install llama.cpp bindings: pip install 'backpropagate[llama]'."),
+    # RUNTIME_*: the run itself failed.
+    "RUNTIME_IO_FAILED": CodeInfo("Check free disk space and permissions of the output folder.", retryable=True),
+    "RUNTIME_OOM_RECOVERY_EXHAUSTED": CodeInfo(
+        "Even micro-batch 1 ran out of memory: lower max_seq_length, use QLoRA, or enable gradient checkpointing."
+    ),
+    "RUNTIME_FULL_FT_MODEL_TOO_LARGE": CodeInfo(
+        "Full fine-tuning is limited to models of about 4B parameters; use mode='lora' or 'qlora', or a smaller preset."
+    ),
+    "RUNTIME_GPU_TEMPERATURE_CRITICAL": CodeInfo(
+        "The GPU stayed too hot for too long; improve cooling or raise --max-gpu-temp.", retryable=True
+    ),
+    "RUNTIME_TRAINING_DIVERGED": CodeInfo("The loss became NaN or infinite; lower the learning rate."),
+    "RUNTIME_EXPORT_FAILED": CodeInfo("The export did not complete; nothing was written under the final name."),
+    "RUNTIME_INTERRUPTED": CodeInfo("The run was interrupted; `backprop train --resume` continues it.", retryable=True),
+    # STATE_*: files left by an earlier run are missing, stale or in the way.
+    "STATE_CHECKPOINT_NOT_FOUND": CodeInfo(
+        "No checkpoint to resume from in the output folder; start without --resume."
+    ),
+    "STATE_CHECKPOINT_CORRUPT": CodeInfo("The checkpoint is unreadable; resume from an earlier one or start again."),
+    "STATE_OUTPUT_EXISTS": CodeInfo("The output already exists; pass --force to overwrite it or choose another path."),
+    "STATE_CACHE_CORRUPT": CodeInfo("Delete the dataset cache folder named in the message and rerun.", retryable=True),
+}
+
+FAMILY_EXIT = {
+    "CONFIG": EXIT_USAGE,
+    "INPUT": EXIT_BAD_INPUT,
+    "DEP": EXIT_DEPENDENCY,
+    "RUNTIME": EXIT_RUNTIME,
+    "STATE": EXIT_STATE,
+}
+
+
+class BackpropagateError(Exception):
+    """Base of every error this package raises on purpose.
+
+    Args:
+        code: A code from `CATALOG`; its family prefix must match the class.
+        message: What went wrong, naming the file, line or setting involved.
+        hint: Overrides the catalog's hint when the message needs a specific way out.
+    """
+
+    family = ""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+        if code not in CATALOG:
+            raise ValueError(f"unknown error code {code!r}")
+        if self.family and not code.startswith(self.family + "_"):
+            raise ValueError(f"{code} does not belong to {type(self).__name__}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint or CATALOG[code].hint
+        self.retryable = CATALOG[code].retryable
+
+    @property
+    def exit_status(self) -> int:
+        """Process exit status for this error's family."""
+        if self.code == "RUNTIME_INTERRUPTED":
+            return EXIT_INTERRUPTED
+        return FAMILY_EXIT[self.code.split("_", 1)[0]]
+
+    def __str__(self) -> str:
+        return f"[{self.code}]: {self.message}"
+
+
+class ConfigError(BackpropagateError, ValueError):
+    """A setting is invalid."""
+
+    family = "CONFIG"
+
+
+class InputError(BackpropagateError, ValueError):
+    """A user-supplied file is missing or malformed."""
+
+    family = "INPUT"
+
+
+class DependencyError(BackpropagateError, ImportError):
+    """A package, device or service the operation needs is unavailable."""
+
+    family = "DEP"
+
+
+class RunFailedError(BackpropagateError, RuntimeError):
+    """The run failed while working."""
+
+    family = "RUNTIME"
+
+
+class StateError(BackpropagateError):
+    """Files from an earlier run are missing, stale or in the way."""
+
+    family = "STATE"
+
+
+_BY_FAMILY: dict[str, type[BackpropagateError]] = {
+    cls.family: cls for cls in (ConfigError, InputError, DependencyError, RunFailedError, StateError)
+}
+
+
+def from_code(code: str, message: str) -> BackpropagateError:
+    """Builds the exception of the right family for `code` (used by the Rust core)."""
+    return _BY_FAMILY[code.split("_", 1)[0]](code, message)

@@ -1,0 +1,96 @@
+"""What this machine can run: versions, GPU, installed extras, usable backends.
+
+Probing imports nothing heavy unless it is installed, and never fails: a missing or
+broken package shows up as `null`, which is exactly what a bug report needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+# Distribution name -> what it enables.
+EXTRAS = {
+    "torch": "training on CUDA/CPU",
+    "transformers": "model loading",
+    "peft": "LoRA / DoRA adapters",
+    "bitsandbytes": "QLoRA (4-bit)",
+    "trl": "reference losses in tests",
+    "liger-kernel": "fused GPU kernels",
+    "xllamacpp": "GGUF loading and generation",
+    "llama-cpp-python": "GGUF loading and generation",
+    "mlx-lm": "MLX backend",
+    "matplotlib": "loss curve plots",
+    "tensorboard": "TensorBoard metrics",
+    "wandb": "Weights & Biases metrics",
+}
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _gpus() -> tuple[bool, str | None, list[dict[str, Any]]]:
+    if importlib.util.find_spec("torch") is None:
+        return False, None, []
+    try:
+        import torch
+    except Exception:  # a broken torch install is reported as absent
+        return False, None, []
+    if not torch.cuda.is_available():
+        return False, torch.version.cuda, []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append(
+            {
+                "index": i,
+                "name": props.name,
+                "vram_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}",
+            }
+        )
+    return True, torch.version.cuda, gpus
+
+
+def _mlx_usable() -> bool:
+    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
+        return False
+    try:
+        import mlx.core  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def collect() -> dict[str, Any]:
+    """Everything `backprop info` reports, as plain data."""
+    from backpropagate import __version__
+
+    cuda, cuda_version, gpus = _gpus()
+    try:
+        import backpropagate._core as _core
+
+        core = _core.__version__
+    except ImportError:
+        core = None
+    return {
+        "backpropagate": __version__,
+        "core": core,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "torch": _dist_version("torch"),
+        "cuda": cuda,
+        "cuda_version": cuda_version,
+        "gpus": gpus,
+        "extras": {name: _dist_version(name) for name in EXTRAS},
+        "backends": {"cuda": cuda, "mlx": _mlx_usable(), "cpu": _dist_version("torch") is not None},
+    }

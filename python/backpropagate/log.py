@@ -1,0 +1,124 @@
+"""Logging with a run id on every line, JSON output, and secrets kept off stderr.
+
+A run binds a UUID with `start_run()`; every record logged afterwards carries it, in
+text (`run_id=...`) or JSON form. Stderr passes through `redact()` unless verbose
+output was asked for, so tokens pasted into a config never end up in a shared log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from typing import TextIO
+
+LOGGER_NAME = "backpropagate"
+_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_id", default=None)
+
+# Each pattern keeps a visible prefix (group 1) so a reader still sees what was hidden.
+_SECRET_PATTERNS = [
+    re.compile(r"(Bearer\s+)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE),
+    re.compile(r"(\b)sk-[A-Za-z0-9_\-]{16,}"),
+    re.compile(r"(\b)hf_[A-Za-z0-9]{16,}"),
+    re.compile(r"(\b)(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"(\b(?:password|passwd|token|api_key|apikey|secret)\s*[=:]\s*)[\"']?[^\s\"',;&]+", re.IGNORECASE),
+]
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str) -> str:
+    """Replaces every known secret shape in `text` with a marker."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def redaction_enabled(verbose: bool = False) -> bool:
+    """Secrets are hidden unless verbose output or BACKPROPAGATE_DEBUG=1 asks for everything."""
+    return not (verbose or os.environ.get("BACKPROPAGATE_DEBUG") == "1")
+
+
+class RedactingStream:
+    """A text stream wrapper that redacts each write (so library warnings are covered too)."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        """Writes `text` with secrets replaced."""
+        self._inner.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def new_run_id() -> str:
+    """A fresh run id."""
+    return str(uuid.uuid4())
+
+
+def current_run_id() -> str | None:
+    """The run id bound to this context, if a run has started."""
+    return _run_id.get()
+
+
+def start_run(run_id: str | None = None) -> str:
+    """Binds a run id to this context and logs `run_started`."""
+    rid = run_id or new_run_id()
+    _run_id.set(rid)
+    get_logger().info("run_started run_id=%s", rid)
+    return rid
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        rid = current_run_id()
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        prefix = f"{stamp} {record.levelname.lower():<7}"
+        line = f"{prefix} {record.getMessage()}"
+        if rid and "run_id=" not in line:
+            line += f" run_id={rid}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "run_id": current_run_id(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            payload.update(extra)
+        return json.dumps(payload, default=str)
+
+
+def configure(log_format: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
+    """Sets up the package logger once per process (the CLI calls it; library users may)."""
+    logger = get_logger()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    target = stream or sys.stderr
+    if redaction_enabled(verbose) and not isinstance(target, RedactingStream):
+        target = RedactingStream(target)
+    handler = logging.StreamHandler(target)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """The package logger, or a child of it."""
+    return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name}")

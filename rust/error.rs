@@ -1,0 +1,60 @@
+//! The one error type of the core. Each variant carries a stable code that the
+//! Python side maps onto its `BackpropagateError` hierarchy at a single point.
+
+use std::path::PathBuf;
+
+/// Result alias used across the core.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors of the core; `code()` gives the stable code shown to users.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting is out of range or inconsistent.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Stable code, identical to the Python catalog's (`python/backpropagate/errors.py`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                "INPUT_FILE_NOT_FOUND"
+            }
+            Error::Io { .. } => "RUNTIME_IO_FAILED",
+            Error::Config(_) => "CONFIG_INVALID_SETTING",
+        }
+    }
+
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_has_input_code() {
+        let e = Error::io(
+            "x.jsonl",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(e.code(), "INPUT_FILE_NOT_FOUND");
+        assert!(e.to_string().starts_with("x.jsonl: "));
+    }
+}

@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated cache home, the built-in tiny models, real tokenizers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TOKENIZERS = SHARED / "tokenizers"
+
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All caches of the test session go to one temporary folder."""
+    home = tmp_path_factory.mktemp("bp-home")
+    os.environ["BACKPROPAGATE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(_isolated_home: Path) -> Path:
+    from backpropagate.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(_isolated_home: Path) -> Path:
+    from backpropagate.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("tiny-qwen2")
+
+
+def real_tokenizer(name: str) -> Path:
+    """Folder of a real model's tokenizer files in shared/, or skip when absent."""
+    path = TOKENIZERS / name
+    if not (path / "tokenizer.json").exists():
+        pytest.skip(f"shared tokenizer {name} not available")
+    return path
