@@ -23,21 +23,21 @@ install: $(STAMP)
 
 ## build: compile the Rust extension into the virtualenv (release mode)
 build: $(PY)
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+	VIRTUAL_ENV=$(abspath $(VENV)) $(PY) -m maturin develop --release -q
 
 lint: $(STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
-	$(VENV)/bin/mypy
+	$(PY) -m ruff check python tests benches
+	$(PY) -m ruff format --check python tests benches
+	$(PY) -m mypy
 	$(PY) -m mypy.stubtest backpropagate._core --allowlist .stubtest-allowlist
 
 fmt:
 	cargo fmt
-	$(VENV)/bin/ruff format python tests benches
-	$(VENV)/bin/ruff check --fix python tests benches
+	$(PY) -m ruff format python tests benches
+	$(PY) -m ruff check --fix python tests benches
 
 test-rust:
 	cargo test
