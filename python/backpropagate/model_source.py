@@ -1,0 +1,50 @@
+"""Turns what a user names as a model into a local folder of Hugging Face files.
+
+One resolution path for every caller (data engine, trainers, export): a built-in tiny
+name is created on demand, a local folder is used as is, and anything else is taken as
+a Hugging Face id and fetched into the hub cache (which works offline once cached).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backpropagate.errors import ConfigError, DependencyError, InputError
+from backpropagate.tiny import ensure_tiny_model, is_tiny
+
+
+def resolve_model(name: str | Path) -> Path:
+    """Returns the local folder holding `name`'s config, tokenizer and weights.
+
+    Args:
+        name: A built-in name (`tiny-llama`), a local folder, or a Hugging Face id.
+
+    Raises:
+        InputError: INPUT_MODEL_LOAD_FAILED when a local folder lacks config.json.
+        ConfigError: CONFIG_UNKNOWN_MODEL when the id cannot be found or fetched.
+    """
+    text = str(name)
+    if is_tiny(text):
+        return ensure_tiny_model(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
+            raise InputError("INPUT_MODEL_LOAD_FAILED", f"{path}: no config.json or tokenizer.json in this folder")
+        return path
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ConfigError("CONFIG_UNKNOWN_MODEL", f"{text!r} is neither a model folder nor a Hugging Face id")
+    return _fetch_from_hub(text)
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise DependencyError("DEP_MISSING_PACKAGE", "huggingface_hub is needed to fetch models by id") from exc
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown id, gated repo: all end the same way for the user
+        raise ConfigError(
+            "CONFIG_UNKNOWN_MODEL", f"could not find or fetch {repo_id!r} ({type(exc).__name__}: {exc})"
+        ) from exc
