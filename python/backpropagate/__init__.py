@@ -17,4 +17,15 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["BackpropagateError", "__version__"]
+__all__ = ["BackpropagateError", "TrainConfig", "TrainResult", "Trainer", "__version__"]
+
+# Heavy modules (torch, transformers) load only when the training API is first touched.
+_LAZY = {"Trainer": "backpropagate.trainer", "TrainResult": "backpropagate.trainer", "TrainConfig": "backpropagate.config"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'backpropagate' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Training backends: the PyTorch loop (CUDA and CPU) and the pieces it is built from."""

@@ -1,0 +1,209 @@
+"""Checkpoints that survive a kill at any instant.
+
+A checkpoint is a folder `step-NNNNNN` holding the trainable weights (safetensors), the
+optimizer and scheduler states and RNG states (torch), and `state.json` (step, data
+position, micro-batch after OOM recovery, losses so far). It is written under
+`step-NNNNNN.partial`, every file fsynced, then renamed into place and the parent folder
+fsynced: a folder without the suffix is always complete. Older checkpoints are deleted
+only after the new one is durable; leftover `.partial` folders are ignored and removed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from backpropagate.errors import RunFailedError, StateError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+WEIGHTS = "trainable.safetensors"
+TRAINING = "training_state.pt"
+STATE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; everything resume needs besides tensors.
+
+    Attributes:
+        run_id: The run this state belongs to.
+        step: Optimizer steps done.
+        rows_consumed: Packed rows consumed from the shuffled stream (the data position).
+        micro_batch: Rows per micro-batch (lower than configured after OOM recovery).
+        tokens_seen: Tokens trained on so far.
+        losses: [step, loss] of every step so far.
+        eval_losses: [step, loss] of every evaluation so far.
+        fingerprint: Settings that must not change across a resume.
+        elapsed_s: Training time before this process.
+    """
+
+    run_id: str
+    step: int = 0
+    rows_consumed: int = 0
+    micro_batch: int = 1
+    tokens_seen: int = 0
+    losses: list[list[float]] = field(default_factory=list)
+    eval_losses: list[list[float]] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) random states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` and fsyncs it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or creation inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(
+    root: Path,
+    state: TrainState,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    keep: int,
+) -> Path:
+    """Writes checkpoint `state.step` atomically under `root` and keeps the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    partial = root / f"{final.name}.partial"
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        cpu_weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        write_durable(partial / WEIGHTS, save_safetensors(cpu_weights))
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        write_durable(partial / TRAINING, _torch_bytes(training))
+        write_durable(partial / STATE, json.dumps(asdict(state)).encode())
+        fsync_dir(partial)
+        if final.exists():  # an earlier run reached this step before a resume from an older one
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_dir(root)
+    except OSError as exc:
+        raise RunFailedError("RUNTIME_IO_FAILED", f"could not write checkpoint {final}: {exc}") from exc
+    for old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob("*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back from disk."""
+
+    path: Path
+    state: TrainState
+    weights: dict[str, torch.Tensor]
+    training: dict[str, Any]
+
+
+def read_state(path: Path) -> TrainState:
+    """The `state.json` of one checkpoint folder."""
+    try:
+        return TrainState(**json.loads((path / STATE).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise StateError("STATE_CHECKPOINT_CORRUPT", f"{path / STATE} cannot be read ({exc})") from exc
+
+
+def latest(root: Path) -> Path:
+    """The newest complete checkpoint folder under `root`."""
+    found = checkpoints(root)
+    if not found:
+        raise StateError("STATE_CHECKPOINT_NOT_FOUND", f"no checkpoint under {root}")
+    return found[-1]
+
+
+def load_latest(root: Path) -> LoadedCheckpoint:
+    """Reads the newest complete checkpoint under `root`.
+
+    Raises:
+        StateError: STATE_CHECKPOINT_NOT_FOUND when there is none, STATE_CHECKPOINT_CORRUPT
+            when the newest cannot be read.
+    """
+    path = latest(root)
+    state = read_state(path)
+    try:
+        weights = load_safetensors((path / WEIGHTS).read_bytes())
+        training = torch.load(path / TRAINING, map_location="cpu", weights_only=False)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise StateError(
+            "STATE_CHECKPOINT_CORRUPT", f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to use an earlier one"
+        ) from exc
+    return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
+
+
+def restore(
+    loaded: LoadedCheckpoint, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Copies a loaded checkpoint into the live parameters, optimizer, scheduler and RNGs."""
+    missing = sorted(set(params) - set(loaded.weights))
+    if missing:
+        raise StateError(
+            "STATE_CHECKPOINT_CORRUPT", f"{loaded.path} lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(loaded.weights[name].to(param.device))
+    optimizer.load_state_dict(loaded.training["optimizer"])
+    scheduler.load_state_dict(loaded.training["scheduler"])
+    set_rng_state(loaded.training["rng"])
+    return loaded.state

@@ -1,0 +1,249 @@
+"""Loading a model for training: device, precision, 4-bit quantization, adapters, fast paths.
+
+bf16 on CUDA and fp32 on CPU; QLoRA (4-bit nf4 with double quantization) by default on
+CUDA. Unlike peft's `prepare_model_for_kbit_training`, norms and the LM head stay in the
+compute dtype: upcasting them to fp32 costs speed and memory and buys nothing once the
+loss is computed in fp32 chunk by chunk. Full fine-tuning keeps fp32 master weights and
+runs under bf16 autocast on CUDA; it is refused above `FULL_FT_MAX_PARAMS`, counted on the
+meta device before any weight is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backpropagate.backends import fused, lora_fused
+from backpropagate.config import TrainConfig
+from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
+from backpropagate.log import get_logger
+
+log = get_logger("loading")
+
+# "about 4B": lets 4B-class models (Qwen3-4B, Phi-4-mini) through, refuses 7B and up.
+FULL_FT_MAX_PARAMS = 4_500_000_000
+
+
+@dataclass
+class TrainingModel:
+    """A model ready for the loop, and what the loop needs to know about it.
+
+    Attributes:
+        model: The peft model (adapter modes) or the plain model (full fine-tuning).
+        device: Where it runs.
+        mode: lora, qlora or full.
+        compute_dtype: dtype of activations.
+        autocast: Whether forward runs under bf16 autocast (full fine-tuning on CUDA).
+        num_params: Parameters of the base model.
+        features: Fast paths in use (for the log and the benchmark table).
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    mode: str
+    compute_dtype: torch.dtype
+    autocast: bool
+    num_params: int
+    features: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The transformers model under the adapter."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The stack that maps token ids to final hidden states (everything but the LM head)."""
+        base = self.base
+        getter = getattr(base, "get_decoder", None)
+        decoder = getter() if callable(getter) else None
+        return decoder if decoder is not None else base.model
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H] output projection."""
+        weight: torch.Tensor = self.base.get_output_embeddings().weight
+        return weight
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the optimizer updates, in a stable order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor of every trainable parameter (what a checkpoint stores)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DependencyError("DEP_CUDA_UNAVAILABLE", f"device={name!r} was asked for but CUDA is not available here")
+    return device
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """`auto` is QLoRA on CUDA (LoRA if bitsandbytes is missing) and LoRA on CPU."""
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "lora"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        log.warning("bitsandbytes is not installed: training a bf16 LoRA instead of QLoRA (pip install 'backpropagate[qlora]')")
+        return "lora"
+    return "qlora"
+
+
+def count_parameters(path: Path) -> int:
+    """Parameters of the model in `path`, counted from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_full_fine_tuning(path: Path, mode: str) -> int:
+    """Refuses full fine-tuning of models above ~4B parameters; returns the parameter count."""
+    params = count_parameters(path)
+    if mode == "full" and params > FULL_FT_MAX_PARAMS:
+        raise RunFailedError(
+            "RUNTIME_FULL_FT_MODEL_TOO_LARGE",
+            f"mode='full' on {path} ({params / 1e9:.1f}B parameters) needs about {params * 16 / 2**30:.0f} GiB "
+            f"for weights, gradients and optimizer state; full fine-tuning stops at "
+            f"{FULL_FT_MAX_PARAMS / 1e9:.1f}B. Use mode='lora' or mode='qlora' (the default on CUDA), "
+            f"or a smaller preset such as llama-3.2-1b or qwen2.5-3b.",
+        )
+    return params
+
+
+def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
+    """Applies the full fine-tuning size gate before anything is loaded."""
+    if config.mode == "full":
+        check_full_fine_tuning(path, "full")
+
+
+def load_base_model(path: Path, mode: str, device: torch.device) -> torch.nn.Module:
+    """Reads the weights in the precision `mode` trains with."""
+    from transformers import AutoModelForCausalLM
+
+    compute = compute_dtype_for(device)
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    if mode == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise DependencyError(
+                "DEP_MISSING_PACKAGE", "mode='qlora' needs bitsandbytes: pip install 'backpropagate[qlora]'"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+    kwargs["dtype"] = torch.float32 if mode == "full" else compute
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError("INPUT_MODEL_LOAD_FAILED", f"{path}: {exc}") from exc
+    if mode != "qlora":
+        model = model.to(device)
+    return model
+
+
+def compute_dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def enable_checkpointing(model: torch.nn.Module) -> int:
+    """Recomputes each decoder layer in backward (non-reentrant); returns the number of layers."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    return len(layers)
+
+
+def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """Freezes the base and adds a LoRA / rsLoRA / DoRA adapter through peft."""
+    from peft import LoraConfig, get_peft_model
+
+    assert config.lora_r is not None and config.lora_alpha is not None
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_module_list(),
+        use_rslora=config.rslora,
+        use_dora=config.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # peft names the target modules it could not find
+        raise ConfigError("CONFIG_INVALID_SETTING", f"target_modules={config.target_modules!r}: {exc}") from exc
+
+
+def prepare_for_training(
+    model: torch.nn.Module, config: TrainConfig, mode: str, device: torch.device, num_params: int
+) -> TrainingModel:
+    """Adapter (or full training), fused fast paths and checkpointing on a loaded model."""
+    features: list[str] = []
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = attach_adapter(model, config)
+        fused_layers = lora_fused.install(model)
+        if fused_layers:
+            features.append(f"fused_lora[{fused_layers}]")
+    if config.fused_kernels and device.type == "cuda":
+        features += fused.install(model)
+    if config.gradient_checkpointing == "on":
+        features.append(f"checkpointing[{enable_checkpointing(model)}]")
+    model.train()
+    return TrainingModel(
+        model=model,
+        device=device,
+        mode=mode,
+        compute_dtype=compute_dtype_for(device),
+        autocast=mode == "full" and device.type == "cuda",
+        num_params=num_params,
+        features=features,
+    )
+
+
+def load_for_training(path: Path, config: TrainConfig) -> TrainingModel:
+    """Everything between a model folder and a model the loop can train."""
+    device = resolve_device(config.device)
+    mode = resolve_mode(config.mode, device)
+    num_params = check_full_fine_tuning(path, mode)
+    model = load_base_model(path, mode, device)
+    trained = prepare_for_training(model, config, mode, device, num_params)
+    log.info(
+        "model %s: %.2fB parameters, mode=%s, device=%s, %s",
+        path,
+        num_params / 1e9,
+        mode,
+        device,
+        ", ".join(trained.features) or "no fast paths",
+    )
+    return trained

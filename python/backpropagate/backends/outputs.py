@@ -1,0 +1,71 @@
+"""The final artifacts of a run: the adapter (or full model) folder with tokenizer files and run file.
+
+The folder is what `export` reads and what peft / transformers load: PEFT-format adapter
+(`adapter_config.json` + `adapter_model.safetensors`) or a full safetensors model, the base
+model's tokenizer files, `backpropagate_run.json` (what was trained, how, on what, with
+which result, and the command that reproduces it) and a copy of the loss curve. It is
+written under a temporary name and renamed into place, like everything else we write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from backpropagate.backends.checkpoint import fsync_dir, write_durable
+from backpropagate.backends.loading import TrainingModel
+
+RUN_FILE = "backpropagate_run.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def save_final(
+    tm: TrainingModel,
+    output_dir: Path,
+    base_model_path: Path,
+    base_model_ref: str,
+    run_info: dict[str, Any],
+    loss_curve: Path | None,
+) -> Path:
+    """Writes `adapter/` (adapter modes) or `model/` (full fine-tuning) under `output_dir` and returns it."""
+    final = output_dir / ("model" if tm.mode == "full" else "adapter")
+    partial = output_dir / f"{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    if tm.mode == "full":
+        tm.model.save_pretrained(partial, safe_serialization=True)
+    else:
+        tm.model.peft_config["default"].base_model_name_or_path = base_model_ref
+        tm.model.save_pretrained(partial, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (base_model_path / name).exists():
+            shutil.copyfile(base_model_path / name, partial / name)
+    if loss_curve is not None and loss_curve.exists():
+        shutil.copyfile(loss_curve, partial / loss_curve.name)
+    write_durable(partial / RUN_FILE, json.dumps(run_info, indent=2).encode())
+    for path in partial.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(partial)
+    if final.exists():
+        stale = output_dir / f"{final.name}.old"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    fsync_dir(output_dir)
+    return final

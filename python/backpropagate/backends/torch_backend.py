@@ -1,0 +1,323 @@
+"""The PyTorch training loop (CUDA and CPU), readable top to bottom in `train`.
+
+The data is a stream of packed rows in a reproducible shuffled order; an optimizer step
+takes `micro_batch * grad_accumulation` rows, merges each `micro_batch` of them into one
+padding-free micro-batch, and normalises every micro-batch's summed loss by the count of
+the whole step (target tokens for SFT), so accumulation gives exactly the gradient of the
+step's mean loss. Everything resume needs is the number of rows consumed, so the loss
+curve after a resume is the curve the uninterrupted run would have drawn. An out-of-memory
+error halves the micro-batch (the step keeps its rows, so accumulation doubles) and retries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backpropagate.backends.attention import packed_attention, packed_kwargs
+from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from backpropagate.backends.loading import TrainingModel
+from backpropagate.backends.losses import DeviceBatch, Objective, objective_for
+from backpropagate.backends.metrics import MetricsLogger, ProgressBar
+from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
+from backpropagate.config import TrainConfig
+from backpropagate.data.dataset import Batch, PreparedDataset
+from backpropagate.errors import ConfigError, DependencyError, RunFailedError
+from backpropagate.log import get_logger
+
+log = get_logger("train")
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
+
+class RowStream:
+    """Packed rows in a shuffled order that is a pure function of (seed, epoch): the data position is one int."""
+
+    def __init__(self, dataset: PreparedDataset, train_rows: np.ndarray, seed: int) -> None:
+        self.dataset = dataset
+        self.is_train = np.zeros(dataset.num_rows, dtype=bool)
+        self.is_train[train_rows] = True
+        self.size = int(self.is_train.sum())
+        self.seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Training rows of `epoch` in their shuffled order."""
+        if epoch not in self._orders:
+            rows = self.dataset.row_order(self.seed, epoch)
+            self._orders = {epoch: rows[self.is_train[rows]]}
+        return self._orders[epoch]
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """`count` rows from stream position `start` (crossing into the next epoch when needed)."""
+        out: list[np.ndarray] = []
+        taken, pos = 0, start
+        while taken < count:
+            epoch, offset = divmod(pos, self.size)
+            chunk = self.order(epoch)[offset : offset + count - taken]
+            out.append(chunk)
+            taken += len(chunk)
+            pos += len(chunk)
+        return np.concatenate(out)
+
+
+def split_rows(dataset: PreparedDataset, eval_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, evaluation rows): a fixed random `eval_split` of packed rows is held out."""
+    rows = np.arange(dataset.num_rows)
+    if eval_split <= 0 or dataset.num_rows < 2:
+        return rows, rows[:0]
+    held = min(dataset.num_rows - 1, max(1, round(eval_split * dataset.num_rows)))
+    shuffled = np.random.default_rng([seed, 0xE7A1]).permutation(dataset.num_rows)
+    return np.sort(shuffled[held:]), np.sort(shuffled[:held])
+
+
+def micro_batches(dataset: PreparedDataset, rows: np.ndarray, rows_per_batch: int) -> list[Batch]:
+    """Merges consecutive groups of `rows_per_batch` packed rows into padding-free micro-batches."""
+    return [
+        dataset.batch_of(np.concatenate([dataset.row_samples(int(r)) for r in rows[i : i + rows_per_batch]]))
+        for i in range(0, len(rows), rows_per_batch)
+    ]
+
+
+def forward_hidden(tm: TrainingModel, batch: DeviceBatch) -> torch.Tensor:
+    """Final hidden states [1, T, H] of a packed micro-batch (the LM head is left to the objective)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tm.autocast else nullcontext()
+    with autocast:
+        out = tm.decoder(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **packed_kwargs(batch.cu_seqlens, batch.batch.max_seqlen),
+        )
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
+
+
+def accumulate_gradients(
+    tm: TrainingModel, objective: Objective, batches: list[Batch]
+) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one step; returns (mean loss, tokens)."""
+    total = max(1, sum(objective.normaliser(b) for b in batches))
+    loss_sum = torch.zeros((), device=tm.device)
+    for batch in batches:
+        device_batch = DeviceBatch.from_batch(batch, tm.device)
+        hidden = forward_hidden(tm, device_batch)
+        loss = objective.loss_sum(hidden, tm.lm_head_weight, device_batch) / total
+        loss.backward()
+        loss_sum += loss.detach().float()
+    return float(loss_sum.item()), sum(b.num_tokens for b in batches)
+
+
+def release_memory(device: torch.device) -> None:
+    """Returns cached blocks after an out-of-memory error."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_step(
+    tm: TrainingModel,
+    objective: Objective,
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[float, int]:
+    """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors."""
+    while True:
+        try:
+            return accumulate_gradients(tm, objective, micro_batches(dataset, rows, state.micro_batch))
+        except OOM_ERRORS:
+            pass  # leave the except block so the failed step's tensors can be freed
+        optimizer.zero_grad(set_to_none=True)
+        release_memory(tm.device)
+        if state.micro_batch <= 1:
+            raise RunFailedError(
+                "RUNTIME_OOM_RECOVERY_EXHAUSTED",
+                f"step {state.step + 1} ran out of memory with one packed row per micro-batch "
+                f"({dataset.max_seq_length} tokens)",
+            )
+        state.micro_batch //= 2
+        log.warning(
+            "out of memory at step %d: micro-batch halved to %d row(s), accumulation now %d",
+            state.step + 1,
+            state.micro_batch,
+            math.ceil(len(rows) / state.micro_batch),
+        )
+
+
+@torch.no_grad()
+def evaluate(tm: TrainingModel, objective: Objective, dataset: PreparedDataset, rows: np.ndarray, micro: int) -> float:
+    """Mean loss over the held-out rows."""
+    tm.model.eval()
+    try:
+        loss, count = 0.0, 0
+        for batch in micro_batches(dataset, rows, micro):
+            device_batch = DeviceBatch.from_batch(batch, tm.device)
+            hidden = forward_hidden(tm, device_batch)
+            loss += float(objective.loss_sum(hidden, tm.lm_head_weight, device_batch).item())
+            count += objective.normaliser(batch)
+        return loss / max(1, count)
+    finally:
+        tm.model.train()
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Fused AdamW, or bitsandbytes' (paged) 8-bit AdamW."""
+    assert config.learning_rate is not None
+    if config.optimizer == "adamw":
+        extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise DependencyError(
+            "DEP_MISSING_PACKAGE", f"optimizer={config.optimizer!r} needs bitsandbytes: pip install 'backpropagate[qlora]'"
+        ) from exc
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    optimizer: torch.optim.Optimizer = cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return optimizer
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """Warmup length: `warmup_steps` if set, else `warmup_ratio` of the run."""
+    if config.warmup_steps is not None:
+        return min(config.warmup_steps, total_steps)
+    return math.ceil(config.warmup_ratio * total_steps)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """Warmup, then cosine / linear decay to zero, or constant."""
+    warmup = warmup_steps(config, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, config.schedule)
+    )
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuses to resume a checkpoint made with settings that would change the curve."""
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING", f"cannot resume {path}: settings differ from the checkpoint's ({detail})"
+        )
+
+
+@dataclass
+class LoopOutcome:
+    """What the loop hands back to the trainer."""
+
+    state: TrainState
+    duration_s: float
+    checkpoint: Path | None
+    features: list[str]
+
+
+def train(
+    tm: TrainingModel,
+    dataset: PreparedDataset,
+    config: TrainConfig,
+    total_steps: int,
+    output_dir: Path,
+    run_id: str,
+    fingerprint: dict[str, Any],
+) -> LoopOutcome:
+    """Trains `tm` for `total_steps` optimizer steps on `dataset`, writing checkpoints and metrics."""
+    objective = objective_for(config.method)
+    train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
+    stream = RowStream(dataset, train_rows, config.seed)
+    rows_per_step = config.micro_batch * config.grad_accumulation
+    params = tm.trainable_parameters()
+    optimizer = build_optimizer(params, config, tm.device)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    state = TrainState(run_id=run_id, micro_batch=config.micro_batch, fingerprint=fingerprint)
+    checkpoint_root = output_dir / "checkpoints"
+    last_checkpoint: Path | None = None
+    if config.resume:
+        loaded = load_latest(checkpoint_root)
+        check_fingerprint(loaded.state.fingerprint, fingerprint, loaded.path)
+        state = restore(loaded, tm.trainable_state(), optimizer, scheduler)
+        last_checkpoint = loaded.path
+        log.info("resumed from %s at step %d (%d rows consumed)", loaded.path, state.step, state.rows_consumed)
+    reader = nvml_reader(tm.device.index or 0) if tm.device.type == "cuda" else None
+    guard = TemperatureGuard(reader, config.max_gpu_temp, config.gpu_resume_temp, config.max_gpu_pause) if reader else None
+    metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)})
+    bar = ProgressBar(total_steps, state.step, config.progress)
+    started = time.perf_counter()
+    elapsed_before = state.elapsed_s
+    try:
+        with packed_attention(tm.model):
+            while state.step < total_steps:
+                if guard is not None:
+                    guard.wait_until_cool()
+                t0 = time.perf_counter()
+                rows = stream.take(state.rows_consumed, rows_per_step)
+                loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer)
+                if not math.isfinite(loss):
+                    raise RunFailedError(
+                        "RUNTIME_TRAINING_DIVERGED",
+                        f"loss is {loss} at step {state.step + 1} (learning_rate={config.learning_rate})",
+                    )
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                    if config.max_grad_norm > 0
+                    else float("nan")
+                )
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_s = time.perf_counter() - t0
+                state.step += 1
+                state.rows_consumed += len(rows)
+                state.tokens_seen += tokens
+                state.losses.append([state.step, loss])
+                state.elapsed_s = elapsed_before + time.perf_counter() - started
+                bar.update(state.step, loss, tokens / step_s)
+                last = state.step == total_steps
+                if state.step % config.log_every == 0 or last:
+                    metrics.log(
+                        state.step,
+                        {
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens": tokens,
+                            "tokens_per_s": round(tokens / step_s, 1),
+                            "epoch": round(state.rows_consumed / stream.size, 4),
+                            "micro_batch": state.micro_batch,
+                        },
+                    )
+                if len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last):
+                    eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch)
+                    state.eval_losses.append([state.step, eval_loss])
+                    metrics.log(state.step, {"eval_loss": eval_loss})
+                if (config.save_every and state.step % config.save_every == 0) or last:
+                    last_checkpoint = save_checkpoint(
+                        checkpoint_root, state, tm.trainable_state(), optimizer, scheduler, config.keep_checkpoints
+                    )
+    finally:
+        bar.close()
+        metrics.close()
+    return LoopOutcome(
+        state=state, duration_s=time.perf_counter() - started, checkpoint=last_checkpoint, features=tm.features
+    )

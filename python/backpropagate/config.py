@@ -1,0 +1,181 @@
+"""Training settings: one dataclass whose field docs are also the `backprop train` help.
+
+Every option of `Trainer(model, **options)` is a field of `TrainConfig`, and the CLI
+builds one flag per field from the same metadata (`cli/options.py`), so the API, the
+CLI and their documentation cannot drift apart. Fields left at `None` are filled from
+the model's preset (rank, alpha, learning rate, context) or a general default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from backpropagate.errors import ConfigError
+
+MODES = ("auto", "lora", "qlora", "full")
+METHODS = ("sft", "orpo", "simpo", "kto")
+IMPLEMENTED_METHODS = ("sft",)
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+CHECKPOINTING = ("on", "off")
+REPORT_TO = ("auto", "none", "tensorboard", "wandb", "tensorboard,wandb")
+
+# Used when neither the user nor a preset sets them.
+DEFAULT_LORA_R = 16
+DEFAULT_LORA_ALPHA = 32
+DEFAULT_LEARNING_RATE = 2e-4
+DEFAULT_MAX_SEQ_LENGTH = 2048
+
+
+def option(default: Any, help: str, *, group: str = "Training", choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its CLI help text, help panel and allowed values."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run can be told; see each field's help."""
+
+    # Model and method
+    mode: str = option(
+        "auto",
+        "What to train: lora (bf16 base + adapter), qlora (4-bit nf4 base + adapter), full "
+        "(all weights, models up to ~4B), auto = qlora on CUDA, lora on CPU.",
+        group="Model",
+        choices=MODES,
+    )
+    method: str = option("sft", "Training objective: sft (supervised fine-tuning).", group="Model", choices=METHODS)
+    device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
+    # LoRA
+    lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the preset's, else 2 x rank).", group="LoRA")
+    lora_dropout: float = option(
+        0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA"
+    )
+    target_modules: str = option(
+        "all-linear",
+        "Layers that get adapters: all-linear, or a comma list such as q_proj,v_proj.",
+        group="LoRA",
+    )
+    rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.", group="LoRA")
+    dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
+    # Data shape
+    max_seq_length: int | None = option(
+        None, "Longest sample and packed-row length in tokens (default: the preset's context, else 2048).",
+        group="Data",
+    )
+    micro_batch: int = option(
+        2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data"
+    )
+    grad_accumulation: int = option(
+        4, "Micro-batches per optimizer step (doubled when the micro-batch is halved).", group="Data"
+    )
+    eval_split: float = option(0.0, "Fraction of packed rows held out for evaluation (0 = none).", group="Data")
+    eval_every: int = option(0, "Evaluate every N steps (0 = only at the end, when eval_split > 0).", group="Data")
+    # Optimisation
+    learning_rate: float | None = option(None, "Peak learning rate (default: the preset's, else 2e-4).")
+    schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
+    warmup_ratio: float = option(0.03, "Warmup length as a fraction of the steps.")
+    warmup_steps: int | None = option(None, "Warmup length in steps (overrides warmup_ratio).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 = no clipping).")
+    optimizer: str = option(
+        "adamw", "adamw (fused), adamw_8bit or paged_adamw_8bit (bitsandbytes).", choices=OPTIMIZERS
+    )
+    seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
+    gradient_checkpointing: str = option(
+        "on", "Recompute layer activations in backward to save memory.", choices=CHECKPOINTING
+    )
+    fused_kernels: bool = option(
+        True, "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
+    )
+    # Run and outputs
+    output_dir: str | None = option(
+        None, "Folder for checkpoints, adapter, metrics and plot (default: runs/run-<time>).", group="Run"
+    )
+    save_every: int = option(100, "Save a checkpoint every N steps (0 = only at the end).", group="Run")
+    keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", group="Run")
+    resume: bool = option(
+        False, "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
+        group="Run",
+    )
+    log_every: int = option(1, "Write metrics every N steps.", group="Run")
+    report_to: str = option(
+        "auto",
+        "Metric sinks besides metrics.jsonl: auto (TensorBoard if installed, W&B if installed and "
+        "logged in), none, tensorboard, wandb.",
+        group="Run",
+        choices=REPORT_TO,
+    )
+    progress: bool = option(True, "Show a progress bar.", group="Run")
+    max_gpu_temp: float = option(85.0, "Pause training while the GPU is hotter than this (deg C).", group="Run")
+    gpu_resume_temp: float = option(75.0, "Resume once the GPU has cooled to this (deg C).", group="Run")
+    max_gpu_pause: float = option(
+        600.0, "Give up with RUNTIME_GPU_TEMPERATURE_CRITICAL after pausing this long (seconds).", group="Run"
+    )
+
+    def validate(self) -> TrainConfig:
+        """Checks every field, naming the first one that is wrong."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise _invalid(f.name, value, "one of " + ", ".join(choices))
+        if self.method not in IMPLEMENTED_METHODS:
+            raise ConfigError(
+                "CONFIG_INVALID_SETTING",
+                f"method={self.method!r} is not available yet; this version trains: {', '.join(IMPLEMENTED_METHODS)}",
+            )
+        positive = ("micro_batch", "grad_accumulation", "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise _invalid(name, getattr(self, name), "at least 1")
+        for name in ("lora_r", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise _invalid(name, value, "at least 1")
+        for name in ("save_every", "eval_every", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            if getattr(self, name) < 0:
+                raise _invalid(name, getattr(self, name), "0 or more")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise _invalid("learning_rate", self.learning_rate, "more than 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise _invalid("lora_dropout", self.lora_dropout, "in [0, 1)")
+        if not 0 <= self.eval_split < 0.5:
+            raise _invalid("eval_split", self.eval_split, "in [0, 0.5)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise _invalid("warmup_steps", self.warmup_steps, "0 or more")
+        if self.gpu_resume_temp > self.max_gpu_temp:
+            raise _invalid("gpu_resume_temp", self.gpu_resume_temp, f"at most max_gpu_temp ({self.max_gpu_temp})")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise _invalid("device", self.device, "auto, cuda, cuda:N or cpu")
+        if self.dora and self.mode == "full":
+            raise _invalid("dora", self.dora, "off with mode=full (DoRA is an adapter)")
+        return self
+
+    def target_module_list(self) -> str | list[str]:
+        """peft's form of `target_modules`."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
+        if not names:
+            raise _invalid("target_modules", self.target_modules, "all-linear or a comma list of layer names")
+        return names
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TrainConfig:
+        """Builds a config from keyword options, refusing unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                "CONFIG_INVALID_SETTING",
+                f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}",
+            )
+        return cls(**options)
+
+
+def _invalid(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError("CONFIG_INVALID_SETTING", f"{name}={value!r} is invalid: expected {expected}")

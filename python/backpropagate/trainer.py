@@ -1,0 +1,316 @@
+"""`Trainer`: the 3-line API.
+
+    trainer = Trainer("qwen2.5-7b")
+    result = trainer.train("data.jsonl", steps=100)
+    trainer.export("gguf", quantization="q4_k_m")
+
+`Trainer(model, **options)` resolves the model (preset, local folder, hub id), fills the
+options the user left unset from the preset, validates them and refuses what cannot work
+(full fine-tuning of a large model) before any weight is read. `train` prepares the data,
+loads the model, runs the loop and writes the adapter folder; `export` hands that folder
+to the exporter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backpropagate import log
+from backpropagate.config import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_LORA_R,
+    DEFAULT_MAX_SEQ_LENGTH,
+    TrainConfig,
+)
+from backpropagate.data.dataset import PreparedDataset
+from backpropagate.errors import ConfigError, InputError, StateError
+from backpropagate.model_source import resolve_model
+from backpropagate.presets import Preset, find_preset
+
+RUNS_DIR = Path("runs")
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.train` returns.
+
+    Attributes:
+        run_id: Id carried by every log line of the run.
+        steps: Optimizer steps done (in total, across resumes).
+        losses: [step, loss] of every step.
+        eval_losses: [step, loss] of every evaluation.
+        final_loss: Loss of the last step.
+        tokens_seen: Tokens trained on.
+        duration_s: Wall time of the training loop (this process).
+        output_dir: Root folder of the run.
+        adapter_dir: The PEFT adapter folder (or the full model folder for mode="full").
+        checkpoint_dir: The newest checkpoint.
+        metrics_path: metrics.jsonl.
+        loss_curve: loss.png (None without matplotlib).
+        run_file: backpropagate_run.json inside `adapter_dir`.
+        features: Fast paths that were used.
+    """
+
+    run_id: str
+    steps: int
+    losses: list[list[float]]
+    eval_losses: list[list[float]]
+    final_loss: float
+    tokens_seen: int
+    duration_s: float
+    output_dir: Path
+    adapter_dir: Path
+    checkpoint_dir: Path | None
+    metrics_path: Path
+    loss_curve: Path | None
+    run_file: Path
+    features: list[str] = field(default_factory=list)
+
+
+def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
+    """Fills every unset (None) field from the preset, then from the general defaults."""
+    rank = config.lora_r or (preset.lora_r if preset else DEFAULT_LORA_R)
+    alpha = config.lora_alpha or (preset.lora_alpha if preset and config.lora_r is None else 2 * rank)
+    return dataclasses.replace(
+        config,
+        lora_r=rank,
+        lora_alpha=alpha,
+        learning_rate=config.learning_rate or (preset.learning_rate if preset else DEFAULT_LEARNING_RATE),
+        max_seq_length=config.max_seq_length or (preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH),
+    )
+
+
+def dataset_hash(dataset: PreparedDataset) -> str:
+    """A digest of the prepared tokens, labels and packing plan (what the run actually saw)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (dataset.input_ids, dataset.labels, dataset.sample_offsets, dataset.pack_offsets, dataset.pack_samples):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(str(dataset.max_seq_length).encode())
+    return digest.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch (adapter initialisation and dropout depend on it)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cli_command(model: str, data: str | None, steps: int | None, epochs: float | None, options: dict[str, Any]) -> str:
+    """The `backprop train` command line that reproduces a run."""
+    parts = ["backprop", "train", "--model", model]
+    if data is not None:
+        parts += ["--data", data]
+    if steps is not None:
+        parts += ["--steps", str(steps)]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+class Trainer:
+    """Fine-tunes one model; see the module docstring for the 3-line use.
+
+    Args:
+        model: A preset name (`backprop info --presets`), a local model folder, or a Hugging Face id.
+        **options: Any `TrainConfig` field (`backprop train --help` lists them with their docs).
+    """
+
+    def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
+        from backpropagate.backends.loading import check_fine_tuning_allowed
+
+        self.model_name = str(model)
+        self.options = dict(options)
+        self.preset = find_preset(self.model_name)
+        self.config = apply_preset(TrainConfig.from_options(self.options), self.preset).validate()
+        self.model_ref = self.preset.model_id if self.preset else self.model_name
+        self.model_path = resolve_model(self.model_ref)
+        check_fine_tuning_allowed(self.model_path, self.config)
+        self.result: TrainResult | None = None
+        self._trained: Any = None
+
+    def train(
+        self,
+        data: str | Path | PreparedDataset,
+        steps: int | None = None,
+        epochs: float | None = None,
+    ) -> TrainResult:
+        """Trains on `data` for `steps` optimizer steps or `epochs` passes (default: 1 epoch).
+
+        Args:
+            data: A JSONL / JSON / Parquet file, or an already prepared dataset.
+            steps: Optimizer steps to reach (with resume: in total, counting earlier steps).
+            epochs: Passes over the training rows (when `steps` is not given).
+
+        Returns:
+            The run's `TrainResult`.
+        """
+        from backpropagate.backends import torch_backend
+        from backpropagate.backends.checkpoint import latest, read_state
+        from backpropagate.backends.loading import load_for_training
+        from backpropagate.backends.metrics import plot_losses
+        from backpropagate.backends.outputs import RUN_FILE, save_final
+
+        if steps is not None and epochs is not None:
+            raise ConfigError("CONFIG_INVALID_SETTING", "give steps or epochs, not both")
+        if steps is not None and steps < 1:
+            raise ConfigError("CONFIG_INVALID_SETTING", f"steps={steps} is invalid: expected at least 1")
+        if epochs is not None and not epochs > 0:
+            raise ConfigError("CONFIG_INVALID_SETTING", f"epochs={epochs} is invalid: expected more than 0")
+        config = self.config
+        output_dir = self._output_dir(config)
+        previous_run = read_state(latest(output_dir / "checkpoints")).run_id if config.resume else None
+        run_id = log.start_run(previous_run)
+        dataset = self._dataset(data)
+        rows_per_step = config.micro_batch * config.grad_accumulation
+        train_rows = torch_backend.split_rows(dataset, config.eval_split, config.seed)[0]
+        total_steps = steps or max(1, math.ceil((epochs or 1.0) * len(train_rows) / rows_per_step))
+        fingerprint = {
+            "model": self.model_ref,
+            "mode": config.mode,
+            "method": config.method,
+            "lora_r": config.lora_r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": config.target_modules,
+            "dora": config.dora,
+            "rslora": config.rslora,
+            "seed": config.seed,
+            "rows_per_step": rows_per_step,
+            "eval_split": config.eval_split,
+            "data_hash": dataset_hash(dataset),
+        }
+        seed_everything(config.seed)
+        trained = load_for_training(self.model_path, config)
+        self._trained = trained
+        outcome = torch_backend.train(trained, dataset, config, total_steps, output_dir, run_id, fingerprint)
+        state = outcome.state
+        curve = plot_losses(
+            state.losses, state.eval_losses, output_dir / "loss.png", f"{self.model_ref} {trained.mode} {config.method}"
+        )
+        data_ref = str(data) if not isinstance(data, PreparedDataset) else None
+        run_info = {
+            "run_id": run_id,
+            "base_model": self.model_ref,
+            "method": config.method,
+            "mode": trained.mode,
+            "hyperparameters": {
+                **dataclasses.asdict(config),
+                "steps": total_steps,
+                "rows_per_step": rows_per_step,
+                "final_micro_batch": state.micro_batch,
+            },
+            "data": data_ref,
+            "data_hash": fingerprint["data_hash"],
+            "final_loss": state.losses[-1][1] if state.losses else None,
+            "eval_losses": state.eval_losses,
+            "losses": state.losses,
+            "tokens_seen": state.tokens_seen,
+            "loss_curve": curve.name if curve else None,
+            "features": outcome.features,
+            "command": cli_command(
+                self.model_name,
+                data_ref,
+                steps,
+                epochs,
+                {**self.options, "output_dir": str(output_dir)},
+            ),
+        }
+        base_ref = self.model_ref if self.preset and "/" in self.model_ref else str(self.model_path)
+        final_dir = save_final(trained, output_dir, self.model_path, base_ref, run_info, curve)
+        self.result = TrainResult(
+            run_id=run_id,
+            steps=state.step,
+            losses=state.losses,
+            eval_losses=state.eval_losses,
+            final_loss=state.losses[-1][1] if state.losses else float("nan"),
+            tokens_seen=state.tokens_seen,
+            duration_s=outcome.duration_s,
+            output_dir=output_dir,
+            adapter_dir=final_dir,
+            checkpoint_dir=outcome.checkpoint,
+            metrics_path=output_dir / "metrics.jsonl",
+            loss_curve=curve,
+            run_file=final_dir / RUN_FILE,
+            features=outcome.features,
+        )
+        log.get_logger("train").info(
+            "trained %d steps in %.1f s, final loss %.4f -> %s",
+            state.step,
+            outcome.duration_s,
+            self.result.final_loss,
+            final_dir,
+        )
+        return self.result
+
+    def export(self, fmt: str, quantization: str | None = None, **kwargs: Any) -> Any:
+        """Exports the trained adapter (or full model) with `backpropagate.export.export`.
+
+        Args:
+            fmt: Export format, e.g. "gguf", "merged", "adapter".
+            quantization: e.g. "q4_k_m" for GGUF.
+            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host).
+        """
+        source = self._final_dir()
+        from backpropagate.export import export
+
+        return export(source, fmt, quantization=quantization, **kwargs)
+
+    def _final_dir(self) -> Path:
+        if self.result is not None:
+            return self.result.adapter_dir
+        output_dir = Path(self.config.output_dir) if self.config.output_dir else None
+        for name in ("adapter", "model"):
+            if output_dir is not None and (output_dir / name).is_dir():
+                return output_dir / name
+        raise StateError(
+            "STATE_CHECKPOINT_NOT_FOUND",
+            "nothing to export yet: call train() first, or pass output_dir= of a finished run",
+            hint="Train first (trainer.train(...)), or point output_dir at a finished run's folder.",
+        )
+
+    def _output_dir(self, config: TrainConfig) -> Path:
+        if config.output_dir:
+            out = Path(config.output_dir)
+        elif config.resume:
+            runs = sorted(RUNS_DIR.glob("run-*/checkpoints"), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise StateError("STATE_CHECKPOINT_NOT_FOUND", f"resume: no run with checkpoints under {RUNS_DIR}/")
+            out = runs[-1].parent
+        else:
+            out = RUNS_DIR / time.strftime("run-%Y%m%d-%H%M%S")
+        if not config.resume and any((out / "checkpoints").glob("step-*")):
+            raise StateError(
+                "STATE_OUTPUT_EXISTS",
+                f"{out} holds checkpoints of an earlier run",
+                hint="Pass --resume to continue that run, or choose another --output-dir.",
+            )
+        self.config = dataclasses.replace(self.config, output_dir=str(out))
+        return out
+
+    def _dataset(self, data: str | Path | PreparedDataset) -> PreparedDataset:
+        if isinstance(data, PreparedDataset):
+            return data
+        path = Path(data)
+        if not path.exists():
+            raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such data file")
+        from backpropagate.data import DataConfig, prepare  # type: ignore[attr-defined]
+
+        return prepare(path, self.model_path, DataConfig(max_seq_length=self.config.max_seq_length))  # type: ignore[no-any-return]
