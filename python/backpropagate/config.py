@@ -19,7 +19,6 @@ METHODS = ("sft", "orpo", "simpo", "kto")
 IMPLEMENTED_METHODS = ("sft",)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-CHECKPOINTING = ("on", "off")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb", "tensorboard,wandb")
 
 # Used when neither the user nor a preset sets them.
@@ -85,9 +84,7 @@ class TrainConfig:
         "adamw", "adamw (fused), adamw_8bit or paged_adamw_8bit (bitsandbytes).", choices=OPTIMIZERS
     )
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
-    gradient_checkpointing: str = option(
-        "on", "Recompute layer activations in backward to save memory.", choices=CHECKPOINTING
-    )
+    gradient_checkpointing: bool = option(True, "Recompute layer activations in backward to save memory.")
     fused_kernels: bool = option(
         True, "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
     )

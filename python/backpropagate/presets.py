@@ -22,7 +22,6 @@ class Preset:
         lora_alpha: LoRA alpha.
         learning_rate: Peak learning rate for LoRA/QLoRA.
         max_seq_length: Context used for packing and training.
-        note: One line on what fits where.
     """
 
     name: str
@@ -32,25 +31,24 @@ class Preset:
     lora_alpha: float
     learning_rate: float
     max_seq_length: int
-    note: str
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 3.1, 16, 32, 2e-4, 4096, "QLoRA fits 8 GB"),
-        Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.6, 16, 32, 2e-4, 2048, "QLoRA fits 12 GB"),
-        Preset("qwen2.5-14b", "Qwen/Qwen2.5-14B-Instruct", 14.8, 16, 32, 1e-4, 2048, "QLoRA fits 16 GB"),
-        Preset("qwen2.5-32b", "Qwen/Qwen2.5-32B-Instruct", 32.8, 16, 16, 1e-4, 2048, "QLoRA fits 24 GB"),
-        Preset("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.2, 16, 32, 2e-4, 4096, "full FT fits 24 GB"),
-        Preset("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", 3.2, 16, 32, 2e-4, 4096, "QLoRA fits 8 GB"),
-        Preset("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.0, 16, 32, 2e-4, 2048, "QLoRA fits 12 GB"),
-        Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.2, 16, 32, 2e-4, 2048, "QLoRA fits 12 GB"),
-        Preset("phi-4-mini", "microsoft/Phi-4-mini-instruct", 3.8, 16, 32, 2e-4, 4096, "QLoRA fits 8 GB"),
-        Preset("qwen3-4b", "Qwen/Qwen3-4B", 4.0, 16, 32, 2e-4, 4096, "QLoRA fits 8 GB"),
-        Preset("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.1, 16, 32, 2e-4, 4096, "QLoRA fits 8 GB"),
-        Preset("tiny-llama", "tiny-llama", 0.0001, 8, 16, 2e-3, 512, "built in, runs on any CPU"),
-        Preset("tiny-qwen2", "tiny-qwen2", 0.0001, 8, 16, 2e-3, 512, "built in, runs on any CPU"),
+        Preset("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 3.1, 16, 32, 2e-4, 4096),
+        Preset("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.6, 16, 32, 2e-4, 2048),
+        Preset("qwen2.5-14b", "Qwen/Qwen2.5-14B-Instruct", 14.8, 16, 32, 1e-4, 2048),
+        Preset("qwen2.5-32b", "Qwen/Qwen2.5-32B-Instruct", 32.8, 16, 16, 1e-4, 2048),
+        Preset("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", 1.2, 16, 32, 2e-4, 4096),
+        Preset("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", 3.2, 16, 32, 2e-4, 4096),
+        Preset("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.0, 16, 32, 2e-4, 2048),
+        Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.2, 16, 32, 2e-4, 2048),
+        Preset("phi-4-mini", "microsoft/Phi-4-mini-instruct", 3.8, 16, 32, 2e-4, 4096),
+        Preset("qwen3-4b", "Qwen/Qwen3-4B", 4.0, 16, 32, 2e-4, 4096),
+        Preset("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.1, 16, 32, 2e-4, 4096),
+        Preset("tiny-llama", "tiny-llama", 0.0001, 8, 16, 2e-3, 512),
+        Preset("tiny-qwen2", "tiny-qwen2", 0.0001, 8, 16, 2e-3, 512),
     )
 }
 

@@ -217,7 +217,7 @@ def prepare_for_training(
             features.append(f"fused_lora[{fused_layers}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
-    if config.gradient_checkpointing == "on":
+    if config.gradient_checkpointing:
         features.append(f"checkpointing[{enable_checkpointing(model)}]")
     model.train()
     return TrainingModel(

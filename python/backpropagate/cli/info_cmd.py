@@ -14,8 +14,12 @@ from backpropagate.errors import CATALOG, FAMILY_EXIT
 def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     error_codes: bool = typer.Option(False, "--error-codes", help="Print the catalog of error codes."),
+    presets: bool = typer.Option(False, "--presets", help="List model presets and the settings they apply."),
 ) -> None:
     """Show versions, GPU, installed extras and usable backends."""
+    if presets:
+        _print_presets(as_json)
+        return
     if error_codes:
         rows = [
             {
@@ -49,4 +53,27 @@ def info(
     table.add_row("gpus", gpus)
     table.add_row("backends", ", ".join(k for k, ok in report["backends"].items() if ok) or "none")
     table.add_row("extras", ", ".join(f"{k} {v}" for k, v in report["extras"].items() if v) or "none")
+    Console().print(table)
+
+
+def _print_presets(as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from backpropagate.presets import PRESETS
+
+    rows = [asdict(p) for p in PRESETS.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("preset", "model", "params", "rank", "alpha", "lr", "context"):
+        table.add_column(column, no_wrap=True)
+    for p in PRESETS.values():
+        size = f"{p.params_b:.1f}B" if p.params_b >= 0.1 else "tiny"
+        table.add_row(
+            p.name, p.model_id, size, str(p.lora_r), f"{p.lora_alpha:g}", f"{p.learning_rate:g}", str(p.max_seq_length)
+        )
     Console().print(table)

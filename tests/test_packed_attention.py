@@ -1,0 +1,91 @@
+"""Packed rows train exactly like the samples run one by one (no attention across samples)."""
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate.backends.attention import block_causal_mask, packed_attention
+from backpropagate.backends.loading import TrainingModel
+from backpropagate.backends.losses import DeviceBatch, target_logprobs
+from backpropagate.backends.torch_backend import forward_hidden
+from train_helpers import rule_dataset
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
+
+
+def _alone_losses(tm, dataset, samples):
+    """Per-sample mean NLL, each sample alone through the plain transformers forward and its loss."""
+    out = []
+    for s in samples:
+        lo, hi = dataset.sample_offsets[s], dataset.sample_offsets[s + 1]
+        ids = torch.from_numpy(dataset.input_ids[lo:hi].astype(np.int64))[None]
+        labels = torch.from_numpy(dataset.labels[lo:hi].astype(np.int64))[None]
+        labels[0, 0] = -100
+        out.append(float(tm.model(input_ids=ids, labels=labels).loss))
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_packed_per_sample_losses_equal_samples_alone(name, request):
+    tm = _model(request.getfixturevalue(name))
+    dataset = rule_dataset(vocab=400, samples=12, min_len=5, max_len=30, max_seq_length=96, seed=3)
+    samples = dataset.row_samples(0)
+    assert len(samples) >= 3
+    batch = DeviceBatch.from_batch(dataset.batch_of(samples), torch.device("cpu"))
+    with torch.no_grad(), packed_attention(tm.model):
+        hidden = forward_hidden(tm, batch)
+        logp = target_logprobs(hidden, tm.lm_head_weight, batch)
+    packed = [
+        float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)
+    ]
+    with torch.no_grad():
+        alone = _alone_losses(tm, dataset, samples)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+    # The same row without sample boundaries attends across samples and gives other losses.
+    with torch.no_grad():
+        crossing = tm.model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+        leaky = target_logprobs(crossing, tm.lm_head_weight, batch)
+    assert not torch.allclose(leaky, logp, atol=1e-3)
+
+
+def test_packed_gradients_equal_summed_sample_gradients(tiny_llama):
+    tm = _model(tiny_llama)
+    dataset = rule_dataset(vocab=400, samples=8, min_len=5, max_len=20, max_seq_length=64, seed=5)
+    samples = dataset.row_samples(0)
+    batch = DeviceBatch.from_batch(dataset.batch_of(samples), torch.device("cpu"))
+    with packed_attention(tm.model):
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+    packed = {n: p.grad.clone() for n, p in tm.model.named_parameters()}
+    tm.model.zero_grad()
+    for s in samples:
+        lo, hi = dataset.sample_offsets[s], dataset.sample_offsets[s + 1]
+        ids = torch.from_numpy(dataset.input_ids[lo:hi].astype(np.int64))[None]
+        labels = torch.from_numpy(dataset.labels[lo:hi].astype(np.int64))[None]
+        labels[0, 0] = -100
+        n = int((labels[0, 1:] != -100).sum())
+        (tm.model(input_ids=ids, labels=labels).loss * n).backward()
+    for name, grad in packed.items():
+        torch.testing.assert_close(grad, tm.model.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
+
+
+def test_block_causal_mask():
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    mask = block_causal_mask(cu, 5, None, torch.device("cpu"))
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+    windowed = block_causal_mask(cu, 5, 2, torch.device("cpu"))
+    assert not windowed[4, 2] and windowed[4, 3] and windowed[4, 4]

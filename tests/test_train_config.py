@@ -1,0 +1,82 @@
+import dataclasses
+
+import pytest
+
+from backpropagate.cli.options import flag_name
+from backpropagate.config import TrainConfig
+from backpropagate.errors import ConfigError
+from backpropagate.presets import PRESETS, find_preset
+from backpropagate.trainer import apply_preset
+from cli_helpers import run_cli
+
+
+def test_every_config_field_is_a_train_flag_with_its_doc():
+    import typer
+
+    from backpropagate import cli
+
+    cli._register_commands()
+    command = typer.main.get_command(cli.app).commands["train"]
+    params = {p.name: p for p in command.params}
+    for f in dataclasses.fields(TrainConfig):
+        param = params[f.name]
+        assert flag_name(f.name) in param.opts, f.name
+        assert param.help.startswith(f.metadata["help"]), f.name
+    assert run_cli("train", "--help").status == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"schedule": "exponential"}, "schedule"),
+        ({"micro_batch": 0}, "micro_batch"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"eval_split": 0.9}, "eval_split"),
+        ({"device": "tpu"}, "device"),
+        ({"gpu_resume_temp": 95.0}, "gpu_resume_temp"),
+    ],
+)
+def test_invalid_settings_name_the_field(options, field):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**options).validate()
+    assert err.value.code == "CONFIG_INVALID_SETTING"
+    assert field in err.value.message
+
+
+def test_unknown_option_and_unimplemented_method_are_refused():
+    with pytest.raises(ConfigError, match="lora_rank"):
+        TrainConfig.from_options({"lora_rank": 8})
+    with pytest.raises(ConfigError, match="not available yet"):
+        TrainConfig(method="orpo").validate()
+
+
+def test_presets_fill_unset_fields_and_yield_to_explicit_ones():
+    preset = find_preset("Qwen/Qwen2.5-7B-Instruct")
+    assert preset is PRESETS["qwen2.5-7b"]
+    filled = apply_preset(TrainConfig(), preset)
+    assert (filled.lora_r, filled.lora_alpha, filled.learning_rate, filled.max_seq_length) == (
+        preset.lora_r,
+        preset.lora_alpha,
+        preset.learning_rate,
+        preset.max_seq_length,
+    )
+    mine = apply_preset(TrainConfig(lora_r=64, learning_rate=1e-5, max_seq_length=1024), preset)
+    assert (mine.lora_r, mine.lora_alpha, mine.learning_rate, mine.max_seq_length) == (64, 128, 1e-5, 1024)
+    no_preset = apply_preset(TrainConfig(), None)
+    assert (no_preset.lora_r, no_preset.lora_alpha, no_preset.max_seq_length) == (16, 32, 2048)
+
+
+def test_trainer_applies_the_tiny_preset(tiny_llama):
+    from backpropagate import Trainer
+
+    trainer = Trainer("tiny-llama")
+    assert (trainer.config.lora_r, trainer.config.max_seq_length) == (PRESETS["tiny-llama"].lora_r, 512)
+    assert Trainer("tiny-llama", lora_alpha=3.0).config.lora_alpha == 3.0
+
+
+def test_info_lists_presets():
+    res = run_cli("info", "--presets", "--json")
+    assert res.status == 0
+    names = {row["name"] for row in __import__("json").loads(res.stdout)}
+    assert {"qwen2.5-7b", "llama-3.2-1b", "llama-3.1-8b", "mistral-7b", "phi-4-mini", "qwen3-4b", "smollm3-3b"} <= names
+    assert {"qwen2.5-3b", "qwen2.5-14b", "qwen2.5-32b", "llama-3.2-3b", "tiny-llama", "tiny-qwen2"} <= names
