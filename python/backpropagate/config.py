@@ -164,14 +164,16 @@ class TrainConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainConfig:
         """Builds a config from keyword options, refusing unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        from backpropagate.data import DataConfig
+
+        known = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(DataConfig)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
                 "CONFIG_INVALID_SETTING",
                 f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}",
             )
-        return cls(**options)
+        return cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def _invalid(name: str, value: Any, expected: str) -> ConfigError:

@@ -137,10 +137,16 @@ class Trainer:
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
         from backpropagate.backends.loading import check_fine_tuning_allowed
 
+        from backpropagate.data import DataConfig
+
         self.model_name = str(model)
         self.options = dict(options)
         self.preset = find_preset(self.model_name)
-        self.config = apply_preset(TrainConfig.from_options(self.options), self.preset).validate()
+        data_names = {f.name for f in dataclasses.fields(DataConfig)} - {"max_seq_length"}
+        data_options = {k: v for k, v in self.options.items() if k in data_names}
+        train_options = {k: v for k, v in self.options.items() if k not in data_names}
+        self.config = apply_preset(TrainConfig.from_options(train_options), self.preset).validate()
+        self.data_config = DataConfig(max_seq_length=int(self.config.max_seq_length or 0), **data_options)
         self.model_ref = self.preset.model_id if self.preset else self.model_name
         self.model_path = resolve_model(self.model_ref)
         check_fine_tuning_allowed(self.model_path, self.config)
@@ -196,6 +202,7 @@ class Trainer:
             "rows_per_step": rows_per_step,
             "eval_split": config.eval_split,
             "data_hash": dataset_hash(dataset),
+            "data_config": dataclasses.asdict(self.data_config),
         }
         seed_everything(config.seed)
         trained = load_for_training(self.model_path, config)
@@ -213,11 +220,14 @@ class Trainer:
             "mode": trained.mode,
             "hyperparameters": {
                 **dataclasses.asdict(config),
+                "mode": trained.mode,
                 "steps": total_steps,
                 "rows_per_step": rows_per_step,
                 "final_micro_batch": state.micro_batch,
             },
             "data": data_ref,
+            "data_config": fingerprint["data_config"],
+            "data_stats": dataset.stats,
             "data_hash": fingerprint["data_hash"],
             "final_loss": state.losses[-1][1] if state.losses else None,
             "eval_losses": state.eval_losses,
@@ -311,6 +321,6 @@ class Trainer:
         path = Path(data)
         if not path.exists():
             raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such data file")
-        from backpropagate.data import DataConfig, prepare  # type: ignore[attr-defined]
+        from backpropagate.data import prepare
 
-        return prepare(path, self.model_path, DataConfig(max_seq_length=self.config.max_seq_length))  # type: ignore[no-any-return]
+        return prepare(path, self.model_path, self.data_config)

@@ -10,8 +10,9 @@ from typing import Any, Optional
 import typer
 
 from backpropagate.cli import app
-from backpropagate.cli.options import command_with_options, split_options
+from backpropagate.cli.options import command_with_options
 from backpropagate.config import TrainConfig
+from backpropagate.data import DataConfig
 
 
 def _example_data() -> Path:
@@ -39,7 +40,7 @@ def train(
     """Fine-tune a model on your data: LoRA, QLoRA, DoRA or full fine-tuning."""
     from backpropagate.trainer import Trainer
 
-    given = {k: v for k, v in split_options(options, TrainConfig).items() if v != _default(k)}
+    given = {k: v for k, v in options.items() if v != _default(k)}
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
     exported = trainer.export(export, quantization=quantization) if export else None
@@ -63,8 +64,14 @@ def train(
 
 
 def _default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    for cls in (TrainConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.default
+    raise KeyError(name)
 
 
-command_with_options(train, TrainConfig, aliases={"output_dir": ("--output", "-o")})
+command_with_options(
+    train, TrainConfig, DataConfig, aliases={"output_dir": ("--output", "-o")}, groups={DataConfig: "Data"}
+)
 app.command()(train)
