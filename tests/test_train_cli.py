@@ -12,7 +12,7 @@ CHAT = Path(examples_init).parent / "chat.jsonl"
 
 
 def _falls(losses):
-    values = [l for _, l in losses]
+    values = [loss for _, loss in losses]
     return np.mean(values[-3:]) < np.mean(values[:3]) - 0.2
 
 

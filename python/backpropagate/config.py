@@ -50,9 +50,7 @@ class TrainConfig:
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA")
     lora_alpha: float | None = option(None, "LoRA alpha (default: the preset's, else 2 x rank).", group="LoRA")
-    lora_dropout: float = option(
-        0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA"
-    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA")
     target_modules: str = option(
         "all-linear",
         "Layers that get adapters: all-linear, or a comma list such as q_proj,v_proj.",
@@ -62,12 +60,11 @@ class TrainConfig:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
     # Data shape
     max_seq_length: int | None = option(
-        None, "Longest sample and packed-row length in tokens (default: the preset's context, else 2048).",
+        None,
+        "Longest sample and packed-row length in tokens (default: the preset's context, else 2048).",
         group="Data",
     )
-    micro_batch: int = option(
-        2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data"
-    )
+    micro_batch: int = option(2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data")
     grad_accumulation: int = option(
         4, "Micro-batches per optimizer step (doubled when the micro-batch is halved).", group="Data"
     )
@@ -86,7 +83,8 @@ class TrainConfig:
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
     gradient_checkpointing: bool = option(True, "Recompute layer activations in backward to save memory.")
     fused_kernels: bool = option(
-        True, "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
+        True,
+        "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
     )
     # Run and outputs
     output_dir: str | None = option(
@@ -95,7 +93,8 @@ class TrainConfig:
     save_every: int = option(100, "Save a checkpoint every N steps (0 = only at the end).", group="Run")
     keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", group="Run")
     resume: bool = option(
-        False, "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
+        False,
+        "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
         group="Run",
     )
     log_every: int = option(1, "Write metrics every N steps.", group="Run")
@@ -153,7 +152,7 @@ class TrainConfig:
         return self
 
     def target_module_list(self) -> str | list[str]:
-        """peft's form of `target_modules`."""
+        """Peft's form of `target_modules`."""
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
         names = [n.strip() for n in self.target_modules.split(",") if n.strip()]

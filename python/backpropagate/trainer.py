@@ -93,7 +93,13 @@ def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
 def dataset_hash(dataset: PreparedDataset) -> str:
     """A digest of the prepared tokens, labels and packing plan (what the run actually saw)."""
     digest = hashlib.blake2b(digest_size=16)
-    for array in (dataset.input_ids, dataset.labels, dataset.sample_offsets, dataset.pack_offsets, dataset.pack_samples):
+    for array in (
+        dataset.input_ids,
+        dataset.labels,
+        dataset.sample_offsets,
+        dataset.pack_offsets,
+        dataset.pack_samples,
+    ):
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(str(dataset.max_seq_length).encode())
     return digest.hexdigest()
@@ -136,7 +142,6 @@ class Trainer:
 
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
         from backpropagate.backends.loading import check_fine_tuning_allowed
-
         from backpropagate.data import DataConfig
 
         self.model_name = str(model)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -21,15 +20,6 @@ import typer
 def flag_name(field_name: str) -> str:
     """`lora_r` -> `--lora-r`."""
     return "--" + field_name.replace("_", "-")
-
-
-def _plain_type(annotation: Any) -> Any:
-    """`int | None` -> `Optional[int]`, the spelling every typer version understands."""
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return typing.Optional[inner[0]]  # noqa: UP045 (typer needs typing.Optional)
-    return annotation
 
 
 def dataclass_parameters(
@@ -43,7 +33,7 @@ def dataclass_parameters(
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" (one of: {', '.join(choices)})"
-        annotation = _plain_type(hints[f.name])
+        annotation = hints[f.name]
         flag = flag_name(f.name)
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}" if annotation is bool else flag]
         decls += list((aliases or {}).get(f.name, ()))
@@ -75,4 +65,3 @@ def command_with_options(
     fn.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
     fn.__annotations__ = {p.name: p.annotation for p in params}
     return fn
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -22,16 +22,16 @@ def _example_data() -> Path:
 
 
 def train(
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="Preset name, local model folder or Hugging Face id."),
-    data: Optional[Path] = typer.Option(  # noqa: UP045 (typer needs typing.Optional)
+    model: str = typer.Option(
+        "tiny-llama", "--model", "-m", help="Preset name, local model folder or Hugging Face id."
+    ),
+    data: Path | None = typer.Option(  # noqa: B008 (typer's idiom)
         None, "--data", "-d", help="Training data (JSONL/JSON/Parquet); default: the built-in example chat data."
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),  # noqa: UP045
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),  # noqa: UP045
-    export: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--export", help="Export after training: gguf, merged or adapter."
-    ),
-    quantization: Optional[str] = typer.Option(  # noqa: UP045
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
+    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or adapter."),
+    quantization: str | None = typer.Option(
         None, "--quantization", "-q", help="Quantization for --export gguf, e.g. q4_k_m."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
