@@ -153,7 +153,10 @@ def load_base_model(path: Path, mode: str, device: torch.device) -> Any:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": "cpu"}
     kwargs["dtype"] = torch.float32 if mode == "full" else compute
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)

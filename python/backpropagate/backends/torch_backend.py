@@ -97,7 +97,7 @@ def forward_hidden(tm: TrainingModel, batch: DeviceBatch) -> torch.Tensor:
             **packed_kwargs(batch.cu_seqlens, batch.batch.max_seqlen),
         )
     hidden: torch.Tensor = out.last_hidden_state
-    return hidden
+    return hidden.to(tm.compute_dtype)  # fp32 under autocast (full fine-tuning); the LM head runs in bf16
 
 
 def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[float, int]:
