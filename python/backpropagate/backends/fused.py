@@ -117,7 +117,7 @@ def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return (
         all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and isinstance(act, torch.nn.SiLU)
+        and type(act).__name__ in ("SiLU", "SiLUActivation")
         and type(module).__name__.endswith("MLP")
     )
 
