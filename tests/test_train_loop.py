@@ -26,11 +26,11 @@ def dataset():
 
 
 def test_three_line_api_trains_and_writes_everything(tiny_llama, dataset, tmp_path):
-    trainer = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), save_every=5, **FAST)
-    result = trainer.train(dataset, steps=20)
-    assert result.steps == 20 and len(result.losses) == 20
+    trainer = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), save_every=4, **FAST)
+    result = trainer.train(dataset, steps=12)
+    assert result.steps == 12 and len(result.losses) == 12
     first, last = np.mean([loss for _, loss in result.losses[:3]]), np.mean([loss for _, loss in result.losses[-3:]])
-    assert last < first - 0.3, (first, last)
+    assert last < first - 0.2, (first, last)
     assert result.tokens_seen > 0 and result.duration_s > 0 and result.run_id
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
     assert (result.adapter_dir / "adapter_config.json").exists()
@@ -42,12 +42,12 @@ def test_three_line_api_trains_and_writes_everything(tiny_llama, dataset, tmp_pa
     assert run["method"] == "sft" and run["mode"] == "lora" and run["loss_curve"] == "loss.png"
     assert run["losses"] == result.losses and run["final_loss"] == result.losses[-1][1]
     assert run["hyperparameters"]["lora_r"] == 8 and run["data_hash"]
-    assert run["command"].startswith("backprop train --model tiny-llama --steps 20")
+    assert run["command"].startswith("backprop train --model tiny-llama --steps 12")
     metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert [m["step"] for m in metrics] == list(range(1, 13))
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
     kept = checkpoint.checkpoints(result.output_dir / "checkpoints")
-    assert [p.name for p in kept] == ["step-000015", "step-000020"]
+    assert [p.name for p in kept] == ["step-000008", "step-000012"]
 
 
 def test_adapter_reloads_with_peft_and_generates(tiny_llama, dataset, tmp_path):
@@ -71,7 +71,7 @@ def test_adapter_reloads_with_peft_and_generates(tiny_llama, dataset, tmp_path):
 
 def test_resume_after_interruption_continues_the_same_curve(tiny_llama, dataset, tmp_path, monkeypatch):
     options = dict(FAST, lora_dropout=0.1, save_every=2)
-    full = Trainer("tiny-llama", output_dir=str(tmp_path / "full"), **options).train(dataset, steps=8)
+    full = Trainer("tiny-llama", output_dir=str(tmp_path / "full"), **options).train(dataset, steps=6)
 
     real_save = torch_backend.save_checkpoint
 
@@ -83,11 +83,11 @@ def test_resume_after_interruption_continues_the_same_curve(tiny_llama, dataset,
 
     monkeypatch.setattr(torch_backend, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), **options).train(dataset, steps=8)
+        Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), **options).train(dataset, steps=6)
     monkeypatch.setattr(torch_backend, "save_checkpoint", real_save)
     cut_run_id = checkpoint.read_state(tmp_path / "cut/checkpoints/step-000004").run_id
-    resumed = Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), resume=True, **options).train(dataset, steps=8)
-    assert [s for s, _ in resumed.losses] == list(range(1, 9))
+    resumed = Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), resume=True, **options).train(dataset, steps=6)
+    assert [s for s, _ in resumed.losses] == list(range(1, 7))
     np.testing.assert_allclose(
         [loss for _, loss in resumed.losses], [loss for _, loss in full.losses], rtol=1e-5, atol=1e-6
     )
