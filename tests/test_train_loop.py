@@ -265,3 +265,35 @@ def test_dora_and_rslora_train(tiny_qwen2, dataset, tmp_path):
     config = PeftConfig.from_pretrained(result.adapter_dir)
     assert config.use_dora and config.use_rslora
     assert all(np.isfinite(loss) for _, loss in result.losses)
+
+
+def test_recompute_plan_switches_layers_and_backs_off(tiny_llama):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from backpropagate.backends.recompute import RecomputePlan, activation_bytes_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plan = RecomputePlan(model, "off")
+    assert plan.kept == 2 and [layer.gradient_checkpointing for layer in plan.layers] == [False, False]
+    assert plan.back_off() and [layer.gradient_checkpointing for layer in plan.layers] == [True, False]
+    assert plan.back_off() and plan.describe() == "recompute[2/2]" and not plan.back_off()
+    assert RecomputePlan(model, "on").recomputed == RecomputePlan(model, "auto").recomputed == 2
+    qwen7b = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+    per_token = activation_bytes_per_token(qwen7b, torch.bfloat16)
+    assert 150_000 < per_token < 220_000  # ~1.5 GB per layer at 8k tokens
+
+
+def test_out_of_memory_first_recomputes_kept_layers(tiny_llama, dataset, tmp_path, monkeypatch):
+    real = torch_backend.accumulate_gradients
+
+    def oom_while_a_layer_keeps_activations(tm, objective, batches):
+        if tm.recompute.kept:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(tm, objective, batches)
+
+    monkeypatch.setattr(torch_backend, "accumulate_gradients", oom_while_a_layer_keeps_activations)
+    result = Trainer("tiny-llama", gradient_checkpointing="off", output_dir=str(tmp_path / "run"), **FAST).train(
+        dataset, steps=2
+    )
+    assert "recompute[2/2]" in result.features
+    assert json.loads(result.run_file.read_text())["hyperparameters"]["final_micro_batch"] == FAST["micro_batch"]
