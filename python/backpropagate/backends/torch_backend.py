@@ -108,6 +108,7 @@ def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[
         device_batch = DeviceBatch.from_batch(batch, tm.device)
         hidden = forward_hidden(tm, device_batch)
         loss = objective.loss_sum(hidden, tm.lm_head_weight, device_batch) / total
+        del hidden  # backward needs only what autograd saved
         loss.backward()
         loss_sum += loss.detach().float()
     return float(loss_sum.item()), sum(b.num_tokens for b in batches)
