@@ -118,7 +118,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
         return real(tm, objective, batches)
 
     monkeypatch.setattr(torch_backend, "accumulate_gradients", oom_above_one_row_per_batch)
-    result = Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **options).train(dataset, steps=4)
+    result = Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **options).train(dataset, steps=3)
     assert calls[:3] == [1, 2, 4]
     run = json.loads(result.run_file.read_text())
     assert run["hyperparameters"]["final_micro_batch"] == 1
@@ -127,7 +127,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
     plain = Trainer(
         "tiny-llama", output_dir=str(tmp_path / "plain"), **dict(options, micro_batch=1, grad_accumulation=4)
     )
-    expected = plain.train(dataset, steps=4)
+    expected = plain.train(dataset, steps=3)
     np.testing.assert_allclose([loss for _, loss in result.losses], [loss for _, loss in expected.losses], rtol=1e-5)
 
 
@@ -260,7 +260,7 @@ def test_dora_and_rslora_train(tiny_qwen2, dataset, tmp_path):
     from peft import PeftConfig
 
     result = Trainer("tiny-qwen2", dora=True, rslora=True, output_dir=str(tmp_path / "run"), **FAST).train(
-        dataset, steps=4
+        dataset, steps=2
     )
     config = PeftConfig.from_pretrained(result.adapter_dir)
     assert config.use_dora and config.use_rslora
