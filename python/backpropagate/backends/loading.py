@@ -156,17 +156,14 @@ def load_base_model(path: Path, mode: str, device: torch.device) -> Any:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-        else:
-            kwargs["device_map"] = {"": "cpu"}
+        kwargs["device_map"] = {"": "cpu"}
+    if device.type == "cuda":  # weights go straight to the card, never through host memory
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     kwargs["dtype"] = torch.float32 if mode == "full" else compute
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError("INPUT_MODEL_LOAD_FAILED", f"{path}: {exc}") from exc
-    if mode != "qlora":
-        model = model.to(device)
     return model
 
 
