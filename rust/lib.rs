@@ -5,6 +5,7 @@
 //! compiled only with the `python` feature (maturin turns it on).
 
 pub mod error;
+pub mod gguf;
 
 #[cfg(feature = "python")]
 mod py;
