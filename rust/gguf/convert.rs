@@ -43,6 +43,9 @@ pub struct ConvertOptions {
     pub llama_cpp_lib: Option<PathBuf>,
     /// `general.name`; the model folder's name when absent.
     pub name: Option<String>,
+    /// Folder with the tokenizer files when they differ from the model's (a trained
+    /// adapter saved with its own tokenizer and chat template).
+    pub tokenizer_dir: Option<PathBuf>,
 }
 
 /// What was written.

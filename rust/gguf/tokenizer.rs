@@ -86,11 +86,13 @@ pub fn pre_tokenizer_name(tok: &Json, arch: &str) -> Result<&'static str> {
         (Some(r), _) if r == QWEN2_SPLIT => "qwen2",
         (None, ["Digits", "ByteLevel"]) if byte_level_regex => "smollm",
         (None, ["ByteLevel"]) if byte_level_regex => "gpt-2",
-        _ => return Err(Error::Model(format!(
+        _ => {
+            return Err(Error::Model(format!(
             "tokenizer.json: pre-tokenizer {} matches none of the families llama.cpp knows here \
                  (Llama 3, Qwen2, SmolLM, GPT-2 byte-level)",
             serde_json::to_string(pre).unwrap_or_default()
-        ))),
+        )))
+        }
     };
     Ok(name)
 }

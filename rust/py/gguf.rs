@@ -10,7 +10,7 @@ use crate::gguf::{convert, ConvertOptions, OutType};
 
 /// Converts a Hugging Face folder to GGUF; returns a dict describing what was written.
 #[pyfunction]
-#[pyo3(signature = (model_dir, output, quantization, adapter_dir=None, force=false, llama_cpp_lib=None, name=None, progress=None))]
+#[pyo3(signature = (model_dir, output, quantization, adapter_dir=None, force=false, llama_cpp_lib=None, name=None, tokenizer_dir=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn convert_to_gguf<'py>(
     py: Python<'py>,
@@ -21,6 +21,7 @@ fn convert_to_gguf<'py>(
     force: bool,
     llama_cpp_lib: Option<PathBuf>,
     name: Option<String>,
+    tokenizer_dir: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let out_type = OutType::parse(quantization).map_err(to_py_err)?;
@@ -32,6 +33,7 @@ fn convert_to_gguf<'py>(
         force,
         llama_cpp_lib,
         name,
+        tokenizer_dir,
     };
     let report = py
         .detach(|| {
