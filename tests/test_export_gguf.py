@@ -5,8 +5,6 @@ next tokens with close log-probabilities."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +20,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "Blue."},
     {"role": "user", "content": "Another one?"},
 ]
-
-
-def _post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +53,9 @@ def test_llama_cpp_matches_transformers(family: str, models: dict[str, Path], tm
     gguf = tmp_path / f"{family}.gguf"
     _core.convert_to_gguf(str(model_dir), str(gguf), "f32")
     llm = GGUFModel(gguf, n_ctx=256)
-    base = f"http://{llm._server.listening_address}".replace("http://http://", "http://")
 
     want_ids, want_logp, hf_ids = _hf_top5(model_dir, PROMPT)
-    assert _post(base, "/tokenize", {"content": PROMPT, "add_special": True})["tokens"] == hf_ids
+    assert llm.tokenize(PROMPT) == hf_ids
 
     top = llm.top_logprobs(PROMPT, 5)
     assert [t for t, _ in top] == want_ids
@@ -76,7 +65,7 @@ def test_llama_cpp_matches_transformers(family: str, models: dict[str, Path], tm
     messages = CONVERSATION if family != "mistral" else CONVERSATION[1:]
     if tok.chat_template:
         expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        rendered = _post(base, "/apply-template", {"messages": messages})["prompt"]
+        rendered = llm.apply_template(messages)
         # llama.cpp adds BOS when tokenizing, so it drops a leading BOS from the rendered text.
         bos = tok.bos_token or ""
         assert rendered in (expected, expected[len(bos) :] if bos and expected.startswith(bos) else expected)

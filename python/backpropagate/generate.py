@@ -7,6 +7,8 @@ completed as is.
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,19 +69,42 @@ class GGUFModel:
         usage = r.get("usage", {})
         return Generation(r["choices"][0]["text"], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
+    def _http(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        # llama.cpp's server listens on loopback; tokenizing and templating live there.
+        address = str(self._server.listening_address)
+        base = address if address.startswith("http") else f"http://{address}"
+        req = urllib.request.Request(
+            base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids as llama.cpp tokenizes `text` with the GGUF's vocabulary."""
+        return [int(t) for t in self._http("/tokenize", {"content": text, "add_special": add_special})["tokens"]]
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt llama.cpp renders from `messages` with the GGUF's chat template."""
+        return str(self._http("/apply-template", {"messages": messages})["prompt"])
+
     def top_logprobs(self, prompt: str | list[int], n: int = 5) -> list[tuple[int, float]]:
-        """The `n` most likely next tokens after `prompt`, with their log-probabilities."""
+        """The `n` most likely next tokens after `prompt`, with their log-probabilities.
+
+        The reported probabilities are the model's raw ones; the token actually sampled is
+        pinned to a plain letter so that llama.cpp reports them at once (a token ending
+        mid-character would hold them back).
+        """
+        plain = self.tokenize("a", add_special=False)[0]
         r = self._call(
             "handle_completions",
             {
                 "prompt": prompt,
-                # A token that ends mid-character holds back its probabilities until the
-                # character completes, so ask for a few tokens and read the first.
-                "n_predict": 8,
+                "n_predict": 1,
                 "n_probs": n,
                 "temperature": 0,
                 "post_sampling_probs": False,
-                "ignore_eos": True,
+                "logit_bias": [[plain, 1000.0]],
             },
         )
         top = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
