@@ -35,15 +35,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 
 def build_model(
-    family: str, out: Path, hidden: int = 64, layers: int = 2, dtype: str = "float32", std: float = 0.2
+    family: str,
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    dtype: str = "float32",
+    std: float = 0.2,
+    tokenizer_dir: Path | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Saves a random model of `family` with its real tokenizer into `out`."""
+    """Saves a random model of `family` with its real tokenizer (or `tokenizer_dir`) into `out`."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
     cls_name, tok_name, extra = FAMILIES[family]
-    tok_dir = real_tokenizer(tok_name)
+    tok_dir = tokenizer_dir or real_tokenizer(tok_name)
     out.mkdir(parents=True, exist_ok=True)
     for f in tok_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
@@ -64,6 +71,7 @@ def build_model(
         eos_token_id=tok.eos_token_id,
     )
     fields.update(extra)
+    fields.update(overrides)
     config = getattr(transformers, cls_name)(**fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

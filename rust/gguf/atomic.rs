@@ -32,11 +32,9 @@ impl AtomicFile {
         let file_name = target
             .file_name()
             .ok_or_else(|| Error::Config(format!("{}: not a file path", target.display())))?;
-        let temp = dir.join(format!(
-            ".{}.{}.tmp",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
+        let stem = format!(".{}.", file_name.to_string_lossy());
+        remove_stale_temps(&dir, &stem);
+        let temp = dir.join(format!("{stem}{}.tmp", std::process::id()));
         let file = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
         Ok(Self {
             target: target.to_path_buf(),
@@ -71,6 +69,23 @@ impl AtomicFile {
             }
         }
         Ok(self.target.clone())
+    }
+}
+
+/// Removes temporary files that killed writers of the same target left behind.
+fn remove_stale_temps(dir: &Path, stem: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(stem).and_then(|r| r.strip_suffix(".tmp")) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists();
+        if pid.parse::<u32>().is_ok() && !alive && Path::new("/proc/self").exists() {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -113,6 +128,17 @@ mod tests {
         }
         assert!(!target.exists());
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn temp_files_of_dead_writers_are_removed() {
+        let dir = scratch("stale");
+        // pid 0x7ffffffe is above Linux's pid_max, so no such process exists.
+        let stale = dir.join(".m.gguf.2147483646.tmp");
+        fs::write(&stale, b"half").unwrap();
+        let f = AtomicFile::create(&dir.join("m.gguf"), false).unwrap();
+        assert!(!stale.exists() || !Path::new("/proc/self").exists());
+        drop(f);
     }
 
     #[test]

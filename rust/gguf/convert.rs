@@ -240,7 +240,14 @@ fn stream_tensor(
             out
         };
         send(out)?;
+        if permute_heads.is_none() {
+            let w = width * view.dtype.size();
+            view.release(start * w, end * w);
+        }
         start = end;
+    }
+    if permute_heads.is_some() {
+        view.release(0, view.data.len());
     }
     Ok(())
 }
@@ -334,14 +341,6 @@ pub fn convert(
             write_padding(&mut pad, expected).map_err(|e| Error::io(&temp_path, e))?;
             if !pad.is_empty() {
                 send(pad)?;
-            }
-            if let Source::Weight {
-                hf,
-                from_adapter: false,
-                ..
-            } = &p.source
-            {
-                base.release(hf);
             }
             progress(i + 1, planned.len());
         }

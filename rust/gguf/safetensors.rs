@@ -43,9 +43,36 @@ pub struct TensorView<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub data: &'a [u8],
+    map: &'a Mmap,
+    offset: usize,
 }
 
 impl TensorView<'_> {
+    /// Drops bytes `[start, end)` of this tensor from resident memory once they are
+    /// consumed, so peak memory stays near one chunk however large the tensor.
+    pub fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            // Only whole pages inside the range: a page shared with unread data stays.
+            let first = (self.offset + start).div_ceil(PAGE) * PAGE;
+            let last = (self.offset + end) / PAGE * PAGE;
+            if last > first {
+                // SAFETY: the mapping is private and read-only; dropped pages are read
+                // again from the file if touched later, so no data is lost.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
+
     /// Elements per row: the last dimension (1 for scalars).
     pub fn row_len(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
@@ -224,28 +251,14 @@ impl Safetensors {
     /// A view of tensor `name`, if present.
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
         let e = self.entries.get(name)?;
+        let map = &self.maps[e.file];
         Some(TensorView {
             dtype: e.dtype,
             shape: &e.shape,
-            data: &self.maps[e.file][e.start..e.end],
+            data: &map[e.start..e.end],
+            map,
+            offset: e.start,
         })
-    }
-
-    /// Drops the pages of `name` from this process's resident memory once it is written,
-    /// so peak memory stays near one chunk however large the model.
-    pub fn release(&self, name: &str) {
-        #[cfg(unix)]
-        if let Some(e) = self.entries.get(name) {
-            let map = &self.maps[e.file];
-            let page = 4096;
-            let start = e.start / page * page;
-            let len = e.end - start;
-            // SAFETY: the mapping is private and read-only; dropped pages are read again
-            // from the file if touched later, so no data is lost.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
-            };
-        }
     }
 
     /// Total bytes of tensor data (for throughput reports).
