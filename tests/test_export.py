@@ -222,3 +222,19 @@ def test_kill_mid_export_leaves_no_file(tmp_path: Path) -> None:
 
     _core.convert_to_gguf(str(model), str(out), "f16")
     assert out.exists() and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_cli_export_then_generate(tiny_llama: Path, tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q8_0", "--output", str(out))
+    assert r.status == 0, r.stderr
+    assert "wrote" in r.stdout and "q8_0" in r.stdout
+    gguf_file = next(out.glob("*.gguf"))
+    g = run_cli("generate", str(gguf_file), "--prompt", "Hello there", "--max-tokens", "5")
+    assert g.status == 0, g.stderr
+    again = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q8_0", "--output", str(out))
+    assert again.status == 6 and "[STATE_OUTPUT_EXISTS]" in again.stderr
+    bad = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q3_k", "--output", str(tmp_path / "x"))
+    assert bad.status == 2 and "[CONFIG_INVALID_SETTING]" in bad.stderr and "q4_k_m" in bad.stderr

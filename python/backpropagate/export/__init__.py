@@ -152,6 +152,14 @@ def export(
         raise ConfigError("CONFIG_INVALID_SETTING", f"--quantization applies to gguf exports, not {fmt}")
     if ollama and fmt != "gguf":
         raise ConfigError("CONFIG_INVALID_SETTING", "--ollama needs --format gguf")
+    if fmt == "gguf" and quantization is not None:
+        from backpropagate import _core
+
+        if quantization.lower() not in _core.gguf_quantizations():
+            raise ConfigError(
+                "CONFIG_INVALID_SETTING",
+                f"quantization {quantization!r} is not supported; choose one of {', '.join(_core.gguf_quantizations())}",
+            )
     src = open_source(source)
     out = Path(output).expanduser() if output else _default_output(src, fmt)
     modelfile: Path | None = None

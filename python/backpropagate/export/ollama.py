@@ -37,9 +37,15 @@ class ChatFormat:
     default_system: str | None
     stops: list[str]
 
+    @property
+    def always_system(self) -> bool:
+        """The template emits its system block even without a system prompt."""
+        return self.default_system == ""
+
     def render(self, messages: list[dict[str, str]], system: str | None) -> str:
         """What the Go template produces (used to check the translation)."""
-        out = f"{self.system_prefix}{system}{self.system_suffix}" if system else ""
+        show = bool(system) or self.always_system
+        out = f"{self.system_prefix}{system or ''}{self.system_suffix}" if show else ""
         for m in messages:
             pre, suf = (
                 (self.user_prefix, self.user_suffix)
@@ -52,13 +58,15 @@ class ChatFormat:
     def go_template(self) -> str:
         """The template in Ollama's Go-template syntax."""
         esc = _go_text
+        # No whitespace-trimming markers: the literal text around them is exact.
+        system = f"{esc(self.system_prefix)}{{{{ .System }}}}{esc(self.system_suffix)}"
         return (
-            f"{{{{- if .System }}}}{esc(self.system_prefix)}{{{{ .System }}}}{esc(self.system_suffix)}{{{{ end }}}}"
-            "{{- range .Messages }}"
-            f'{{{{- if eq .Role "user" }}}}{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}'
-            f'{{{{- else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
+            (system if self.always_system else f"{{{{ if .System }}}}{system}{{{{ end }}}}")
+            + "{{ range .Messages }}"
+            f'{{{{ if eq .Role "user" }}}}{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}'
+            f'{{{{ else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{esc(self.assistant_suffix)}"
-            "{{- end }}{{- end }}"
+            "{{ end }}{{ end }}"
             f"{esc(self.assistant_prefix)}"
         )
 
@@ -109,7 +117,9 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
     convo = [{"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}]
     try:
         full = render(convo, True)
-        gen = _strip_prefix(full, render(convo, False))
+        # Without a generation prompt some templates append EOS instead; what the two
+        # renderings share is the conversation, the rest of `full` is the prompt.
+        gen = full[len(_common_prefix(full, render(convo, False))) :]
         user_suffix = _strip_suffix(full[full.index(_U2) + len(_U2) :], gen)
         assistant_prefix = _strip_prefix(full[full.index(_U1) + len(_U1) : full.index(_A1)], user_suffix)
         between = full[full.index(_A1) + len(_A1) : full.index(_U2)]
@@ -136,7 +146,8 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         raise InputError(
             "INPUT_CHAT_TEMPLATE_UNSUPPORTED", f"{tokenizer_dir}: chat template is not a per-message format ({exc})"
         ) from exc
-    stops = [t for t in tok.all_special_tokens if t and t in assistant_suffix]
+    specials = {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
+    stops = sorted(t for t in specials if t and t in assistant_suffix)
     if tok.eos_token and tok.eos_token not in stops:
         stops.append(tok.eos_token)
     fmt = ChatFormat(
