@@ -8,9 +8,12 @@ every linear layer, the real training loop (`backends.torch_backend.train`) end 
              into 4 rows of 2048 per step; all tokens are useful tokens
   qlora      dense batches on a 4-bit nf4 base (bitsandbytes)
 
-Extra variants for diagnosis: dense_nockpt (no activation checkpointing), dense_eager (no
-compiled kernels). Run it in the same device call as the peers, after them, so both use the
-same card and the peers' random 7B folder is reused for QLoRA:
+  dense_auto the engine's default on CUDA: keeps as many layers' activations as the card holds
+             (the first three recompute every layer, like the peers)
+
+Also available: realistic_auto and qlora_auto, and for diagnosis dense_nockpt (no activation
+checkpointing) and dense_eager (no compiled kernels). Run it in the same device call as the
+peers, after them, so both use the same card and the peers' random 7B folder is reused for QLoRA:
 
   python ../shared/bench/peer_baseline.py hf7b liger7b qlora7b hf7b_padded && python benches/train_gpu.py
 
@@ -116,6 +119,7 @@ def train_config(args: argparse.Namespace, device: torch.device, mode: str, **ov
 
 def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: ignore[type-arg]
     from backpropagate.backends import loading, synthetic, torch_backend
+    from backpropagate.backends.recompute import RecomputePlan
 
     device = torch.device(args.device)
     seq = args.seqlen
@@ -123,8 +127,11 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
     kind = variant.split("_")[0]
     mode = "qlora" if kind == "qlora" else "lora"
     overrides = {}
+    overrides["gradient_checkpointing"] = "on"  # the peers' setting; _auto / _nockpt change it
     if variant.endswith("_nockpt"):
-        overrides["gradient_checkpointing"] = False
+        overrides["gradient_checkpointing"] = "off"
+    if variant.endswith("_auto"):
+        overrides["gradient_checkpointing"] = "auto"
     if variant.endswith("_eager"):
         overrides["fused_kernels"] = False
     config = train_config(args, device, mode, **overrides)
@@ -136,14 +143,15 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         t0 = time.perf_counter()
         tm = loading.load_for_training(folder, config)
     else:
-        if cache.get("model_key") != (variant.endswith("_eager"), variant.endswith("_nockpt")):
+        if cache.get("model_key") != variant.endswith("_eager"):
             cache.pop("model", None)
             release()
             model = random_model(args.shape, device)
             n_params = sum(p.numel() for p in model.parameters())
             cache["model"] = loading.prepare_for_training(model, config, "lora", device, n_params)
-            cache["model_key"] = (variant.endswith("_eager"), variant.endswith("_nockpt"))
+            cache["model_key"] = variant.endswith("_eager")
         tm = cache["model"]
+        tm.recompute = RecomputePlan(tm.model, config.gradient_checkpointing)
     load_s = time.perf_counter() - t0
     vocab = SHAPES[args.shape][6]
     if kind == "realistic":
@@ -162,7 +170,8 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
     tokens = sum(r["tokens"] for r in measured)
     tps = tokens / window
     params = tm.num_params
-    flops_per_token = (6 if config.gradient_checkpointing else 4) * params
+    share = tm.recompute.recomputed / max(1, len(tm.recompute.layers)) if tm.recompute else 0.0
+    flops_per_token = (4 + 2 * share) * params  # forward 2N, input grads 2N, recompute 2N (the peers' formula)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if mode == "qlora":
         del tm
@@ -233,7 +242,7 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", default=["dense", "realistic", "qlora"])
+    parser.add_argument("variants", nargs="*", default=["dense", "dense_auto", "realistic", "qlora"])
     parser.add_argument("--quick", action="store_true", help="tiny shape, few steps: checks the script")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")

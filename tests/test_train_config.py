@@ -84,3 +84,15 @@ def test_info_lists_presets():
     names = {row["name"] for row in __import__("json").loads(res.stdout)}
     assert {"qwen2.5-7b", "llama-3.2-1b", "llama-3.1-8b", "mistral-7b", "phi-4-mini", "qwen3-4b", "smollm3-3b"} <= names
     assert {"qwen2.5-3b", "qwen2.5-14b", "qwen2.5-32b", "llama-3.2-3b", "tiny-llama", "tiny-qwen2"} <= names
+
+
+def test_import_stays_light_until_the_trainer_is_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, backpropagate; from backpropagate import Trainer, TrainConfig, TrainResult; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(Trainer.__module__, TrainConfig.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["backpropagate.trainer", "backpropagate.config"]

@@ -43,6 +43,20 @@ def test_varlen_attention_equals_samples_alone_on_cuda():
         torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
 
 
+def test_flex_attention_fallback_equals_block_causal_sdpa_on_cuda():
+    from backpropagate.backends import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 300, 64, device=CUDA, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 300, 64, device=CUDA, dtype=torch.bfloat16)
+    v = torch.randn(1, 2, 300, 64, device=CUDA, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 137, 300], dtype=torch.int32, device=CUDA)
+    for window in (None, 16):
+        out = attention._flex(q, k, v, cu, 0.125, window)
+        ref = attention._sdpa_block_causal(q, k, v, cu, 0.125, window)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
     from transformers import AutoModelForCausalLM
 

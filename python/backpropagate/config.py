@@ -19,6 +19,7 @@ METHODS = ("sft", "orpo", "simpo", "kto")
 IMPLEMENTED_METHODS = ("sft",)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+CHECKPOINTING = ("auto", "on", "off")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb", "tensorboard,wandb")
 
 # Used when neither the user nor a preset sets them.
@@ -81,7 +82,12 @@ class TrainConfig:
         "adamw", "adamw (fused), adamw_8bit or paged_adamw_8bit (bitsandbytes).", choices=OPTIMIZERS
     )
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
-    gradient_checkpointing: bool = option(True, "Recompute layer activations in backward to save memory.")
+    gradient_checkpointing: str = option(
+        "auto",
+        "Recompute layer activations in backward to save memory: on (every layer), off, or auto (on CUDA, "
+        "keep as many layers' activations as the card holds, measured after the first step).",
+        choices=CHECKPOINTING,
+    )
     fused_kernels: bool = option(
         True,
         "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",

@@ -186,8 +186,8 @@ class Trainer:
             raise ConfigError("CONFIG_INVALID_SETTING", f"steps={steps} is invalid: expected at least 1")
         if epochs is not None and not epochs > 0:
             raise ConfigError("CONFIG_INVALID_SETTING", f"epochs={epochs} is invalid: expected more than 0")
-        config = self.config
-        output_dir = self._output_dir(config)
+        output_dir = self._output_dir(self.config)
+        config = dataclasses.replace(self.config, output_dir=str(output_dir))
         previous_run = read_state(latest(output_dir / "checkpoints")).run_id if config.resume else None
         run_id = log.start_run(previous_run)
         dataset = self._dataset(data)
@@ -317,7 +317,6 @@ class Trainer:
                 f"{out} holds checkpoints of an earlier run",
                 hint="Pass --resume to continue that run, or choose another --output-dir.",
             )
-        self.config = dataclasses.replace(self.config, output_dir=str(out))
         return out
 
     def _dataset(self, data: str | Path | PreparedDataset) -> PreparedDataset:

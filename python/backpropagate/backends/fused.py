@@ -63,7 +63,8 @@ class _Compiled:
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=True)
+        # Static shapes first; a second shape (packed rows vary) recompiles once with a dynamic length.
+        self.compiled: Callable[..., Any] | None = torch.compile(fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None and args[0].is_cuda:
@@ -117,7 +118,7 @@ def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return (
         all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and isinstance(act, torch.nn.SiLU)
+        and type(act).__name__ in ("SiLU", "SiLUActivation")
         and type(module).__name__.endswith("MLP")
     )
 

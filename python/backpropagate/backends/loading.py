@@ -10,8 +10,8 @@ meta device before any weight is read.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 
 from backpropagate.backends import fused, lora_fused
+from backpropagate.backends.recompute import RecomputePlan
 from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger
@@ -40,6 +41,7 @@ class TrainingModel:
         compute_dtype: dtype of activations.
         autocast: Whether forward runs under bf16 autocast (full fine-tuning on CUDA).
         num_params: Parameters of the base model.
+        recompute: Which layers recompute their activations in backward.
         features: Fast paths in use (for the log and the benchmark table).
     """
 
@@ -49,6 +51,7 @@ class TrainingModel:
     compute_dtype: torch.dtype
     autocast: bool
     num_params: int
+    recompute: RecomputePlan | None = None
     features: list[str] = field(default_factory=list)
 
     @property
@@ -172,18 +175,6 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def enable_checkpointing(model: torch.nn.Module) -> int:
-    """Recomputes each decoder layer in backward (non-reentrant); returns the number of layers."""
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.gradient_checkpointing = True
-        setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
-    return len(layers)
-
-
 def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Freezes the base and adds a LoRA / rsLoRA / DoRA adapter through peft."""
     from peft import LoraConfig, get_peft_model
@@ -202,7 +193,9 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modu
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft calls a transformers alias that is deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as exc:  # peft names the target modules it could not find
         raise ConfigError("CONFIG_INVALID_SETTING", f"target_modules={config.target_modules!r}: {exc}") from exc
 
@@ -222,8 +215,7 @@ def prepare_for_training(
             features.append(f"fused_lora[{fused_layers}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
-    if config.gradient_checkpointing:
-        features.append(f"checkpointing[{enable_checkpointing(model)}]")
+    recompute = RecomputePlan(model, config.gradient_checkpointing)
     model.train()
     return TrainingModel(
         model=model,
@@ -232,6 +224,7 @@ def prepare_for_training(
         compute_dtype=compute_dtype_for(device),
         autocast=mode == "full" and device.type == "cuda",
         num_params=num_params,
+        recompute=recompute,
         features=features,
     )
 
@@ -244,11 +237,11 @@ def load_for_training(path: Path, config: TrainConfig) -> TrainingModel:
     model = load_base_model(path, mode, device)
     trained = prepare_for_training(model, config, mode, device, num_params)
     log.info(
-        "model %s: %.2fB parameters, mode=%s, device=%s, %s",
+        "model %s: %s parameters, mode=%s, device=%s, %s",
         path,
-        num_params / 1e9,
+        f"{num_params / 1e9:.2f}B" if num_params >= 1e8 else f"{num_params / 1e6:.2f}M",
         mode,
         device,
-        ", ".join(trained.features) or "no fast paths",
+        ", ".join(trained.features + ([trained.recompute.describe()] if trained.recompute else [])),
     )
     return trained

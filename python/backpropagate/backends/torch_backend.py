@@ -108,6 +108,7 @@ def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[
         device_batch = DeviceBatch.from_batch(batch, tm.device)
         hidden = forward_hidden(tm, device_batch)
         loss = objective.loss_sum(hidden, tm.lm_head_weight, device_batch) / total
+        del hidden  # backward needs only what autograd saved
         loss.backward()
         loss_sum += loss.detach().float()
     return float(loss_sum.item()), sum(b.num_tokens for b in batches)
@@ -135,6 +136,8 @@ def train_step(
             pass  # leave the except block so the failed step's tensors can be freed
         optimizer.zero_grad(set_to_none=True)
         release_memory(tm.device)
+        if tm.recompute is not None and tm.recompute.back_off():
+            continue
         if state.micro_batch <= 1:
             raise RunFailedError(
                 "RUNTIME_OOM_RECOVERY_EXHAUSTED",
@@ -263,6 +266,8 @@ def train(
     )
     metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)})
     bar = ProgressBar(total_steps, state.step, config.progress)
+    if tm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
     started = time.perf_counter()
     elapsed_before = state.elapsed_s
     try:
@@ -288,6 +293,10 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_s = time.perf_counter() - t0
+                if tm.recompute is not None:
+                    tm.recompute.plan(
+                        tm.device, tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length
+                    )
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens
@@ -319,6 +328,7 @@ def train(
     finally:
         bar.close()
         metrics.close()
+    features = tm.features + ([tm.recompute.describe()] if tm.recompute is not None else [])
     return LoopOutcome(
-        state=state, duration_s=time.perf_counter() - started, checkpoint=last_checkpoint, features=tm.features
+        state=state, duration_s=time.perf_counter() - started, checkpoint=last_checkpoint, features=features
     )

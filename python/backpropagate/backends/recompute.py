@@ -1,0 +1,101 @@
+"""Which decoder layers recompute their activations in backward (activation checkpointing).
+
+Recomputing every layer keeps only one hidden state per layer alive and costs about a
+third more compute; on a card with memory to spare that third is wasted. `auto` mode
+measures the first step with every layer recomputed, estimates what keeping one layer's
+activations costs for the largest micro-batch, and keeps as many layers as fit in 90% of
+the card. If a later step still runs out of memory, half of the kept layers go back to
+recomputing before the loop resorts to halving the micro-batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from backpropagate.log import get_logger
+
+log = get_logger("recompute")
+
+# Share of the card's memory that planning may fill (the rest absorbs fragmentation and spikes).
+MEMORY_TARGET = 0.9
+
+
+def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """What one decoder layer keeps per token for backward when it is not recomputed.
+
+    Layer input, both norm outputs, the residual, q / k / v (k and v counted at query width,
+    as when they are repeated for grouped-query attention), the attention output, and the
+    MLP's gate, up and product; plus 10% for what the estimate leaves out.
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    elements = 4 * hidden + 4 * heads * head_dim + 3 * inter
+    return int(elements * torch.finfo(dtype).bits // 8 * 1.1)
+
+
+class RecomputePlan:
+    """Switches recomputation on or off per decoder layer.
+
+    Args:
+        model: The (peft-wrapped) transformers model.
+        mode: "on" (every layer), "off" (none) or "auto" (planned after the first step).
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.mode = mode
+        self.kept = 0
+        self.planned = False
+        self.set_kept(len(self.layers) if mode == "off" else 0)
+
+    def set_kept(self, kept: int) -> None:
+        """Recompute all layers but the last `kept` (their activations stay in memory)."""
+        from torch.utils.checkpoint import checkpoint
+
+        self.kept = max(0, min(kept, len(self.layers)))
+        recomputed = len(self.layers) - self.kept
+        for i, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = i < recomputed
+            setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
+
+    @property
+    def recomputed(self) -> int:
+        """Layers that recompute their activations."""
+        return len(self.layers) - self.kept
+
+    def describe(self) -> str:
+        """e.g. `recompute[20/28]`."""
+        return f"recompute[{self.recomputed}/{len(self.layers)}]"
+
+    def plan(self, device: torch.device, config: Any, dtype: torch.dtype, tokens: int) -> None:
+        """In auto mode on CUDA, keeps as many layers as the memory left after a fully recomputed step allows."""
+        if self.mode != "auto" or self.planned or device.type != "cuda":
+            return
+        self.planned = True
+        free, _ = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)
+        budget = MEMORY_TARGET * usable - torch.cuda.max_memory_allocated(device)
+        per_layer = activation_bytes_per_token(config, dtype) * tokens
+        self.set_kept(int(budget // per_layer) if budget > 0 else 0)
+        log.info(
+            "activation memory: %s (%.1f GiB per kept layer at %d tokens, %.1f GiB free for them)",
+            self.describe(),
+            per_layer / 2**30,
+            tokens,
+            max(budget, 0) / 2**30,
+        )
+
+    def back_off(self) -> bool:
+        """After an out-of-memory error: recompute half of the kept layers again; False when none are kept."""
+        if self.kept == 0:
+            return False
+        self.set_kept(self.kept // 2)
+        log.warning("out of memory: recomputing more layers, now %s", self.describe())
+        return True
