@@ -234,3 +234,18 @@ def test_cli_export_then_generate(tiny_llama: Path, tmp_path: Path) -> None:
         "export", str(tiny_llama), "--format", "gguf", "--quantization", "q3_k", "--output", str(tmp_path / "x")
     )
     assert bad.status == 2 and "[CONFIG_INVALID_SETTING]" in bad.stderr and "q4_k_m" in bad.stderr
+
+
+def test_adapter_tokenizer_and_template_win(tiny_llama: Path, tmp_path: Path) -> None:
+    """A run that saved its own tokenizer files exports that chat template."""
+    from backpropagate.export import export
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", "tiny-llama")
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        (adapter / name).write_bytes((tiny_llama / name).read_bytes())
+    config = json.loads((tiny_llama / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (adapter / "tokenizer_config.json").write_text(json.dumps(config))
+    result = export(adapter, "gguf", quantization="f32")
+    template = gguf.GGUFReader(result.path).fields["tokenizer.chat_template"].contents()
+    assert template == config["chat_template"]
