@@ -193,19 +193,13 @@ def test_failure_mid_stream_leaves_no_file(tiny_llama: Path, tmp_path: Path) -> 
 
 def test_kill_mid_export_leaves_no_file(tmp_path: Path) -> None:
     """SIGKILL during a real export: the final name never appears; the next run cleans up."""
+    from backpropagate.tiny import ensure_tiny_model
     from export_models import build_model
 
-    from backpropagate.tiny import ensure_tiny_model
-
-    model = build_model(
-        "qwen2", tmp_path / "big", hidden=1024, layers=8, tokenizer_dir=ensure_tiny_model("tiny-qwen2")
-    )
+    model = build_model("qwen2", tmp_path / "big", hidden=1024, layers=8, tokenizer_dir=ensure_tiny_model("tiny-qwen2"))
     out = tmp_path / "out" / "big.gguf"
     out.parent.mkdir()
-    code = (
-        "import sys; from backpropagate import _core; "
-        f"_core.convert_to_gguf({str(model)!r}, {str(out)!r}, 'f16')"
-    )
+    code = f"import sys; from backpropagate import _core; _core.convert_to_gguf({str(model)!r}, {str(out)!r}, 'f16')"
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
     temp: list[Path] = []
@@ -236,5 +230,22 @@ def test_cli_export_then_generate(tiny_llama: Path, tmp_path: Path) -> None:
     assert g.status == 0, g.stderr
     again = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q8_0", "--output", str(out))
     assert again.status == 6 and "[STATE_OUTPUT_EXISTS]" in again.stderr
-    bad = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q3_k", "--output", str(tmp_path / "x"))
+    bad = run_cli(
+        "export", str(tiny_llama), "--format", "gguf", "--quantization", "q3_k", "--output", str(tmp_path / "x")
+    )
     assert bad.status == 2 and "[CONFIG_INVALID_SETTING]" in bad.stderr and "q4_k_m" in bad.stderr
+
+
+def test_adapter_tokenizer_and_template_win(tiny_llama: Path, tmp_path: Path) -> None:
+    """A run that saved its own tokenizer files exports that chat template."""
+    from backpropagate.export import export
+
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", "tiny-llama")
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        (adapter / name).write_bytes((tiny_llama / name).read_bytes())
+    config = json.loads((tiny_llama / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (adapter / "tokenizer_config.json").write_text(json.dumps(config))
+    result = export(adapter, "gguf", quantization="f32")
+    template = gguf.GGUFReader(result.path).fields["tokenizer.chat_template"].contents()
+    assert template == config["chat_template"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from export_models import FAMILIES, build_model
 
 pytest.importorskip("xllamacpp")

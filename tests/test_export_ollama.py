@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import real_tokenizer
 
 TEMPLATES = ["qwen2.5-0.5b-instruct", "llama-3.2-3b-instruct", "phi-3-mini", "smollm2-135m-instruct"]
@@ -184,7 +185,15 @@ def test_export_registers_with_ollama(tiny_qwen2: Path, tmp_path: Path, ollama_s
 
     # A second export of the same file finds the blob already there and skips the upload.
     FakeOllama.calls.clear()
-    export(tiny_qwen2, "gguf", output=tmp_path / "out", quantization="q8_0", ollama=True, ollama_host=ollama_server, force=True)
+    export(
+        tiny_qwen2,
+        "gguf",
+        output=tmp_path / "out",
+        quantization="q8_0",
+        ollama=True,
+        ollama_host=ollama_server,
+        force=True,
+    )
     assert [(m, p.split("/")[2]) for m, p, _ in FakeOllama.calls] == [("HEAD", "blobs"), ("POST", "create")]
 
 
@@ -196,7 +205,14 @@ def test_no_daemon_leaves_modelfile_and_command(tiny_llama: Path, tmp_path: Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     with pytest.raises(DependencyError) as err:
-        export(tiny_llama, "gguf", output=tmp_path / "out", quantization="f16", ollama=True, ollama_host=f"127.0.0.1:{port}")
+        export(
+            tiny_llama,
+            "gguf",
+            output=tmp_path / "out",
+            quantization="f16",
+            ollama=True,
+            ollama_host=f"127.0.0.1:{port}",
+        )
     e = err.value
     assert e.code == "DEP_OLLAMA_REGISTRATION_FAILED" and e.retryable
     modelfile = tmp_path / "out" / "Modelfile"
@@ -214,7 +230,19 @@ def test_cli_prints_the_manual_command(tiny_llama: Path, tmp_path: Path) -> None
 
     os.environ["OLLAMA_HOST"] = f"http://127.0.0.1:{port}"
     try:
-        r = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "f16", "--output", str(tmp_path / "o"), "--ollama", "--ollama-name", "mine")
+        r = run_cli(
+            "export",
+            str(tiny_llama),
+            "--format",
+            "gguf",
+            "--quantization",
+            "f16",
+            "--output",
+            str(tmp_path / "o"),
+            "--ollama",
+            "--ollama-name",
+            "mine",
+        )
     finally:
         del os.environ["OLLAMA_HOST"]
     assert r.status == 4

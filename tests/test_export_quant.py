@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from export_models import build_model
 
 xllamacpp = pytest.importorskip("xllamacpp")

@@ -296,12 +296,14 @@ pub fn convert(
         .clone()
         .unwrap_or_else(|| folder_name(&opts.model_dir));
     let mut kvs = cfg.metadata(&name, opts.out_type.file_type())?;
-    kvs.extend(tokenizer_metadata(
-        &opts.model_dir,
-        cfg.arch,
-        cfg.vocab_size,
-        cfg.raw(),
-    )?);
+    let tok_dir = opts.tokenizer_dir.as_deref().unwrap_or(&opts.model_dir);
+    // llama.cpp needs exactly one token per embedding row (configs can lag behind a resize).
+    let n_vocab = planned
+        .iter()
+        .find(|p| p.info.name == "token_embd.weight")
+        .and_then(|p| p.info.ne.get(1))
+        .map_or(cfg.vocab_size, |&rows| rows as usize);
+    kvs.extend(tokenizer_metadata(tok_dir, cfg.arch, n_vocab, cfg.raw())?);
     let infos: Vec<TensorInfo> = planned.iter().map(|p| p.info.clone()).collect();
     let head = header(&kvs, &infos);
     let total = file_size(head.len(), &infos);

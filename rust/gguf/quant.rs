@@ -8,6 +8,7 @@
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::types::{GgmlType, OutType};
@@ -92,13 +93,18 @@ pub fn encode(
             }
         }
         GgmlType::F16 => {
-            for (d, x) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+            // Slice conversion uses the CPU's F16C instructions where available.
+            let mut half = vec![f16::ZERO; src.len()];
+            half.convert_from_f32_slice(src);
+            for (d, h) in dst.chunks_exact_mut(2).zip(half) {
+                d.copy_from_slice(&h.to_le_bytes());
             }
         }
         GgmlType::BF16 => {
-            for (d, x) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+            let mut half = vec![bf16::ZERO; src.len()];
+            half.convert_from_f32_slice(src);
+            for (d, h) in dst.chunks_exact_mut(2).zip(half) {
+                d.copy_from_slice(&h.to_le_bytes());
             }
         }
         _ => {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,13 +14,17 @@ QUANT_HELP = "GGUF type or llama.cpp mix: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, 
 
 @app.command("export")
 def export_command(
-    path: Path = typer.Argument(..., help="Adapter folder (adapter_config.json) or full model folder."),
+    path: Annotated[Path, typer.Argument(help="Adapter folder (adapter_config.json) or full model folder.")],
     fmt: str = typer.Option("gguf", "--format", "-f", help="lora, merged or gguf."),
     quantization: str | None = typer.Option(None, "--quantization", "-q", help=QUANT_HELP),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (or .gguf file); default <PATH>-<format>."),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (or .gguf file); default <PATH>-<format>.")
+    ] = None,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     ollama: bool = typer.Option(False, "--ollama", help="Write a Modelfile and register the GGUF with Ollama."),
-    ollama_name: str | None = typer.Option(None, "--ollama-name", help="Model name in Ollama (default: the file's stem)."),
+    ollama_name: str | None = typer.Option(
+        None, "--ollama-name", help="Model name in Ollama (default: the file's stem)."
+    ),
     system: str | None = typer.Option(None, "--system", help="System prompt for the Modelfile."),
 ) -> None:
     """Export a trained adapter as a PEFT adapter, merged bf16 weights, or GGUF for llama.cpp / Ollama."""

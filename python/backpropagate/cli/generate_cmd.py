@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,7 +12,7 @@ from backpropagate.cli import app
 
 @app.command("generate")
 def generate_command(
-    model: Path = typer.Argument(..., help="A .gguf file."),
+    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Complete the text as is instead of as a chat message."),

@@ -69,7 +69,9 @@ def _write_card(src: ExportSource, folder: Path, fmt: str, quantization: str | N
 
 def _export_lora(src: ExportSource, out: Path, force: bool) -> list[Path]:
     if src.adapter_dir is None:
-        raise ConfigError("CONFIG_INVALID_SETTING", f"{src.path}: a full model has no adapter; export 'merged' or 'gguf'")
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING", f"{src.path}: a full model has no adapter; export 'merged' or 'gguf'"
+        )
     with atomic_dir(out, force) as tmp:
         for item in src.adapter_dir.iterdir():
             if item.is_file() and item.name != "README.md":

@@ -49,7 +49,10 @@ def atomic_dir(target: Path, force: bool) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             tmp.rename(target)
     finally:

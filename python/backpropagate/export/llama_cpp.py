@@ -25,5 +25,7 @@ def library_path() -> Path:
     native = getattr(module, "xllamacpp", None)
     path = Path(getattr(native, "__file__", "") or "")
     if not path.is_file():
-        raise DependencyError("DEP_LLAMA_CPP_UNAVAILABLE", "xllamacpp is installed but its native library was not found")
+        raise DependencyError(
+            "DEP_LLAMA_CPP_UNAVAILABLE", "xllamacpp is installed but its native library was not found"
+        )
     return path

@@ -61,8 +61,7 @@ class ChatFormat:
         # No whitespace-trimming markers: the literal text around them is exact.
         system = f"{esc(self.system_prefix)}{{{{ .System }}}}{esc(self.system_suffix)}"
         return (
-            (system if self.always_system else f"{{{{ if .System }}}}{system}{{{{ end }}}}")
-            + "{{ range .Messages }}"
+            (system if self.always_system else f"{{{{ if .System }}}}{system}{{{{ end }}}}") + "{{ range .Messages }}"
             f'{{{{ if eq .Role "user" }}}}{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}'
             f'{{{{ else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{esc(self.assistant_suffix)}"
@@ -170,9 +169,12 @@ def _adds_bos(tok: Any) -> bool:
 
 
 def _check(fmt: ChatFormat, render: Any, where: Path) -> None:
-    cases = [
+    cases: list[tuple[list[dict[str, str]], str | None]] = [
         ([{"role": "user", "content": "Hi there"}], None),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], None),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            None,
+        ),
     ]
     if fmt.system_prefix:
         cases.append(([{"role": "user", "content": "Q"}], "Be brief."))

@@ -91,5 +91,6 @@ def open_source(source: str | Path) -> ExportSource:
         base = (run or {}).get("base_model") or path.name
         return ExportSource(path, path, None, str(base), {}, run)
     raise InputError(
-        "INPUT_MODEL_LOAD_FAILED", f"{path}: neither adapter_config.json nor config.json; not an adapter or model folder"
+        "INPUT_MODEL_LOAD_FAILED",
+        f"{path}: neither adapter_config.json nor config.json; not an adapter or model folder",
     )
