@@ -21,6 +21,24 @@ pub enum Error {
     /// A setting is out of range or inconsistent.
     #[error("{0}")]
     Config(String),
+    /// Dataset rows that are not JSON objects (malformed JSON, invalid UTF-8, not an object).
+    #[error("{0}")]
+    DatasetParse(String),
+    /// Dataset rows of no known shape, or with fields of the wrong type.
+    #[error("{0}")]
+    DatasetValidation(String),
+    /// Nothing usable is left in a dataset.
+    #[error("{0}")]
+    DatasetEmpty(String),
+    /// A chat template failed to compile or to render a row.
+    #[error("{0}")]
+    TemplateRender(String),
+    /// A tokenizer (or its config) could not be loaded.
+    #[error("{0}")]
+    TokenizerLoad(String),
+    /// A dataset cache entry is unreadable or inconsistent.
+    #[error("{0}")]
+    CacheCorrupt(String),
 }
 
 impl Error {
@@ -32,6 +50,12 @@ impl Error {
             }
             Error::Io { .. } => "RUNTIME_IO_FAILED",
             Error::Config(_) => "CONFIG_INVALID_SETTING",
+            Error::DatasetParse(_) => "INPUT_DATASET_PARSE_FAILED",
+            Error::DatasetValidation(_) => "INPUT_DATASET_VALIDATION_FAILED",
+            Error::DatasetEmpty(_) => "INPUT_DATASET_EMPTY",
+            Error::TemplateRender(_) => "INPUT_TEMPLATE_RENDER_FAILED",
+            Error::TokenizerLoad(_) => "INPUT_TOKENIZER_LOAD_FAILED",
+            Error::CacheCorrupt(_) => "STATE_CACHE_CORRUPT",
         }
     }
 

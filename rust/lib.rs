@@ -4,6 +4,7 @@
 //! The core is plain Rust with no Python types; `py` is the one thin binding layer,
 //! compiled only with the `python` feature (maturin turns it on).
 
+pub mod data;
 pub mod error;
 
 #[cfg(feature = "python")]

@@ -1,3 +1,15 @@
 """Type stubs of the Rust extension (kept in sync by mypy.stubtest)."""
 
+from typing import Any
+
 __version__: str
+
+def prepare_dataset(
+    source: str,
+    model_dir: str,
+    settings_json: str,
+    cache_root: str | None = None,
+    data: bytes | None = None,
+    strict: bool = True,
+) -> dict[str, Any]: ...
+def verify_dataset_cache(entry: str) -> str: ...

@@ -5,11 +5,12 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod data;
+
 /// Converts a core error into the matching `backpropagate.errors` exception.
 ///
 /// The Python side owns the hierarchy (`errors.from_code`), so codes, hints and
 /// exit statuses live in one catalog.
-#[allow(dead_code)] // first used by the data bindings
 pub(crate) fn to_py_err(err: Error) -> PyErr {
     Python::attach(|py| {
         let built = py
@@ -26,5 +27,6 @@ pub(crate) fn to_py_err(err: Error) -> PyErr {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
+    data::register(m)?;
     Ok(())
 }

@@ -1,0 +1,103 @@
+"""`prepare`: a dataset file and a model's tokenizer in, a `PreparedDataset` out.
+
+The Rust engine does everything (read, detect, template, tokenize, mask, filter, pack,
+cache); this module resolves the model, reads Parquet through pyarrow, and wraps the
+arrays. A cache hit memory-maps the cached `.npy` files, so it costs no copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backpropagate import _core
+from backpropagate.data.config import DataConfig
+from backpropagate.data.dataset import PreparedDataset
+from backpropagate.errors import DependencyError, InputError
+from backpropagate.log import get_logger
+from backpropagate.model_source import resolve_model
+from backpropagate.tiny import cache_root
+
+ARRAYS = ("input_ids", "labels", "sample_offsets", "pack_offsets", "pack_samples", "pair_id", "chosen", "kto_label")
+
+log = get_logger(__name__)
+
+
+def dataset_cache_dir() -> Path:
+    """Folder of the prepared-dataset cache."""
+    return cache_root() / "datasets"
+
+
+def prepare(data: str | Path, model: str | Path, config: DataConfig | None = None) -> PreparedDataset:
+    """Reads, templates, tokenizes, masks and packs `data` for `model`.
+
+    Args:
+        data: A JSONL file (one object per line), a JSON array file, or a Parquet file.
+        model: A built-in tiny name, a local model folder, or a Hugging Face id; its
+            tokenizer.json and tokenizer_config.json (chat template, special tokens) are used.
+        config: Preparation settings; defaults to `DataConfig()`.
+
+    Raises:
+        InputError: a missing file, bad rows (listed with file:line unless skip_invalid),
+            mixed SFT and preference rows, no usable rows, a template or tokenizer failure.
+    """
+    config = config or DataConfig()
+    out = run_engine(data, model, config, strict=True)
+    return _to_dataset(out)
+
+
+def run_engine(data: str | Path, model: str | Path, config: DataConfig, *, strict: bool) -> dict[str, Any]:
+    """Calls the Rust engine on `data`; `strict=False` reports problems without refusing (no cache)."""
+    path = Path(data)
+    if not path.is_file():
+        raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such dataset file")
+    model_dir = resolve_model(model)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError("INPUT_TOKENIZER_LOAD_FAILED", f"{model_dir}: no tokenizer.json in this model folder")
+    raw = parquet_as_jsonl(path) if path.suffix.lower() == ".parquet" else None
+    cache = str(dataset_cache_dir()) if config.cache and strict else None
+    out: dict[str, Any] = _core.prepare_dataset(str(path), str(model_dir), config.engine_settings(), cache, raw, strict)
+    if out.get("cache_error"):
+        log.warning("dataset cache not written: %s", out["cache_error"])
+    if out["cache"] == "rebuilt":
+        log.warning("dataset cache entry was corrupt and has been rebuilt")
+    return out
+
+
+def parquet_as_jsonl(path: Path) -> bytes:
+    """A Parquet file's rows as JSONL bytes (line n = row n), for the engine."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DependencyError("DEP_MISSING_PACKAGE", "reading Parquet needs pyarrow: pip install pyarrow") from exc
+    rows = pq.read_table(path).to_pylist()
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode()
+
+
+def _to_dataset(out: dict[str, Any]) -> PreparedDataset:
+    if out["cache"] == "hit":
+        folder = Path(out["cache_dir"])
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    else:
+        arrays = {name: out[name] for name in ARRAYS}
+    stats = json.loads(out["stats_json"])
+    stats["cache"] = out["cache"]
+    stats["cache_dir"] = out.get("cache_dir")
+    log.info(
+        "dataset ready: %d rows read, %d used, %d samples, %d tokens in %d packed rows (cache %s)",
+        stats["rows_read"],
+        stats["rows_used"],
+        stats["samples"],
+        stats["tokens"],
+        stats["rows"],
+        out["cache"],
+    )
+    return PreparedDataset(
+        kind=out["kind"],
+        max_seq_length=int(out["max_seq_length"]),
+        stats=stats,
+        **arrays,
+    )

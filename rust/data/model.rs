@@ -1,0 +1,147 @@
+//! A model's tokenizer files: tokenizer, chat template and special tokens, plus a
+//! fingerprint of the files for the dataset cache key.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::template::{ChatTemplate, CHATML_TEMPLATE};
+use super::tokenize::TextTokenizer;
+use crate::{Error, Result};
+
+/// Files read from a model folder, in fingerprint order.
+const FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
+
+/// Special-token fields transformers hands to chat templates.
+const SPECIAL_FIELDS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// Everything preparation needs from a model folder.
+pub struct ModelAssets {
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// The chat template (the model's own, or ChatML when it has none).
+    pub template: ChatTemplate,
+    /// Whether the ChatML default stands in for a missing template.
+    pub default_template: bool,
+    /// Hash of the tokenizer files (part of the dataset cache key).
+    pub fingerprint: u128,
+}
+
+impl ModelAssets {
+    /// Reads the tokenizer files of the model folder `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            match std::fs::read(dir.join(name)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io(dir.join(name), e)),
+            }
+        };
+        let files: Vec<Option<Vec<u8>>> = FILES.iter().map(|f| read(f)).collect::<Result<_>>()?;
+        let mut hasher = Xxh3::new();
+        for (name, bytes) in FILES.iter().zip(&files) {
+            hasher.update(name.as_bytes());
+            match bytes {
+                Some(b) => {
+                    hasher.update(&(b.len() as u64).to_le_bytes());
+                    hasher.update(b);
+                }
+                None => hasher.update(b"-"),
+            }
+        }
+        let origin = dir.display().to_string();
+        let Some(tokenizer_json) = &files[0] else {
+            return Err(Error::TokenizerLoad(format!(
+                "{origin}: no tokenizer.json in this folder"
+            )));
+        };
+        let config = parse_json(files[1].as_deref(), dir, "tokenizer_config.json")?;
+        let special_map = parse_json(files[3].as_deref(), dir, "special_tokens_map.json")?;
+        let globals = special_tokens(&config, &special_map);
+        let eos = globals
+            .iter()
+            .find(|(k, _)| k == "eos_token")
+            .map(|(_, v)| v.as_str());
+        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, eos, &origin)?;
+        let own = match &files[2] {
+            Some(b) => Some(String::from_utf8(b.clone()).map_err(|_| {
+                Error::TemplateRender(format!("{origin}/chat_template.jinja is not UTF-8"))
+            })?),
+            None => template_of(&config),
+        };
+        let default_template = own.is_none();
+        let source = own.unwrap_or_else(|| CHATML_TEMPLATE.to_string());
+        let template = ChatTemplate::new(&source, &globals)
+            .map_err(|e| Error::TemplateRender(format!("{origin}: {e}")))?;
+        Ok(ModelAssets {
+            tokenizer,
+            template,
+            default_template,
+            fingerprint: hasher.digest128(),
+        })
+    }
+}
+
+fn parse_json(bytes: Option<&[u8]>, dir: &Path, name: &str) -> Result<Json> {
+    match bytes {
+        None => Ok(Json::Null),
+        Some(b) => serde_json::from_slice(b)
+            .map_err(|e| Error::TokenizerLoad(format!("{}: {e}", dir.join(name).display()))),
+    }
+}
+
+/// A special token's text: a plain string or an AddedToken object's `content`.
+fn token_text(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The special-token strings templates may use; tokenizer_config first, then special_tokens_map.
+fn special_tokens(config: &Json, special_map: &Json) -> Vec<(String, String)> {
+    SPECIAL_FIELDS
+        .iter()
+        .filter_map(|field| {
+            config
+                .get(field)
+                .and_then(token_text)
+                .or_else(|| special_map.get(field).and_then(token_text))
+                .map(|t| (field.to_string(), t))
+        })
+        .collect()
+}
+
+/// The default chat template of a tokenizer_config: a string, or a list of named ones.
+fn template_of(config: &Json) -> Option<String> {
+    match config.get("chat_template")? {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(list) => {
+            let named = |name: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(Json::as_str) == Some(name))
+            };
+            named("default")
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Json::as_str)
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}

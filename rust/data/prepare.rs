@@ -1,0 +1,530 @@
+//! The preparation pipeline: records -> detect -> template -> tokenize -> mask ->
+//! filter -> truncate -> pack, in parallel over rows, streamed in chunks so memory stays
+//! near the size of the output arrays.
+
+use rayon::prelude::*;
+
+use super::config::{Overlong, Settings, TrainOn};
+use super::detect::{detect, Detected, Format, Kind, Spec};
+use super::filter::trace_spans;
+use super::mask::{labels_from_spans, render_with_spans};
+use super::model::ModelAssets;
+use super::pack::{one_per_row, pack_bfd};
+use super::read::{parse_object, split_records, Record};
+use super::stats::{Stats, TraceStats};
+use super::IGNORE_INDEX;
+use crate::{Error, Result};
+
+/// Rows handled per parallel step.
+const CHUNK: usize = 4096;
+
+/// A prepared dataset: flat arrays in the layout of `PreparedDataset` (Python).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Training kind.
+    pub kind: Kind,
+    /// All samples' tokens back to back.
+    pub input_ids: Vec<i32>,
+    /// Target ids or IGNORE_INDEX, aligned with `input_ids`.
+    pub labels: Vec<i32>,
+    /// Sample s is tokens `sample_offsets[s]..sample_offsets[s + 1]`.
+    pub sample_offsets: Vec<i64>,
+    /// Packed row r holds `pack_samples[pack_offsets[r]..pack_offsets[r + 1]]`.
+    pub pack_offsets: Vec<i64>,
+    /// Sample indices in row order.
+    pub pack_samples: Vec<i32>,
+    /// Preference pair of each sample, -1 otherwise.
+    pub pair_id: Vec<i32>,
+    /// True for the chosen side of a pair.
+    pub chosen: Vec<bool>,
+    /// KTO label (1 desirable, 0 undesirable), -1 otherwise.
+    pub kto_label: Vec<i8>,
+    /// Row capacity used for packing.
+    pub max_seq_length: usize,
+    /// What was read, used and dropped.
+    pub stats: Stats,
+    /// Kind of the first bad row (it decides the error code of a refusal).
+    pub first_bad: Option<BadKind>,
+}
+
+/// Why a row gave no samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// Not a JSON object.
+    Parse,
+    /// No known shape, or fields of the wrong type.
+    Validation,
+    /// The chat template failed on it.
+    Template,
+}
+
+/// One sample's tokens and labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Target ids or IGNORE_INDEX.
+    pub labels: Vec<i32>,
+}
+
+impl Sample {
+    fn has_labels(&self) -> bool {
+        self.labels.iter().any(|&l| l != IGNORE_INDEX)
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.ids.truncate(n);
+        self.labels.truncate(n);
+    }
+}
+
+enum Outcome {
+    Used {
+        format: Format,
+        samples: Vec<Sample>,
+        kto_label: Option<bool>,
+        truncated: usize,
+        traces: Vec<(usize, usize)>,
+    },
+    Dropped {
+        format: Format,
+        reason: &'static str,
+    },
+    Bad(BadKind, String),
+}
+
+/// Prepares `data` (the bytes of file `name`), refusing bad rows unless `skip_invalid`.
+pub fn prepare(
+    name: &str,
+    data: &[u8],
+    model: &ModelAssets,
+    settings: &Settings,
+) -> Result<Prepared> {
+    let prepared = build(name, data, model, settings)?;
+    refuse_if_unusable(name, &prepared, settings)?;
+    Ok(prepared)
+}
+
+/// Prepares `data` and reports every problem in the stats without refusing.
+pub fn build(
+    name: &str,
+    data: &[u8],
+    model: &ModelAssets,
+    settings: &Settings,
+) -> Result<Prepared> {
+    settings.check()?;
+    let records = split_records(data)
+        .map_err(|(line, msg)| Error::DatasetParse(format!("{name}:{line}: {msg}")))?;
+    let mut acc = Accumulator::new(name, settings, model.default_template);
+    for chunk in records.chunks(CHUNK) {
+        let detected: Vec<std::result::Result<Detected, (BadKind, String)>> =
+            chunk.par_iter().map(detect_record).collect();
+        acc.check_kinds(chunk, &detected)?;
+        let outcomes: Vec<Outcome> = detected
+            .into_par_iter()
+            .map(|d| match d {
+                Ok(det) => process(
+                    det,
+                    model,
+                    settings,
+                    acc.kind.map(|k| k.0).unwrap_or(Kind::Sft),
+                ),
+                Err((kind, msg)) => Outcome::Bad(kind, msg),
+            })
+            .collect();
+        for (rec, outcome) in chunk.iter().zip(outcomes) {
+            acc.add(rec, outcome);
+        }
+    }
+    Ok(acc.finish())
+}
+
+/// Errors for bad rows (unless skipped) and for a dataset with nothing left.
+pub fn refuse_if_unusable(name: &str, prepared: &Prepared, settings: &Settings) -> Result<()> {
+    let stats = &prepared.stats;
+    if stats.errors_total > 0 && !settings.skip_invalid {
+        let mut msg = format!(
+            "{name}: {} bad row{} of {} read; fix {} or pass skip_invalid=True (--skip-invalid) to skip and count them:",
+            stats.errors_total,
+            if stats.errors_total == 1 { "" } else { "s" },
+            stats.rows_read,
+            if stats.errors_total == 1 { "it" } else { "them" },
+        );
+        for e in &stats.errors {
+            msg.push_str("\n  ");
+            msg.push_str(e);
+        }
+        if stats.errors_total > stats.errors.len() {
+            msg.push_str(&format!(
+                "\n  ... and {} more",
+                stats.errors_total - stats.errors.len()
+            ));
+        }
+        return Err(match prepared.first_bad {
+            Some(BadKind::Parse) => Error::DatasetParse(msg),
+            Some(BadKind::Template) => Error::TemplateRender(msg),
+            _ => Error::DatasetValidation(msg),
+        });
+    }
+    if stats.rows_used == 0 {
+        let why = if stats.rows_read == 0 {
+            "the file has no rows".to_string()
+        } else {
+            let dropped: Vec<String> = stats
+                .dropped
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            format!(
+                "none of its {} rows is usable (dropped: {})",
+                stats.rows_read,
+                dropped.join(", ")
+            )
+        };
+        return Err(Error::DatasetEmpty(format!("{name}: {why}")));
+    }
+    Ok(())
+}
+
+fn detect_record(rec: &Record<'_>) -> std::result::Result<Detected, (BadKind, String)> {
+    let row = parse_object(rec).map_err(|m| (BadKind::Parse, m))?;
+    detect(&row).map_err(|m| (BadKind::Validation, m))
+}
+
+enum RowFail {
+    Drop(&'static str),
+    Template(String),
+}
+
+fn process(det: Detected, model: &ModelAssets, settings: &Settings, kind: Kind) -> Outcome {
+    let format = det.format;
+    match build_samples(&det, model, settings, kind) {
+        Ok((samples, truncated, traces)) => Outcome::Used {
+            format,
+            samples,
+            kto_label: det.kto_label,
+            truncated,
+            traces,
+        },
+        Err(RowFail::Drop(reason)) => Outcome::Dropped { format, reason },
+        Err(RowFail::Template(msg)) => Outcome::Bad(BadKind::Template, msg),
+    }
+}
+
+type Built = (Vec<Sample>, usize, Vec<(usize, usize)>);
+
+fn build_samples(
+    det: &Detected,
+    model: &ModelAssets,
+    settings: &Settings,
+    kind: Kind,
+) -> std::result::Result<Built, RowFail> {
+    let traces = if settings.reasoning_trace {
+        det.specs
+            .iter()
+            .map(|spec| check_trace(spec, model, settings))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let all = settings.train_on == TrainOn::All && kind == Kind::Sft;
+    let mut samples = det
+        .specs
+        .iter()
+        .map(|spec| sample_of(spec, model, all))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if samples.iter().any(|s| !s.has_labels()) {
+        return Err(RowFail::Drop("no_labels"));
+    }
+    let truncated = fit(&mut samples, settings)?;
+    Ok((samples, truncated, traces))
+}
+
+fn sample_of(spec: &Spec, model: &ModelAssets, all: bool) -> std::result::Result<Sample, RowFail> {
+    match spec {
+        Spec::Chat {
+            messages,
+            label_from,
+        } => {
+            let rendered = render_with_spans(&model.template, messages, *label_from, all)
+                .map_err(RowFail::Template)?;
+            let enc = model
+                .tokenizer
+                .encode(&rendered.text)
+                .map_err(RowFail::Template)?;
+            let labels = labels_from_spans(&enc.ids, &enc.offsets, &rendered.spans);
+            Ok(Sample {
+                ids: enc.ids,
+                labels,
+            })
+        }
+        Spec::Raw { text } => {
+            let ids = model
+                .tokenizer
+                .encode_document(text)
+                .map_err(RowFail::Template)?;
+            let labels = ids.iter().map(|&i| i as i32).collect();
+            Ok(Sample { ids, labels })
+        }
+    }
+}
+
+/// Truncates or drops samples over the row budget; a pair shares one row.
+fn fit(samples: &mut [Sample], settings: &Settings) -> std::result::Result<usize, RowFail> {
+    let cap = settings.max_seq_length;
+    let total: usize = samples.iter().map(|s| s.ids.len()).sum();
+    if total <= cap {
+        return Ok(0);
+    }
+    if settings.overlong == Overlong::Drop {
+        return Err(RowFail::Drop("overlong"));
+    }
+    let limits: Vec<usize> = match samples {
+        [one] => vec![one.ids.len().min(cap)],
+        [a, b] => {
+            let (la, lb) = (a.ids.len(), b.ids.len());
+            let a_cut = la.min(cap - lb.min(cap / 2));
+            vec![a_cut, lb.min(cap - a_cut)]
+        }
+        _ => unreachable!("a row gives one sample or a pair"),
+    };
+    let mut truncated = 0;
+    for (s, &limit) in samples.iter_mut().zip(&limits) {
+        if s.ids.len() > limit {
+            s.truncate(limit);
+            truncated += 1;
+        }
+    }
+    if samples.iter().any(|s| !s.has_labels()) {
+        return Err(RowFail::Drop("overlong"));
+    }
+    Ok(truncated)
+}
+
+/// The completion's text (assistant messages from the completion on, or raw text).
+fn completion_texts(spec: &Spec) -> Vec<&str> {
+    match spec {
+        Spec::Chat {
+            messages,
+            label_from,
+        } => messages[*label_from..]
+            .iter()
+            .filter(|m| m.is_assistant())
+            .map(|m| m.content.as_str())
+            .collect(),
+        Spec::Raw { text } => vec![text.as_str()],
+    }
+}
+
+/// Trace spans and tokens of one sample, or why it is dropped.
+fn check_trace(
+    spec: &Spec,
+    model: &ModelAssets,
+    settings: &Settings,
+) -> std::result::Result<(usize, usize), RowFail> {
+    let mut spans = 0;
+    let mut tokens = 0;
+    let mut problem = None;
+    for text in completion_texts(spec) {
+        match trace_spans(text) {
+            Ok(found) => {
+                for r in &found {
+                    tokens += model
+                        .tokenizer
+                        .count(&text[r.clone()])
+                        .map_err(RowFail::Template)?;
+                }
+                spans += found.len();
+            }
+            Err(p) => problem = problem.or(Some(p)),
+        }
+    }
+    // A conversation passes when its assistant turns hold at least one good trace between them.
+    if spans == 0 || problem == Some(super::filter::TraceProblem::Unbalanced) {
+        return Err(RowFail::Drop(
+            problem
+                .unwrap_or(super::filter::TraceProblem::Empty)
+                .reason(),
+        ));
+    }
+    if tokens < settings.trace_min_tokens {
+        return Err(RowFail::Drop("trace_too_short"));
+    }
+    if tokens > settings.trace_max_tokens {
+        return Err(RowFail::Drop("trace_too_long"));
+    }
+    Ok((spans, tokens))
+}
+
+/// Collects outcomes in file order into the flat arrays and the stats.
+struct Accumulator<'a> {
+    name: &'a str,
+    settings: &'a Settings,
+    kind: Option<(Kind, usize)>,
+    out: Prepared,
+    groups: Vec<(usize, usize)>,
+    pairs: usize,
+    trace: TraceStats,
+}
+
+impl<'a> Accumulator<'a> {
+    fn new(name: &'a str, settings: &'a Settings, default_template: bool) -> Self {
+        let stats = Stats {
+            default_template,
+            ..Stats::default()
+        };
+        Accumulator {
+            name,
+            settings,
+            kind: None,
+            out: Prepared {
+                kind: Kind::Sft,
+                input_ids: Vec::new(),
+                labels: Vec::new(),
+                sample_offsets: vec![0],
+                pack_offsets: Vec::new(),
+                pack_samples: Vec::new(),
+                pair_id: Vec::new(),
+                chosen: Vec::new(),
+                kto_label: Vec::new(),
+                max_seq_length: settings.max_seq_length,
+                stats,
+                first_bad: None,
+            },
+            groups: Vec::new(),
+            pairs: 0,
+            trace: TraceStats::default(),
+        }
+    }
+
+    /// One file holds one kind; mixing SFT, preference and KTO rows is refused.
+    fn check_kinds(
+        &mut self,
+        chunk: &[Record<'_>],
+        detected: &[std::result::Result<Detected, (BadKind, String)>],
+    ) -> Result<()> {
+        for (rec, d) in chunk.iter().zip(detected) {
+            let Ok(det) = d else { continue };
+            let kind = det.format.kind();
+            match self.kind {
+                None => self.kind = Some((kind, rec.line)),
+                Some((k, line)) if k != kind => {
+                    return Err(Error::DatasetValidation(format!(
+                        "{name}:{at}: this {new} row does not fit a file of {old} rows (first at line {line}); \
+                         one file holds one kind: SFT (messages, conversations, instruction/output, text), \
+                         preference (prompt/chosen/rejected) or KTO (prompt/completion/label)",
+                        name = self.name,
+                        at = rec.line,
+                        new = kind_label(kind),
+                        old = kind_label(k),
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, rec: &Record<'_>, outcome: Outcome) {
+        let stats = &mut self.out.stats;
+        stats.rows_read += 1;
+        match outcome {
+            Outcome::Bad(kind, msg) => {
+                stats.errors_total += 1;
+                stats.drop_row(match kind {
+                    BadKind::Template => "template_failed",
+                    _ => "invalid",
+                });
+                self.out.first_bad.get_or_insert(kind);
+                if stats.errors.len() < self.settings.max_errors {
+                    stats
+                        .errors
+                        .push(format!("{}:{}: {msg}", self.name, rec.line));
+                }
+            }
+            Outcome::Dropped { format, reason } => {
+                *stats.formats.entry(format.name().into()).or_default() += 1;
+                stats.drop_row(reason);
+            }
+            Outcome::Used {
+                format,
+                samples,
+                kto_label,
+                truncated,
+                traces,
+            } => {
+                *stats.formats.entry(format.name().into()).or_default() += 1;
+                stats.rows_used += 1;
+                stats.truncated += truncated;
+                for (spans, tokens) in traces {
+                    self.trace.add(spans, tokens);
+                }
+                let pair = samples.len() == 2;
+                let first = self.out.sample_offsets.len() - 1;
+                self.groups.push((first, samples.len()));
+                let pair_index = self.pairs as i32;
+                self.pairs += usize::from(pair);
+                for (k, s) in samples.into_iter().enumerate() {
+                    self.out.input_ids.extend(s.ids.iter().map(|&i| i as i32));
+                    self.out.labels.extend_from_slice(&s.labels);
+                    self.out
+                        .sample_offsets
+                        .push(self.out.input_ids.len() as i64);
+                    self.out.pair_id.push(if pair { pair_index } else { -1 });
+                    self.out.chosen.push(pair && k == 0);
+                    self.out.kto_label.push(match kto_label {
+                        Some(true) => 1,
+                        Some(false) => 0,
+                        None => -1,
+                    });
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Prepared {
+        let out = &mut self.out;
+        out.kind = self.kind.map(|k| k.0).unwrap_or(Kind::Sft);
+        out.stats.kind = out.kind.name().to_string();
+        let offsets = &out.sample_offsets;
+        let group_len =
+            |&(first, n): &(usize, usize)| (offsets[first + n] - offsets[first]) as usize;
+        let lengths: Vec<usize> = self.groups.iter().map(group_len).collect();
+        let packing = if self.settings.pack {
+            pack_bfd(&lengths, self.settings.max_seq_length)
+        } else {
+            one_per_row(lengths.len())
+        };
+        out.pack_offsets = vec![0];
+        for r in 0..packing.rows() {
+            for &g in &packing.items[packing.offsets[r]..packing.offsets[r + 1]] {
+                let (first, n) = self.groups[g];
+                out.pack_samples
+                    .extend((first..first + n).map(|s| s as i32));
+            }
+            out.pack_offsets.push(out.pack_samples.len() as i64);
+        }
+        let stats = &mut out.stats;
+        stats.samples = out.sample_offsets.len() - 1;
+        stats.tokens = out.input_ids.len();
+        stats.label_tokens = out.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        stats.rows = packing.rows();
+        stats.fill = if stats.rows == 0 {
+            0.0
+        } else {
+            stats.tokens as f64 / (stats.rows * self.settings.max_seq_length) as f64
+        };
+        if self.settings.reasoning_trace {
+            stats.trace = Some(self.trace);
+        }
+        self.out
+    }
+}
+
+fn kind_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Sft => "SFT",
+        Kind::Preference => "preference",
+        Kind::Kto => "KTO",
+    }
+}

@@ -1,0 +1,353 @@
+//! Chat templates: the model's own Hugging Face Jinja template, rendered with minijinja
+//! the way `transformers` renders it (trim_blocks, lstrip_blocks, loop controls,
+//! `raise_exception`, Python string methods, Python-style `tojson`).
+
+use minijinja::value::{Kwargs, ValueKind};
+use minijinja::{Environment, ErrorKind, Value};
+use serde_json::Value as Json;
+
+use super::detect::Message;
+use crate::{Error, Result};
+
+/// Used for a model whose tokenizer has no chat template.
+pub const CHATML_TEMPLATE: &str = "{%- for message in messages %}\
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
+{%- endfor %}\
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+const NAME: &str = "chat";
+
+/// A compiled chat template with the tokenizer's special tokens as globals.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `globals` are the special-token strings (bos_token, eos_token, ...).
+    pub fn new(source: &str, globals: &[(String, String)]) -> Result<Self> {
+        let mut env = Environment::new();
+        let mut syntax = minijinja::syntax::SyntaxConfig::builder();
+        syntax.trim_blocks(true).lstrip_blocks(true);
+        env.set_syntax(
+            syntax
+                .build()
+                .map_err(|e| Error::TemplateRender(format!("chat template syntax: {e}")))?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
+        for (k, v) in globals {
+            env.add_global(k.clone(), Value::from(v.clone()));
+        }
+        env.add_template_owned(NAME, strip_generation_tags(source))
+            .map_err(|e| {
+                Error::TemplateRender(format!("the chat template does not compile: {e:#}"))
+            })?;
+        Ok(ChatTemplate { env })
+    }
+
+    /// Renders `messages` (already converted with `message_value`).
+    pub fn render(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, String> {
+        let tpl = self.env.get_template(NAME).map_err(|e| e.to_string())?;
+        tpl.render(minijinja::context! {
+            messages => Value::from(messages.to_vec()),
+            add_generation_prompt => add_generation_prompt,
+        })
+        .map_err(|e| render_error_text(&e))
+    }
+}
+
+fn render_error_text(e: &minijinja::Error) -> String {
+    match e.kind() {
+        ErrorKind::InvalidOperation if e.detail().is_some() => {
+            e.detail().unwrap_or_default().to_string()
+        }
+        _ => format!("{e}"),
+    }
+}
+
+/// The `{% generation %}` block tag exists only in transformers; masks here come from the
+/// rendering itself, so the tags are dropped and their body kept.
+fn strip_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}") else {
+            break;
+        };
+        let inner = rest[open + 2..open + close]
+            .trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..open]);
+        if inner != "generation" && inner != "endgeneration" {
+            out.push_str(&rest[open..open + close + 2]);
+        }
+        rest = &rest[open + close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `tojson` as transformers defines it: Python's `json.dumps` (ensure_ascii False by
+/// default, `", "` / `": "` separators, optional indent and sort_keys).
+fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item_sep, key_sep) = match separators {
+        Some(s) => {
+            let a = s.get_item(&Value::from(0))?;
+            let b = s.get_item(&Value::from(1))?;
+            (
+                a.as_str().unwrap_or(", ").to_string(),
+                b.as_str().unwrap_or(": ").to_string(),
+            )
+        }
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let mut w = JsonWriter {
+        out: String::new(),
+        indent,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        item_sep,
+        key_sep,
+    };
+    w.value(value, 0)?;
+    Ok(Value::from(w.out))
+}
+
+struct JsonWriter {
+    out: String,
+    indent: Option<usize>,
+    sort_keys: bool,
+    ensure_ascii: bool,
+    item_sep: String,
+    key_sep: String,
+}
+
+impl JsonWriter {
+    fn value(&mut self, v: &Value, depth: usize) -> std::result::Result<(), minijinja::Error> {
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
+            ValueKind::Bool => self
+                .out
+                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => self.number(v),
+            ValueKind::String => self.string(v.as_str().unwrap_or_default()),
+            ValueKind::Map => {
+                let mut keys: Vec<Value> = v.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort();
+                }
+                self.open_close('{', '}', depth, keys.len(), |w, i, d| {
+                    let key = &keys[i];
+                    match key.as_str() {
+                        Some(s) => w.string(s),
+                        None => w.string(&key.to_string()),
+                    }
+                    w.out.push_str(&w.key_sep.clone());
+                    w.value(&v.get_item(key)?, d)
+                })?;
+            }
+            _ => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                self.open_close('[', ']', depth, items.len(), |w, i, d| {
+                    w.value(&items[i], d)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_close<F>(
+        &mut self,
+        open: char,
+        close: char,
+        depth: usize,
+        n: usize,
+        mut item: F,
+    ) -> std::result::Result<(), minijinja::Error>
+    where
+        F: FnMut(&mut Self, usize, usize) -> std::result::Result<(), minijinja::Error>,
+    {
+        self.out.push(open);
+        if n == 0 {
+            self.out.push(close);
+            return Ok(());
+        }
+        for i in 0..n {
+            if i > 0 {
+                let sep = self.item_sep.clone();
+                self.out.push_str(if self.indent.is_some() {
+                    sep.trim_end()
+                } else {
+                    &sep
+                });
+            }
+            self.newline(depth + 1);
+            item(self, i, depth + 1)?;
+        }
+        self.newline(depth);
+        self.out.push(close);
+        Ok(())
+    }
+
+    fn newline(&mut self, depth: usize) {
+        if let Some(n) = self.indent {
+            self.out.push('\n');
+            self.out.extend(std::iter::repeat_n(' ', n * depth));
+        }
+    }
+
+    fn number(&mut self, v: &Value) {
+        if let Some(i) = v.as_i64() {
+            self.out.push_str(&i.to_string());
+            return;
+        }
+        let f = f64::try_from(v.clone()).unwrap_or(f64::NAN);
+        if f.is_nan() {
+            self.out.push_str("NaN");
+        } else if f.is_infinite() {
+            self.out
+                .push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+        } else {
+            let s = format!("{f:?}");
+            self.out.push_str(&s);
+        }
+    }
+
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => self.out.push_str("\\\""),
+                '\\' => self.out.push_str("\\\\"),
+                '\n' => self.out.push_str("\\n"),
+                '\r' => self.out.push_str("\\r"),
+                '\t' => self.out.push_str("\\t"),
+                '\u{8}' => self.out.push_str("\\b"),
+                '\u{c}' => self.out.push_str("\\f"),
+                c if (c as u32) < 0x20 => self.out.push_str(&format!("\\u{:04x}", c as u32)),
+                c if self.ensure_ascii && !c.is_ascii() => {
+                    let mut buf = [0u16; 2];
+                    for unit in c.encode_utf16(&mut buf) {
+                        self.out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => self.out.push(c),
+            }
+        }
+        self.out.push('"');
+    }
+}
+
+/// A JSON value as a template value (objects keep their key order).
+pub fn json_to_value(v: &Json) -> Value {
+    match v {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(a) => a.iter().map(json_to_value).collect(),
+        Json::Object(o) => Value::from_pairs(
+            o.iter()
+                .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))),
+        ),
+    }
+}
+
+/// A message as the template sees it: role, content, then any other fields.
+pub fn message_value(m: &Message) -> Value {
+    let base = [
+        (Value::from("role"), Value::from(m.role.as_str())),
+        (Value::from("content"), Value::from(m.content.as_str())),
+    ];
+    let extra = m
+        .extra
+        .iter()
+        .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v)));
+    Value::from_pairs(base.into_iter().chain(extra))
+}
+
+/// The same message with another content (used to locate content in renderings).
+pub fn message_value_with_content(m: &Message, content: &str) -> Value {
+    let mut copy = m.clone();
+    copy.content = content.to_string();
+    message_value(&copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(pairs: &[(&str, &str)]) -> Vec<Value> {
+        pairs
+            .iter()
+            .map(|(r, c)| {
+                message_value(&Message {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                    extra: Default::default(),
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chatml_default_renders() {
+        let t = ChatTemplate::new(CHATML_TEMPLATE, &[]).unwrap();
+        let out = t.render(&msgs(&[("user", "hi")]), true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_raise_and_tojson() {
+        let src = "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}\
+                   {{ raise_exception('bad role ' + m.role) }}{% endif %}\
+                   {{ m.content.strip().upper() }}|{{ {'b': 1, 'a': [m.role, none, 1.5]} | tojson }}{% endfor %}";
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        assert_eq!(
+            t.render(&msgs(&[("user", " hé ")]), false).unwrap(),
+            "HÉ|{\"b\": 1, \"a\": [\"user\", null, 1.5]}"
+        );
+        assert_eq!(
+            t.render(&msgs(&[("tool", "x")]), false).unwrap_err(),
+            "bad role tool"
+        );
+    }
+
+    #[test]
+    fn generation_tags_are_dropped() {
+        let src = "{% for m in messages %}{% generation %}{{ m.content }}{%- endgeneration %}{% endfor %}";
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        assert_eq!(t.render(&msgs(&[("assistant", "x")]), false).unwrap(), "x");
+    }
+
+    #[test]
+    fn globals_and_trim_blocks() {
+        let src = "{{ bos_token }}\n{% for m in messages %}\n  {{ m.content }}\n{% endfor %}";
+        let t = ChatTemplate::new(src, &[("bos_token".into(), "<s>".into())]).unwrap();
+        assert_eq!(
+            t.render(&msgs(&[("user", "a")]), false).unwrap(),
+            "<s>\n  a\n"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Bindings of the data engine: whole files in, numpy arrays out (no copies), the GIL
+//! released while Rust works.
+
+use std::path::{Path, PathBuf};
+
+use numpy::IntoPyArray;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::to_py_err;
+use crate::data::cache::{self, Meta};
+use crate::data::config::Settings;
+use crate::data::model::ModelAssets;
+use crate::data::prepare::{self as pipeline, Prepared};
+use crate::data::read::{load_file, FileBytes};
+use crate::{Error, Result};
+
+/// What `prepare` did, handed to Python.
+enum Outcome {
+    /// Built now (and written to the cache when one is given).
+    Built {
+        prepared: Box<Prepared>,
+        cache_dir: Option<PathBuf>,
+        cache: &'static str,
+        cache_error: Option<String>,
+    },
+    /// Loaded from a verified cache entry.
+    Cached { dir: PathBuf, meta: Box<Meta> },
+}
+
+fn source_bytes(source: &str, data: Option<Vec<u8>>) -> Result<FileBytes> {
+    match data {
+        Some(bytes) => Ok(FileBytes::Owned(bytes)),
+        None => load_file(Path::new(source)),
+    }
+}
+
+fn run_prepare(
+    source: &str,
+    model_dir: &str,
+    settings: &Settings,
+    cache_root: Option<&str>,
+    data: Option<Vec<u8>>,
+    strict: bool,
+) -> Result<Outcome> {
+    let bytes = source_bytes(source, data)?;
+    let model = ModelAssets::load(Path::new(model_dir))?;
+    let key = cache_root.map(|root| {
+        (
+            Path::new(root),
+            cache::cache_key(&bytes, model.fingerprint, settings),
+        )
+    });
+    let mut cache_state = "off";
+    if let Some((root, key)) = &key {
+        let dir = root.join(key);
+        cache_state = "miss";
+        if dir.exists() {
+            match cache::verify(&dir) {
+                Ok(meta) => {
+                    return Ok(Outcome::Cached {
+                        dir,
+                        meta: Box::new(meta),
+                    })
+                }
+                Err(Error::CacheCorrupt(_)) => {
+                    std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                    cache_state = "rebuilt";
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let prepared = if strict {
+        pipeline::prepare(source, &bytes, &model, settings)?
+    } else {
+        pipeline::build(source, &bytes, &model, settings)?
+    };
+    let (cache_dir, cache_error) = match &key {
+        Some((root, key)) if strict => match cache::write(root, key, &prepared) {
+            Ok(dir) => (Some(dir), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        _ => (None, None),
+    };
+    Ok(Outcome::Built {
+        prepared: Box::new(prepared),
+        cache_dir,
+        cache: cache_state,
+        cache_error,
+    })
+}
+
+/// Prepares a dataset file for training.
+///
+/// Returns a dict: `kind`, `max_seq_length`, `stats_json`, `cache` ("off", "miss",
+/// "rebuilt" or "hit"), `cache_dir`, and the arrays when built now (a cache hit leaves
+/// them on disk for numpy to memory-map).
+#[pyfunction]
+#[pyo3(signature = (source, model_dir, settings_json, cache_root=None, data=None, strict=true))]
+fn prepare_dataset<'py>(
+    py: Python<'py>,
+    source: &str,
+    model_dir: &str,
+    settings_json: &str,
+    cache_root: Option<&str>,
+    data: Option<Vec<u8>>,
+    strict: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let settings = Settings::from_json(settings_json).map_err(to_py_err)?;
+    let outcome = py
+        .detach(|| run_prepare(source, model_dir, &settings, cache_root, data, strict))
+        .map_err(to_py_err)?;
+    let out = PyDict::new(py);
+    match outcome {
+        Outcome::Cached { dir, meta } => {
+            out.set_item("kind", &meta.kind)?;
+            out.set_item("max_seq_length", meta.max_seq_length)?;
+            out.set_item(
+                "stats_json",
+                serde_json::to_string(&meta.stats).unwrap_or_default(),
+            )?;
+            out.set_item("cache", "hit")?;
+            out.set_item("cache_dir", dir.display().to_string())?;
+        }
+        Outcome::Built {
+            prepared,
+            cache_dir,
+            cache,
+            cache_error,
+        } => {
+            let p = *prepared;
+            out.set_item("kind", p.kind.name())?;
+            out.set_item("max_seq_length", p.max_seq_length)?;
+            out.set_item(
+                "stats_json",
+                serde_json::to_string(&p.stats).unwrap_or_default(),
+            )?;
+            out.set_item("cache", cache)?;
+            out.set_item("cache_dir", cache_dir.map(|d| d.display().to_string()))?;
+            out.set_item("cache_error", cache_error)?;
+            out.set_item("input_ids", p.input_ids.into_pyarray(py))?;
+            out.set_item("labels", p.labels.into_pyarray(py))?;
+            out.set_item("sample_offsets", p.sample_offsets.into_pyarray(py))?;
+            out.set_item("pack_offsets", p.pack_offsets.into_pyarray(py))?;
+            out.set_item("pack_samples", p.pack_samples.into_pyarray(py))?;
+            out.set_item("pair_id", p.pair_id.into_pyarray(py))?;
+            out.set_item("chosen", p.chosen.into_pyarray(py))?;
+            out.set_item("kto_label", p.kto_label.into_pyarray(py))?;
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a cache entry folder; returns its metadata as JSON (STATE_CACHE_CORRUPT otherwise).
+#[pyfunction]
+fn verify_dataset_cache(py: Python<'_>, entry: &str) -> PyResult<String> {
+    let meta = py
+        .detach(|| cache::verify(Path::new(entry)))
+        .map_err(to_py_err)?;
+    Ok(serde_json::to_string(&meta).unwrap_or_default())
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(prepare_dataset, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_dataset_cache, m)?)?;
+    Ok(())
+}
