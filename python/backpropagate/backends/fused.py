@@ -69,6 +69,8 @@ class _Compiled:
         if self.compiled is not None and args[0].is_cuda:
             try:
                 return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as exc:  # a compiler problem must not stop training
                 log.warning("compiling %s failed (%s: %s); using eager kernels", self.fn.__name__, type(exc).__name__, exc)
                 self.compiled = None
@@ -81,7 +83,13 @@ _KERNELS: dict[str, _Compiled] = {}
 def kernel(name: str) -> _Compiled:
     """The shared compiled version of one of this module's functions."""
     if name not in _KERNELS:
-        fn = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}[name]
+        fn = {
+            "rms_norm": rms_norm,
+            "swiglu": swiglu,
+            "rope": rope,
+            "logprob_and_grad": losses._logprob_and_grad,
+            "logprob_only": losses._logprob_only,
+        }[name]
         _KERNELS[name] = _Compiled(fn)
     return _KERNELS[name]
 
@@ -117,15 +125,17 @@ def model_family(model: torch.nn.Module) -> str | None:
 
 
 def install(model: torch.nn.Module) -> list[str]:
-    """Routes RMSNorm, SwiGLU and RoPE of a supported family through compiled kernels.
+    """Routes the loss's softmax, and RMSNorm, SwiGLU and RoPE of a supported family, through compiled kernels.
 
     Returns:
-        What was patched (empty for an unsupported family).
+        What was patched.
     """
+    losses.KERNELS["logprob_and_grad"] = kernel("logprob_and_grad")
+    losses.KERNELS["logprob_only"] = kernel("logprob_only")
+    patched = {"cross_entropy"}
     family = model_family(model)
     if family not in FAMILIES:
-        return []
-    patched = set()
+        return sorted(patched)
     for module in model.modules():
         if _is_standard_norm(module):
             module.forward = types.MethodType(_norm_forward, module)
@@ -139,7 +149,4 @@ def install(model: torch.nn.Module) -> list[str]:
         if rotary:
             modeling.apply_rotary_pos_emb = kernel("rope")
             patched.add("rope")
-    losses.KERNELS["logprob_and_grad"] = _Compiled(losses._logprob_and_grad)
-    losses.KERNELS["logprob_only"] = _Compiled(losses._logprob_only)
-    patched.add("cross_entropy")
     return sorted(patched)

@@ -1,0 +1,111 @@
+"""CUDA paths of the training engine (run on a GPU machine: pytest -m gpu tests/test_train_gpu.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from train_helpers import rule_dataset
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = torch.device("cuda")
+
+
+def test_varlen_attention_equals_samples_alone_on_cuda():
+    from backpropagate.backends import attention
+
+    torch.manual_seed(0)
+    lengths = [37, 200, 5, 64]
+    total, heads, kv_heads, dim = sum(lengths), 8, 2, 64
+    q = torch.randn(1, heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=CUDA)
+    module = torch.nn.Module()
+    out, _ = attention.packed_attention_forward(
+        module, q, k, v, None, scaling=dim**-0.5, **attention.packed_kwargs(cu, max(lengths))
+    )
+    assert attention.varlen_supported(dim**-0.5, dim, None)
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+    pieces = []
+    for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        pieces.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+        )
+    ref = torch.cat(pieces, dim=1)
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), [q, k, v])
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.backends.attention import packed_attention
+    from backpropagate.backends.loading import TrainingModel
+    from backpropagate.backends.losses import DeviceBatch, target_logprobs
+    from backpropagate.backends.torch_backend import forward_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).to(CUDA)
+    tm = TrainingModel(model, CUDA, "lora", torch.bfloat16, False, 0)
+    dataset = rule_dataset(vocab=400, samples=12, min_len=5, max_len=30, max_seq_length=96, seed=3)
+    samples = dataset.row_samples(0)
+    batch = DeviceBatch.from_batch(dataset.batch_of(samples), CUDA)
+    with torch.no_grad(), packed_attention(model):
+        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
+        for i, s in enumerate(samples):
+            alone = DeviceBatch.from_batch(dataset.batch_of(np.array([s])), CUDA)
+            single = target_logprobs(forward_hidden(tm, alone), tm.lm_head_weight, alone)
+            torch.testing.assert_close(logp[batch.target_sample == i], single, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_cross_entropy_on_cuda_matches_full_logits():
+    from backpropagate.backends import fused, losses
+
+    assert fused.install(torch.nn.Linear(1, 1)) == ["cross_entropy"]  # no decoder family: only the loss
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32000, 512, device=CUDA, dtype=torch.bfloat16) * 0.05
+    targets = torch.randint(0, 32000, (3000,), device=CUDA)
+    out = losses.token_logprobs(hidden, weight, targets, chunk=1024)
+    (grad,) = torch.autograd.grad(out.sum(), [hidden])
+    ref = torch.log_softmax((hidden.float() @ weight.float().t()), -1).gather(1, targets[:, None]).squeeze(1)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), [hidden])
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_compiled_kernels_match_eager_modules(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.backends import fused
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to(CUDA)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to(CUDA)
+    assert {"rms_norm", "swiglu", "rope"} <= set(fused.install(model))
+    ids = torch.randint(0, 500, (1, 300), device=CUDA)
+    a = ref(input_ids=ids, labels=ids)
+    b = model(input_ids=ids, labels=ids)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-2, atol=1e-2)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=1e-1, atol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["qlora", "lora"])
+def test_training_on_cuda_loss_falls(mode, tiny_llama, tmp_path):
+    from backpropagate import Trainer
+
+    dataset = rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
+    result = Trainer(
+        "tiny-llama", mode=mode, output_dir=str(tmp_path / mode), progress=False, report_to="none", learning_rate=1e-2
+    ).train(dataset, steps=12)
+    assert result.losses[-1][1] < result.losses[0][1] - 0.3
+    assert any(f.startswith("fused_lora") for f in result.features)
+    assert "rms_norm" in result.features and "cross_entropy" in result.features
