@@ -203,7 +203,7 @@ def test_one_kto_step_raises_desirable_rewards_and_lowers_undesirable(tiny_llama
 
 @pytest.mark.parametrize(("method", "data"), [("orpo", "preference"), ("simpo", "preference"), ("kto", "kto")])
 def test_api_trains_each_method_on_the_example_file(tiny_qwen2, method, data, tmp_path):
-    trainer = Trainer("tiny-qwen2", method=method, output_dir=str(tmp_path / "run"), **QUIET)
+    trainer = Trainer("tiny-qwen2", method=method, output_dir=str(tmp_path / "run"), grad_accumulation=1, **QUIET)
     assert trainer.config.learning_rate == METHOD_LEARNING_RATES[method]
     result = trainer.train(example_path(data), steps=2)
     assert result.steps == 2 and all(np.isfinite(loss) for _, loss in result.losses)
@@ -217,7 +217,8 @@ def test_cli_trains_orpo_and_kto_on_the_example_files(tiny_llama, tmp_path):
     out = tmp_path / "orpo"
     res = run_cli(
         "train", "--method", "orpo", "--orpo-beta", "0.2", "--data", str(example_path("preference")),
-        "--steps", "2", "--output", str(out), "--no-progress", "--report-to", "none", "--json",
+        "--steps", "2", "--grad-accumulation", "1", "--output", str(out), "--no-progress", "--report-to", "none",
+        "--json",
     )  # fmt: skip
     assert res.status == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -227,7 +228,7 @@ def test_cli_trains_orpo_and_kto_on_the_example_files(tiny_llama, tmp_path):
     assert run["hyperparameters"]["learning_rate"] == METHOD_LEARNING_RATES["orpo"]
     res = run_cli(
         "train", "--method", "kto", "--kto-beta", "0.2", "--kto-desirable-weight", "1.5",
-        "--data", str(example_path("kto")), "--steps", "1", "--output", str(tmp_path / "kto"),
+        "--data", str(example_path("kto")), "--steps", "1", "--grad-accumulation", "1", "--output", str(tmp_path / "kto"),
         "--no-progress", "--report-to", "none",
     )  # fmt: skip
     assert res.status == 0, res.stderr
@@ -270,3 +271,44 @@ def test_pairs_of_finds_each_pairs_two_answers(pairs):
     ids = batch.sample_index
     assert pairs.chosen[ids[chosen]].all() and not pairs.chosen[ids[rejected]].any()
     assert np.array_equal(pairs.pair_id[ids[chosen]], pairs.pair_id[ids[rejected]])
+
+
+# ---- reasoning traces --------------------------------------------------------------------
+
+TRACES = __import__("pathlib").Path(__file__).parent / "data" / "traces_mixed.jsonl"
+TRACE_DROPS = {"trace_empty": 2, "trace_unbalanced": 3, "trace_too_long": 1}
+
+
+def test_reasoning_trace_run_reports_each_drop_reason(tiny_qwen2, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    trainer = Trainer(
+        "tiny-qwen2", reasoning_trace=True, trace_max_tokens=200, output_dir=str(tmp_path / "run"),
+        grad_accumulation=1, **QUIET,
+    )  # fmt: skip
+    assert trainer.config.max_seq_length == 8192
+    assert Trainer("tiny-qwen2", reasoning_trace=True, max_seq_length=1024).config.max_seq_length == 1024
+    with caplog.at_level("INFO", logger="backpropagate"):
+        result = trainer.train(TRACES, steps=1)
+    assert result.data_stats["dropped"] == TRACE_DROPS and result.data_stats["rows_used"] == 6
+    assert "6 of 12 rows used; 6 dropped (trace_empty: 2, trace_too_long: 1, trace_unbalanced: 3)" in caplog.text
+    # <think> is plain text: no token was added, and the answer's labels hold the trace with its tags.
+    base, saved = AutoTokenizer.from_pretrained(tiny_qwen2), AutoTokenizer.from_pretrained(result.adapter_dir)
+    assert len(saved) == len(base) and "<think>" not in base.get_added_vocab()
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save") and not config.get("trainable_token_indices")
+    dataset = prepare(TRACES, tiny_qwen2, DataConfig(reasoning_trace=True, trace_max_tokens=200, cache=False))
+    labels = dataset.labels[dataset.sample_offsets[0] : dataset.sample_offsets[1]]
+    assert base.decode([t for t in labels if t != IGNORE_INDEX]).startswith("<think>I need 2 times 3.")
+
+
+def test_reasoning_trace_through_the_cli(tiny_llama, tmp_path):
+    res = run_cli(
+        "train", "--reasoning-trace", "--trace-max-tokens", "200", "--data", str(TRACES), "--steps", "1",
+        "--grad-accumulation", "1", "--output", str(tmp_path / "run"), "--no-progress", "--report-to", "none", "--json",
+    )  # fmt: skip
+    assert res.status == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["dropped"] == TRACE_DROPS and summary["rows_used"] == 6
+    run = json.loads((tmp_path / "run" / "adapter" / "backpropagate_run.json").read_text())
+    assert run["hyperparameters"]["reasoning_trace"] is True and run["hyperparameters"]["max_seq_length"] == 8192
