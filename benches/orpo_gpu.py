@@ -44,7 +44,25 @@ OUT = Path(os.environ.get("OUT", "/tmp"))
 PEER_TOOL = "trl.ORPOTrainer+peft"
 SPEED_TARGET, MEMORY_TARGET = 2.0, 0.5
 # The peer's word list and generator (peer_orpo.py), so both train on the same rows.
-WORDS = "the model learns from data and gradients flow through every layer of the network while tokens pass".split()
+WORDS = [
+    "the",
+    "model",
+    "learns",
+    "from",
+    "data",
+    "and",
+    "gradients",
+    "flow",
+    "through",
+    "every",
+    "layer",
+    "of",
+    "the",
+    "network",
+    "while",
+    "tokens",
+    "pass",
+]
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab or 0 = the tokenizer's)
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064),
@@ -59,7 +77,10 @@ def peer_rows(count: int, prompt_words: int, answer_words: int) -> list[dict[str
     def words(n: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(n))
 
-    return [{"prompt": words(prompt_words), "chosen": words(answer_words), "rejected": words(answer_words)} for _ in range(count)]
+    return [
+        {"prompt": words(prompt_words), "chosen": words(answer_words), "rejected": words(answer_words)}
+        for _ in range(count)
+    ]
 
 
 def model_config(shape: str, tokenizer_size: int):  # type: ignore[no-untyped-def]
@@ -130,9 +151,7 @@ def random_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(
-            model_config(args.shape, size), dtype=dtype, attn_implementation="sdpa"
-        )
+        return AutoModelForCausalLM.from_config(model_config(args.shape, size), dtype=dtype, attn_implementation="sdpa")
 
 
 def saved_model(args: argparse.Namespace) -> Path:

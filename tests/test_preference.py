@@ -136,7 +136,9 @@ def loss_and_grads(tm, config, dataset, batch):
     device_batch = objective.device_batch(batch, tm.device)
     with packed_attention(tm.model):
         hidden = forward_hidden(tm, device_batch)
-        loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, device_batch), step_totals(objective, [batch]))
+        loss = normalised_loss(
+            objective.loss_sum(hidden, tm.lm_head_weight, device_batch), step_totals(objective, [batch])
+        )
         loss.backward()  # inside: checkpointed layers recompute with packed attention
     return float(loss), {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 

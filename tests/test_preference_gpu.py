@@ -20,7 +20,9 @@ def test_varlen_attention_with_a_shared_prefix_equals_each_sample_alone():
     expand, keep, stored_len, lengths, att = [], [], 0, [], 0
     for p, (c, r) in zip(prefix, tails, strict=True):
         base = stored_len
-        expand += list(range(base, base + p + c)) + list(range(base, base + p)) + list(range(base + p + c, base + p + c + r))
+        expand += (
+            list(range(base, base + p + c)) + list(range(base, base + p)) + list(range(base + p + c, base + p + c + r))
+        )
         keep += list(range(att, att + p + c)) + list(range(att + 2 * p + c, att + 2 * p + c + r))
         stored_len += p + c + r
         att += 2 * p + c + r

@@ -125,7 +125,6 @@ def pairs(tiny_qwen2):
 def test_orpo_loss_equals_trl_orpo_trainer(tiny_qwen2, pairs, tmp_path, shared_prompt):
     from datasets import Dataset
     from transformers import AutoTokenizer
-
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     config = TrainConfig(method="orpo", orpo_beta=0.25, orpo_prompt_loss=True, shared_prompt=shared_prompt, **LORA)
@@ -156,7 +155,6 @@ def test_orpo_loss_equals_trl_orpo_trainer(tiny_qwen2, pairs, tmp_path, shared_p
 def test_simpo_loss_equals_trl_cpo_trainer_simpo(tiny_qwen2, pairs, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
-
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     config = TrainConfig(method="simpo", simpo_beta=2.0, simpo_gamma=0.7, **LORA)
@@ -197,7 +195,6 @@ def test_kto_loss_equals_trl_kto_trainer(tiny_llama, tmp_path, data, seed, kl_po
 
     from datasets import Dataset
     from transformers import AutoTokenizer
-
     from trl import KTOConfig, KTOTrainer
 
     dataset = prepare(example_path(data), tiny_llama, DataConfig(max_seq_length=256, cache=False))
