@@ -255,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = run(variant, args, cache)
         except Exception as exc:  # one failing variant must not lose the others
-            row = {"variant": f"bp_{variant}", "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()[-3000:]}
+            row = {
+                "variant": f"bp_{variant}",
+                "error": f"{type(exc).__name__}: {exc}",
+                "tb": traceback.format_exc()[-3000:],
+            }
             print(row["tb"], file=sys.stderr, flush=True)
         release()
         rows.append(row)

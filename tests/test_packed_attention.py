@@ -40,9 +40,7 @@ def test_packed_per_sample_losses_equal_samples_alone(name, request):
     with torch.no_grad(), packed_attention(tm.model):
         hidden = forward_hidden(tm, batch)
         logp = target_logprobs(hidden, tm.lm_head_weight, batch)
-    packed = [
-        float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)
-    ]
+    packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
     with torch.no_grad():
         alone = _alone_losses(tm, dataset, samples)
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,11 @@ def test_every_config_field_is_a_train_flag_with_its_doc():
     cli._register_commands()
     command = typer.main.get_command(cli.app).commands["train"]
     params = {p.name: p for p in command.params}
-    for f in dataclasses.fields(TrainConfig):
+    from backpropagate.data import DataConfig
+
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_only = [f for f in dataclasses.fields(DataConfig) if f.name not in own]
+    for f in dataclasses.fields(TrainConfig) + tuple(data_only):
         param = params[f.name]
         assert flag_name(f.name) in param.opts, f.name
         assert param.help.startswith(f.metadata["help"]), f.name

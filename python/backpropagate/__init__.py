@@ -20,7 +20,11 @@ except PackageNotFoundError:  # running from a source tree without an install
 __all__ = ["BackpropagateError", "TrainConfig", "TrainResult", "Trainer", "__version__"]
 
 # Heavy modules (torch, transformers) load only when the training API is first touched.
-_LAZY = {"Trainer": "backpropagate.trainer", "TrainResult": "backpropagate.trainer", "TrainConfig": "backpropagate.config"}
+_LAZY = {
+    "Trainer": "backpropagate.trainer",
+    "TrainResult": "backpropagate.trainer",
+    "TrainConfig": "backpropagate.config",
+}
 
 
 def __getattr__(name: str) -> object:

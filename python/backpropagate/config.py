@@ -61,9 +61,7 @@ class TrainConfig:
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA")
     lora_alpha: float | None = option(None, "LoRA alpha (default: the preset's, else 2 x rank).", group="LoRA")
-    lora_dropout: float = option(
-        0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA"
-    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA")
     target_modules: str = option(
         "all-linear",
         "Layers that get adapters: all-linear, or a comma list such as q_proj,v_proj.",
@@ -110,17 +108,7 @@ class TrainConfig:
         "8192 with reasoning_trace).",
         group="Data",
     )
-    reasoning_trace: bool = option(
-        False,
-        "Reasoning-trace SFT: keep only rows whose answers hold a balanced, non-empty <think>...</think> trace "
-        "within the token band (dropped rows are counted by reason); <think> stays plain text.",
-        group="Data",
-    )
-    trace_min_tokens: int = option(8, "With reasoning_trace: fewest trace tokens a row may have.", group="Data")
-    trace_max_tokens: int = option(8192, "With reasoning_trace: most trace tokens a row may have.", group="Data")
-    micro_batch: int = option(
-        2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data"
-    )
+    micro_batch: int = option(2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data")
     grad_accumulation: int = option(
         4, "Micro-batches per optimizer step (doubled when the micro-batch is halved).", group="Data"
     )
@@ -141,7 +129,8 @@ class TrainConfig:
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
     gradient_checkpointing: bool = option(True, "Recompute layer activations in backward to save memory.")
     fused_kernels: bool = option(
-        True, "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
+        True,
+        "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
     )
     # Run and outputs
     output_dir: str | None = option(
@@ -150,7 +139,8 @@ class TrainConfig:
     save_every: int = option(100, "Save a checkpoint every N steps (0 = only at the end).", group="Run")
     keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", group="Run")
     resume: bool = option(
-        False, "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
+        False,
+        "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
         group="Run",
     )
     log_every: int = option(1, "Write metrics every N steps.", group="Run")
@@ -192,10 +182,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise _invalid(name, value, "more than 0")
-        if not 0 <= self.trace_min_tokens <= self.trace_max_tokens:
-            raise _invalid(
-                "trace_min_tokens", self.trace_min_tokens, f"in [0, trace_max_tokens={self.trace_max_tokens}]"
-            )
         for name in ("lora_r", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -220,7 +206,7 @@ class TrainConfig:
         return self
 
     def target_module_list(self) -> str | list[str]:
-        """peft's form of `target_modules`."""
+        """Peft's form of `target_modules`."""
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
         names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
@@ -231,14 +217,16 @@ class TrainConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainConfig:
         """Builds a config from keyword options, refusing unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        from backpropagate.data import DataConfig
+
+        known = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(DataConfig)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
                 "CONFIG_INVALID_SETTING",
                 f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}",
             )
-        return cls(**options)
+        return cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 # Dataset kinds (see `PreparedDataset.kind`) each method trains on, and how to say so.

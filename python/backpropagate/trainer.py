@@ -82,11 +82,11 @@ class TrainResult:
     data_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
+def apply_preset(config: TrainConfig, preset: Preset | None, reasoning_trace: bool = False) -> TrainConfig:
     """Fills every unset (None) field from the method, the preset, then the general defaults.
 
     The preset's learning rate is an SFT rate; preference methods use their own
-    (`METHOD_LEARNING_RATES`). Reasoning traces default to a long context.
+    (`METHOD_LEARNING_RATES`). Reasoning-trace data defaults to a long context.
     """
     rank = config.lora_r or (preset.lora_r if preset else DEFAULT_LORA_R)
     alpha = config.lora_alpha or (preset.lora_alpha if preset and config.lora_r is None else 2 * rank)
@@ -94,7 +94,7 @@ def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
         preset.learning_rate if preset else DEFAULT_LEARNING_RATE
     )
     context = preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH
-    if config.reasoning_trace:
+    if reasoning_trace:
         context = REASONING_MAX_SEQ_LENGTH
     return dataclasses.replace(
         config,
@@ -108,7 +108,13 @@ def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
 def dataset_hash(dataset: PreparedDataset) -> str:
     """A digest of the prepared tokens, labels and packing plan (what the run actually saw)."""
     digest = hashlib.blake2b(digest_size=16)
-    for array in (dataset.input_ids, dataset.labels, dataset.sample_offsets, dataset.pack_offsets, dataset.pack_samples):
+    for array in (
+        dataset.input_ids,
+        dataset.labels,
+        dataset.sample_offsets,
+        dataset.pack_offsets,
+        dataset.pack_samples,
+    ):
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(str(dataset.max_seq_length).encode())
     return digest.hexdigest()
@@ -172,11 +178,17 @@ class Trainer:
 
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
         from backpropagate.backends.loading import check_fine_tuning_allowed
+        from backpropagate.data import DataConfig
 
         self.model_name = str(model)
         self.options = dict(options)
         self.preset = find_preset(self.model_name)
-        self.config = apply_preset(TrainConfig.from_options(self.options), self.preset).validate()
+        data_names = {f.name for f in dataclasses.fields(DataConfig)} - {"max_seq_length"}
+        data_options = {k: v for k, v in self.options.items() if k in data_names}
+        train_options = {k: v for k, v in self.options.items() if k not in data_names}
+        traces = bool(data_options.get("reasoning_trace"))
+        self.config = apply_preset(TrainConfig.from_options(train_options), self.preset, traces).validate()
+        self.data_config = DataConfig(max_seq_length=int(self.config.max_seq_length or 0), **data_options)
         self.model_ref = self.preset.model_id if self.preset else self.model_name
         self.model_path = resolve_model(self.model_ref)
         check_fine_tuning_allowed(self.model_path, self.config)
@@ -233,6 +245,7 @@ class Trainer:
             "rows_per_step": rows_per_step,
             "eval_split": config.eval_split,
             "data_hash": dataset_hash(dataset),
+            "data_config": dataclasses.asdict(self.data_config),
             **method_settings(config),
         }
         seed_everything(config.seed)
@@ -251,11 +264,14 @@ class Trainer:
             "mode": trained.mode,
             "hyperparameters": {
                 **dataclasses.asdict(config),
+                "mode": trained.mode,
                 "steps": total_steps,
                 "rows_per_step": rows_per_step,
                 "final_micro_batch": state.micro_batch,
             },
             "data": data_ref,
+            "data_config": fingerprint["data_config"],
+            "data_stats": dataset.stats,
             "data_hash": fingerprint["data_hash"],
             "final_loss": state.losses[-1][1] if state.losses else None,
             "eval_losses": state.eval_losses,
@@ -350,16 +366,8 @@ class Trainer:
         path = Path(data)
         if not path.exists():
             raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such data file")
-        from backpropagate.data import DataConfig, prepare
+        from backpropagate.data import prepare
 
-        config = self.config
-        assert config.max_seq_length is not None
-        data_config = DataConfig(
-            max_seq_length=config.max_seq_length,
-            reasoning_trace=config.reasoning_trace,
-            trace_min_tokens=config.trace_min_tokens,
-            trace_max_tokens=config.trace_max_tokens,
-        )
-        dataset = prepare(path, self.model_path, data_config)
+        dataset = prepare(path, self.model_path, self.data_config)
         report_dropped(dataset.stats)
         return dataset

@@ -66,10 +66,19 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None, 
     return mask
 
 
-def _sdpa_block_causal(query, key, value, cu_seqlens, scaling, window):  # type: ignore[no-untyped-def]
+def _sdpa_block_causal(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
     total = query.shape[2]
     mask = _mask_cache.get(
-        cu_seqlens, ("dense", total, window, query.device), lambda: block_causal_mask(cu_seqlens, total, window, query.device)
+        cu_seqlens,
+        ("dense", total, window, query.device),
+        lambda: block_causal_mask(cu_seqlens, total, window, query.device),
     )
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
@@ -97,7 +106,15 @@ def varlen_supported(scaling: float | None, head_dim: int, window: int | None) -
     return scaling is None or "scale" in params or abs(scaling - head_dim**-0.5) < 1e-12
 
 
-def _varlen(query, key, value, cu_seqlens, max_len, scaling, window):  # type: ignore[no-untyped-def]
+def _varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     assert _VARLEN is not None
@@ -121,6 +138,7 @@ def _varlen(query, key, value, cu_seqlens, max_len, scaling, window):  # type: i
     if scaling is not None and "scale" in params:
         kwargs["scale"] = scaling
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    assert isinstance(out, torch.Tensor)  # a tuple only when auxiliary outputs are requested
     return out.unsqueeze(0)
 
 
@@ -128,7 +146,14 @@ _flex_cache = _PerForwardCache()
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 
-def _flex(query, key, value, cu_seqlens, scaling, window):  # type: ignore[no-untyped-def]
+def _flex(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     global _compiled_flex
@@ -140,7 +165,7 @@ def _flex(query, key, value, cu_seqlens, scaling, window):  # type: ignore[no-un
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), lengths, output_size=total)
 
-        def document_causal(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        def document_causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             keep = (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
             if window is not None:
                 keep = keep & (q_idx - kv_idx < window)
@@ -184,7 +209,7 @@ def packed_attention_forward(
     if cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if query.shape[0] != 1:

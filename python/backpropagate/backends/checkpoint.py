@@ -186,7 +186,8 @@ def load_latest(root: Path) -> LoadedCheckpoint:
         training = torch.load(path / TRAINING, map_location="cpu", weights_only=False)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise StateError(
-            "STATE_CHECKPOINT_CORRUPT", f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to use an earlier one"
+            "STATE_CHECKPOINT_CORRUPT",
+            f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to use an earlier one",
         ) from exc
     return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
 

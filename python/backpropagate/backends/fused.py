@@ -30,7 +30,7 @@ log = get_logger("fused")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in fp32, cast back, scale."""
+    """Transformers' RMSNorm: normalise in fp32, cast back, scale."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -49,7 +49,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' `apply_rotary_pos_emb` (full rotary dimension)."""
+    """Transformers' `apply_rotary_pos_emb` (full rotary dimension)."""
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -72,7 +72,9 @@ class _Compiled:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # a compiler problem must not stop training
-                log.warning("compiling %s failed (%s: %s); using eager kernels", self.fn.__name__, type(exc).__name__, exc)
+                log.warning(
+                    "compiling %s failed (%s: %s); using eager kernels", self.fn.__name__, type(exc).__name__, exc
+                )
                 self.compiled = None
         return self.fn(*args, **kwargs)
 
@@ -83,14 +85,14 @@ _KERNELS: dict[str, _Compiled] = {}
 def kernel(name: str) -> _Compiled:
     """The shared compiled version of one of this module's functions."""
     if name not in _KERNELS:
-        fn = {
+        fns: dict[str, Callable[..., Any]] = {
             "rms_norm": rms_norm,
             "swiglu": swiglu,
             "rope": rope,
             "logprob_and_grad": losses._logprob_and_grad,
             "logprob_only": losses._logprob_only,
-        }[name]
-        _KERNELS[name] = _Compiled(fn)
+        }
+        _KERNELS[name] = _Compiled(fns[name])
     return _KERNELS[name]
 
 
@@ -106,14 +108,16 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _is_standard_norm(module: torch.nn.Module) -> bool:
     name = type(module).__name__
-    return name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None
+    return (
+        name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None
+    )
 
 
 def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return (
         all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        and isinstance(act, torch.nn.SiLU)
+        and type(act).__name__ in ("SiLU", "SiLUActivation")
         and type(module).__name__.endswith("MLP")
     )
 
@@ -138,15 +142,15 @@ def install(model: torch.nn.Module) -> list[str]:
         return sorted(patched)
     for module in model.modules():
         if _is_standard_norm(module):
-            module.forward = types.MethodType(_norm_forward, module)
+            setattr(module, "forward", types.MethodType(_norm_forward, module))  # noqa: B010
             patched.add("rms_norm")
         elif _is_swiglu_mlp(module):
-            module.forward = types.MethodType(_mlp_forward, module)
+            setattr(module, "forward", types.MethodType(_mlp_forward, module))  # noqa: B010
             patched.add("swiglu")
     modeling = sys.modules.get(f"transformers.models.{family}.modeling_{family}")
     if modeling is not None and hasattr(modeling, "apply_rotary_pos_emb"):
         rotary = getattr(model.config, "partial_rotary_factor", 1.0) in (None, 1.0)
         if rotary:
-            modeling.apply_rotary_pos_emb = kernel("rope")
+            setattr(modeling, "apply_rotary_pos_emb", kernel("rope"))  # noqa: B010 (a module global)
             patched.add("rope")
     return sorted(patched)

@@ -14,7 +14,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -43,7 +43,7 @@ class TrainingModel:
         features: Fast paths in use (for the log and the benchmark table).
     """
 
-    model: torch.nn.Module
+    model: Any
     device: torch.device
     mode: str
     compute_dtype: torch.dtype
@@ -52,13 +52,13 @@ class TrainingModel:
     features: list[str] = field(default_factory=list)
 
     @property
-    def base(self) -> torch.nn.Module:
+    def base(self) -> Any:
         """The transformers model under the adapter."""
         get_base = getattr(self.model, "get_base_model", None)
         return get_base() if callable(get_base) else self.model
 
     @property
-    def decoder(self) -> torch.nn.Module:
+    def decoder(self) -> Any:
         """The stack that maps token ids to final hidden states (everything but the LM head)."""
         base = self.base
         getter = getattr(base, "get_decoder", None)
@@ -97,7 +97,9 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "lora"
     if importlib.util.find_spec("bitsandbytes") is None:
-        log.warning("bitsandbytes is not installed: training a bf16 LoRA instead of QLoRA (pip install 'backpropagate[qlora]')")
+        log.warning(
+            "bitsandbytes is not installed: training a bf16 LoRA instead of QLoRA (pip install 'backpropagate[qlora]')"
+        )
         return "lora"
     return "qlora"
 
@@ -132,7 +134,7 @@ def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
         check_full_fine_tuning(path, "full")
 
 
-def load_base_model(path: Path, mode: str, device: torch.device) -> torch.nn.Module:
+def load_base_model(path: Path, mode: str, device: torch.device) -> Any:
     """Reads the weights in the precision `mode` trains with."""
     from transformers import AutoModelForCausalLM
 
@@ -151,10 +153,13 @@ def load_base_model(path: Path, mode: str, device: torch.device) -> torch.nn.Mod
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": "cpu"}
     kwargs["dtype"] = torch.float32 if mode == "full" else compute
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError("INPUT_MODEL_LOAD_FAILED", f"{path}: {exc}") from exc
     if mode != "qlora":
@@ -175,7 +180,7 @@ def enable_checkpointing(model: torch.nn.Module) -> int:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
     return len(layers)
 
 
@@ -186,7 +191,7 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modu
     assert config.lora_r is not None and config.lora_alpha is not None
     lora = LoraConfig(
         r=config.lora_r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=cast(Any, config.lora_alpha),  # peft types it int; fractional alphas work
         lora_dropout=config.lora_dropout,
         target_modules=config.target_module_list(),
         use_rslora=config.rslora,

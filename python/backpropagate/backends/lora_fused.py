@@ -19,7 +19,7 @@ only replaces `forward` on eligible layers and falls back to peft's own code oth
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +27,24 @@ import torch.nn.functional as F
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight as a dense [out, in] tensor in `dtype` (dequantized if 4-bit)."""
-    weight = base.weight
+    weight = cast(torch.Tensor, base.weight)
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+        return cast(torch.Tensor, bnbf.dequantize_4bit(weight.data, quant_state)).to(dtype)
     return weight.to(dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: torch.nn.Module, scale: float
     ) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
+        bias = getattr(base, "bias", None)
+        bias = bias.to(dtype) if bias is not None else None
         y = F.linear(x2, dense_weight(base, dtype), bias)
         low = torch.mm(x2, lora_a.to(dtype).t()).mul_(scale)
         y.addmm_(low, lora_b.to(dtype).t())
@@ -52,7 +53,7 @@ class _LoraLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, low, lora_a, lora_b = ctx.saved_tensors
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -95,7 +96,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         or adapters[0] in getattr(self, "lora_variant", {})
         or (self.training and not isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity))
     ):
-        return self._peft_forward(x, *args, **kwargs)  # type: ignore[no-any-return]
+        return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
     return lora_linear(
         x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(), float(self.scaling[name])
@@ -122,7 +123,7 @@ def install(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_fusable(module) and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, "_peft_forward", module.forward)  # noqa: B010 (not a declared attribute)
+            setattr(module, "forward", types.MethodType(_fused_forward, module))  # noqa: B010
             count += 1
     return count

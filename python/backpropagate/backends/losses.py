@@ -39,7 +39,7 @@ def chunk_length(vocab_size: int) -> int:
 
 
 def _logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) per row, and d log p / d logits (= onehot - softmax) in the logits' dtype."""
+    """Log p(target) per row, and d log p / d logits (= onehot - softmax) in the logits' dtype."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     logp = x.gather(1, targets[:, None]).squeeze(1) - lse.squeeze(1)
@@ -59,7 +59,7 @@ KERNELS: dict[str, Callable[..., Any]] = {"logprob_and_grad": _logprob_and_grad,
 
 class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         n = hidden.shape[0]
@@ -88,7 +88,7 @@ class _TokenLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.recompute:
             (grad_hidden,) = ctx.saved_tensors
             return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None
@@ -108,7 +108,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) under the LM head `weight`, without materialising all logits.
+    """Log p(targets[i] | hidden[i]) under the LM head `weight`, without materialising all logits.
 
     Args:
         hidden: [N, H] final hidden states of the positions that predict something.

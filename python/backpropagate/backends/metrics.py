@@ -34,7 +34,11 @@ def sinks_for(report_to: str) -> set[str]:
         usable.add("tensorboard")
     elif "tensorboard" in wanted and report_to != "auto":
         log.warning("report_to asks for TensorBoard but it is not installed (pip install tensorboard)")
-    if "wandb" in wanted and importlib.util.find_spec("wandb") is not None and (report_to != "auto" or _wandb_configured()):
+    if (
+        "wandb" in wanted
+        and importlib.util.find_spec("wandb") is not None
+        and (report_to != "auto" or _wandb_configured())
+    ):
         usable.add("wandb")
     elif "wandb" in wanted and report_to != "auto":
         log.warning("report_to asks for W&B but wandb is not installed (pip install wandb)")

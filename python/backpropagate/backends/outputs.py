@@ -41,14 +41,15 @@ def save_final(
     loss_curve: Path | None,
 ) -> Path:
     """Writes `adapter/` (adapter modes) or `model/` (full fine-tuning) under `output_dir` and returns it."""
+    model: Any = tm.model
     final = output_dir / ("model" if tm.mode == "full" else "adapter")
     partial = output_dir / f"{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     if tm.mode == "full":
-        tm.model.save_pretrained(partial, safe_serialization=True)
+        model.save_pretrained(partial, safe_serialization=True)
     else:
-        tm.model.peft_config["default"].base_model_name_or_path = base_model_ref
-        tm.model.save_pretrained(partial, safe_serialization=True)
+        model.peft_config["default"].base_model_name_or_path = base_model_ref
+        model.save_pretrained(partial, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (base_model_path / name).exists():
             shutil.copyfile(base_model_path / name, partial / name)

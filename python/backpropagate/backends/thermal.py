@@ -77,7 +77,9 @@ class TemperatureGuard:
         temp = self.read()
         if temp is None or temp <= self.max_temp:
             return 0.0
-        log.warning("GPU at %.0f C (limit %.0f C): pausing until it cools to %.0f C", temp, self.max_temp, self.resume_temp)
+        log.warning(
+            "GPU at %.0f C (limit %.0f C): pausing until it cools to %.0f C", temp, self.max_temp, self.resume_temp
+        )
         start = self.clock()
         while temp is None or temp > self.resume_temp:
             waited = self.clock() - start

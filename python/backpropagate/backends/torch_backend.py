@@ -98,7 +98,7 @@ def forward_hidden(tm: TrainingModel, batch: DeviceBatch) -> torch.Tensor:
             **batch.attention_kwargs(),
         )
     hidden: torch.Tensor = out.last_hidden_state
-    return hidden
+    return hidden.to(tm.compute_dtype)  # fp32 under autocast (full fine-tuning); the LM head runs in bf16
 
 
 def policy_of(tm: TrainingModel) -> Policy:
@@ -107,9 +107,7 @@ def policy_of(tm: TrainingModel) -> Policy:
     return Policy(forward=lambda batch: forward_hidden(tm, batch), reference=disable)
 
 
-def accumulate_gradients(
-    tm: TrainingModel, objective: Objective, batches: list[Batch]
-) -> tuple[float, int]:
+def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one step; returns (mean loss, tokens)."""
     totals = step_totals(objective, batches)
     loss_sum = torch.zeros((), device=tm.device)
@@ -175,7 +173,9 @@ def evaluate(tm: TrainingModel, objective: Objective, dataset: PreparedDataset, 
         tm.model.train()
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """Fused AdamW, or bitsandbytes' (paged) 8-bit AdamW."""
     assert config.learning_rate is not None
     if config.optimizer == "adamw":
@@ -185,7 +185,8 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, devic
         import bitsandbytes as bnb
     except ImportError as exc:
         raise DependencyError(
-            "DEP_MISSING_PACKAGE", f"optimizer={config.optimizer!r} needs bitsandbytes: pip install 'backpropagate[qlora]'"
+            "DEP_MISSING_PACKAGE",
+            f"optimizer={config.optimizer!r} needs bitsandbytes: pip install 'backpropagate[qlora]'",
         ) from exc
     cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     optimizer: torch.optim.Optimizer = cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -214,9 +215,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
     """Warmup, then cosine / linear decay to zero, or constant."""
     warmup = warmup_steps(config, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, config.schedule)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, config.schedule))
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -266,7 +265,9 @@ def train(
         last_checkpoint = loaded.path
         log.info("resumed from %s at step %d (%d rows consumed)", loaded.path, state.step, state.rows_consumed)
     reader = nvml_reader(tm.device.index or 0) if tm.device.type == "cuda" else None
-    guard = TemperatureGuard(reader, config.max_gpu_temp, config.gpu_resume_temp, config.max_gpu_pause) if reader else None
+    guard = (
+        TemperatureGuard(reader, config.max_gpu_temp, config.gpu_resume_temp, config.max_gpu_pause) if reader else None
+    )
     metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)})
     bar = ProgressBar(total_steps, state.step, config.progress)
     started = time.perf_counter()

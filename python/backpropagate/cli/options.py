@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -23,17 +22,10 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _plain_type(annotation: Any) -> Any:
-    """`int | None` -> `Optional[int]`, the spelling every typer version understands."""
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return typing.Optional[inner[0]]  # noqa: UP045 (typer needs typing.Optional)
-    return annotation
-
-
-def dataclass_parameters(cls: type, aliases: dict[str, tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
-    """One keyword parameter with a `typer.Option` default per field of `cls`."""
+def dataclass_parameters(
+    cls: type, aliases: dict[str, tuple[str, ...]] | None = None, group: str | None = None
+) -> list[inspect.Parameter]:
+    """One keyword parameter with a `typer.Option` default per field of `cls` (help panel `group` by default)."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
@@ -41,35 +33,35 @@ def dataclass_parameters(cls: type, aliases: dict[str, tuple[str, ...]] | None =
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" (one of: {', '.join(choices)})"
-        annotation = _plain_type(hints[f.name])
+        annotation = hints[f.name]
         flag = flag_name(f.name)
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}" if annotation is bool else flag]
         decls += list((aliases or {}).get(f.name, ()))
         default = f.default if f.default is not dataclasses.MISSING else None
-        option = typer.Option(default, *decls, help=help_text, rich_help_panel=f.metadata.get("group"))
+        option = typer.Option(default, *decls, help=help_text, rich_help_panel=f.metadata.get("group", group))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
 
 def command_with_options(
-    fn: Callable[..., Any], *config_classes: type, aliases: dict[str, tuple[str, ...]] | None = None
+    fn: Callable[..., Any],
+    *config_classes: type,
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    groups: dict[type, str] | None = None,
 ) -> Callable[..., Any]:
-    """Appends every config field as a keyword option to `fn`'s signature (for typer)."""
+    """Appends every config field as a keyword option to `fn`'s signature (for typer).
+
+    A field name that two classes share becomes one flag (the first class's).
+    """
     own = inspect.signature(fn, eval_str=True)
     # The function takes the config fields through its **kwargs; typer sees them as named options.
     params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     seen = {p.name for p in params}
     for cls in config_classes:
-        for p in dataclass_parameters(cls, aliases):
+        for p in dataclass_parameters(cls, aliases, (groups or {}).get(cls)):
             if p.name not in seen:
                 params.append(p)
                 seen.add(p.name)
     fn.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
     fn.__annotations__ = {p.name: p.annotation for p in params}
     return fn
-
-
-def split_options(values: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The entries of `values` that are fields of `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}

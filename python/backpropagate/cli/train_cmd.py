@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from backpropagate.cli import app
-from backpropagate.cli.options import command_with_options, split_options
+from backpropagate.cli.options import command_with_options
 from backpropagate.config import TrainConfig
+from backpropagate.data import DataConfig
 
 
 def _example_data() -> Path:
@@ -21,16 +22,16 @@ def _example_data() -> Path:
 
 
 def train(
-    model: str = typer.Option("tiny-llama", "--model", "-m", help="Preset name, local model folder or Hugging Face id."),
-    data: Optional[Path] = typer.Option(  # noqa: UP045 (typer needs typing.Optional)
+    model: str = typer.Option(
+        "tiny-llama", "--model", "-m", help="Preset name, local model folder or Hugging Face id."
+    ),
+    data: Path | None = typer.Option(  # noqa: B008 (typer's idiom)
         None, "--data", "-d", help="Training data (JSONL/JSON/Parquet); default: the built-in example chat data."
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),  # noqa: UP045
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),  # noqa: UP045
-    export: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--export", help="Export after training: gguf, merged or adapter."
-    ),
-    quantization: Optional[str] = typer.Option(  # noqa: UP045
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
+    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or adapter."),
+    quantization: str | None = typer.Option(
         None, "--quantization", "-q", help="Quantization for --export gguf, e.g. q4_k_m."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
@@ -39,7 +40,7 @@ def train(
     """Fine-tune a model on your data: LoRA, QLoRA, DoRA or full fine-tuning."""
     from backpropagate.trainer import Trainer
 
-    given = {k: v for k, v in split_options(options, TrainConfig).items() if v != _default(k)}
+    given = {k: v for k, v in options.items() if v != _default(k)}
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
     exported = trainer.export(export, quantization=quantization) if export else None
@@ -65,8 +66,14 @@ def train(
 
 
 def _default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    for cls in (TrainConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.default
+    raise KeyError(name)
 
 
-command_with_options(train, TrainConfig, aliases={"output_dir": ("--output", "-o")})
+command_with_options(
+    train, TrainConfig, DataConfig, aliases={"output_dir": ("--output", "-o")}, groups={DataConfig: "Data"}
+)
 app.command()(train)
