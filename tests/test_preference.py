@@ -313,4 +313,4 @@ def test_reasoning_trace_through_the_cli(tiny_llama, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["dropped"] == TRACE_DROPS and summary["rows_used"] == 6
     run = json.loads((tmp_path / "run" / "adapter" / "backpropagate_run.json").read_text())
-    assert run["hyperparameters"]["reasoning_trace"] is True and run["hyperparameters"]["max_seq_length"] == 8192
+    assert run["data_config"]["reasoning_trace"] is True and run["hyperparameters"]["max_seq_length"] == 8192
