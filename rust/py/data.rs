@@ -189,7 +189,62 @@ fn render_chat_template(
         .map_err(|e| to_py_err(Error::TemplateRender(e)))
 }
 
+/// Token ids and their byte ranges.
+type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
+/// A model's tokenizer as preparation uses it (fast BPE where proven, else `tokenizers`).
+#[pyclass(name = "DataTokenizer", module = "backpropagate._core", frozen)]
+struct DataTokenizer {
+    model: ModelAssets,
+}
+
+#[pymethods]
+impl DataTokenizer {
+    /// Loads the tokenizer files of `model_dir`; `fast=False` keeps the `tokenizers` crate.
+    #[new]
+    #[pyo3(signature = (model_dir, fast=true))]
+    fn new(py: Python<'_>, model_dir: &str, fast: bool) -> PyResult<Self> {
+        let mut model = py
+            .detach(|| ModelAssets::load(Path::new(model_dir)))
+            .map_err(to_py_err)?;
+        if !fast {
+            model.tokenizer.disable_fast_bpe().map_err(to_py_err)?;
+        }
+        Ok(DataTokenizer { model })
+    }
+
+    /// Whether the fast byte-level BPE encoder is in use.
+    #[getter]
+    fn fast_bpe(&self) -> bool {
+        self.model.tokenizer.has_fast_bpe()
+    }
+
+    /// Token ids and byte offsets of `text` (special-token strings matched, none added).
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<IdsAndOffsets> {
+        let enc = py
+            .detach(|| self.model.tokenizer.encode(text))
+            .map_err(|e| to_py_err(Error::TokenizerLoad(e)))?;
+        Ok((
+            enc.ids,
+            enc.offsets.into_iter().map(|r| (r.start, r.end)).collect(),
+        ))
+    }
+
+    /// Encodes many texts in parallel; returns the id lists.
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
+        py.detach(|| {
+            texts
+                .par_iter()
+                .map(|t| self.model.tokenizer.encode(t).map(|e| e.ids))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .map_err(|e| to_py_err(Error::TokenizerLoad(e)))
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DataTokenizer>()?;
     m.add_function(wrap_pyfunction!(render_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(prepare_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(verify_dataset_cache, m)?)?;
