@@ -39,6 +39,24 @@ pub enum Error {
     /// A dataset cache entry is unreadable or inconsistent.
     #[error("{0}")]
     CacheCorrupt(String),
+    /// A model folder is missing files or holds something unreadable.
+    #[error("{0}")]
+    Model(String),
+    /// A model whose architecture (or part of it) llama.cpp's GGUF cannot hold.
+    #[error("{0}")]
+    UnsupportedArchitecture(String),
+    /// A LoRA adapter folder that cannot be merged into its base.
+    #[error("{0}")]
+    Adapter(String),
+    /// llama.cpp's library (for quantization kernels) is missing or unusable.
+    #[error("{0}")]
+    LlamaCppUnavailable(String),
+    /// The output exists and overwriting was not asked for.
+    #[error("{}: already exists", .0.display())]
+    OutputExists(PathBuf),
+    /// An export failed while writing; nothing appeared under the final name.
+    #[error("{0}")]
+    Export(String),
 }
 
 impl Error {
@@ -56,6 +74,12 @@ impl Error {
             Error::TemplateRender(_) => "INPUT_TEMPLATE_RENDER_FAILED",
             Error::TokenizerLoad(_) => "INPUT_TOKENIZER_LOAD_FAILED",
             Error::CacheCorrupt(_) => "STATE_CACHE_CORRUPT",
+            Error::Model(_) => "INPUT_MODEL_LOAD_FAILED",
+            Error::UnsupportedArchitecture(_) => "INPUT_UNSUPPORTED_ARCHITECTURE",
+            Error::Adapter(_) => "INPUT_ADAPTER_INVALID",
+            Error::LlamaCppUnavailable(_) => "DEP_LLAMA_CPP_UNAVAILABLE",
+            Error::OutputExists(_) => "STATE_OUTPUT_EXISTS",
+            Error::Export(_) => "RUNTIME_EXPORT_FAILED",
         }
     }
 

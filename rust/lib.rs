@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod error;
+pub mod gguf;
 
 #[cfg(feature = "python")]
 mod py;

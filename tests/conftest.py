@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("BACKPROPAGATE_SHARED", REPO.parent / "shared"))
 TOKENIZERS = SHARED / "tokenizers"
 
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")

@@ -1,8 +1,12 @@
 """Type stubs of the Rust extension (kept in sync by mypy.stubtest)."""
 
+from collections.abc import Callable
+from os import PathLike
 from typing import Any
 
 __version__: str
+
+_Path = str | PathLike[str]
 
 def prepare_dataset(
     source: str,
@@ -13,3 +17,28 @@ def prepare_dataset(
     strict: bool = True,
 ) -> dict[str, Any]: ...
 def verify_dataset_cache(entry: str) -> str: ...
+def convert_to_gguf(
+    model_dir: _Path,
+    output: _Path,
+    quantization: str,
+    adapter_dir: _Path | None = None,
+    force: bool = False,
+    llama_cpp_lib: _Path | None = None,
+    name: str | None = None,
+    tokenizer_dir: _Path | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Converts a Hugging Face folder (and adapter) to GGUF; returns what was written."""
+
+def gguf_quantizations() -> list[str]:
+    """Quantization names the GGUF writer accepts."""
+def render_chat_template(
+    template: str, messages_json: str, add_generation_prompt: bool = False, globals_json: str = "{}"
+) -> str: ...
+
+class DataTokenizer:
+    def __new__(cls, model_dir: str, fast: bool = True) -> DataTokenizer: ...
+    @property
+    def fast_bpe(self) -> bool: ...
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...

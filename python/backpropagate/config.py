@@ -16,7 +16,7 @@ from backpropagate.errors import ConfigError
 
 MODES = ("auto", "lora", "qlora", "full")
 METHODS = ("sft", "orpo", "simpo", "kto")
-IMPLEMENTED_METHODS = ("sft",)
+PREFERENCE_METHODS = ("orpo", "simpo", "kto")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 CHECKPOINTING = ("auto", "on", "off")
@@ -27,6 +27,11 @@ DEFAULT_LORA_R = 16
 DEFAULT_LORA_ALPHA = 32
 DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_MAX_SEQ_LENGTH = 2048
+# Reasoning traces are long: their default context, unless max_seq_length is set.
+REASONING_MAX_SEQ_LENGTH = 8192
+# Default peak learning rates of the preference methods (LoRA), used unless learning_rate is set:
+# ORPO's paper value; 5e-6 is the usual LoRA rate for the reference-scaled SimPO and KTO objectives.
+METHOD_LEARNING_RATES = {"orpo": 8e-6, "simpo": 5e-6, "kto": 5e-6}
 
 
 def option(default: Any, help: str, *, group: str = "Training", choices: tuple[str, ...] | None = None) -> Any:
@@ -46,7 +51,13 @@ class TrainConfig:
         group="Model",
         choices=MODES,
     )
-    method: str = option("sft", "Training objective: sft (supervised fine-tuning).", group="Model", choices=METHODS)
+    method: str = option(
+        "sft",
+        "Training objective: sft (supervised fine-tuning), orpo or simpo (prompt/chosen/rejected pairs, no "
+        "reference model), kto (prompt/completion/label rows, or pairs; the base model is the reference).",
+        group="Model",
+        choices=METHODS,
+    )
     device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA")
@@ -59,10 +70,43 @@ class TrainConfig:
     )
     rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.", group="LoRA")
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
+    # Preference methods
+    orpo_beta: float = option(
+        0.1, "ORPO: weight of the odds-ratio term added to the chosen answers' NLL.", group="Preference"
+    )
+    orpo_prompt_loss: bool = option(
+        False,
+        "ORPO: count the prompt tokens in the NLL term too (TRL's ORPOTrainer does; off trains on answers only).",
+        group="Preference",
+    )
+    simpo_beta: float = option(
+        2.0, "SimPO: scale of the length-normalised reward (the SimPO paper recommends 2 to 2.5).", group="Preference"
+    )
+    simpo_gamma: float = option(
+        0.5,
+        "SimPO: target reward margin, in reward units (loss = -log sigmoid(beta * margin - gamma)).",
+        group="Preference",
+    )
+    kto_beta: float = option(0.1, "KTO: scale of the reward (log-ratio to the base model).", group="Preference")
+    kto_desirable_weight: float | None = option(
+        None,
+        "KTO: loss weight of desirable rows (default: balanced from the label counts, so that "
+        "desirable_weight x desirable rows = undesirable_weight x undesirable rows).",
+        group="Preference",
+    )
+    kto_undesirable_weight: float | None = option(
+        None, "KTO: loss weight of undesirable rows (default: balanced from the label counts).", group="Preference"
+    )
+    shared_prompt: bool = option(
+        True,
+        "ORPO/SimPO: run the prompt shared by a chosen and a rejected answer once for both (exact, fewer tokens).",
+        group="Preference",
+    )
     # Data shape
     max_seq_length: int | None = option(
         None,
-        "Longest sample and packed-row length in tokens (default: the preset's context, else 2048).",
+        "Longest sample and packed-row length in tokens (default: the preset's context, else 2048; "
+        "8192 with reasoning_trace).",
         group="Data",
     )
     micro_batch: int = option(2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data")
@@ -72,7 +116,9 @@ class TrainConfig:
     eval_split: float = option(0.0, "Fraction of packed rows held out for evaluation (0 = none).", group="Data")
     eval_every: int = option(0, "Evaluate every N steps (0 = only at the end, when eval_split > 0).", group="Data")
     # Optimisation
-    learning_rate: float | None = option(None, "Peak learning rate (default: the preset's, else 2e-4).")
+    learning_rate: float | None = option(
+        None, "Peak learning rate (default: sft the preset's, else 2e-4; orpo 8e-6; simpo 5e-6; kto 5e-6)."
+    )
     schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     warmup_ratio: float = option(0.03, "Warmup length as a fraction of the steps.")
     warmup_steps: int | None = option(None, "Warmup length in steps (overrides warmup_ratio).")
@@ -125,15 +171,23 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise _invalid(f.name, value, "one of " + ", ".join(choices))
-        if self.method not in IMPLEMENTED_METHODS:
+        if self.method in PREFERENCE_METHODS and self.mode == "full":
             raise ConfigError(
                 "CONFIG_INVALID_SETTING",
-                f"method={self.method!r} is not available yet; this version trains: {', '.join(IMPLEMENTED_METHODS)}",
+                f"method={self.method!r} with mode='full' is invalid: preference methods train a LoRA adapter "
+                "for now; use mode='lora' or mode='qlora' (or 'auto')",
             )
         positive = ("micro_batch", "grad_accumulation", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise _invalid(name, getattr(self, name), "at least 1")
+        for name in ("orpo_beta", "simpo_beta", "kto_beta"):
+            if not getattr(self, name) > 0:
+                raise _invalid(name, getattr(self, name), "more than 0")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise _invalid(name, value, "more than 0")
         for name in ("lora_r", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -179,6 +233,30 @@ class TrainConfig:
                 f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}",
             )
         return cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+# Dataset kinds (see `PreparedDataset.kind`) each method trains on, and how to say so.
+METHOD_DATA = {
+    "sft": (
+        ("sft",),
+        "conversation, instruction or text rows (prompt/chosen/rejected pairs train with "
+        "method='orpo' or 'simpo', prompt/completion/label rows with method='kto')",
+    ),
+    "orpo": (("preference",), "prompt/chosen/rejected rows"),
+    "simpo": (("preference",), "prompt/chosen/rejected rows"),
+    "kto": (("kto", "preference"), "prompt/completion/label rows (or prompt/chosen/rejected pairs)"),
+}
+
+
+def check_data_kind(kind: str, method: str) -> None:
+    """Refuses data the method cannot train on (pairs for SFT, SFT rows for a preference method)."""
+    kinds, needs = METHOD_DATA[method]
+    if kind not in kinds:
+        from backpropagate.errors import InputError
+
+        raise InputError(
+            "INPUT_DATASET_VALIDATION_FAILED", f"method={method!r} needs {needs}, but the dataset holds {kind} rows"
+        )
 
 
 def _invalid(name: str, value: Any, expected: str) -> ConfigError:

@@ -49,6 +49,18 @@ CATALOG: dict[str, CodeInfo] = {
         "The model folder needs a tokenizer.json (and tokenizer_config.json for chat models)."
     ),
     "INPUT_MODEL_LOAD_FAILED": CodeInfo("Check that the folder holds config.json and weights in safetensors."),
+    "INPUT_ADAPTER_INVALID": CodeInfo(
+        "The adapter folder needs adapter_config.json and adapter_model.safetensors as PEFT saves them, "
+        "for the base model it names."
+    ),
+    "INPUT_UNSUPPORTED_ARCHITECTURE": CodeInfo(
+        "GGUF export supports Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3 and SmolLM3; "
+        "export 'merged' or 'lora' for other models."
+    ),
+    "INPUT_CHAT_TEMPLATE_UNSUPPORTED": CodeInfo(
+        "The chat template cannot be written as an Ollama template; the GGUF itself is fine and llama.cpp "
+        "reads the template stored in it."
+    ),
     # DEP_*: something outside the package is missing or unreachable.
     "DEP_MISSING_PACKAGE": CodeInfo("Install the extra named in the message, e.g. pip install 'backpropagate[qlora]'."),
     "DEP_CUDA_UNAVAILABLE": CodeInfo("This mode needs an NVIDIA GPU; use mode='lora' on CPU or run on a GPU machine."),

@@ -30,7 +30,10 @@ from backpropagate.config import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_LORA_R,
     DEFAULT_MAX_SEQ_LENGTH,
+    METHOD_LEARNING_RATES,
+    REASONING_MAX_SEQ_LENGTH,
     TrainConfig,
+    check_data_kind,
 )
 from backpropagate.data.dataset import PreparedDataset
 from backpropagate.errors import ConfigError, InputError, StateError
@@ -59,6 +62,7 @@ class TrainResult:
         loss_curve: loss.png (None without matplotlib).
         run_file: backpropagate_run.json inside `adapter_dir`.
         features: Fast paths that were used.
+        data_stats: What data preparation read, used and dropped (`dropped`: reason -> rows).
     """
 
     run_id: str
@@ -75,18 +79,29 @@ class TrainResult:
     loss_curve: Path | None
     run_file: Path
     features: list[str] = field(default_factory=list)
+    data_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_preset(config: TrainConfig, preset: Preset | None) -> TrainConfig:
-    """Fills every unset (None) field from the preset, then from the general defaults."""
+def apply_preset(config: TrainConfig, preset: Preset | None, reasoning_trace: bool = False) -> TrainConfig:
+    """Fills every unset (None) field from the method, the preset, then the general defaults.
+
+    The preset's learning rate is an SFT rate; preference methods use their own
+    (`METHOD_LEARNING_RATES`). Reasoning-trace data defaults to a long context.
+    """
     rank = config.lora_r or (preset.lora_r if preset else DEFAULT_LORA_R)
     alpha = config.lora_alpha or (preset.lora_alpha if preset and config.lora_r is None else 2 * rank)
+    learning_rate = METHOD_LEARNING_RATES.get(config.method) or (
+        preset.learning_rate if preset else DEFAULT_LEARNING_RATE
+    )
+    context = preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH
+    if reasoning_trace:
+        context = REASONING_MAX_SEQ_LENGTH
     return dataclasses.replace(
         config,
         lora_r=rank,
         lora_alpha=alpha,
-        learning_rate=config.learning_rate or (preset.learning_rate if preset else DEFAULT_LEARNING_RATE),
-        max_seq_length=config.max_seq_length or (preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH),
+        learning_rate=config.learning_rate or learning_rate,
+        max_seq_length=config.max_seq_length or context,
     )
 
 
@@ -103,6 +118,27 @@ def dataset_hash(dataset: PreparedDataset) -> str:
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(str(dataset.max_seq_length).encode())
     return digest.hexdigest()
+
+
+def method_settings(config: TrainConfig) -> dict[str, Any]:
+    """The knobs of the training method (part of the resume fingerprint)."""
+    prefix = {"orpo": "orpo_", "simpo": "simpo_", "kto": "kto_"}.get(config.method)
+    if prefix is None:
+        return {}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k.startswith(prefix)}
+
+
+def report_dropped(stats: dict[str, Any]) -> None:
+    """Logs how many rows preparation used and, by reason, how many it dropped."""
+    dropped = stats.get("dropped") or {}
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(dropped.items()))
+    log.get_logger("train").info(
+        "data: %d of %d rows used; %d dropped%s",
+        stats.get("rows_used", 0),
+        stats.get("rows_read", 0),
+        sum(dropped.values()),
+        f" ({reasons})" if reasons else "",
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +186,8 @@ class Trainer:
         data_names = {f.name for f in dataclasses.fields(DataConfig)} - {"max_seq_length"}
         data_options = {k: v for k, v in self.options.items() if k in data_names}
         train_options = {k: v for k, v in self.options.items() if k not in data_names}
-        self.config = apply_preset(TrainConfig.from_options(train_options), self.preset).validate()
+        traces = bool(data_options.get("reasoning_trace"))
+        self.config = apply_preset(TrainConfig.from_options(train_options), self.preset, traces).validate()
         self.data_config = DataConfig(max_seq_length=int(self.config.max_seq_length or 0), **data_options)
         self.model_ref = self.preset.model_id if self.preset else self.model_name
         self.model_path = resolve_model(self.model_ref)
@@ -191,6 +228,7 @@ class Trainer:
         previous_run = read_state(latest(output_dir / "checkpoints")).run_id if config.resume else None
         run_id = log.start_run(previous_run)
         dataset = self._dataset(data)
+        check_data_kind(dataset.kind, config.method)
         rows_per_step = config.micro_batch * config.grad_accumulation
         train_rows = torch_backend.split_rows(dataset, config.eval_split, config.seed)[0]
         total_steps = steps or max(1, math.ceil((epochs or 1.0) * len(train_rows) / rows_per_step))
@@ -208,6 +246,7 @@ class Trainer:
             "eval_split": config.eval_split,
             "data_hash": dataset_hash(dataset),
             "data_config": dataclasses.asdict(self.data_config),
+            **method_settings(config),
         }
         seed_everything(config.seed)
         trained = load_for_training(self.model_path, config)
@@ -265,6 +304,7 @@ class Trainer:
             loss_curve=curve,
             run_file=final_dir / RUN_FILE,
             features=outcome.features,
+            data_stats=dict(dataset.stats),
         )
         log.get_logger("train").info(
             "trained %d steps in %.1f s, final loss %.4f -> %s",
@@ -327,4 +367,6 @@ class Trainer:
             raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such data file")
         from backpropagate.data import prepare
 
-        return prepare(path, self.model_path, self.data_config)
+        dataset = prepare(path, self.model_path, self.data_config)
+        report_dropped(dataset.stats)
+        return dataset

@@ -76,8 +76,14 @@ fn assistant_span(
         Some(tpl.render(&values[..=i], false)?)
     };
     let upto_str = upto.as_deref().unwrap_or(full);
-    if full.starts_with(&prompt) && full.starts_with(upto_str) && prompt.len() <= upto_str.len() {
-        return Ok(prompt.len()..upto_str.len());
+    if full.starts_with(&prompt) {
+        // The turn ends where the rendering that stops after it departs from the full one
+        // (templates may append a trailer, e.g. an EOS, to a conversation that ends there).
+        let end = common_prefix(full, upto_str);
+        let content = messages[i].content.trim();
+        if end >= prompt.len() && full[prompt.len()..end].contains(content) {
+            return Ok(prompt.len()..end);
+        }
     }
     sentinel_span(tpl, messages, values, full, i, &prompt)
 }
@@ -149,7 +155,9 @@ fn common_prefix(a: &str, b: &str) -> usize {
     n
 }
 
-/// Labels for tokens: the token id where the token starts inside a span, else -100.
+/// Labels for tokens: the token's id when the token starts inside a span and at least
+/// half of it lies inside, else IGNORE_INDEX. (A span's end is where two renderings part,
+/// which can fall a character or two into the next turn's first special token.)
 pub fn labels_from_spans(
     ids: &[u32],
     offsets: &[Range<usize>],
@@ -164,7 +172,9 @@ pub fn labels_from_spans(
         if s == spans.len() {
             break;
         }
-        if spans[s].start <= off.start {
+        let span = &spans[s];
+        let inside = span.end.min(off.end) - off.start;
+        if span.start <= off.start && 2 * inside >= off.len() {
             labels[k] = ids[k] as i32;
         }
     }
@@ -222,6 +232,15 @@ mod tests {
         assert_eq!(
             labels_from_spans(&ids, &offsets, &[Range { start: 3, end: 6 }]),
             vec![-100, -100, 12, -100]
+        );
+        // A token mostly past the span's end stays unlabelled.
+        assert_eq!(
+            labels_from_spans(
+                &ids,
+                &[0..2, 2..4, 4..9, 9..10],
+                &[Range { start: 2, end: 5 }]
+            ),
+            vec![-100, 11, -100, -100]
         );
         assert_eq!(
             labels_from_spans(&ids, &offsets, &[0..2, 6..8]),

@@ -18,3 +18,5 @@ pub mod tokenize;
 
 /// Label of tokens that carry no loss (PyTorch's cross-entropy default).
 pub const IGNORE_INDEX: i32 = -100;
+pub mod bpe;
+pub mod pretokenize;

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value as Json;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::template::{ChatTemplate, CHATML_TEMPLATE};
+use super::template::{strftime, uses_clock, ChatTemplate, CHATML_TEMPLATE};
 use super::tokenize::TextTokenizer;
 use crate::{Error, Result};
 
@@ -76,7 +76,7 @@ impl ModelAssets {
             .iter()
             .find(|(k, _)| k == "eos_token")
             .map(|(_, v)| v.as_str());
-        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, eos, &origin)?;
+        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, &config, eos, &origin)?;
         let own = match &files[2] {
             Some(b) => Some(String::from_utf8(b.clone()).map_err(|_| {
                 Error::TemplateRender(format!("{origin}/chat_template.jinja is not UTF-8"))
@@ -85,6 +85,14 @@ impl ModelAssets {
         };
         let default_template = own.is_none();
         let source = own.unwrap_or_else(|| CHATML_TEMPLATE.to_string());
+        if uses_clock(&source) {
+            // The rendering holds today's date, so a cached dataset is valid for today only.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            hasher.update(strftime("%Y-%m-%d", now).as_bytes());
+        }
         let template = ChatTemplate::new(&source, &globals)
             .map_err(|e| Error::TemplateRender(format!("{origin}: {e}")))?;
         Ok(ModelAssets {

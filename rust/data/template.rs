@@ -35,6 +35,7 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         for (k, v) in globals {
             env.add_global(k.clone(), Value::from(v.clone()));
@@ -93,6 +94,122 @@ fn strip_generation_tags(source: &str) -> String {
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `strftime_now(format)` as transformers defines it: the current time (UTC here) formatted
+/// with Python's strftime codes. Templates that call it change with the date, so the
+/// dataset cache key includes the date for them (`uses_clock`).
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    strftime(&format, secs)
+}
+
+/// Whether a template's output depends on the current date.
+pub fn uses_clock(source: &str) -> bool {
+    source.contains("strftime_now")
+}
+
+/// Formats Unix time `secs` (UTC) with the common Python strftime codes.
+pub fn strftime(format: &str, secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let yday = days - days_from_civil(y, 1, 1) + 1;
+    let (hh, mm, ss) = (tod / 3600, tod / 60 % 60, tod % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let mut code = chars.next().unwrap_or('%');
+        let unpadded = code == '-';
+        if unpadded {
+            code = chars.next().unwrap_or('%');
+        }
+        let num = |v: i64, w: usize| {
+            if unpadded {
+                v.to_string()
+            } else {
+                format!("{v:0w$}")
+            }
+        };
+        match code {
+            'Y' => out.push_str(&y.to_string()),
+            'y' => out.push_str(&num(y % 100, 2)),
+            'm' => out.push_str(&num(m, 2)),
+            'd' => out.push_str(&num(d, 2)),
+            'e' => out.push_str(&format!("{d:2}")),
+            'j' => out.push_str(&num(yday, 3)),
+            'H' => out.push_str(&num(hh, 2)),
+            'I' => out.push_str(&num((hh + 11) % 12 + 1, 2)),
+            'M' => out.push_str(&num(mm, 2)),
+            'S' => out.push_str(&num(ss, 2)),
+            'p' => out.push_str(if hh < 12 { "AM" } else { "PM" }),
+            'B' => out.push_str(MONTHS[(m - 1) as usize]),
+            'b' | 'h' => out.push_str(&MONTHS[(m - 1) as usize][..3]),
+            'A' => out.push_str(DAYS[weekday]),
+            'a' => out.push_str(&DAYS[weekday][..3]),
+            'F' => out.push_str(&format!("{y}-{m:02}-{d:02}")),
+            '%' => out.push('%'),
+            other => {
+                out.push('%');
+                out.push(other);
+            }
+        }
+    }
+    out
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// `tojson` as transformers defines it: Python's `json.dumps` (ensure_ascii False by
@@ -332,6 +449,18 @@ mod tests {
             t.render(&msgs(&[("tool", "x")]), false).unwrap_err(),
             "bad role tool"
         );
+    }
+
+    #[test]
+    fn strftime_matches_python() {
+        // 2024-07-26 13:05:09 UTC, a Friday (datetime.strftime gives the same strings).
+        let t = 1_722_000_309;
+        assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %A %j %-d %B", t),
+            "2024-07-26 13:25:09 Friday 208 26 July"
+        );
+        assert_eq!(strftime("%d %b %Y", 951_782_400), "29 Feb 2000");
     }
 
     #[test]

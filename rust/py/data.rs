@@ -13,6 +13,7 @@ use crate::data::config::Settings;
 use crate::data::model::ModelAssets;
 use crate::data::prepare::{self as pipeline, Prepared};
 use crate::data::read::{load_file, FileBytes};
+use crate::data::template::{json_to_value, ChatTemplate};
 use crate::{Error, Result};
 
 /// What `prepare` did, handed to Python.
@@ -161,7 +162,90 @@ fn verify_dataset_cache(py: Python<'_>, entry: &str) -> PyResult<String> {
     Ok(serde_json::to_string(&meta).unwrap_or_default())
 }
 
+/// Renders a chat template the way preparation does (for tests, `validate` and debugging).
+///
+/// `messages_json` is a JSON list of messages; `globals_json` a JSON object of
+/// special-token strings (bos_token, eos_token, ...).
+#[pyfunction]
+#[pyo3(signature = (template, messages_json, add_generation_prompt=false, globals_json="{}"))]
+fn render_chat_template(
+    template: &str,
+    messages_json: &str,
+    add_generation_prompt: bool,
+    globals_json: &str,
+) -> PyResult<String> {
+    let bad = |what: &str, e: serde_json::Error| to_py_err(Error::Config(format!("{what}: {e}")));
+    let messages: Vec<serde_json::Value> =
+        serde_json::from_str(messages_json).map_err(|e| bad("messages_json", e))?;
+    let globals: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(globals_json).map_err(|e| bad("globals_json", e))?;
+    let globals: Vec<(String, String)> = globals
+        .into_iter()
+        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+        .collect();
+    let tpl = ChatTemplate::new(template, &globals).map_err(to_py_err)?;
+    let values: Vec<minijinja::Value> = messages.iter().map(json_to_value).collect();
+    tpl.render(&values, add_generation_prompt)
+        .map_err(|e| to_py_err(Error::TemplateRender(e)))
+}
+
+/// Token ids and their byte ranges.
+type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
+/// A model's tokenizer as preparation uses it (fast BPE where proven, else `tokenizers`).
+#[pyclass(name = "DataTokenizer", module = "backpropagate._core", frozen)]
+struct DataTokenizer {
+    model: ModelAssets,
+}
+
+#[pymethods]
+impl DataTokenizer {
+    /// Loads the tokenizer files of `model_dir`; `fast=False` keeps the `tokenizers` crate.
+    #[new]
+    #[pyo3(signature = (model_dir, fast=true))]
+    fn new(py: Python<'_>, model_dir: &str, fast: bool) -> PyResult<Self> {
+        let mut model = py
+            .detach(|| ModelAssets::load(Path::new(model_dir)))
+            .map_err(to_py_err)?;
+        if !fast {
+            model.tokenizer.disable_fast_bpe().map_err(to_py_err)?;
+        }
+        Ok(DataTokenizer { model })
+    }
+
+    /// Whether the fast byte-level BPE encoder is in use.
+    #[getter]
+    fn fast_bpe(&self) -> bool {
+        self.model.tokenizer.has_fast_bpe()
+    }
+
+    /// Token ids and byte offsets of `text` (special-token strings matched, none added).
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<IdsAndOffsets> {
+        let enc = py
+            .detach(|| self.model.tokenizer.encode(text))
+            .map_err(|e| to_py_err(Error::TokenizerLoad(e)))?;
+        Ok((
+            enc.ids,
+            enc.offsets.into_iter().map(|r| (r.start, r.end)).collect(),
+        ))
+    }
+
+    /// Encodes many texts in parallel; returns the id lists.
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
+        py.detach(|| {
+            texts
+                .par_iter()
+                .map(|t| self.model.tokenizer.encode(t).map(|e| e.ids))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .map_err(|e| to_py_err(Error::TokenizerLoad(e)))
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DataTokenizer>()?;
+    m.add_function(wrap_pyfunction!(render_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(prepare_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(verify_dataset_cache, m)?)?;
     Ok(())

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use crate::Error;
 
 mod data;
+mod gguf;
 
 /// Converts a core error into the matching `backpropagate.errors` exception.
 ///
@@ -28,5 +29,6 @@ pub(crate) fn to_py_err(err: Error) -> PyErr {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     data::register(m)?;
+    gguf::register(m)?;
     Ok(())
 }

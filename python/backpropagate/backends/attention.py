@@ -11,6 +11,11 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 * CPU: SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
 
 Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA.
+
+Tokens shared by several samples (the common prompt of a preference pair) can be stored
+once: `expand_kwargs` gives an index that gathers queries, keys and values back into
+whole samples for attention, and one that picks each stored token's output. Everything
+outside attention (projections, MLP, norms) then runs once per stored token.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 PACKED_ATTENTION = "backpropagate_packed"
+# Keyword arguments carrying a shared-token layout down to attention (see `expand_kwargs`).
+EXPAND_INDEX = "packed_expand_index"
+KEEP_INDEX = "packed_keep_index"
 
 
 class _PerForwardCache:
@@ -191,7 +199,8 @@ def packed_attention_forward(
         attention_mask: Ignored when sample boundaries are given (none is built for packed rows).
         scaling: Softmax scale.
         dropout: Attention dropout; must be 0 for packed rows.
-        **kwargs: `cu_seq_lens_q` / `max_length_q` carry the boundaries.
+        **kwargs: `cu_seq_lens_q` / `max_length_q` carry the boundaries; `EXPAND_INDEX` /
+            `KEEP_INDEX` a shared-token layout (boundaries are then those of the expanded order).
 
     Returns:
         ([1, T, heads, dim] output, None).
@@ -208,6 +217,9 @@ def packed_attention_forward(
     if dropout:
         raise ValueError("attention dropout is not supported on packed rows")
     window = kwargs.get("sliding_window") or None
+    expand = kwargs.get(EXPAND_INDEX)
+    if expand is not None:
+        query, key, value = (t.index_select(2, expand) for t in (query, key, value))
     if query.is_cuda:
         if varlen_supported(scaling, query.shape[-1], window):
             out = _varlen(query, key, value, cu_seqlens, int(kwargs["max_length_q"]), scaling, window)
@@ -215,6 +227,8 @@ def packed_attention_forward(
             out = _flex(query, key, value, cu_seqlens, scaling, window)
     else:
         out = _sdpa_block_causal(query, key, value, cu_seqlens, scaling, window)
+    if expand is not None:
+        out = out.index_select(1, kwargs[KEEP_INDEX])
     return out, None
 
 
@@ -249,3 +263,13 @@ def packed_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, Any]:
         "max_length_q": max_seqlen,
         "max_length_k": max_seqlen,
     }
+
+
+def expand_kwargs(expand_index: torch.Tensor, keep_index: torch.Tensor) -> dict[str, Any]:
+    """Keyword arguments for a row whose shared tokens are stored once.
+
+    Args:
+        expand_index: [T'] stored position of each token in attention order (samples whole).
+        keep_index: [T] position in attention order whose output each stored token takes.
+    """
+    return {EXPAND_INDEX: expand_index, KEEP_INDEX: keep_index}

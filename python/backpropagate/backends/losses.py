@@ -15,13 +15,19 @@ for SFT, pairs for preference methods), so gradient accumulation is exact.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
+from backpropagate.backends.attention import expand_kwargs, packed_kwargs
 from backpropagate.data.dataset import IGNORE_INDEX, Batch
+
+if TYPE_CHECKING:
+    from backpropagate.backends.preference import Policy
+    from backpropagate.config import TrainConfig
+    from backpropagate.data.dataset import PreparedDataset
 
 # Bytes of fp32 logits one chunk may hold; sets the chunk length for a vocabulary.
 CHUNK_LOGIT_BYTES = 512 * 2**20
@@ -117,27 +123,48 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return out
 
 
+def to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host array on `device` (pinned and asynchronous on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class DeviceBatch:
     """A `Batch` on the training device, plus host-side indexes of the positions with a target.
 
+    Usually the tokens are the batch's own. A layout may store some tokens once for several
+    samples (a preference pair's common prompt): attention then runs over `expand_index`
+    (each sample whole again, with `cu_seqlens` / `max_seqlen` in that order) and
+    `keep_index` maps every stored token to its output there.
+
     Attributes:
-        batch: The host batch it came from.
-        input_ids: [1, T] int64.
+        batch: The host batch it came from (its samples define `num_samples`).
+        input_ids: [1, T] int64 stored tokens.
         position_ids: [1, T] int64.
-        cu_seqlens: [n + 1] int32.
-        target_positions: [N] positions t whose label[t + 1] is a target.
+        cu_seqlens: [m + 1] int32 sample boundaries in the order attention runs in.
+        max_seqlen: Longest sample in that order.
+        target_positions: [N] positions t whose hidden state predicts a target.
         targets: [N] the target ids.
         target_sample: [N] which sample (0..n-1) each target belongs to.
+        expand_index: [T'] stored position of each token in attention order, or None (same order).
+        keep_index: [T] position in attention order of each stored token's output, or None.
+        extra: Objective-specific device tensors (e.g. which samples are chosen).
     """
 
     batch: Batch
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
+    max_seqlen: int
     target_positions: torch.Tensor
     targets: torch.Tensor
     target_sample: torch.Tensor
+    expand_index: torch.Tensor | None = None
+    keep_index: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_batch(cls, batch: Batch, device: torch.device) -> DeviceBatch:
@@ -145,27 +172,28 @@ class DeviceBatch:
         labels = batch.labels[0]
         positions = np.flatnonzero(labels[1:] != IGNORE_INDEX)
         sample = np.searchsorted(batch.cu_seqlens[1:], positions + 1, side="right")
-
-        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-            if device.type == "cuda":
-                t = t.pin_memory()
-            return t.to(device, non_blocking=True)
-
         return cls(
             batch=batch,
-            input_ids=put(batch.input_ids, torch.long),
-            position_ids=put(batch.position_ids, torch.long),
-            cu_seqlens=put(batch.cu_seqlens, torch.int32),
-            target_positions=put(positions, torch.long),
-            targets=put(labels[1:][positions], torch.long),
-            target_sample=put(sample, torch.long),
+            input_ids=to_device(batch.input_ids, torch.long, device),
+            position_ids=to_device(batch.position_ids, torch.long, device),
+            cu_seqlens=to_device(batch.cu_seqlens, torch.int32, device),
+            max_seqlen=batch.max_seqlen,
+            target_positions=to_device(positions, torch.long, device),
+            targets=to_device(labels[1:][positions], torch.long, device),
+            target_sample=to_device(sample, torch.long, device),
         )
 
     @property
     def num_samples(self) -> int:
         """Samples in the row."""
         return int(len(self.batch.cu_seqlens) - 1)
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """What the model forward passes down to packed attention for this batch."""
+        kwargs = packed_kwargs(self.cu_seqlens, self.max_seqlen)
+        if self.expand_index is not None and self.keep_index is not None:
+            kwargs.update(expand_kwargs(self.expand_index, self.keep_index))
+        return kwargs
 
 
 def target_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
@@ -190,24 +218,54 @@ def sequence_logprobs(
     return sums, counts
 
 
+# What a batch contributes to the normalising counts of a step: one count per loss term.
+Counts = int | tuple[int, ...]
+
+
 class Objective(Protocol):
-    """A training objective over packed micro-batches (the seam where ORPO/SimPO/KTO plug in)."""
+    """A training objective over packed micro-batches (the seam where ORPO/SimPO/KTO plug in).
+
+    `loss_sum` returns unnormalised loss terms (a scalar, or one entry per count of
+    `normaliser`); each term is divided by its count summed over the whole optimizer step,
+    so accumulating micro-batches gives exactly the step's loss (`normalised_loss`).
+    """
 
     name: str
 
-    def normaliser(self, batch: Batch) -> int:
-        """What this batch contributes to the step's normalising count (tokens, pairs, ...)."""
+    def device_batch(self, batch: Batch, device: torch.device) -> DeviceBatch:
+        """The batch on `device`, in the layout this objective's forward uses."""
+        ...
+
+    def normaliser(self, batch: Batch) -> Counts:
+        """What this batch contributes to the step's normalising counts (tokens, pairs, ...)."""
         ...
 
     def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
-        """Unnormalised loss of the batch from final hidden states [1, T, H]."""
+        """Unnormalised loss term(s) of the batch from final hidden states [1, T, H]."""
         ...
+
+
+def step_totals(objective: Objective, batches: list[Batch]) -> tuple[int, ...]:
+    """The step's counts: each of the objective's counts summed over the micro-batches (at least 1)."""
+    counts = np.sum([np.atleast_1d(objective.normaliser(b)) for b in batches], axis=0)
+    return tuple(max(1, int(c)) for c in counts)
+
+
+def normalised_loss(terms: torch.Tensor, totals: tuple[int, ...]) -> torch.Tensor:
+    """Sum of each loss term divided by its step count."""
+    if terms.ndim == 0:
+        return terms / totals[0]
+    return sum((terms[k] / total for k, total in enumerate(totals)), terms.new_zeros(()))
 
 
 class SftObjective:
     """Next-token cross-entropy on the target tokens, averaged over all target tokens of a step."""
 
     name = "sft"
+
+    def device_batch(self, batch: Batch, device: torch.device) -> DeviceBatch:
+        """The batch as it is."""
+        return DeviceBatch.from_batch(batch, device)
 
     def normaliser(self, batch: Batch) -> int:
         """Target tokens of the batch."""
@@ -218,10 +276,10 @@ class SftObjective:
         return -target_logprobs(hidden, lm_head, batch).sum()
 
 
-def objective_for(method: str) -> Objective:
-    """The objective of a training method (validated in `TrainConfig.validate`)."""
-    if method == "sft":
+def objective_for(config: TrainConfig, dataset: PreparedDataset, policy: Policy | None = None) -> Objective:
+    """The objective of `config.method` on `dataset` (KTO also needs the `policy` to run its reference passes)."""
+    if config.method == "sft":
         return SftObjective()
-    from backpropagate.errors import ConfigError
+    from backpropagate.backends.preference import preference_objective
 
-    raise ConfigError("CONFIG_INVALID_SETTING", f"method={method!r} is not available yet")
+    return preference_objective(config, dataset, policy)

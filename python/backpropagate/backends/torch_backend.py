@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from backpropagate.backends.attention import packed_attention, packed_kwargs
+from backpropagate.backends.attention import packed_attention
 from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
 from backpropagate.backends.loading import TrainingModel
-from backpropagate.backends.losses import DeviceBatch, Objective, objective_for
+from backpropagate.backends.losses import DeviceBatch, Objective, normalised_loss, objective_for, step_totals
 from backpropagate.backends.metrics import MetricsLogger, ProgressBar
+from backpropagate.backends.preference import Policy
 from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
@@ -94,20 +95,26 @@ def forward_hidden(tm: TrainingModel, batch: DeviceBatch) -> torch.Tensor:
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
             use_cache=False,
-            **packed_kwargs(batch.cu_seqlens, batch.batch.max_seqlen),
+            **batch.attention_kwargs(),
         )
     hidden: torch.Tensor = out.last_hidden_state
     return hidden.to(tm.compute_dtype)  # fp32 under autocast (full fine-tuning); the LM head runs in bf16
 
 
+def policy_of(tm: TrainingModel) -> Policy:
+    """How an objective runs `tm` itself: forward to hidden states, and the adapter switched off."""
+    disable = getattr(tm.model, "disable_adapter", None)
+    return Policy(forward=lambda batch: forward_hidden(tm, batch), reference=disable)
+
+
 def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one step; returns (mean loss, tokens)."""
-    total = max(1, sum(objective.normaliser(b) for b in batches))
+    totals = step_totals(objective, batches)
     loss_sum = torch.zeros((), device=tm.device)
     for batch in batches:
-        device_batch = DeviceBatch.from_batch(batch, tm.device)
+        device_batch = objective.device_batch(batch, tm.device)
         hidden = forward_hidden(tm, device_batch)
-        loss = objective.loss_sum(hidden, tm.lm_head_weight, device_batch) / total
+        loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, device_batch), totals)
         del hidden  # backward needs only what autograd saved
         loss.backward()
         loss_sum += loss.detach().float()
@@ -158,13 +165,13 @@ def evaluate(tm: TrainingModel, objective: Objective, dataset: PreparedDataset, 
     """Mean loss over the held-out rows."""
     tm.model.eval()
     try:
-        loss, count = 0.0, 0
-        for batch in micro_batches(dataset, rows, micro):
-            device_batch = DeviceBatch.from_batch(batch, tm.device)
+        batches = micro_batches(dataset, rows, micro)
+        terms = torch.zeros((), device=tm.device)
+        for batch in batches:
+            device_batch = objective.device_batch(batch, tm.device)
             hidden = forward_hidden(tm, device_batch)
-            loss += float(objective.loss_sum(hidden, tm.lm_head_weight, device_batch).item())
-            count += objective.normaliser(batch)
-        return loss / max(1, count)
+            terms = terms + objective.loss_sum(hidden, tm.lm_head_weight, device_batch).float()
+        return float(normalised_loss(terms, step_totals(objective, batches)).item())
     finally:
         tm.model.train()
 
@@ -244,7 +251,7 @@ def train(
     fingerprint: dict[str, Any],
 ) -> LoopOutcome:
     """Trains `tm` for `total_steps` optimizer steps on `dataset`, writing checkpoints and metrics."""
-    objective = objective_for(config.method)
+    objective = objective_for(config, dataset, policy_of(tm))
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
     rows_per_step = config.micro_batch * config.grad_accumulation

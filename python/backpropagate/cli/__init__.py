@@ -39,9 +39,11 @@ def _global_options(
 
 def _register_commands() -> None:
     # Imported here so each command module can import `app` from this one.
-    from backpropagate.cli import (
-        info_cmd,  # noqa: F401
-        train_cmd,  # noqa: F401
+    from backpropagate.cli import (  # noqa: F401
+        export_cmd,
+        generate_cmd,
+        info_cmd,
+        train_cmd,
     )
 
 

@@ -53,6 +53,8 @@ def train(
         "adapter_dir": str(result.adapter_dir),
         "loss_curve": str(result.loss_curve) if result.loss_curve else None,
         "metrics": str(result.metrics_path),
+        "rows_used": result.data_stats.get("rows_used"),
+        "dropped": result.data_stats.get("dropped"),
     }
     if exported is not None:
         summary["export"] = str(getattr(exported, "path", exported))

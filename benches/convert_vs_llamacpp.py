@@ -1,0 +1,222 @@
+"""Safetensors -> GGUF: backpropagate's Rust writer against llama.cpp's own converter.
+
+Builds a random-weight bf16 model in Qwen2.5-1.5B's shape (about 3.1 GB, sharded like the
+real one) with the real Qwen2.5 tokenizer, then converts it to bf16 and f16 GGUF with both
+tools in the same run, each in its own process: wall time (including the fsync that makes
+the file durable: ours does it, llama.cpp's converter is given one after it exits) and peak
+resident memory. Both outputs are then checked to hold identical tensor data.
+
+    python benches/convert_vs_llamacpp.py --work /tmp/bp-bench
+
+llama.cpp's converter comes from the llama-cpp-python sdist on PyPI (downloaded with pip
+into the work folder, not part of this repository); it needs `sentencepiece` and `gguf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BACKPROPAGATE_SHARED", REPO.parent / "shared"))
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+# Qwen2.5-1.5B
+SHAPE = dict(hidden=1536, inter=8960, layers=28, heads=12, kv=2, vocab=151936)
+
+MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+if rc == 0 and sys.argv[1] != "-":
+    fd = __import__("os").open(sys.argv[1], __import__("os").O_RDONLY)
+    __import__("os").fsync(fd)
+dt = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "seconds": dt, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}))
+"""
+
+
+def build_model(out: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config
+
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    s = SHAPE
+    Qwen2Config(
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        torch_dtype="bfloat16",
+    ).save_pretrained(out)
+    tok = SHARED / "tokenizers" / "qwen2.5-0.5b-instruct"
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        shutil.copy(tok / f, out / f)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    h, kvd = s["hidden"], s["hidden"] // s["heads"] * s["kv"]
+    groups: list[dict[str, torch.Tensor]] = [
+        {"model.embed_tokens.weight": rnd(s["vocab"], h), "model.norm.weight": rnd(h)}
+    ]
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        groups.append(
+            {
+                p + "input_layernorm.weight": rnd(h),
+                p + "post_attention_layernorm.weight": rnd(h),
+                p + "self_attn.q_proj.weight": rnd(h, h),
+                p + "self_attn.q_proj.bias": rnd(h),
+                p + "self_attn.k_proj.weight": rnd(kvd, h),
+                p + "self_attn.k_proj.bias": rnd(kvd),
+                p + "self_attn.v_proj.weight": rnd(kvd, h),
+                p + "self_attn.v_proj.bias": rnd(kvd),
+                p + "self_attn.o_proj.weight": rnd(h, h),
+                p + "mlp.gate_proj.weight": rnd(s["inter"], h),
+                p + "mlp.up_proj.weight": rnd(s["inter"], h),
+                p + "mlp.down_proj.weight": rnd(h, s["inter"]),
+            }
+        )
+    shards, current, size = [], {}, 0
+    for g in groups:
+        current.update(g)
+        size += sum(t.numel() * 2 for t in g.values())
+        if size > 1 << 30:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * 2 for sh in shards for t in sh.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return out
+
+
+def llama_cpp_converter(work: Path) -> Path:
+    root = work / "llama.cpp"
+    if (root / "convert_hf_to_gguf.py").exists():
+        return root
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python"]
+    subprocess.check_call([*cmd, LLAMA_CPP_PYTHON, "-d", str(work)])
+    sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        members = [m for m in tar.getmembers() if m.name.startswith(tuple(prefix + w for w in wanted))]
+        for m in members:
+            m.name = m.name[len(prefix) :]
+        tar.extractall(root, members=members, filter="data")
+    return root
+
+
+def measure(output: Path, argv: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(output), *argv], capture_output=True, text=True, env=env, check=False
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise SystemExit(f"{argv[:3]} failed:\n{out.stderr[-3000:]}")
+    return result
+
+
+def disk_floor(folder: Path, nbytes: int) -> float:
+    """Seconds to write and fsync `nbytes` in `folder`: no converter can beat this."""
+    import time
+
+    block = b"\0" * (16 << 20)
+    path = folder / "disk-floor.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    path.unlink()
+    return dt
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    import numpy as np
+    from gguf import GGUFReader
+
+    ta = {t.name: t for t in GGUFReader(a).tensors}
+    tb = {t.name: t for t in GGUFReader(b).tensors}
+    return ta.keys() == tb.keys() and all(
+        ta[n].tensor_type == tb[n].tensor_type and np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))
+        for n in ta
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bp-convert-bench"))
+    ap.add_argument("--outtypes", nargs="+", default=["bf16", "f16"])
+    ap.add_argument("--no-verify", action="store_true", help="skip the tensor-by-tensor comparison")
+    ap.add_argument("--out-dir", type=Path, help="where the GGUF files go (default: the work folder)")
+    args = ap.parse_args()
+    work = args.work.resolve()
+    model = build_model(work / "qwen2.5-1.5b-shape")
+    src_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    converter = llama_cpp_converter(work)
+    env = {**os.environ, "PYTHONPATH": str(converter / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    out_dir = (args.out_dir or work).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    floor = disk_floor(out_dir, src_bytes)
+    rows = []
+    for outtype in args.outtypes:
+        ours_out, ref_out = out_dir / f"ours-{outtype}.gguf", out_dir / f"llamacpp-{outtype}.gguf"
+        for p in (ours_out, ref_out):
+            p.unlink(missing_ok=True)
+        code = f"from backpropagate import _core; _core.convert_to_gguf({str(model)!r}, {str(ours_out)!r}, {outtype!r})"
+        ours = measure(ours_out, [sys.executable, "-c", code])
+        script = str(converter / "convert_hf_to_gguf.py")
+        argv = [sys.executable, script, str(model), "--outtype", outtype, "--outfile", str(ref_out)]
+        ref = measure(ref_out, argv, env=env)
+        identical = None if args.no_verify else same_tensors(ours_out, ref_out)
+        rows.append((outtype, ours, ref, identical))
+        for p in (ours_out, ref_out):
+            p.unlink()
+    print(f"\nsource: {src_bytes / 1e9:.2f} GB bf16 safetensors (Qwen2.5-1.5B shape), {os.cpu_count()} CPU cores")
+    print(f"output folder: {out_dir}; writing and fsyncing as many bytes there takes {floor:.1f} s\n")
+    print("| type | tool | time (s) | CPU (s) | MB/s | peak RSS (MB) | speed-up | memory ratio | same tensors |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for outtype, ours, ref, identical in rows:
+        for name, r in (("backpropagate", ours), ("llama.cpp convert_hf_to_gguf.py", ref)):
+            mbps = src_bytes / 1e6 / r["seconds"]
+            speed = f"{ref['seconds'] / ours['seconds']:.1f}x" if r is ours else ""
+            mem = f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if r is ours else ""
+            same = {True: "yes", False: "NO", None: "not checked"}[identical] if r is ours else ""
+            print(
+                f"| {outtype} | {name} | {r['seconds']:.1f} | {mbps:.0f} | {r['peak_rss_mb']:.0f} | {speed} | {mem} | {same} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

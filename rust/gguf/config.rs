@@ -1,0 +1,391 @@
+//! Model hyperparameters from `config.json`, as the GGUF keys llama.cpp reads.
+//!
+//! transformers 5 files `rope_theta` and rope scaling under `rope_parameters`; older
+//! configs keep `rope_theta` and `rope_scaling` at the top level. Both forms are read.
+
+use serde_json::Value as Json;
+
+use super::types::Value;
+use crate::{Error, Result};
+
+/// Architectures the writer supports, by their GGUF name.
+pub const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "smollm3"];
+
+/// What the tensor mapping and metadata need to know about a model.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// GGUF architecture name (`llama` also for Mistral).
+    pub arch: &'static str,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub tied_embeddings: bool,
+    raw: Json,
+}
+
+fn arch_of(config: &Json) -> Option<&'static str> {
+    let class = config
+        .get("architectures")
+        .and_then(Json::as_array)
+        .and_then(|a| a.first())
+        .and_then(Json::as_str)
+        .unwrap_or("");
+    let model_type = config
+        .get("model_type")
+        .and_then(Json::as_str)
+        .unwrap_or("");
+    Some(match (class, model_type) {
+        ("LlamaForCausalLM" | "MistralForCausalLM", _) | (_, "llama" | "mistral") => "llama",
+        ("Qwen2ForCausalLM", _) | (_, "qwen2") => "qwen2",
+        ("Qwen3ForCausalLM", _) | (_, "qwen3") => "qwen3",
+        ("Phi3ForCausalLM", _) | (_, "phi3") => "phi3",
+        ("SmolLM3ForCausalLM", _) | (_, "smollm3") => "smollm3",
+        _ => return None,
+    })
+}
+
+impl ModelConfig {
+    /// Reads the parts of `config.json` that shape the export.
+    pub fn from_json(config: Json) -> Result<Self> {
+        let arch = arch_of(&config).ok_or_else(|| {
+            Error::UnsupportedArchitecture(format!(
+                "config.json: architecture {} (model_type {}) cannot be exported to GGUF; supported: {}",
+                config.get("architectures").map(|a| a.to_string()).unwrap_or_default(),
+                config.get("model_type").map(|a| a.to_string()).unwrap_or_default(),
+                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3"
+            ))
+        })?;
+        let get = |key: &str| -> Result<usize> {
+            config
+                .get(key)
+                .and_then(Json::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Model(format!("config.json: missing integer field {key:?}")))
+        };
+        let hidden = get("hidden_size")?;
+        let heads = get("num_attention_heads")?;
+        let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+        let head_dim = config
+            .get("head_dim")
+            .and_then(Json::as_u64)
+            .map_or(hidden / heads, |v| v as usize);
+        let tied_default = false;
+        let me = Self {
+            arch,
+            hidden,
+            layers: get("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab_size: get("vocab_size")?,
+            tied_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(Json::as_bool)
+                .unwrap_or(tied_default),
+            raw: config,
+        };
+        me.check_llama_cpp_limits()?;
+        Ok(me)
+    }
+
+    /// The raw config (for fields only some paths need).
+    pub fn raw(&self) -> &Json {
+        &self.raw
+    }
+
+    fn f64_field(&self, key: &str) -> Option<f64> {
+        self.raw.get(key).and_then(Json::as_f64)
+    }
+
+    /// Rope settings: `rope_parameters` (transformers 5) merged over `rope_scaling`.
+    pub fn rope(&self) -> Json {
+        let mut merged = serde_json::Map::new();
+        for key in ["rope_scaling", "rope_parameters"] {
+            if let Some(Json::Object(o)) = self.raw.get(key) {
+                for (k, v) in o {
+                    merged.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if let Some(theta) = self.raw.get("rope_theta") {
+            merged.entry("rope_theta").or_insert(theta.clone());
+        }
+        Json::Object(merged)
+    }
+
+    /// `rope_type` (`type` in older configs), lower case; empty when absent.
+    pub fn rope_type(&self) -> String {
+        let rope = self.rope();
+        rope.get("rope_type")
+            .or_else(|| rope.get("type"))
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    }
+
+    /// Refuses settings that llama.cpp's implementation of the architecture cannot run.
+    fn check_llama_cpp_limits(&self) -> Result<()> {
+        if self.arch == "smollm3" {
+            // llama.cpp skips rope on every 4th layer, whatever the config says.
+            if let Some(layers) = self.raw.get("no_rope_layers").and_then(Json::as_array) {
+                for (i, v) in layers.iter().enumerate() {
+                    let uses_rope = v.as_u64() != Some(0);
+                    if uses_rope != ((i + 1) % 4 != 0) {
+                        return Err(Error::UnsupportedArchitecture(format!(
+                            "config.json: no_rope_layers[{i}] = {v}; llama.cpp's smollm3 skips rope exactly on every 4th layer"
+                        )));
+                    }
+                }
+            }
+        }
+        let rope_type = self.rope_type();
+        let ok = match self.arch {
+            "phi3" => matches!(rope_type.as_str(), "" | "default" | "longrope" | "su"),
+            _ => matches!(rope_type.as_str(), "" | "default" | "llama3"),
+        };
+        if !ok {
+            return Err(Error::UnsupportedArchitecture(format!(
+                "config.json: rope type {rope_type:?} is not supported for {} in GGUF export",
+                self.arch
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `{arch}.*` and `general.*` keys llama.cpp needs, with its exact value types.
+    pub fn metadata(&self, name: &str, file_type: u32) -> Result<Vec<(String, Value)>> {
+        let a = self.arch;
+        let rope = self.rope();
+        let theta = rope
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0);
+        let eps = self.f64_field("rms_norm_eps").ok_or_else(|| {
+            Error::Model("config.json: missing number field \"rms_norm_eps\"".into())
+        })?;
+        let ctx = self
+            .raw
+            .get("max_position_embeddings")
+            .and_then(Json::as_u64)
+            .unwrap_or(4096);
+        let ff = self
+            .raw
+            .get("intermediate_size")
+            .and_then(Json::as_u64)
+            .ok_or_else(|| {
+                Error::Model("config.json: missing integer field \"intermediate_size\"".into())
+            })?;
+        let mut kvs: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::Str(a.into())),
+            ("general.type".into(), Value::Str("model".into())),
+            ("general.name".into(), Value::Str(name.into())),
+            (format!("{a}.block_count"), Value::U32(self.layers as u32)),
+            (format!("{a}.context_length"), Value::U32(ctx as u32)),
+            (
+                format!("{a}.embedding_length"),
+                Value::U32(self.hidden as u32),
+            ),
+            (format!("{a}.feed_forward_length"), Value::U32(ff as u32)),
+            (
+                format!("{a}.attention.head_count"),
+                Value::U32(self.heads as u32),
+            ),
+            (
+                format!("{a}.attention.head_count_kv"),
+                Value::U32(self.kv_heads as u32),
+            ),
+            (format!("{a}.rope.freq_base"), Value::F32(theta as f32)),
+            (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                Value::F32(eps as f32),
+            ),
+        ];
+        if self.raw.get("head_dim").is_some() && a != "phi3" {
+            kvs.push((
+                format!("{a}.attention.key_length"),
+                Value::U32(self.head_dim as u32),
+            ));
+            kvs.push((
+                format!("{a}.attention.value_length"),
+                Value::U32(self.head_dim as u32),
+            ));
+        }
+        if a == "phi3" {
+            let partial = rope
+                .get("partial_rotary_factor")
+                .and_then(Json::as_f64)
+                .unwrap_or(1.0);
+            let rope_dims = (partial * self.hidden as f64) as usize / self.heads;
+            kvs.push((
+                format!("{a}.rope.dimension_count"),
+                Value::U32(rope_dims as u32),
+            ));
+            let orig = rope
+                .get("original_max_position_embeddings")
+                .and_then(Json::as_u64)
+                .or_else(|| {
+                    self.raw
+                        .get("original_max_position_embeddings")
+                        .and_then(Json::as_u64)
+                })
+                .unwrap_or(ctx);
+            kvs.push((
+                format!("{a}.rope.scaling.original_context_length"),
+                Value::U32(orig as u32),
+            ));
+            let window = self
+                .raw
+                .get("sliding_window")
+                .and_then(Json::as_u64)
+                .unwrap_or(0);
+            kvs.push((
+                format!("{a}.attention.sliding_window"),
+                Value::U32(window as u32),
+            ));
+            if let Some(factor) = self.phi3_attn_factor(ctx, orig)? {
+                kvs.push((format!("{a}.rope.scaling.attn_factor"), Value::F32(factor)));
+            }
+        } else {
+            kvs.push((
+                format!("{a}.rope.dimension_count"),
+                Value::U32(self.head_dim as u32),
+            ));
+        }
+        if a == "llama" || a == "smollm3" {
+            kvs.push((
+                format!("{a}.vocab_size"),
+                Value::U32(self.vocab_size as u32),
+            ));
+        }
+        kvs.push(("general.file_type".into(), Value::U32(file_type)));
+        kvs.push(("general.quantization_version".into(), Value::U32(2)));
+        Ok(kvs)
+    }
+
+    fn phi3_attn_factor(&self, ctx: u64, orig: u64) -> Result<Option<f32>> {
+        if self.rope().get("long_factor").is_none() {
+            return Ok(None);
+        }
+        let scale = ctx as f64 / orig as f64;
+        let factor = if scale > 1.0 {
+            (1.0 + scale.ln() / (orig as f64).ln()).sqrt()
+        } else {
+            1.0
+        };
+        Ok(Some(factor as f32))
+    }
+
+    /// Extra F32 tensors some rope schemes need: `rope_freqs` (Llama 3.1+) and Phi-3's
+    /// long/short factors. Computed as llama.cpp's converter computes them.
+    pub fn rope_tensors(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let rope = self.rope();
+        let rope_type = self.rope_type();
+        if self.arch != "phi3" && rope_type == "llama3" {
+            let base = rope
+                .get("rope_theta")
+                .and_then(Json::as_f64)
+                .unwrap_or(10000.0) as f32;
+            let num = |k: &str, d: f64| rope.get(k).and_then(Json::as_f64).unwrap_or(d) as f32;
+            let factor = num("factor", 8.0);
+            let low = num("low_freq_factor", 1.0);
+            let high = num("high_freq_factor", 4.0);
+            let old_ctx = num("original_max_position_embeddings", 8192.0);
+            let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+            let dim = self.head_dim;
+            let factors = (0..dim)
+                .step_by(2)
+                .map(|i| {
+                    let freq = 1.0 / base.powf(i as f32 / dim as f32);
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect();
+            return Ok(vec![("rope_freqs.weight".into(), factors)]);
+        }
+        if self.arch == "phi3" {
+            let list = |k: &str| -> Option<Vec<f32>> {
+                rope.get(k)?
+                    .as_array()?
+                    .iter()
+                    .map(|v| v.as_f64().map(|x| x as f32))
+                    .collect()
+            };
+            if let (Some(long), Some(short)) = (list("long_factor"), list("short_factor")) {
+                return Ok(vec![
+                    ("rope_factors_long.weight".into(), long),
+                    ("rope_factors_short.weight".into(), short),
+                ]);
+            }
+        }
+        Ok(vec![])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn llama(extra: Json) -> Json {
+        let mut c = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    #[test]
+    fn theta_is_read_from_both_forms() {
+        for cfg in [
+            llama(json!({"rope_theta": 500000.0})),
+            llama(json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})),
+        ] {
+            let m = ModelConfig::from_json(cfg).unwrap();
+            let kvs = m.metadata("x", 1).unwrap();
+            let theta = kvs
+                .iter()
+                .find(|(k, _)| k == "llama.rope.freq_base")
+                .unwrap();
+            assert_eq!(theta.1, Value::F32(500000.0));
+        }
+    }
+
+    #[test]
+    fn llama31_scaling_adds_rope_freqs() {
+        let cfg = llama(
+            json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}),
+        );
+        let m = ModelConfig::from_json(cfg).unwrap();
+        let t = m.rope_tensors().unwrap();
+        assert_eq!(t[0].0, "rope_freqs.weight");
+        assert_eq!(t[0].1.len(), 8);
+        assert_eq!(t[0].1[0], 1.0);
+        assert_eq!(*t[0].1.last().unwrap(), 8.0);
+    }
+
+    #[test]
+    fn unknown_architecture_is_refused() {
+        let mut cfg = llama(json!({}));
+        cfg["architectures"] = json!(["GPTNeoXForCausalLM"]);
+        cfg["model_type"] = json!("gpt_neox");
+        let err = ModelConfig::from_json(cfg).unwrap_err();
+        assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+    }
+}

@@ -1,0 +1,83 @@
+"""Tiny random Hugging Face models of each architecture the GGUF writer supports,
+built from their transformers configs with the real tokenizer of the family."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from conftest import real_tokenizer
+
+# family -> (config class name, tokenizer folder in shared/, extra config fields)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": (
+        "LlamaConfig",
+        "llama-3.2-3b-instruct",
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "tie_word_embeddings": True,
+        },
+    ),
+    "mistral": ("MistralConfig", "mixtral-8x22b-v0.1", {"rope_theta": 1000000.0, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", "qwen2.5-0.5b-instruct", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "qwen2.5-0.5b-instruct", {"head_dim": 32}),
+    "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),
+    "smollm3": ("SmolLM3Config", "llama-3.2-3b-instruct", {"tie_word_embeddings": True}),
+}
+
+
+def build_model(
+    family: str,
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    dtype: str = "float32",
+    std: float = 0.2,
+    tokenizer_dir: Path | None = None,
+    **overrides: Any,
+) -> Path:
+    """Saves a random model of `family` with its real tokenizer (or `tokenizer_dir`) into `out`."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, tok_name, extra = FAMILIES[family]
+    tok_dir = tokenizer_dir or real_tokenizer(tok_name)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    fields: dict[str, Any] = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        initializer_range=std,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    fields.update(extra)
+    fields.update(overrides)
+    config = getattr(transformers, cls_name)(**fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,249 @@
+"""Ollama: chat templates translated to Go templates, and registration through a local
+server that follows Ollama's HTTP API (blob upload by digest, then create)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import real_tokenizer
+
+TEMPLATES = ["qwen2.5-0.5b-instruct", "llama-3.2-3b-instruct", "phi-3-mini", "smollm2-135m-instruct"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+]
+
+
+def go_render(template: str, system: str | None, messages: list[dict[str, str]]) -> str:
+    """Evaluates the Go-template subset the Modelfile uses (if/else if/range/eq/fields)."""
+    tokens = re.split(r"({{.*?}})", template)
+    pos = 0
+
+    def block(scope: dict[str, Any], active: bool) -> tuple[str, str]:
+        nonlocal pos
+        out = ""
+        while pos < len(tokens):
+            tok = tokens[pos]
+            pos += 1
+            if not tok.startswith("{{"):
+                out += tok if active else ""
+                continue
+            action = tok[2:-2].strip()
+            if action in ("end",) or action.startswith("else"):
+                return out, action
+            if action.startswith("if "):
+                taken = False
+                cond = action[3:]
+                while True:
+                    ok = active and not taken and evaluate(cond, scope)
+                    text, stop = block(scope, ok)
+                    out += text if ok else ""
+                    taken = taken or ok
+                    if stop == "end":
+                        break
+                    cond = stop[len("else if ") :] if stop.startswith("else if ") else "true"
+            elif action == "range .Messages":
+                start = pos
+                for m in messages if active else [None]:
+                    pos = start
+                    text, _ = block({"Role": m["role"], "Content": m["content"]} if m else {}, m is not None)
+                    out += text
+                if not (active and messages):
+                    pos = start
+                    block({}, False)
+            else:
+                out += str(scope.get(action[1:], "")) if active else ""
+        return out, ""
+
+    def evaluate(cond: str, scope: dict[str, Any]) -> bool:
+        if cond == "true":
+            return True
+        if cond == ".System":
+            return bool(system)
+        m = re.fullmatch(r'eq \.Role "(\w+)"', cond)
+        assert m, cond
+        return scope.get("Role") == m.group(1)
+
+    text, _ = block({"System": system or ""}, True)
+    return text
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_translated_template_renders_like_transformers(name: str) -> None:
+    from transformers import AutoTokenizer
+
+    from backpropagate.export.ollama import chat_format
+
+    folder = real_tokenizer(name)
+    fmt = chat_format(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = fmt.go_template()
+    for messages in CONVERSATIONS:
+        for system in (None, "Answer in one word."):
+            hf_messages = ([{"role": "system", "content": system}] if system else []) + messages
+            want = tok.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+            # llama.cpp and Ollama add BOS when tokenizing, so the template leaves it out.
+            bos = tok.bos_token or ""
+            want = want[len(bos) :] if bos and want.startswith(bos) else want
+            got = go_render(template, system or fmt.default_system, messages)
+            assert got == want
+    assert fmt.stops and all(s in tok.get_vocab() or s in tok.added_tokens_encoder for s in fmt.stops)
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """Ollama's documented API: HEAD/POST /api/blobs/<digest>, POST /api/create."""
+
+    blobs: dict[str, int] = {}
+    calls: list[tuple[str, str, Any]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: dict[str, Any] | None = None) -> None:
+        data = json.dumps(body or {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_HEAD(self) -> None:
+        digest = self.path.removeprefix("/api/blobs/")
+        self.calls.append(("HEAD", self.path, None))
+        self.send_response(200 if digest in self.blobs else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        if self.path.startswith("/api/blobs/"):
+            digest = self.path.removeprefix("/api/blobs/")
+            self.calls.append(("POST", self.path, len(body)))
+            if digest != "sha256:" + hashlib.sha256(body).hexdigest():
+                return self._answer(400, {"error": "digest mismatch"})
+            self.blobs[digest] = len(body)
+            return self._answer(201)
+        if self.path == "/api/create":
+            req = json.loads(body)
+            self.calls.append(("POST", self.path, req))
+            missing = [d for d in req.get("files", {}).values() if d not in self.blobs]
+            if not req.get("model") or missing:
+                return self._answer(400, {"error": f"missing blobs {missing}"})
+            return self._answer(200, {"status": "success"})
+        self._answer(404, {"error": "not found"})
+
+
+@pytest.fixture
+def ollama_server() -> Any:
+    FakeOllama.blobs, FakeOllama.calls = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_export_registers_with_ollama(tiny_qwen2: Path, tmp_path: Path, ollama_server: str) -> None:
+    from backpropagate.export import export
+
+    result = export(
+        tiny_qwen2,
+        "gguf",
+        output=tmp_path / "out",
+        quantization="q8_0",
+        ollama=True,
+        ollama_name="tiny:latest",
+        ollama_host=ollama_server,
+    )
+    assert result.ollama is not None and result.ollama.registered
+    digest = "sha256:" + hashlib.sha256(result.path.read_bytes()).hexdigest()
+    kinds = [(m, p) for m, p, _ in FakeOllama.calls]
+    assert kinds == [("HEAD", f"/api/blobs/{digest}"), ("POST", f"/api/blobs/{digest}"), ("POST", "/api/create")]
+    create = FakeOllama.calls[-1][2]
+    assert create["model"] == "tiny:latest"
+    assert create["files"] == {result.path.name: digest}
+    assert create["parameters"]["stop"] == ["<|im_end|>"]
+    assert create["system"] == "You are a helpful assistant."
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{result.path.name}\n")
+    assert f'TEMPLATE """{create["template"]}"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'SYSTEM """You are a helpful assistant."""' in modelfile
+
+    # A second export of the same file finds the blob already there and skips the upload.
+    FakeOllama.calls.clear()
+    export(
+        tiny_qwen2,
+        "gguf",
+        output=tmp_path / "out",
+        quantization="q8_0",
+        ollama=True,
+        ollama_host=ollama_server,
+        force=True,
+    )
+    assert [(m, p.split("/")[2]) for m, p, _ in FakeOllama.calls] == [("HEAD", "blobs"), ("POST", "create")]
+
+
+def test_no_daemon_leaves_modelfile_and_command(tiny_llama: Path, tmp_path: Path) -> None:
+    from backpropagate.errors import DependencyError
+    from backpropagate.export import export
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    with pytest.raises(DependencyError) as err:
+        export(
+            tiny_llama,
+            "gguf",
+            output=tmp_path / "out",
+            quantization="f16",
+            ollama=True,
+            ollama_host=f"127.0.0.1:{port}",
+        )
+    e = err.value
+    assert e.code == "DEP_OLLAMA_REGISTRATION_FAILED" and e.retryable
+    modelfile = tmp_path / "out" / "Modelfile"
+    assert modelfile.exists() and f"cd {modelfile.parent} && ollama create" in e.message
+    assert list((tmp_path / "out").glob("*.gguf"))
+
+
+def test_cli_prints_the_manual_command(tiny_llama: Path, tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import os
+
+    os.environ["OLLAMA_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        r = run_cli(
+            "export",
+            str(tiny_llama),
+            "--format",
+            "gguf",
+            "--quantization",
+            "f16",
+            "--output",
+            str(tmp_path / "o"),
+            "--ollama",
+            "--ollama-name",
+            "mine",
+        )
+    finally:
+        del os.environ["OLLAMA_HOST"]
+    assert r.status == 4
+    assert "[DEP_OLLAMA_REGISTRATION_FAILED]" in r.stderr and "ollama create mine -f Modelfile" in r.stderr

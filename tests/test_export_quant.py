@@ -1,0 +1,154 @@
+"""Quantized GGUF bytes are llama.cpp's bytes.
+
+Every quantized tensor our writer emits is compared with what llama.cpp's quantizer
+(`ggml_quantize_chunk` of the installed llama.cpp) makes from the same f32 input, after the
+same Q/K permutation. When llama-cpp-python is installed, whole files are also compared
+with `llama_model_quantize` run on our f32 GGUF, which checks llama.cpp's per-tensor type
+choices too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_models import build_model
+
+xllamacpp = pytest.importorskip("xllamacpp")
+gguf = pytest.importorskip("gguf")
+
+QUANTS = ["q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+GGML_TYPE_IDS = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def _ggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(xllamacpp.xllamacpp.__file__)
+    fn = lib.ggml_quantize_chunk
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes += [ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    return lib
+
+
+def _llama_cpp_quantize(lib: ctypes.CDLL, type_name: str, rows: np.ndarray, row_bytes: int) -> bytes:
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = np.zeros(rows.shape[0] * row_bytes, dtype=np.uint8)
+    n = lib.ggml_quantize_chunk(
+        GGML_TYPE_IDS[type_name], rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None
+    )
+    assert n == out.size
+    return out.tobytes()
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    # llama.cpp's converter: reshape(heads, 2, rows/heads/2, ...).swapaxes(1, 2)
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_to_gguf(name: str) -> str | None:
+    parts = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "lm_head.weight": "output.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    if name in parts:
+        return parts[name]
+    table = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    _, _, layer, rest = name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{table[module]}.{kind}"
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """A bf16 llama whose rows are whole k-quant blocks (hidden 256), 8 layers, untied."""
+    return build_model(
+        "llama",
+        tmp_path_factory.mktemp("wide") / "m",
+        hidden=256,
+        layers=8,
+        dtype="bfloat16",
+        std=0.05,
+        tokenizer_dir=tiny_llama,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+    )
+
+
+def _source_f32(model_dir: Path) -> dict[str, np.ndarray]:
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_dir / "model.safetensors"))
+    out = {}
+    for name, t in sd.items():
+        w = t.to(torch.float32).numpy()
+        if name.endswith("q_proj.weight"):
+            w = _permute(w, 4)
+        elif name.endswith("k_proj.weight"):
+            w = _permute(w, 2)
+        out[_hf_to_gguf(name)] = w
+    return out
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp_path: Path) -> None:
+    from backpropagate import _core
+
+    out = tmp_path / f"{quant}.gguf"
+    lib_path = xllamacpp.xllamacpp.__file__
+    report = _core.convert_to_gguf(str(wide_llama), str(out), quant, llama_cpp_lib=lib_path)
+    lib = _ggml()
+    src = _source_f32(wide_llama)
+    reader = gguf.GGUFReader(out)
+    seen: set[str] = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind == "F32":
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(src[t.name].shape), src[t.name])
+            continue
+        rows = src[t.name]
+        want = _llama_cpp_quantize(lib, kind, rows, int(t.n_bytes) // rows.shape[0])
+        assert bytes(np.asarray(t.data).tobytes()) == want, t.name
+        seen.add(kind)
+    assert sum(report["types"].values()) == len(reader.tensors)
+    if quant in ("q4_k_m", "q5_k_m"):
+        # the mixes give output, some attn_v and some ffn_down more bits
+        assert "Q6_K" in seen and len(seen) >= 2
+
+
+def test_whole_files_match_llama_model_quantize(wide_llama: Path, tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from backpropagate import _core
+
+    f32 = tmp_path / "f32.gguf"
+    _core.convert_to_gguf(str(wide_llama), str(f32), "f32")
+    ftypes = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+    for quant, ftype in ftypes.items():
+        ref = tmp_path / f"ref-{quant}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), params)
+        assert rc == 0
+        ours = tmp_path / f"ours-{quant}.gguf"
+        _core.convert_to_gguf(str(wide_llama), str(ours), quant, llama_cpp_lib=xllamacpp.xllamacpp.__file__)
+        a = {t.name: t for t in gguf.GGUFReader(ref).tensors}
+        b = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+        assert list(a) == list(b)
+        for name, t in a.items():
+            assert t.tensor_type == b[name].tensor_type, (quant, name)
+            assert np.asarray(t.data).tobytes() == np.asarray(b[name].data).tobytes(), (quant, name)
