@@ -111,12 +111,18 @@ def release() -> None:
 
 def prepare_pairs(args: argparse.Namespace, folder: Path):  # type: ignore[no-untyped-def]
     """The peer's rows through our data engine, with the given tokenizer."""
+    import numpy as np
+
     from backpropagate.data import DataConfig, prepare
 
     count = args.pairs * (args.warmup + args.steps + 1)
     data = folder / "pairs.jsonl"
     rows = peer_rows(count, args.prompt_words, args.answer_words)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if not args.max_seq_length:  # the tightest row that holds the longest pair (TRL pads to the longest too)
+        probe = prepare(data, args.tokenizer, DataConfig(max_seq_length=8192, cache=False))
+        longest = int(np.bincount(probe.pair_id, weights=probe.sample_lengths()).max())
+        args.max_seq_length = -(-longest // 64) * 64
     t0 = time.perf_counter()
     dataset = prepare(data, args.tokenizer, DataConfig(max_seq_length=args.max_seq_length, cache=False))
     prep_s = time.perf_counter() - t0
@@ -234,6 +240,7 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
         "shared_prompt": shared,
         "recompute": recompute,
         "pairs_per_step": args.pairs,
+        "max_seq_length": args.max_seq_length,
         "steps": args.steps,
         "prompt_words": args.prompt_words,
         "answer_words": args.answer_words,
@@ -296,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
     parser.add_argument("--prompt-words", type=int, default=80)
     parser.add_argument("--answer-words", type=int, default=250)
-    parser.add_argument("--max-seq-length", type=int, default=1024, help="packed row length (one pair per row)")
+    parser.add_argument(
+        "--max-seq-length", type=int, default=0, help="packed row length, one pair per row (0: the longest pair's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-folder", default="/tmp/bp-orpo-rand-qwen2.5-7b", help="random model folder (4-bit)")
     parser.add_argument(
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args.shape = "qwen2.5-7b"
     if args.quick:
         args.shape, args.steps, args.warmup = "tiny", 2, 1
-        args.prompt_words, args.answer_words, args.max_seq_length = 8, 24, 128
+        args.prompt_words, args.answer_words = 8, 24
         args.model_folder = str(Path(tempfile.gettempdir()) / "bp-orpo-rand-tiny")
         shutil.rmtree(args.model_folder, ignore_errors=True)
     if args.tokenizer is None:
