@@ -19,15 +19,24 @@ from backpropagate.errors import InputError
 # Text with the characters that matter to the rules: whitespace kinds, think tags, quotes,
 # digits, non-ASCII letters and special-token strings.
 PIECES = ["hi", " there", "\n", "  ", "\t", "<think>", "</think>", "'s", "42", "é", "中", "<|im_end|>", ".", "?"]
-text = st.lists(st.one_of(st.sampled_from(PIECES), st.text(alphabet=st.characters(codec="utf-8"), max_size=5)), max_size=8).map("".join)
+text = st.lists(
+    st.one_of(st.sampled_from(PIECES), st.text(alphabet=st.characters(codec="utf-8"), max_size=5)), max_size=8
+).map("".join)
 role = st.sampled_from(["system", "user", "assistant", "tool", "robot"])
 message = st.fixed_dictionaries({"role": role, "content": st.one_of(text, st.integers(), st.none())})
 row = st.one_of(
     st.fixed_dictionaries({"messages": st.lists(message, max_size=5)}),
     st.fixed_dictionaries(
-        {"conversations": st.lists(st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "alien"]), "value": text}), max_size=4)}
+        {
+            "conversations": st.lists(
+                st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "alien"]), "value": text}),
+                max_size=4,
+            )
+        }
     ),
-    st.fixed_dictionaries({"instruction": text, "output": text}, optional={"input": st.one_of(text, st.none()), "system": text}),
+    st.fixed_dictionaries(
+        {"instruction": text, "output": text}, optional={"input": st.one_of(text, st.none()), "system": text}
+    ),
     st.fixed_dictionaries({"text": st.one_of(text, st.integers())}),
     st.fixed_dictionaries({"chosen": text, "rejected": text}, optional={"prompt": text}),
     st.fixed_dictionaries({"prompt": text, "completion": text, "label": st.one_of(st.booleans(), st.integers(0, 1))}),
@@ -115,7 +124,11 @@ def reference_model(name: str) -> ref.ReferenceModel:
     return ref.ReferenceModel(tiny_model(name))
 
 
-chat_text = st.lists(st.sampled_from(["The", " capital", " of", " France", " is", " Paris", ".", "\n", " 42", "'s", " é"]), min_size=1, max_size=12).map("".join)
+chat_text = st.lists(
+    st.sampled_from(["The", " capital", " of", " France", " is", " Paris", ".", "\n", " 42", "'s", " é"]),
+    min_size=1,
+    max_size=12,
+).map("".join)
 turn = st.tuples(chat_text, chat_text)
 conversation = st.builds(
     lambda system, turns: {
@@ -127,13 +140,21 @@ conversation = st.builds(
 )
 sft_row = st.one_of(
     conversation,
-    st.builds(lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}, chat_text, chat_text),
+    st.builds(
+        lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+        chat_text,
+        chat_text,
+    ),
     st.builds(lambda i, o: {"instruction": i, "output": o}, chat_text, chat_text),
     st.builds(lambda t: {"text": t}, chat_text),
 )
 pref_row = st.builds(lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r}, chat_text, chat_text, chat_text)
 kto_row = st.builds(lambda p, c, lab: {"prompt": p, "completion": c, "label": lab}, chat_text, chat_text, st.booleans())
-dataset = st.one_of(st.lists(sft_row, min_size=1, max_size=8), st.lists(pref_row, min_size=1, max_size=6), st.lists(kto_row, min_size=1, max_size=6))
+dataset = st.one_of(
+    st.lists(sft_row, min_size=1, max_size=8),
+    st.lists(pref_row, min_size=1, max_size=6),
+    st.lists(kto_row, min_size=1, max_size=6),
+)
 configs = st.builds(
     lambda n, on, over, pack: DataConfig(max_seq_length=n, train_on=on, overlong=over, pack=pack, cache=False),
     st.sampled_from([24, 48, 96, 512]),

@@ -33,7 +33,11 @@ CONVERSATIONS = [
             "role": "assistant",
             "content": "",
             "tool_calls": [
-                {"id": "call12345", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": 2}}}
+                {
+                    "id": "call12345",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": {"city": "Paris", "days": 2}},
+                }
             ],
         },
         {"role": "tool", "content": '{"temp": 21.5}', "tool_call_id": "call12345", "name": "weather"},

@@ -227,6 +227,25 @@ fn pack_bfd(
     Ok((p.offsets, p.items))
 }
 
+/// Scans a dataset without a model (for `backprop validate`): returns the scan as JSON
+/// (stats, trace tag structure, characters per sample).
+#[pyfunction]
+#[pyo3(signature = (source, max_errors=20, data=None))]
+fn scan_dataset(
+    py: Python<'_>,
+    source: &str,
+    max_errors: usize,
+    data: Option<Vec<u8>>,
+) -> PyResult<String> {
+    let found = py
+        .detach(|| {
+            let bytes = source_bytes(source, data)?;
+            crate::data::scan::scan(source, &bytes, max_errors)
+        })
+        .map_err(to_py_err)?;
+    Ok(serde_json::to_string(&found).unwrap_or_default())
+}
+
 /// Token ids and their byte ranges.
 type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
 
@@ -285,6 +304,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataTokenizer>()?;
     m.add_function(wrap_pyfunction!(detect_row, m)?)?;
     m.add_function(wrap_pyfunction!(pack_bfd, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(render_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(prepare_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(verify_dataset_cache, m)?)?;

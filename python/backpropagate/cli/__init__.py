@@ -39,7 +39,10 @@ def _global_options(
 
 def _register_commands() -> None:
     # Imported here so each command module can import `app` from this one.
-    from backpropagate.cli import info_cmd  # noqa: F401
+    from backpropagate.cli import (
+        info_cmd,  # noqa: F401
+        validate_cmd,  # noqa: F401
+    )
 
 
 def print_error(err: BackpropagateError) -> None:

@@ -124,7 +124,9 @@ def _messages(value: Any, field_name: str, *, sharegpt: bool) -> list[Message]:
 def _message(item: Any, at: str, *, sharegpt: bool) -> Message:
     if not isinstance(item, dict):
         raise RowError(f"'{at}' must be an object")
-    role_key, content_key = ("from", "value") if sharegpt and ("from" in item or "role" not in item) else ("role", "content")
+    role_key, content_key = (
+        ("from", "value") if sharegpt and ("from" in item or "role" not in item) else ("role", "content")
+    )
     if role_key not in item:
         raise RowError(f"'{at}' lacks field '{role_key}'")
     raw_role = item[role_key]
@@ -251,7 +253,9 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def render_with_spans(render: Render, messages: list[Message], label_from: int, train_all: bool) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(
+    render: Render, messages: list[Message], label_from: int, train_all: bool
+) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the byte spans of it that carry a loss.
 
     For assistant message i: the conversation up to i rendered with the generation
@@ -297,7 +301,9 @@ def _assistant_span(render: Render, messages: list[Message], full: str, i: int) 
     return _utf8_len(full[:start]), _utf8_len(full[: content_end + tail])
 
 
-def labels_from_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+def labels_from_spans(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
     """A token is a target when it starts inside a span with at least half of its bytes inside."""
     labels = []
     for token, (start, end) in zip(ids, offsets, strict=True):
@@ -411,13 +417,13 @@ class ReferenceModel:
         """The template's rendering, as transformers renders it."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        out, _ = render_jinja_template(
+        rendered: Any = render_jinja_template(
             conversations=[messages],
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
             **self.specials,
         )
-        return out[0]
+        return str(rendered[0][0])
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and byte offsets (no special tokens added)."""
