@@ -32,6 +32,7 @@ def convert_to_gguf(
 
 def gguf_quantizations() -> list[str]:
     """Quantization names the GGUF writer accepts."""
+
 def render_chat_template(
     template: str, messages_json: str, add_generation_prompt: bool = False, globals_json: str = "{}"
 ) -> str: ...

@@ -30,7 +30,7 @@ def train(
     ),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
     epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
-    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or adapter."),
+    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or lora."),
     quantization: str | None = typer.Option(
         None, "--quantization", "-q", help="Quantization for --export gguf, e.g. q4_k_m."
     ),
@@ -43,7 +43,8 @@ def train(
     given = {k: v for k, v in options.items() if v != _default(k)}
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
-    exported = trainer.export(export, quantization=quantization) if export else None
+    # The format is validated inside export().
+    exported = trainer.export(export, quantization=quantization) if export else None  # type: ignore[arg-type]
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,
