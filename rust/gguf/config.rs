@@ -244,7 +244,7 @@ impl ModelConfig {
                 format!("{a}.attention.sliding_window"),
                 Value::U32(window as u32),
             ));
-            if let Some(factor) = self.phi3_attn_factor(ctx, orig)? {
+            if let Some(factor) = self.phi3_attn_factor(ctx, orig) {
                 kvs.push((format!("{a}.rope.scaling.attn_factor"), Value::F32(factor)));
             }
         } else {
@@ -264,17 +264,16 @@ impl ModelConfig {
         Ok(kvs)
     }
 
-    fn phi3_attn_factor(&self, ctx: u64, orig: u64) -> Result<Option<f32>> {
-        if self.rope().get("long_factor").is_none() {
-            return Ok(None);
-        }
+    /// Phi-3's attention factor for long-rope models (llama.cpp's converter's formula).
+    fn phi3_attn_factor(&self, ctx: u64, orig: u64) -> Option<f32> {
+        self.rope().get("long_factor")?;
         let scale = ctx as f64 / orig as f64;
         let factor = if scale > 1.0 {
             (1.0 + scale.ln() / (orig as f64).ln()).sqrt()
         } else {
             1.0
         };
-        Ok(Some(factor as f32))
+        Some(factor as f32)
     }
 
     /// Extra F32 tensors some rope schemes need: `rope_freqs` (Llama 3.1+) and Phi-3's

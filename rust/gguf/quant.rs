@@ -6,7 +6,7 @@
 //! `q4_k_m` etc.) follow `llama_tensor_get_type` in llama.cpp's `llama-quant.cpp`.
 
 use std::ffi::c_void;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -20,7 +20,6 @@ type QuantizeChunk =
 /// llama.cpp's quantization kernels, loaded from a shared library.
 pub struct Kernels {
     quantize: QuantizeChunk,
-    path: PathBuf,
     _lib: libloading::Library,
 }
 
@@ -38,14 +37,8 @@ impl Kernels {
             .map_err(|e| unavailable(e.to_string()))?;
         Ok(Self {
             quantize,
-            path: path.to_path_buf(),
             _lib: lib,
         })
-    }
-
-    /// Library the kernels come from.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Quantizes whole rows of `src` (each `n_per_row` long) into `dst`.

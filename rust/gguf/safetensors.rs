@@ -128,7 +128,6 @@ impl TensorView<'_> {
 
 /// A set of safetensors files opened together (one model or one adapter).
 pub struct Safetensors {
-    paths: Vec<PathBuf>,
     maps: Vec<Mmap>,
     entries: BTreeMap<String, Entry>,
 }
@@ -219,11 +218,7 @@ impl Safetensors {
             parse_header(path, &map, i, &mut entries)?;
             maps.push(map);
         }
-        Ok(Self {
-            paths: paths.to_vec(),
-            maps,
-            entries,
-        })
+        Ok(Self { maps, entries })
     }
 
     /// Maps every `*.safetensors` file of a model folder.
@@ -267,10 +262,5 @@ impl Safetensors {
             .values()
             .map(|e| (e.end - e.start) as u64)
             .sum()
-    }
-
-    /// Files backing this set.
-    pub fn paths(&self) -> &[PathBuf] {
-        &self.paths
     }
 }

@@ -132,7 +132,6 @@ impl OutType {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     U32(u32),
-    I32(i32),
     F32(f32),
     Bool(bool),
     Str(String),
@@ -146,7 +145,6 @@ impl Value {
     pub fn type_id(&self) -> u32 {
         match self {
             Value::U32(_) => 4,
-            Value::I32(_) => 5,
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::Str(_) => 8,

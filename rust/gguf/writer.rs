@@ -49,7 +49,6 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
     out.extend_from_slice(&v.type_id().to_le_bytes());
     match v {
         Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
         Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
         Value::Bool(x) => out.push(u8::from(*x)),
         Value::Str(s) => put_str(out, s),

@@ -28,18 +28,26 @@ def export_command(
     system: str | None = typer.Option(None, "--system", help="System prompt for the Modelfile."),
 ) -> None:
     """Export a trained adapter as a PEFT adapter, merged bf16 weights, or GGUF for llama.cpp / Ollama."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from backpropagate.export import export
 
-    result = export(
-        path,
-        fmt,  # type: ignore[arg-type]  # validated inside export()
-        output=output,
-        quantization=quantization,
-        force=force,
-        ollama=ollama,
-        ollama_name=ollama_name,
-        system=system,
-    )
+    columns = (TextColumn("writing GGUF"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # Progress goes to stderr; stdout carries the result lines.
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=fmt != "gguf") as bar:
+        task = bar.add_task("gguf", total=None)
+        result = export(
+            path,
+            fmt,  # type: ignore[arg-type]  # validated inside export()
+            output=output,
+            quantization=quantization,
+            force=force,
+            ollama=ollama,
+            ollama_name=ollama_name,
+            system=system,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     typer.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
     if result.tensor_types:
         typer.echo("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(result.tensor_types.items())))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,7 @@ from backpropagate.export.ollama import OllamaOutcome, chat_format, modelfile_te
 from backpropagate.export.source import TOKENIZER_FILES, ExportSource, open_source
 
 Format = Literal["lora", "merged", "gguf"]
+Progress = Callable[[int, int], object]
 FORMATS = ("lora", "merged", "gguf")
 DEFAULT_GGUF_QUANTIZATION = "q8_0"
 
@@ -93,7 +95,9 @@ def _export_merged(src: ExportSource, out: Path, force: bool) -> list[Path]:
     return sorted(out.iterdir())
 
 
-def _export_gguf(src: ExportSource, out: Path, quantization: str, force: bool) -> tuple[Path, dict[str, int]]:
+def _export_gguf(
+    src: ExportSource, out: Path, quantization: str, force: bool, progress: Progress | None
+) -> tuple[Path, dict[str, int]]:
     from backpropagate import _core
     from backpropagate.export.llama_cpp import library_path
 
@@ -109,6 +113,7 @@ def _export_gguf(src: ExportSource, out: Path, quantization: str, force: bool) -
         llama_cpp_lib=str(lib) if lib else None,
         name=src.base_model.split("/")[-1],
         tokenizer_dir=str(src.tokenizer_dir),
+        progress=progress,
     )
     mb = report["bytes"] / 1e6
     log.get_logger(__name__).info(
@@ -127,6 +132,7 @@ def export(
     ollama_name: str | None = None,
     ollama_host: str | None = None,
     system: str | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
     """Exports an adapter (or full model) folder.
 
@@ -141,6 +147,7 @@ def export(
         ollama_name: Model name in Ollama (default: the GGUF file's stem).
         ollama_host: Ollama's address (default: OLLAMA_HOST or http://127.0.0.1:11434).
         system: System prompt for the Modelfile (default: the template's own default).
+        progress: Called as `progress(tensors_done, tensors_total)` while a GGUF is written.
 
     Raises:
         StateError: STATE_OUTPUT_EXISTS when the output exists and `force` is off.
@@ -176,7 +183,7 @@ def export(
     else:
         quant = (quantization or DEFAULT_GGUF_QUANTIZATION).lower()
         chat = chat_format(src.tokenizer_dir) if ollama else None
-        main, types = _export_gguf(src, out, quant, force)
+        main, types = _export_gguf(src, out, quant, force, progress)
         folder = main.parent
         files = [main]
         if chat is not None:
