@@ -54,7 +54,9 @@ bench:
 
 ## demo: the main job on the built-in default (tiny model + example data): train, export GGUF, generate
 demo: install
-	$(VENV)/bin/backprop train --model tiny-llama --steps 60 --output runs/demo --export gguf
+	rm -rf runs/demo
+	$(VENV)/bin/backprop train --model tiny-llama --steps 60 --output runs/demo --export gguf --quantization q8_0
+	$(VENV)/bin/backprop generate runs/demo/adapter-gguf/tiny-llama-v1-q8_0.gguf --prompt "What is the capital of France?" --max-tokens 16
 
 clean:
 	rm -rf target runs .pytest_cache .ruff_cache .mypy_cache
