@@ -21,7 +21,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from backpropagate.data.dataset import PreparedDataset
 from backpropagate.errors import ConfigError, InputError, StateError
 from backpropagate.model_source import resolve_model
 from backpropagate.presets import Preset, find_preset
+
+if TYPE_CHECKING:
+    from backpropagate.export import ExportResult, Format
 
 RUNS_DIR = Path("runs")
 
@@ -315,13 +318,13 @@ class Trainer:
         )
         return self.result
 
-    def export(self, fmt: str, quantization: str | None = None, **kwargs: Any) -> Any:
+    def export(self, fmt: Format, quantization: str | None = None, **kwargs: Any) -> ExportResult:
         """Exports the trained adapter (or full model) with `backpropagate.export.export`.
 
         Args:
-            fmt: Export format, e.g. "gguf", "merged", "adapter".
+            fmt: "gguf", "merged" or "lora".
             quantization: e.g. "q4_k_m" for GGUF.
-            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host).
+            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host, system).
         """
         source = self._final_dir()
         from backpropagate.export import export

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import typer
 
@@ -30,7 +30,7 @@ def train(
     ),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
     epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
-    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or adapter."),
+    export: str | None = typer.Option(None, "--export", help="Export after training: gguf, merged or lora."),
     quantization: str | None = typer.Option(
         None, "--quantization", "-q", help="Quantization for --export gguf, e.g. q4_k_m."
     ),
@@ -43,7 +43,7 @@ def train(
     given = {k: v for k, v in options.items() if v != _default(k)}
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
-    exported = trainer.export(export, quantization=quantization) if export else None
+    exported = trainer.export(cast(Any, export), quantization=quantization) if export else None
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,
@@ -57,7 +57,7 @@ def train(
         "dropped": result.data_stats.get("dropped"),
     }
     if exported is not None:
-        summary["export"] = str(getattr(exported, "path", exported))
+        summary["export"] = str(exported.path)
     if as_json:
         typer.echo(json.dumps(summary))
         return
