@@ -214,7 +214,8 @@ def main() -> None:
             mem = f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if r is ours else ""
             same = {True: "yes", False: "NO", None: "not checked"}[identical] if r is ours else ""
             print(
-                f"| {outtype} | {name} | {r['seconds']:.1f} | {mbps:.0f} | {r['peak_rss_mb']:.0f} | {speed} | {mem} | {same} |"
+                f"| {outtype} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {mbps:.0f} | "
+                f"{r['peak_rss_mb']:.0f} | {speed} | {mem} | {same} |"
             )
 
 

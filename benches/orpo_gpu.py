@@ -7,9 +7,11 @@ weight values), LoRA r16 on every linear layer, 4 pairs per step, ~80-word promp
 It runs the real path: the data engine prepares the rows (pairs packed padding-free,
 prompts masked), the training loop trains with the ORPO objective.
 
-  qlora           4-bit nf4 base (the default mode on CUDA), each pair's prompt run once
-  lora            bf16 base, prompt run once
-  qlora_unshared  4-bit base, chosen and rejected as two full sequences (diagnosis)
+  qlora           4-bit nf4 base (the default mode on CUDA), each pair's prompt run once, activation
+                  recompute planned within --memory-budget-gib (default 9: under half the peer's 19.1)
+  qlora_on        the same with every layer recomputed (the least memory)
+  lora            bf16 base, every layer recomputed (the peer's precision and recompute)
+  qlora_unshared  like qlora_on, with chosen and rejected as two full sequences (diagnosis)
 
 Run it in the same device call as the peer, so both use the same card:
 
@@ -25,6 +27,7 @@ without TOKDIR it uses the built-in tiny-qwen2 tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -107,12 +111,18 @@ def release() -> None:
 
 def prepare_pairs(args: argparse.Namespace, folder: Path):  # type: ignore[no-untyped-def]
     """The peer's rows through our data engine, with the given tokenizer."""
+    import numpy as np
+
     from backpropagate.data import DataConfig, prepare
 
     count = args.pairs * (args.warmup + args.steps + 1)
     data = folder / "pairs.jsonl"
     rows = peer_rows(count, args.prompt_words, args.answer_words)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if not args.max_seq_length:  # the tightest row that holds the longest pair (TRL pads to the longest too)
+        probe = prepare(data, args.tokenizer, DataConfig(max_seq_length=8192, cache=False))
+        longest = int(np.bincount(probe.pair_id, weights=probe.sample_lengths()).max())
+        args.max_seq_length = -(-longest // 64) * 64
     t0 = time.perf_counter()
     dataset = prepare(data, args.tokenizer, DataConfig(max_seq_length=args.max_seq_length, cache=False))
     prep_s = time.perf_counter() - t0
@@ -121,12 +131,13 @@ def prepare_pairs(args: argparse.Namespace, folder: Path):  # type: ignore[no-un
     return dataset, prep_s
 
 
-def train_config(args: argparse.Namespace, mode: str, shared: bool):  # type: ignore[no-untyped-def]
+def train_config(args: argparse.Namespace, mode: str, shared: bool, recompute: str):  # type: ignore[no-untyped-def]
     from backpropagate.config import TrainConfig
 
     return TrainConfig(
         method="orpo",
         mode=mode,
+        gradient_checkpointing=recompute,
         device=args.device,
         lora_r=16,
         lora_alpha=32,
@@ -165,6 +176,21 @@ def saved_model(args: argparse.Namespace) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def memory_budget(gib: float, device: torch.device) -> Iterator[None]:
+    """Makes the auto recompute plan fill `gib` GiB in all, instead of its share of the whole card."""
+    from backpropagate.backends import recompute
+
+    saved = recompute.MEMORY_TARGET
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        recompute.MEMORY_TARGET = gib * 2**30 / (free + torch.cuda.memory_reserved(device))
+    try:
+        yield
+    finally:
+        recompute.MEMORY_TARGET = saved
+
+
 def shared_tokens_per_pair(dataset) -> float:  # type: ignore[no-untyped-def]
     """Mean common-prefix tokens that a pair stores once (what `pair_layout` saves)."""
     import numpy as np
@@ -181,7 +207,8 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
 
     mode = "qlora" if variant.startswith("qlora") else "lora"
     shared = not variant.endswith("_unshared")
-    config = train_config(args, mode, shared)
+    recompute = "auto" if variant == "qlora" else "on"
+    config = train_config(args, mode, shared, recompute)
     device = torch.device(args.device)
     if mode == "qlora":
         folder = saved_model(args)
@@ -196,7 +223,7 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the resident weights, as the peer's does
-    with tempfile.TemporaryDirectory(prefix="bp-orpo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bp-orpo-") as tmp, memory_budget(args.memory_budget_gib, device):
         outcome = torch_backend.train(tm, dataset, config, args.warmup + args.steps, Path(tmp), f"bench-{variant}", {})
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     window = records[-1]["time"] - records[args.warmup - 1]["time"]
@@ -211,7 +238,9 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
         "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "mode": mode,
         "shared_prompt": shared,
+        "recompute": recompute,
         "pairs_per_step": args.pairs,
+        "max_seq_length": args.max_seq_length,
         "steps": args.steps,
         "prompt_words": args.prompt_words,
         "answer_words": args.answer_words,
@@ -265,22 +294,29 @@ def table(rows: list[dict], peer: dict | None) -> str:  # type: ignore[type-arg]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", nargs="?", help="folder of the Qwen2.5 tokenizer (tokenizer.json + config)")
-    parser.add_argument("--variants", nargs="*", default=["lora", "qlora"], help="lora, qlora, qlora_unshared")
+    parser.add_argument(
+        "--variants", nargs="*", default=["qlora", "qlora_on", "lora"], help="qlora, qlora_on, lora, qlora_unshared"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shape, short rows, few steps: checks the script")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step (the peer's 4)")
     parser.add_argument("--steps", type=int, default=8, help="measured steps")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
     parser.add_argument("--prompt-words", type=int, default=80)
     parser.add_argument("--answer-words", type=int, default=250)
-    parser.add_argument("--max-seq-length", type=int, default=1024, help="packed row length (one pair per row)")
+    parser.add_argument(
+        "--max-seq-length", type=int, default=0, help="packed row length, one pair per row (0: the longest pair's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-folder", default="/tmp/bp-orpo-rand-qwen2.5-7b", help="random model folder (4-bit)")
+    parser.add_argument(
+        "--memory-budget-gib", type=float, default=9.0, help="qlora: what the recompute plan may fill (GiB)"
+    )
     parser.add_argument("--peer-log", type=Path, help="output of peer_orpo.py (its JSON line is found there)")
     args = parser.parse_args(argv)
     args.shape = "qwen2.5-7b"
     if args.quick:
         args.shape, args.steps, args.warmup = "tiny", 2, 1
-        args.prompt_words, args.answer_words, args.max_seq_length = 8, 24, 128
+        args.prompt_words, args.answer_words = 8, 24
         args.model_folder = str(Path(tempfile.gettempdir()) / "bp-orpo-rand-tiny")
         shutil.rmtree(args.model_folder, ignore_errors=True)
     if args.tokenizer is None:

@@ -72,20 +72,25 @@ def test_llama_cpp_matches_transformers(family: str, models: dict[str, Path], tm
         assert rendered in (expected, expected[len(bos) :] if bos and expected.startswith(bos) else expected)
 
 
-def test_rope_freqs_written_for_llama31_scaling(models: dict[str, Path], tmp_path: Path) -> None:
+def test_rope_freqs_and_pre_tokenizer_names(tiny_llama: Path, tmp_path: Path) -> None:
+    """Llama 3.1 rope scaling adds rope_freqs; the pre-tokenizer name follows the split rules
+    (a locally trained tokenizer with Llama 3's rules gets llama-bpe / smaug-bpe)."""
     from gguf import GGUFReader
 
     from backpropagate import _core
 
+    llama = build_model("llama", tmp_path / "llama", tokenizer_dir=tiny_llama)
     out = tmp_path / "l.gguf"
-    _core.convert_to_gguf(str(models["llama"]), str(out), "bf16")
+    _core.convert_to_gguf(str(llama), str(out), "bf16")
     reader = GGUFReader(out)
     names = {t.name: t for t in reader.tensors}
-    assert "rope_freqs.weight" in names and names["rope_freqs.weight"].tensor_type.name == "F32"
+    rope = names["rope_freqs.weight"]
+    assert rope.tensor_type.name == "F32" and len(rope.data) == 16 // 2
+    assert float(rope.data[0]) == 1.0 and float(rope.data[-1]) == 32.0
     assert reader.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
-    smol = tmp_path / "s.gguf"
-    _core.convert_to_gguf(str(models["smollm3"]), str(smol), "bf16")
-    assert GGUFReader(smol).fields["tokenizer.ggml.pre"].contents() == "smaug-bpe"
+    smol = build_model("smollm3", tmp_path / "smol", tokenizer_dir=tiny_llama, pad_token_id=None)
+    _core.convert_to_gguf(str(smol), str(tmp_path / "s.gguf"), "bf16")
+    assert GGUFReader(tmp_path / "s.gguf").fields["tokenizer.ggml.pre"].contents() == "smaug-bpe"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])

@@ -88,6 +88,21 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Pa
     )
 
 
+@pytest.fixture(scope="module")
+def wide_tied_qwen2(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: Path) -> Path:
+    """A bf16 qwen2 with tied embeddings (token_embd takes the output's type), 3 layers."""
+    return build_model(
+        "qwen2",
+        tmp_path_factory.mktemp("wide-q") / "m",
+        hidden=256,
+        layers=3,
+        dtype="bfloat16",
+        std=0.05,
+        tokenizer_dir=tiny_qwen2,
+        tie_word_embeddings=True,
+    )
+
+
 def _source_f32(model_dir: Path) -> dict[str, np.ndarray]:
     import torch
     from safetensors.torch import load_file
@@ -130,12 +145,17 @@ def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp
         assert "Q6_K" in seen and len(seen) >= 2
 
 
-def test_whole_files_match_llama_model_quantize(wide_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["wide_llama", "wide_tied_qwen2", "tiny_llama"])
+def test_whole_files_match_llama_model_quantize(model: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Types chosen per tensor and their bytes equal llama.cpp's `llama_model_quantize`
+    (a separate llama.cpp build) run on our f32 GGUF: k-quant rows, tied embeddings, and
+    rows too narrow for k-quants (fallbacks)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from backpropagate import _core
 
+    model_dir: Path = request.getfixturevalue(model)
     f32 = tmp_path / "f32.gguf"
-    _core.convert_to_gguf(str(wide_llama), str(f32), "f32")
+    _core.convert_to_gguf(str(model_dir), str(f32), "f32")
     ftypes = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
     for quant, ftype in ftypes.items():
         ref = tmp_path / f"ref-{quant}.gguf"
@@ -145,7 +165,7 @@ def test_whole_files_match_llama_model_quantize(wide_llama: Path, tmp_path: Path
         rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), params)
         assert rc == 0
         ours = tmp_path / f"ours-{quant}.gguf"
-        _core.convert_to_gguf(str(wide_llama), str(ours), quant, llama_cpp_lib=xllamacpp.xllamacpp.__file__)
+        _core.convert_to_gguf(str(model_dir), str(ours), quant, llama_cpp_lib=xllamacpp.xllamacpp.__file__)
         a = {t.name: t for t in gguf.GGUFReader(ref).tensors}
         b = {t.name: t for t in gguf.GGUFReader(ours).tensors}
         assert list(a) == list(b)

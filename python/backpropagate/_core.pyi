@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 from os import PathLike
-from typing import Any
+from typing import Any, final
 
 __version__: str
 
@@ -32,13 +32,19 @@ def convert_to_gguf(
 
 def gguf_quantizations() -> list[str]:
     """Quantization names the GGUF writer accepts."""
+
 def render_chat_template(
     template: str, messages_json: str, add_generation_prompt: bool = False, globals_json: str = "{}"
 ) -> str: ...
 
+@final
 class DataTokenizer:
     def __new__(cls, model_dir: str, fast: bool = True) -> DataTokenizer: ...
     @property
     def fast_bpe(self) -> bool: ...
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+def detect_row(line: str) -> str: ...
+def pack_bfd(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]: ...
+def scan_dataset(source: str, max_errors: int = 20, data: bytes | None = None) -> str: ...

@@ -322,7 +322,7 @@ class Trainer:
         """Exports the trained adapter (or full model) with `backpropagate.export.export`.
 
         Args:
-            fmt: "gguf", "merged" or "lora".
+            fmt: Export format: "lora", "merged" or "gguf".
             quantization: e.g. "q4_k_m" for GGUF.
             **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host, system).
         """

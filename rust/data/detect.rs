@@ -135,6 +135,43 @@ pub struct Detected {
     pub kto_label: Option<bool>,
 }
 
+impl Message {
+    /// The message as the template sees it: role, content, then the other fields.
+    pub fn to_json(&self) -> Value {
+        let mut map = Map::new();
+        map.insert("role".into(), Value::from(self.role.as_str()));
+        map.insert("content".into(), Value::from(self.content.as_str()));
+        map.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Value::Object(map)
+    }
+}
+
+impl Detected {
+    /// The normalised row as JSON (format, specs, kto_label), for tests and tools.
+    pub fn to_json(&self) -> Value {
+        let specs: Vec<Value> = self
+            .specs
+            .iter()
+            .map(|spec| match spec {
+                Spec::Chat {
+                    messages,
+                    label_from,
+                } => serde_json::json!({
+                    "messages": messages.iter().map(Message::to_json).collect::<Vec<_>>(),
+                    "label_from": label_from,
+                }),
+                Spec::Raw { text } => serde_json::json!({ "text": text }),
+            })
+            .collect();
+        serde_json::json!({
+            "format": self.format.name(),
+            "kind": self.format.kind().name(),
+            "specs": specs,
+            "kto_label": self.kto_label,
+        })
+    }
+}
+
 type Found<T> = std::result::Result<T, String>;
 
 /// Recognises the shape of one row (a JSON object) and normalises it.

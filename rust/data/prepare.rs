@@ -16,7 +16,7 @@ use super::IGNORE_INDEX;
 use crate::{Error, Result};
 
 /// Rows handled per parallel step.
-const CHUNK: usize = 4096;
+pub(crate) const CHUNK: usize = 4096;
 
 /// A prepared dataset: flat arrays in the layout of `PreparedDataset` (Python).
 #[derive(Debug, Clone, PartialEq)]
@@ -119,16 +119,11 @@ pub fn build(
     for chunk in records.chunks(CHUNK) {
         let detected: Vec<std::result::Result<Detected, (BadKind, String)>> =
             chunk.par_iter().map(detect_record).collect();
-        acc.check_kinds(chunk, &detected)?;
+        acc.kinds.check(chunk, &detected)?;
         let outcomes: Vec<Outcome> = detected
             .into_par_iter()
             .map(|d| match d {
-                Ok(det) => process(
-                    det,
-                    model,
-                    settings,
-                    acc.kind.map(|k| k.0).unwrap_or(Kind::Sft),
-                ),
+                Ok(det) => process(det, model, settings, acc.kinds.kind()),
                 Err((kind, msg)) => Outcome::Bad(kind, msg),
             })
             .collect();
@@ -186,7 +181,7 @@ pub fn refuse_if_unusable(name: &str, prepared: &Prepared, settings: &Settings) 
     Ok(())
 }
 
-fn detect_record(rec: &Record<'_>) -> std::result::Result<Detected, (BadKind, String)> {
+pub(crate) fn detect_record(rec: &Record<'_>) -> std::result::Result<Detected, (BadKind, String)> {
     let row = parse_object(rec).map_err(|m| (BadKind::Parse, m))?;
     detect(&row).map_err(|m| (BadKind::Validation, m))
 }
@@ -302,7 +297,7 @@ fn fit(samples: &mut [Sample], settings: &Settings) -> std::result::Result<usize
 }
 
 /// The completion's text (assistant messages from the completion on, or raw text).
-fn completion_texts(spec: &Spec) -> Vec<&str> {
+pub(crate) fn completion_texts(spec: &Spec) -> Vec<&str> {
     match spec {
         Spec::Chat {
             messages,
@@ -356,11 +351,56 @@ fn check_trace(
     Ok((spans, tokens))
 }
 
+/// One file holds one kind; mixing SFT, preference and KTO rows is refused.
+pub(crate) struct KindGuard<'a> {
+    name: &'a str,
+    first: Option<(Kind, usize)>,
+}
+
+impl<'a> KindGuard<'a> {
+    pub(crate) fn new(name: &'a str) -> Self {
+        KindGuard { name, first: None }
+    }
+
+    /// The kind of the file (SFT until a row says otherwise).
+    pub(crate) fn kind(&self) -> Kind {
+        self.first.map(|k| k.0).unwrap_or(Kind::Sft)
+    }
+
+    /// Errors at the first detected row whose kind differs from the file's.
+    pub(crate) fn check(
+        &mut self,
+        chunk: &[Record<'_>],
+        detected: &[std::result::Result<Detected, (BadKind, String)>],
+    ) -> Result<()> {
+        for (rec, d) in chunk.iter().zip(detected) {
+            let Ok(det) = d else { continue };
+            let kind = det.format.kind();
+            match self.first {
+                None => self.first = Some((kind, rec.line)),
+                Some((k, line)) if k != kind => {
+                    return Err(Error::DatasetValidation(format!(
+                        "{name}:{at}: this {new} row does not fit a file of {old} rows (first at line {line}); \
+                         one file holds one kind: SFT (messages, conversations, instruction/output, text), \
+                         preference (prompt/chosen/rejected) or KTO (prompt/completion/label)",
+                        name = self.name,
+                        at = rec.line,
+                        new = kind_label(kind),
+                        old = kind_label(k),
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Collects outcomes in file order into the flat arrays and the stats.
 struct Accumulator<'a> {
     name: &'a str,
     settings: &'a Settings,
-    kind: Option<(Kind, usize)>,
+    kinds: KindGuard<'a>,
     out: Prepared,
     groups: Vec<(usize, usize)>,
     pairs: usize,
@@ -376,7 +416,7 @@ impl<'a> Accumulator<'a> {
         Accumulator {
             name,
             settings,
-            kind: None,
+            kinds: KindGuard::new(name),
             out: Prepared {
                 kind: Kind::Sft,
                 input_ids: Vec::new(),
@@ -395,34 +435,6 @@ impl<'a> Accumulator<'a> {
             pairs: 0,
             trace: TraceStats::default(),
         }
-    }
-
-    /// One file holds one kind; mixing SFT, preference and KTO rows is refused.
-    fn check_kinds(
-        &mut self,
-        chunk: &[Record<'_>],
-        detected: &[std::result::Result<Detected, (BadKind, String)>],
-    ) -> Result<()> {
-        for (rec, d) in chunk.iter().zip(detected) {
-            let Ok(det) = d else { continue };
-            let kind = det.format.kind();
-            match self.kind {
-                None => self.kind = Some((kind, rec.line)),
-                Some((k, line)) if k != kind => {
-                    return Err(Error::DatasetValidation(format!(
-                        "{name}:{at}: this {new} row does not fit a file of {old} rows (first at line {line}); \
-                         one file holds one kind: SFT (messages, conversations, instruction/output, text), \
-                         preference (prompt/chosen/rejected) or KTO (prompt/completion/label)",
-                        name = self.name,
-                        at = rec.line,
-                        new = kind_label(kind),
-                        old = kind_label(k),
-                    )))
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     fn add(&mut self, rec: &Record<'_>, outcome: Outcome) {
@@ -484,7 +496,7 @@ impl<'a> Accumulator<'a> {
 
     fn finish(mut self) -> Prepared {
         let out = &mut self.out;
-        out.kind = self.kind.map(|k| k.0).unwrap_or(Kind::Sft);
+        out.kind = self.kinds.kind();
         out.stats.kind = out.kind.name().to_string();
         let offsets = &out.sample_offsets;
         let group_len =

@@ -37,6 +37,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        env.add_test("iterable", is_iterable);
+        env.add_test("sequence", is_sequence);
         for (k, v) in globals {
             env.add_global(k.clone(), Value::from(v.clone()));
         }
@@ -57,6 +59,9 @@ impl ChatTemplate {
         tpl.render(minijinja::context! {
             messages => Value::from(messages.to_vec()),
             add_generation_prompt => add_generation_prompt,
+            // transformers always passes these (as None when not given); some templates iterate them.
+            tools => Value::from(()),
+            documents => Value::from(()),
         })
         .map_err(|e| render_error_text(&e))
     }
@@ -90,6 +95,27 @@ fn strip_generation_tags(source: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Jinja2's `is iterable`: `None` and numbers are not (minijinja iterates `none` as empty).
+fn is_iterable(v: &Value) -> bool {
+    match v.kind() {
+        ValueKind::Undefined => true,
+        ValueKind::None | ValueKind::Bool | ValueKind::Number => false,
+        _ => v.try_iter().is_ok(),
+    }
+}
+
+/// Jinja2's `is sequence` (anything with a length and items: strings, lists, dicts).
+fn is_sequence(v: &Value) -> bool {
+    matches!(
+        v.kind(),
+        ValueKind::Undefined
+            | ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::String
+            | ValueKind::Bytes
+    )
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
@@ -390,15 +416,29 @@ pub fn json_to_value(v: &Json) -> Value {
 
 /// A message as the template sees it: role, content, then any other fields.
 pub fn message_value(m: &Message) -> Value {
-    let base = [
-        (Value::from("role"), Value::from(m.role.as_str())),
-        (Value::from("content"), Value::from(m.content.as_str())),
-    ];
-    let extra = m
-        .extra
+    let Json::Object(map) = m.to_json() else {
+        unreachable!("a message is an object")
+    };
+    template_message(map)
+}
+
+/// Older names of the reasoning field; templates read `reasoning_content` (and gpt-oss
+/// reads `thinking`), so transformers fills both from whichever is given.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// A JSON message as the template sees it, with reasoning aliases as transformers sets them.
+pub fn template_message(mut map: serde_json::Map<String, Json>) -> Value {
+    let reasoning = REASONING_FIELDS
         .iter()
-        .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v)));
-    Value::from_pairs(base.into_iter().chain(extra))
+        .find_map(|k| map.get(*k).filter(|v| !v.is_null()).cloned());
+    if let Some(r) = reasoning {
+        let mut aliased = serde_json::Map::new();
+        aliased.insert("thinking".into(), r.clone());
+        aliased.extend(map);
+        aliased.insert("reasoning_content".into(), r);
+        map = aliased;
+    }
+    json_to_value(&Json::Object(map))
 }
 
 /// The same message with another content (used to locate content in renderings).
@@ -461,6 +501,13 @@ mod tests {
             "2024-07-26 13:25:09 Friday 208 26 July"
         );
         assert_eq!(strftime("%d %b %Y", 951_782_400), "29 Feb 2000");
+    }
+
+    #[test]
+    fn tests_follow_jinja2_for_none() {
+        let src = "{{ none is iterable }} {{ [] is iterable }} {{ 'a' is sequence }} {{ none is sequence }} {{ x is iterable }}";
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "False True True False True");
     }
 
     #[test]

@@ -72,7 +72,6 @@ impl ModelConfig {
             .get("head_dim")
             .and_then(Json::as_u64)
             .map_or(hidden / heads, |v| v as usize);
-        let tied_default = false;
         let me = Self {
             arch,
             hidden,
@@ -84,7 +83,7 @@ impl ModelConfig {
             tied_embeddings: config
                 .get("tie_word_embeddings")
                 .and_then(Json::as_bool)
-                .unwrap_or(tied_default),
+                .unwrap_or(false),
             raw: config,
         };
         me.check_llama_cpp_limits()?;

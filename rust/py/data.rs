@@ -10,10 +10,11 @@ use pyo3::types::PyDict;
 use super::to_py_err;
 use crate::data::cache::{self, Meta};
 use crate::data::config::Settings;
+use crate::data::detect::detect;
 use crate::data::model::ModelAssets;
 use crate::data::prepare::{self as pipeline, Prepared};
-use crate::data::read::{load_file, FileBytes};
-use crate::data::template::{json_to_value, ChatTemplate};
+use crate::data::read::{load_file, parse_object, FileBytes, Record};
+use crate::data::template::{json_to_value, template_message, ChatTemplate};
 use crate::{Error, Result};
 
 /// What `prepare` did, handed to Python.
@@ -184,9 +185,65 @@ fn render_chat_template(
         .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
         .collect();
     let tpl = ChatTemplate::new(template, &globals).map_err(to_py_err)?;
-    let values: Vec<minijinja::Value> = messages.iter().map(json_to_value).collect();
+    let values: Vec<minijinja::Value> = messages
+        .into_iter()
+        .map(|m| match m {
+            serde_json::Value::Object(map) => template_message(map),
+            other => json_to_value(&other),
+        })
+        .collect();
     tpl.render(&values, add_generation_prompt)
         .map_err(|e| to_py_err(Error::TemplateRender(e)))
+}
+
+/// Detects the shape of one JSONL row; returns the normalised row as JSON.
+///
+/// Raises INPUT_DATASET_PARSE_FAILED (not a JSON object) or
+/// INPUT_DATASET_VALIDATION_FAILED (no known shape, wrong field types).
+#[pyfunction]
+fn detect_row(line: &str) -> PyResult<String> {
+    let rec = Record {
+        line: 1,
+        bytes: line.as_bytes(),
+    };
+    let row = parse_object(&rec).map_err(|e| to_py_err(Error::DatasetParse(e)))?;
+    let det = detect(&row).map_err(|e| to_py_err(Error::DatasetValidation(e)))?;
+    Ok(det.to_json().to_string())
+}
+
+/// Best-fit-decreasing packing of `lengths` into rows of `capacity`: (row offsets, items).
+#[pyfunction]
+fn pack_bfd(
+    py: Python<'_>,
+    lengths: Vec<usize>,
+    capacity: usize,
+) -> PyResult<(Vec<usize>, Vec<usize>)> {
+    if let Some(&too_long) = lengths.iter().find(|&&l| l > capacity) {
+        return Err(to_py_err(Error::Config(format!(
+            "an item of {too_long} tokens does not fit a row of {capacity}"
+        ))));
+    }
+    let p = py.detach(|| crate::data::pack::pack_bfd(&lengths, capacity));
+    Ok((p.offsets, p.items))
+}
+
+/// Scans a dataset without a model (for `backprop validate`): returns the scan as JSON
+/// (stats, trace tag structure, characters per sample).
+#[pyfunction]
+#[pyo3(signature = (source, max_errors=20, data=None))]
+fn scan_dataset(
+    py: Python<'_>,
+    source: &str,
+    max_errors: usize,
+    data: Option<Vec<u8>>,
+) -> PyResult<String> {
+    let found = py
+        .detach(|| {
+            let bytes = source_bytes(source, data)?;
+            crate::data::scan::scan(source, &bytes, max_errors)
+        })
+        .map_err(to_py_err)?;
+    Ok(serde_json::to_string(&found).unwrap_or_default())
 }
 
 /// Token ids and their byte ranges.
@@ -245,6 +302,9 @@ impl DataTokenizer {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataTokenizer>()?;
+    m.add_function(wrap_pyfunction!(detect_row, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_bfd, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(render_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(prepare_dataset, m)?)?;
     m.add_function(wrap_pyfunction!(verify_dataset_cache, m)?)?;

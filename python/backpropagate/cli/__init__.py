@@ -44,6 +44,7 @@ def _register_commands() -> None:
         generate_cmd,
         info_cmd,
         train_cmd,
+        validate_cmd,
     )
 
 

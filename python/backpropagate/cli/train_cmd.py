@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import typer
 
@@ -43,7 +43,8 @@ def train(
     given = {k: v for k, v in options.items() if v != _default(k)}
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
-    exported = trainer.export(cast(Any, export), quantization=quantization) if export else None
+    # The format is validated inside export().
+    exported = trainer.export(export, quantization=quantization) if export else None  # type: ignore[arg-type]
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,

@@ -1,0 +1,90 @@
+"""`backprop validate FILE`: formats, row counts, bad lines, lengths and traces of a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from backpropagate.cli import app
+from backpropagate.data.config import DataConfig, field_help
+from backpropagate.errors import EXIT_BAD_INPUT, BackpropagateError
+
+HELP = field_help(DataConfig)
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="Dataset file: JSONL (one object per line), a JSON array, or Parquet.")],
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Also template and tokenize with this model (built-in name, folder or hub id)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a report."),
+    max_seq_length: int = typer.Option(2048, "--max-seq-length", help=HELP["max_seq_length"]),
+    reasoning_trace: bool = typer.Option(False, "--reasoning-trace", help=HELP["reasoning_trace"]),
+    max_errors: int = typer.Option(20, "--max-errors", help=HELP["max_errors"]),
+) -> None:
+    """Check a dataset before training; exits non-zero when rows are bad or nothing is usable."""
+    from backpropagate.data.validate import validate as build_report
+
+    config = DataConfig(
+        max_seq_length=max_seq_length, reasoning_trace=reasoning_trace, max_errors=max_errors, cache=False
+    )
+    try:
+        report = build_report(file, model, config)
+    except BackpropagateError as err:
+        if not as_json:
+            raise
+        typer.echo(json.dumps({"file": str(file), "ok": False, "error": {"code": err.code, "message": err.message}}))
+        raise typer.Exit(err.exit_status) from err
+    typer.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if not report["ok"]:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as plain text for a terminal."""
+    lines = [
+        f"{report['file']}: {report['rows_read']} rows read, {report['rows_valid']} valid ({report['kind']})",
+        "formats: " + (", ".join(f"{k} {v}" for k, v in sorted(report["formats"].items())) or "none"),
+    ]
+    tokens = report.get("tokens")
+    if tokens:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(tokens["dropped"].items())) or "none"
+        lines += [
+            f"model {report['model']}: {tokens['tokens']} tokens in {tokens['samples']} samples, "
+            f"{tokens['label_tokens']} carry the loss; {tokens['rows']} packed rows of {tokens['max_seq_length']} "
+            f"(fill {tokens['fill']:.0%}); truncated {tokens['truncated']}",
+            f"dropped: {dropped}",
+        ]
+        if tokens["default_template"]:
+            lines.append("note: the model has no chat template; the ChatML default was used")
+    traces = report["traces"]
+    if traces["with_tags"]:
+        line = (
+            f"traces: {traces['with_tags']} samples with <think> tags: {traces['balanced']} balanced, "
+            f"{traces['unbalanced']} unbalanced, {traces['empty']} empty"
+        )
+        band = traces.get("tokens")
+        if band and band["samples"]:
+            line += f"; kept {band['samples']} with {band['min_tokens']}..{band['max_tokens']} trace tokens"
+        lines.append(line)
+    lengths = report["lengths"]
+    if lengths["count"]:
+        unit = lengths["unit"]
+        lines.append(
+            f"length ({unit} per sample): min {lengths['min']}, median {lengths['p50']}, "
+            f"p95 {lengths['p95']}, max {lengths['max']}"
+        )
+        peak = max(b["count"] for b in lengths["histogram"]) or 1
+        for b in lengths["histogram"]:
+            bar = "#" * max(1 if b["count"] else 0, round(40 * b["count"] / peak))
+            lines.append(f"  {b['from']:>7}-{b['to']:<7} {bar} {b['count']}")
+    if report["errors_total"]:
+        shown = len(report["errors"])
+        lines.append(f"errors ({report['errors_total']}, first {shown}):")
+        lines += [f"  {e}" for e in report["errors"]]
+    lines.append("ok" if report["ok"] else "not usable as is: fix the errors above or pass --skip-invalid to train")
+    return "\n".join(lines)
