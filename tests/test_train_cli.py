@@ -27,6 +27,8 @@ def test_three_line_api_on_jsonl(tiny_qwen2, tmp_path):
     run = json.loads(result.run_file.read_text())
     assert run["data"] == str(CHAT) and run["data_stats"]["rows_used"] == 70
     assert run["command"].startswith(f"backprop train --model tiny-qwen2 --data {CHAT} --steps 10")
+    exported = trainer.export("gguf", quantization="q8_0")
+    assert exported.path.read_bytes()[:4] == b"GGUF" and exported.path.parent.parent == result.output_dir
 
 
 def test_cli_trains_on_jsonl_and_the_loss_falls(tiny_llama, tmp_path):

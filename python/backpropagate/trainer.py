@@ -324,7 +324,7 @@ class Trainer:
         Args:
             fmt: Export format: "lora", "merged" or "gguf".
             quantization: e.g. "q4_k_m" for GGUF.
-            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host).
+            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host, system).
         """
         source = self._final_dir()
         from backpropagate.export import export

@@ -58,7 +58,7 @@ def train(
         "dropped": result.data_stats.get("dropped"),
     }
     if exported is not None:
-        summary["export"] = str(getattr(exported, "path", exported))
+        summary["export"] = str(exported.path)
     if as_json:
         typer.echo(json.dumps(summary))
         return
