@@ -178,7 +178,9 @@ def main() -> None:
         pack = run_side("pack", args)
 
     rows = [ours, trl]
-    print(f"corpus: {ours['rows']} conversations, tokenizer {args.tokenizer.name}, max_len {args.max_len}, {args.cores} cores")
+    print(
+        f"corpus: {ours['rows']} conversations, tokenizer {args.tokenizer.name}, max_len {args.max_len}, {args.cores} cores"
+    )
     print(f"{'tool':<16}{'prep s':>9}{'rows/s':>10}{'tokens/s':>12}{'packed rows':>13}{'peak RSS GB':>13}")
     for r in rows:
         print(
@@ -194,7 +196,11 @@ def main() -> None:
         f"{pack_speedup:.0f}x"
     )
     if args.out:
-        args.out.write_text(json.dumps({"ours": ours, "trl": trl, "pack": pack, "speedup": speedup, "pack_speedup": pack_speedup}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"ours": ours, "trl": trl, "pack": pack, "speedup": speedup, "pack_speedup": pack_speedup}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":
