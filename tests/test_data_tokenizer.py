@@ -194,3 +194,24 @@ def test_unknown_folder_is_a_tokenizer_error(tmp_path: Path):
     with pytest.raises(InputError) as err:
         DataTokenizer(str(tmp_path))
     assert err.value.code == "INPUT_TOKENIZER_LOAD_FAILED"
+
+
+def test_byte_level_tokenizer_declared_as_llama_class_keeps_its_pipeline(tmp_path):
+    """Llama 3 derivatives often name `LlamaTokenizerFast`; transformers then keeps the byte-level file."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama3-declared-llama"
+    shutil.copytree(real_tokenizer("llama-3.2-3b-instruct"), folder)
+    folder.chmod(0o755)
+    config_path = folder / "tokenizer_config.json"
+    config_path.chmod(0o644)
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "LlamaTokenizerFast"
+    config_path.write_text(json.dumps(config))
+    ours = DataTokenizer(str(folder))
+    assert ours.fast_bpe
+    text = "Hello world, this is a test of 12345 things."
+    assert ours.encode(text)[0] == AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]

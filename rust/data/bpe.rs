@@ -7,6 +7,7 @@
 //! outside these shapes returns `None` at load, and the caller keeps the `tokenizers`
 //! crate; text that is not NFC for an NFC tokenizer makes `encode` return `None`.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BinaryHeap;
 use std::ops::Range;
@@ -14,9 +15,87 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use rustc_hash::FxHashMap;
+use serde::Deserialize;
 use serde_json::Value as Json;
 
 use super::pretokenize::{split, Pattern, LLAMA3_REGEX, QWEN2_REGEX};
+
+/// The parts of a tokenizer.json the encoder reads.
+#[derive(Deserialize)]
+struct TokenizerFile<'a> {
+    #[serde(borrow)]
+    model: ModelFile<'a>,
+    #[serde(default)]
+    normalizer: Json,
+    #[serde(default)]
+    pre_tokenizer: Json,
+    #[serde(default)]
+    added_tokens: Json,
+}
+
+/// A BPE model section (other model types do not parse into it).
+#[derive(Deserialize)]
+struct ModelFile<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    byte_fallback: Option<bool>,
+    dropout: Option<f64>,
+    #[serde(borrow)]
+    continuing_subword_prefix: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    end_of_word_suffix: Option<Cow<'a, str>>,
+    ignore_merges: Option<bool>,
+    #[serde(borrow)]
+    vocab: FxHashMap<Cow<'a, str>, u32>,
+    #[serde(borrow)]
+    merges: Vec<Merge<'a>>,
+}
+
+/// One merge, written as `"a b"` or `["a", "b"]`.
+struct Merge<'a>(Cow<'a, str>, Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Merge<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Merge<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a merge: \"a b\" or [a, b]")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                let (a, b) = v
+                    .split_once(' ')
+                    .ok_or_else(|| E::custom("merge without a space"))?;
+                Ok(Merge(Cow::Borrowed(a), Cow::Borrowed(b)))
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                let (a, b) = v
+                    .split_once(' ')
+                    .ok_or_else(|| E::custom("merge without a space"))?;
+                Ok(Merge(Cow::Owned(a.to_string()), Cow::Owned(b.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let a: Cow<'de, str> = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?;
+                let b: Cow<'de, str> = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(1, &self))?;
+                Ok(Merge(a, b))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// Added tokens matched in one pass (those of one `normalized` flag).
 struct AddedSet {
@@ -90,41 +169,32 @@ fn pair_key(a: u32, b: u32) -> u64 {
 }
 
 impl FastBpe {
-    /// Builds the encoder from a parsed tokenizer.json, or `None` when its shape is
-    /// outside what this encoder reproduces exactly.
-    pub fn from_json(j: &Json) -> Option<Self> {
-        let model = j.get("model")?;
-        let empty = |k: &str| {
-            model
-                .get(k)
-                .is_none_or(|v| v.is_null() || v.as_str() == Some(""))
-        };
-        if model.get("type")?.as_str()? != "BPE"
-            || model
-                .get("byte_fallback")
-                .and_then(Json::as_bool)
-                .unwrap_or(false)
-            || !model.get("dropout").is_none_or(Json::is_null)
-            || !empty("continuing_subword_prefix")
-            || !empty("end_of_word_suffix")
+    /// Builds the encoder from tokenizer.json bytes, or `None` when its shape is outside
+    /// what this encoder reproduces exactly.
+    pub fn from_bytes(json: &[u8]) -> Option<Self> {
+        // A typed, borrowing parse: several times faster than a generic JSON tree for the
+        // 100k+ vocabulary and merges; any other model shape fails here and returns None.
+        let file: TokenizerFile<'_> = serde_json::from_slice(json).ok()?;
+        let model = &file.model;
+        let empty = |v: &Option<Cow<'_, str>>| v.as_deref().unwrap_or_default().is_empty();
+        if model.kind.as_deref() != Some("BPE")
+            || model.byte_fallback.unwrap_or(false)
+            || model.dropout.is_some()
+            || !empty(&model.continuing_subword_prefix)
+            || !empty(&model.end_of_word_suffix)
         {
             return None;
         }
-        let nfc = match j.get("normalizer") {
-            None | Some(Json::Null) => false,
-            Some(n) if n.get("type")?.as_str()? == "NFC" => true,
+        let nfc = match &file.normalizer {
+            Json::Null => false,
+            n if n.get("type")?.as_str()? == "NFC" => true,
             _ => return None,
         };
-        let pattern = pattern_of(j.get("pre_tokenizer")?)?;
-        let ignore_merges = model
-            .get("ignore_merges")
-            .and_then(Json::as_bool)
-            .unwrap_or(false);
+        let pattern = pattern_of(&file.pre_tokenizer)?;
         let to_byte = ByteLevelChars::new();
         let mut vocab = FxHashMap::default();
         let mut token_len = Vec::new();
-        for (tok, id) in model.get("vocab")?.as_object()? {
-            let id = u32::try_from(id.as_u64()?).ok()?;
+        for (tok, &id) in &model.vocab {
             let Some(bytes) = to_byte.bytes(tok) else {
                 continue;
             };
@@ -143,35 +213,25 @@ impl FastBpe {
             }
         }
         let mut merges = FxHashMap::default();
-        for (rank, m) in model.get("merges")?.as_array()?.iter().enumerate() {
-            let (a, b) = match m {
-                Json::String(s) => {
-                    let (a, b) = s.split_once(' ')?;
-                    (a.to_string(), b.to_string())
-                }
-                Json::Array(p) if p.len() == 2 => {
-                    (p[0].as_str()?.to_string(), p[1].as_str()?.to_string())
-                }
-                _ => return None,
-            };
-            let (Some(a), Some(b)) = (to_byte.bytes(&a), to_byte.bytes(&b)) else {
+        let mut joined = String::new();
+        for (rank, Merge(a, b)) in model.merges.iter().enumerate() {
+            let (Some(&ia), Some(&ib)) = (model.vocab.get(a.as_ref()), model.vocab.get(b.as_ref()))
+            else {
                 continue;
             };
-            let (Some(&ia), Some(&ib)) = (vocab.get(&a), vocab.get(&b)) else {
-                continue;
-            };
-            let mut ab = a;
-            ab.extend_from_slice(&b);
-            let Some(&merged) = vocab.get(&ab) else {
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b);
+            let Some(&merged) = model.vocab.get(joined.as_str()) else {
                 continue;
             };
             merges
                 .entry(pair_key(ia, ib))
                 .or_insert((rank as u32, merged));
         }
-        let added = added_sets(j.get("added_tokens")?, &mut token_len)?;
-        let added_ids = j
-            .get("added_tokens")?
+        let added = added_sets(&file.added_tokens, &mut token_len)?;
+        let added_ids = file
+            .added_tokens
             .as_array()?
             .iter()
             .filter_map(|t| {
@@ -184,7 +244,7 @@ impl FastBpe {
         Some(FastBpe {
             pattern,
             nfc,
-            ignore_merges,
+            ignore_merges: model.ignore_merges.unwrap_or(false),
             byte_ids,
             vocab,
             merges,

@@ -44,21 +44,24 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` bytes with the model's `tokenizer_config.json` (Null when
     /// absent); `eos` is the end-of-sequence token text, if known.
     pub fn from_bytes(json: &[u8], config: &Json, eos: Option<&str>, origin: &str) -> Result<Self> {
-        let parsed: Json = serde_json::from_slice(json).map_err(|e| {
+        // Only the post-processor is read here (the rest is skipped, not built).
+        let post: PostProcessorOnly = serde_json::from_slice(json).map_err(|e| {
             Error::TokenizerLoad(format!("{origin}: cannot load tokenizer.json: {e}"))
         })?;
-        let llama_class = is_sentencepiece_llama_class(config);
+        let llama_class = is_sentencepiece_llama_class(config, json);
         let fast = if llama_class {
             None
         } else {
-            FastBpe::from_json(&parsed)
+            FastBpe::from_bytes(json)
         };
         let mut tok = TextTokenizer {
             json: json.to_vec(),
             config: config.clone(),
             origin: origin.to_string(),
             hf: OnceLock::new(),
-            affixes: fast.as_ref().and_then(|f| sequence_affixes(&parsed, f)),
+            affixes: fast
+                .as_ref()
+                .and_then(|_| sequence_affixes(&post.post_processor)),
             fast,
             eos_id: None,
         };
@@ -79,7 +82,7 @@ impl TextTokenizer {
                 let mut hf = Tokenizer::from_bytes(&self.json).map_err(|e| err(&e))?;
                 hf.with_truncation(None).map_err(|e| err(&e))?;
                 hf.with_padding(None);
-                if is_sentencepiece_llama_class(&self.config) {
+                if is_sentencepiece_llama_class(&self.config, &self.json) {
                     as_transformers_llama_tokenizer(&mut hf, &self.config).map_err(|e| err(&e))?;
                 }
                 Ok(hf)
@@ -169,58 +172,63 @@ impl TextTokenizer {
     }
 }
 
+/// The post-processor of a tokenizer.json.
+#[derive(serde::Deserialize)]
+struct PostProcessorOnly {
+    #[serde(default)]
+    post_processor: Json,
+}
+
 /// The special tokens a tokenizer.json's post-processor adds around one sequence, when
 /// it is one the fast path understands (none, ByteLevel, TemplateProcessing, or a
 /// Sequence of those).
-fn sequence_affixes(j: &Json, fast: &FastBpe) -> Option<(Vec<u32>, Vec<u32>)> {
-    fn walk(p: &Json, fast: &FastBpe, out: &mut (Vec<u32>, Vec<u32>)) -> Option<()> {
-        match p {
-            Json::Null => Some(()),
-            _ => match p.get("type")?.as_str()? {
-                "ByteLevel" => Some(()),
-                "Sequence" => {
-                    for q in p.get("processors")?.as_array()? {
-                        walk(q, fast, out)?;
+fn sequence_affixes(post_processor: &Json) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn walk(p: &Json, out: &mut (Vec<u32>, Vec<u32>)) -> Option<()> {
+        if p.is_null() {
+            return Some(());
+        }
+        match p.get("type")?.as_str()? {
+            "ByteLevel" => Some(()),
+            "Sequence" => p
+                .get("processors")?
+                .as_array()?
+                .iter()
+                .try_for_each(|q| walk(q, out)),
+            "TemplateProcessing" => {
+                let mut after = false;
+                for piece in p.get("single")?.as_array()? {
+                    if piece.get("Sequence").is_some() {
+                        after = true;
+                        continue;
                     }
-                    Some(())
-                }
-                "TemplateProcessing" => {
-                    let mut after = false;
-                    for piece in p.get("single")?.as_array()? {
-                        if piece.get("Sequence").is_some() {
-                            after = true;
-                        } else {
-                            let name = piece.get("SpecialToken")?.get("id")?.as_str()?;
-                            let ids = p.get("special_tokens")?.get(name)?.get("ids")?.as_array()?;
-                            let side = if after { &mut out.1 } else { &mut out.0 };
-                            for id in ids {
-                                side.push(u32::try_from(id.as_u64()?).ok()?);
-                            }
-                        }
+                    let name = piece.get("SpecialToken")?.get("id")?.as_str()?;
+                    let ids = p.get("special_tokens")?.get(name)?.get("ids")?.as_array()?;
+                    let side = if after { &mut out.1 } else { &mut out.0 };
+                    for id in ids {
+                        side.push(u32::try_from(id.as_u64()?).ok()?);
                     }
-                    let _ = fast;
-                    Some(())
                 }
-                _ => None,
-            },
+                Some(())
+            }
+            _ => None,
         }
     }
     let mut out = (Vec::new(), Vec::new());
-    walk(
-        j.get("post_processor").unwrap_or(&Json::Null),
-        fast,
-        &mut out,
-    )?;
+    walk(post_processor, &mut out)?;
     Some(out)
 }
 
 /// Whether transformers loads this tokenizer as its SentencePiece-style `LlamaTokenizer`
 /// (Llama 2, Mistral, Mixtral, Phi-3, ...), which rebuilds the pipeline around the vocab.
-fn is_sentencepiece_llama_class(config: &Json) -> bool {
-    matches!(
-        config.get("tokenizer_class").and_then(Json::as_str),
-        Some("LlamaTokenizer" | "LlamaTokenizerFast")
-    )
+/// Like transformers, a tokenizer.json that is byte-level keeps its own pipeline even when
+/// the config names `LlamaTokenizer` (many Llama 3 derivatives do).
+fn is_sentencepiece_llama_class(config: &Json, tokenizer_json: &[u8]) -> bool {
+    let class = config
+        .get("tokenizer_class")
+        .and_then(Json::as_str)
+        .unwrap_or_default();
+    class.trim_end_matches("Fast") == "LlamaTokenizer"
+        && memchr::memmem::find(tokenizer_json, b"\"ByteLevel\"").is_none()
 }
 
 /// Applies what transformers' `LlamaTokenizer` does on load: no normalizer, a Metaspace
