@@ -170,6 +170,12 @@ def test_pipeline_matches_reference(rows, config, model):
     lines = [json.dumps(r) for r in rows]
     expected = ref.prepare_reference(lines, reference_model(model), config)
     path = write("rows.jsonl", "\n".join(lines) + "\n")
+    if expected.dropped.get("invalid") and not config.skip_invalid:
+        # Strict by default: a bad row stops preparation before anything is trained.
+        with pytest.raises(InputError) as err:
+            prepare(path, tiny_model(model), config)
+        assert err.value.code == "INPUT_DATASET_VALIDATION_FAILED"
+        return
     if not expected.samples:
         with pytest.raises(InputError) as err:
             prepare(path, tiny_model(model), config)
