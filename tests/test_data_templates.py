@@ -193,3 +193,23 @@ def test_tool_calls_are_trained_and_tool_results_are_not(family, expected, tmp_p
         tok.apply_chat_template(TOOL_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     )
     assert labelled_runs(tok, ds.input_ids, ds.labels) == expected
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["llama-3.2-3b-instruct", "qwen2.5-0.5b-instruct", "mixtral-8x22b-v0.1", "phi-3-mini", "smollm2-135m-instruct"],
+)
+def test_raw_text_is_what_transformers_tokenizes_plus_eos(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = real_tokenizer(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "Hello there, this is raw text. 12345 ünïcode"
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    expected = tok(text)["input_ids"]
+    if expected[-1] != tok.eos_token_id:
+        expected.append(tok.eos_token_id)
+    assert ds.input_ids.tolist() == expected
+    assert np.array_equal(ds.labels, ds.input_ids)
