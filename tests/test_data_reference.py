@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_packing_matches_reference(lengths, capacity):
 
 @settings(max_examples=300, deadline=None)
 @given(value=text)
-def test_trace_spans_match_reference(value):
+def test_trace_spans_match_reference(work, value):
     data = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": value}]})
     try:
         inner = ref.trace_spans(value)
@@ -90,7 +91,7 @@ def test_trace_spans_match_reference(value):
         inner, expected = [], str(err)
     model = tiny_model("tiny-qwen2")
     config = DataConfig(max_seq_length=4096, cache=False, reasoning_trace=True, trace_min_tokens=0, skip_invalid=True)
-    path = write(f"trace-{abs(hash(value))}.jsonl", data + "\n")
+    path = write(work, "trace.jsonl", data + "\n")
     try:
         ds = prepare(path, model, config)
     except InputError as err:
@@ -103,11 +104,14 @@ def test_trace_spans_match_reference(value):
 
 # ---- the whole pipeline ---------------------------------------------------------------------
 
-WORK = Path(__import__("tempfile").mkdtemp(prefix="bp-parity-"))
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parity")
 
 
-def write(name: str, content: str) -> Path:
-    path = WORK / name
+def write(folder: Path, name: str, content: str) -> Path:
+    path = folder / name
     path.write_text(content, encoding="utf-8")
     return path
 
@@ -166,16 +170,17 @@ configs = st.builds(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=dataset, config=configs, model=st.sampled_from(["tiny-llama", "tiny-qwen2"]))
-def test_pipeline_matches_reference(rows, config, model):
+def test_pipeline_matches_reference(work, rows, config, model):
     lines = [json.dumps(r) for r in rows]
     expected = ref.prepare_reference(lines, reference_model(model), config)
-    path = write("rows.jsonl", "\n".join(lines) + "\n")
-    if expected.dropped.get("invalid") and not config.skip_invalid:
-        # Strict by default: a bad row stops preparation before anything is trained.
+    path = write(work, "rows.jsonl", "\n".join(lines) + "\n")
+    if expected.bad_lines:
+        # Refused by default, naming the bad lines; skip_invalid then counts them.
         with pytest.raises(InputError) as err:
             prepare(path, tiny_model(model), config)
         assert err.value.code == "INPUT_DATASET_VALIDATION_FAILED"
-        return
+        assert all(f"{path}:{line}: " in err.value.message for line in expected.bad_lines)
+        config = replace(config, skip_invalid=True)
     if not expected.samples:
         with pytest.raises(InputError) as err:
             prepare(path, tiny_model(model), config)

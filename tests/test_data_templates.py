@@ -149,3 +149,67 @@ def test_assistant_mask_token_by_token(family, tmp_path):
         text, spans = ref.render_with_spans(reference.render, messages, 0, False)
         ref_ids, offsets = reference.encode(text)
         assert labels.tolist() == ref.labels_from_spans(ref_ids, offsets, spans)
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+        ],
+    },
+    {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call12345"},
+    {"role": "assistant", "content": "It is 21 C."},
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        (
+            "qwen2.5-0.5b-instruct",
+            [
+                '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+                "It is 21 C.<|im_end|>\n",
+            ],
+        ),
+        (
+            "llama-3.2-3b-instruct",
+            ['{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 C.<|eot_id|>"],
+        ),
+    ],
+)
+def test_tool_calls_are_trained_and_tool_results_are_not(family, expected, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = real_tokenizer(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"messages": TOOL_CONVERSATION}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    assert ds.input_ids.tolist() == list(
+        tok.apply_chat_template(TOOL_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    )
+    assert labelled_runs(tok, ds.input_ids, ds.labels) == expected
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["llama-3.2-3b-instruct", "qwen2.5-0.5b-instruct", "mixtral-8x22b-v0.1", "phi-3-mini", "smollm2-135m-instruct"],
+)
+def test_raw_text_is_what_transformers_tokenizes_plus_eos(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = real_tokenizer(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "Hello there, this is raw text. 12345 ünïcode"
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    expected = tok(text)["input_ids"]
+    if expected[-1] != tok.eos_token_id:
+        expected.append(tok.eos_token_id)
+    assert ds.input_ids.tolist() == expected
+    assert np.array_equal(ds.labels, ds.input_ids)

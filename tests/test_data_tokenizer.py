@@ -215,3 +215,12 @@ def test_byte_level_tokenizer_declared_as_llama_class_keeps_its_pipeline(tmp_pat
     assert ours.fast_bpe
     text = "Hello world, this is a test of 12345 things."
     assert ours.encode(text)[0] == AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_character_below_u3000_in_context(pairs):
+    """Character classes (letters, numbers, whitespace kinds) decide the splits: sweep them all."""
+    chars = [chr(cp) for cp in range(0x3001) if not 0xD800 <= cp <= 0xDFFF]
+    for name, (ours, ref) in pairs.items():
+        for c in chars:
+            text = f"a{c}b {c}{c} x\n{c}1"
+            assert ours.encode(text)[0] == ref.encode(text, add_special_tokens=False).ids, (name, hex(ord(c)))

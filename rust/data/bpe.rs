@@ -124,7 +124,7 @@ const NO_ID: u32 = u32::MAX;
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
 /// Cache bound: past this many words the per-thread cache starts over.
-const CACHE_WORDS: usize = 1 << 20;
+const CACHE_WORDS: usize = 1 << 18;
 
 /// Word -> ids cache of one thread, tagged with the encoder it belongs to.
 type WordCache = (u64, FxHashMap<Box<[u8]>, Box<[u32]>>);

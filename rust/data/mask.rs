@@ -75,13 +75,22 @@ fn assistant_span(
     } else {
         Some(tpl.render(&values[..=i], false)?)
     };
-    let upto_str = upto.as_deref().unwrap_or(full);
     if full.starts_with(&prompt) {
-        // The turn ends where the rendering that stops after it departs from the full one
-        // (templates may append a trailer, e.g. an EOS, to a conversation that ends there).
-        let end = common_prefix(full, upto_str);
-        let content = messages[i].content.trim();
-        if end >= prompt.len() && full[prompt.len()..end].contains(content) {
+        let end = match &upto {
+            // The last message's turn runs to the end of the rendering.
+            None => return Ok(prompt.len()..full.len()),
+            Some(u) if u.len() >= prompt.len() && full.starts_with(u.as_str()) => {
+                return Ok(prompt.len()..u.len())
+            }
+            // Otherwise the turn ends where the rendering that stops after it departs from
+            // the full one (templates may append a trailer, e.g. an EOS, when a
+            // conversation ends there); the content must lie inside for this to hold.
+            Some(u) => common_prefix(full, u),
+        };
+        let content = messages[i].content.trim().as_bytes();
+        if end >= prompt.len()
+            && memchr::memmem::find(&full.as_bytes()[prompt.len()..end], content).is_some()
+        {
             return Ok(prompt.len()..end);
         }
     }

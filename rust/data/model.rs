@@ -41,9 +41,20 @@ pub struct ModelAssets {
     pub fingerprint: u128,
 }
 
-impl ModelAssets {
+/// A model folder's tokenizer files, read and fingerprinted but not built (cheap: a
+/// cache hit needs nothing more).
+pub struct ModelFiles {
+    dir: std::path::PathBuf,
+    files: Vec<Option<Vec<u8>>>,
+    config: Json,
+    template_source: Option<String>,
+    /// Hash of the files, plus today's date for templates that print it (the cache key part).
+    pub fingerprint: u128,
+}
+
+impl ModelFiles {
     /// Reads the tokenizer files of the model folder `dir`.
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn read(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<Option<Vec<u8>>> {
             match std::fs::read(dir.join(name)) {
                 Ok(b) => Ok(Some(b)),
@@ -52,6 +63,12 @@ impl ModelAssets {
             }
         };
         let files: Vec<Option<Vec<u8>>> = FILES.iter().map(|f| read(f)).collect::<Result<_>>()?;
+        if files[0].is_none() {
+            return Err(Error::TokenizerLoad(format!(
+                "{}: no tokenizer.json in this folder",
+                dir.display()
+            )));
+        }
         let mut hasher = Xxh3::new();
         for (name, bytes) in FILES.iter().zip(&files) {
             hasher.update(name.as_bytes());
@@ -63,29 +80,17 @@ impl ModelAssets {
                 None => hasher.update(b"-"),
             }
         }
-        let origin = dir.display().to_string();
-        let Some(tokenizer_json) = &files[0] else {
-            return Err(Error::TokenizerLoad(format!(
-                "{origin}: no tokenizer.json in this folder"
-            )));
-        };
         let config = parse_json(files[1].as_deref(), dir, "tokenizer_config.json")?;
-        let special_map = parse_json(files[3].as_deref(), dir, "special_tokens_map.json")?;
-        let globals = special_tokens(&config, &special_map);
-        let eos = globals
-            .iter()
-            .find(|(k, _)| k == "eos_token")
-            .map(|(_, v)| v.as_str());
-        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, &config, eos, &origin)?;
-        let own = match &files[2] {
+        let template_source = match &files[2] {
             Some(b) => Some(String::from_utf8(b.clone()).map_err(|_| {
-                Error::TemplateRender(format!("{origin}/chat_template.jinja is not UTF-8"))
+                Error::TemplateRender(format!(
+                    "{}/chat_template.jinja is not UTF-8",
+                    dir.display()
+                ))
             })?),
             None => template_of(&config),
         };
-        let default_template = own.is_none();
-        let source = own.unwrap_or_else(|| CHATML_TEMPLATE.to_string());
-        if uses_clock(&source) {
+        if template_source.as_deref().is_some_and(uses_clock) {
             // The rendering holds today's date, so a cached dataset is valid for today only.
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -93,13 +98,43 @@ impl ModelAssets {
                 .unwrap_or(0);
             hasher.update(strftime("%Y-%m-%d", now).as_bytes());
         }
-        let template = ChatTemplate::new(&source, &globals)
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+            files,
+            config,
+            template_source,
+            fingerprint: hasher.digest128(),
+        })
+    }
+}
+
+impl ModelAssets {
+    /// Reads and builds the tokenizer and template of the model folder `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::build(&ModelFiles::read(dir)?)
+    }
+
+    /// Builds the tokenizer and template from files already read.
+    pub fn build(files: &ModelFiles) -> Result<Self> {
+        let dir = &files.dir;
+        let origin = dir.display().to_string();
+        let tokenizer_json = files.files[0].as_deref().unwrap_or_default();
+        let special_map = parse_json(files.files[3].as_deref(), dir, "special_tokens_map.json")?;
+        let globals = special_tokens(&files.config, &special_map);
+        let eos = globals
+            .iter()
+            .find(|(k, _)| k == "eos_token")
+            .map(|(_, v)| v.as_str());
+        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, &files.config, eos, &origin)?;
+        let default_template = files.template_source.is_none();
+        let source = files.template_source.as_deref().unwrap_or(CHATML_TEMPLATE);
+        let template = ChatTemplate::new(source, &globals)
             .map_err(|e| Error::TemplateRender(format!("{origin}: {e}")))?;
         Ok(ModelAssets {
             tokenizer,
             template,
             default_template,
-            fingerprint: hasher.digest128(),
+            fingerprint: files.fingerprint,
         })
     }
 }

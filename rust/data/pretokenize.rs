@@ -113,71 +113,92 @@ fn is_letter(c: char) -> bool {
     i < table.len() && table[i].0 <= c
 }
 
-/// A text decoded once: each char, its class and byte offset.
-struct Chars {
-    chars: Vec<char>,
-    cls: Vec<Cls>,
-    byte: Vec<usize>,
+/// Text scanned by byte position: ASCII bytes are classified by table, other
+/// characters are decoded where they occur (no per-text allocation).
+struct Text<'a> {
+    s: &'a str,
 }
 
-impl Chars {
-    fn new(text: &str) -> Self {
-        let n = text.len();
-        let mut out = Chars {
-            chars: Vec::with_capacity(n),
-            cls: Vec::with_capacity(n),
-            byte: Vec::with_capacity(n + 1),
-        };
-        for (b, c) in text.char_indices() {
-            out.chars.push(c);
-            out.cls.push(classify(c));
-            out.byte.push(b);
+impl Text<'_> {
+    /// Class and byte length of the character at `i` (a char boundary below `len`).
+    #[inline(always)]
+    fn at(&self, i: usize) -> (Cls, usize) {
+        let b = self.s.as_bytes()[i];
+        if b < 128 {
+            return (ASCII[b as usize], 1);
         }
-        out.byte.push(n);
-        out
+        self.at_non_ascii(i)
     }
 
-    fn run(&self, from: usize, end: usize, pred: impl Fn(Cls) -> bool) -> usize {
-        let mut j = from;
-        while j < end && pred(self.cls[j]) {
-            j += 1;
+    #[cold]
+    #[inline(never)]
+    fn at_non_ascii(&self, i: usize) -> (Cls, usize) {
+        let c = self.s[i..].chars().next().expect("char boundary");
+        (classify(c), c.len_utf8())
+    }
+
+    #[inline]
+    fn cls(&self, i: usize, end: usize) -> Option<Cls> {
+        (i < end).then(|| self.at(i).0)
+    }
+
+    /// End of the run of characters from `i` (below `end`) whose class satisfies `pred`,
+    /// stopping after `max` characters.
+    #[inline]
+    fn run(&self, mut i: usize, end: usize, max: usize, pred: impl Fn(Cls) -> bool) -> usize {
+        let mut n = 0;
+        while i < end && n < max {
+            let (c, len) = self.at(i);
+            if !pred(c) {
+                break;
+            }
+            i += len;
+            n += 1;
         }
-        j
+        i
+    }
+
+    /// Start of the character that ends at `i`.
+    fn prev(&self, mut i: usize) -> usize {
+        i -= 1;
+        while !self.s.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
     }
 }
 
 /// Byte ranges of the pieces `pattern` cuts `text` into (they tile the text).
 pub fn split(pattern: Pattern, text: &str, out: &mut Vec<Range<usize>>) {
-    let cs = Chars::new(text);
-    let n = cs.chars.len();
-    let mut push = |a: usize, b: usize| out.push(cs.byte[a]..cs.byte[b]);
+    let t = Text { s: text };
+    let n = text.len();
+    let mut i = 0;
     match pattern {
         Pattern::Llama3 | Pattern::Qwen2 => {
             let max_digits = if pattern == Pattern::Llama3 { 3 } else { 1 };
-            let mut i = 0;
             while i < n {
-                let e = llama3_at(&cs, i, n, max_digits);
-                push(i, e);
+                let e = llama3_at(&t, i, n, max_digits);
+                out.push(i..e);
                 i = e;
             }
         }
         Pattern::Gpt2 { digits } => {
-            let mut i = 0;
             while i < n {
-                if digits && cs.cls[i] == Cls::Number {
-                    push(i, i + 1);
-                    i += 1;
+                let (c, len) = t.at(i);
+                if digits && c == Cls::Number {
+                    out.push(i..i + len);
+                    i += len;
                     continue;
                 }
                 // With Digits first, each digit-free run is matched as its own text.
                 let end = if digits {
-                    cs.run(i, n, |c| c != Cls::Number)
+                    t.run(i, n, usize::MAX, |c| c != Cls::Number)
                 } else {
                     n
                 };
                 while i < end {
-                    let e = gpt2_at(&cs, i, end);
-                    push(i, e);
+                    let e = gpt2_at(&t, i, end);
+                    out.push(i..e);
                     i = e;
                 }
             }
@@ -185,96 +206,107 @@ pub fn split(pattern: Pattern, text: &str, out: &mut Vec<Range<usize>>) {
     }
 }
 
-fn contraction(cs: &Chars, i: usize, n: usize, fold: bool) -> Option<usize> {
-    if cs.chars[i] != '\'' || i + 1 >= n {
+fn contraction(t: &Text<'_>, i: usize, n: usize, fold: bool) -> Option<usize> {
+    let bytes = t.s.as_bytes();
+    if bytes[i] != b'\'' || i + 1 >= n {
         return None;
     }
-    let low = |c: char| {
-        if !fold {
-            c
-        } else if c == '\u{17F}' {
-            's' // LATIN SMALL LETTER LONG S folds to 's'
-        } else {
-            c.to_ascii_lowercase()
+    // The letters of the contractions are ASCII, except LATIN SMALL LETTER LONG S, which
+    // case-insensitive matching folds to 's'.
+    let low = |j: usize| -> Option<(u8, usize)> {
+        if j >= n {
+            return None;
         }
+        let b = bytes[j];
+        if b < 128 {
+            return Some((if fold { b.to_ascii_lowercase() } else { b }, 1));
+        }
+        (fold && t.s[j..].starts_with('\u{17F}')).then_some((b's', 2))
     };
-    let c1 = low(cs.chars[i + 1]);
-    if matches!(c1, 's' | 't' | 'm' | 'd') {
-        return Some(i + 2);
+    let (c1, l1) = low(i + 1)?;
+    if matches!(c1, b's' | b't' | b'm' | b'd') {
+        return Some(i + 1 + l1);
     }
-    if i + 2 < n {
-        let c2 = low(cs.chars[i + 2]);
-        if matches!((c1, c2), ('r', 'e') | ('v', 'e') | ('l', 'l')) {
-            return Some(i + 3);
-        }
+    let (c2, l2) = low(i + 1 + l1)?;
+    if matches!((c1, c2), (b'r', b'e') | (b'v', b'e') | (b'l', b'l')) {
+        return Some(i + 1 + l1 + l2);
     }
     None
 }
 
-/// End (char index) of the Llama 3 / Qwen2 piece that starts at `i`.
-fn llama3_at(cs: &Chars, i: usize, n: usize, max_digits: usize) -> usize {
-    if let Some(e) = contraction(cs, i, n, true) {
+/// End (byte) of the Llama 3 / Qwen2 piece that starts at `i`.
+fn llama3_at(t: &Text<'_>, i: usize, n: usize, max_digits: usize) -> usize {
+    if let Some(e) = contraction(t, i, n, true) {
         return e;
     }
-    let k = cs.cls[i];
+    let (k, len) = t.at(i);
+    let letter = |c| c == Cls::Letter;
     // [^\r\n\p{L}\p{N}]?\p{L}+
     if !matches!(k, Cls::Newline | Cls::Letter | Cls::Number)
-        && i + 1 < n
-        && cs.cls[i + 1] == Cls::Letter
+        && t.cls(i + len, n) == Some(Cls::Letter)
     {
-        return cs.run(i + 1, n, |c| c == Cls::Letter);
+        return t.run(i + len, n, usize::MAX, letter);
     }
     if k == Cls::Letter {
-        return cs.run(i, n, |c| c == Cls::Letter);
+        return t.run(i, n, usize::MAX, letter);
     }
     // \p{N}{1,max}
     if k == Cls::Number {
-        return cs.run(i, n.min(i + max_digits), |c| c == Cls::Number);
+        return t.run(i, n, max_digits, |c| c == Cls::Number);
     }
     // ' '?[^\s\p{L}\p{N}]+[\r\n]*
-    let j = if k == Cls::Space && i + 1 < n && cs.cls[i + 1] == Cls::Other {
+    let j = if k == Cls::Space && t.cls(i + 1, n) == Some(Cls::Other) {
         i + 1
     } else {
         i
     };
-    if cs.cls[j] == Cls::Other {
-        let e = cs.run(j, n, |c| c == Cls::Other);
-        return cs.run(e, n, |c| c == Cls::Newline);
+    if t.at(j).0 == Cls::Other {
+        let e = t.run(j, n, usize::MAX, |c| c == Cls::Other);
+        return t.run(e, n, usize::MAX, |c| c == Cls::Newline);
     }
-    whitespace_at(cs, i, n, true)
+    whitespace_at(t, i, n, true)
 }
 
 /// End of the whitespace piece at `i`: `\s*[\r\n]+` (when `newlines`), `\s+(?!\S)`, `\s+`.
-fn whitespace_at(cs: &Chars, i: usize, n: usize, newlines: bool) -> usize {
-    let w_end = cs.run(i, n, Cls::is_space);
+fn whitespace_at(t: &Text<'_>, i: usize, n: usize, newlines: bool) -> usize {
+    let w_end = t.run(i, n, usize::MAX, Cls::is_space);
     if newlines {
-        if let Some(last) = (i..w_end).rev().find(|&j| cs.cls[j] == Cls::Newline) {
-            return last + 1;
+        // Newlines are ASCII, and no byte of a multi-byte character looks like one.
+        if let Some(last) = t.s.as_bytes()[i..w_end]
+            .iter()
+            .rposition(|&b| b == b'\n' || b == b'\r')
+        {
+            return i + last + 1;
         }
     }
-    if w_end == n || w_end - i < 2 {
-        w_end
+    if w_end == n {
+        return w_end;
+    }
+    let last = t.prev(w_end);
+    if last > i {
+        last
     } else {
-        w_end - 1
+        w_end
     }
 }
 
-/// End (char index) of the GPT-2 piece that starts at `i`, matching within `..n`.
-fn gpt2_at(cs: &Chars, i: usize, n: usize) -> usize {
-    if let Some(e) = contraction(cs, i, n, false) {
+/// End (byte) of the GPT-2 piece that starts at `i`, matching within `..n`.
+fn gpt2_at(t: &Text<'_>, i: usize, n: usize) -> usize {
+    if let Some(e) = contraction(t, i, n, false) {
         return e;
     }
+    let space = t.s.as_bytes()[i] == b' ';
     for want in [Cls::Letter, Cls::Number, Cls::Other] {
-        let j = if cs.chars[i] == ' ' && i + 1 < n && cs.cls[i + 1] == want {
+        let j = if space && t.cls(i + 1, n) == Some(want) {
             i + 1
         } else {
             i
         };
-        if cs.cls[j] == want {
-            return cs.run(j, n, |c| c == want);
+        if t.at(j).0 == want {
+            return t.run(j, n, usize::MAX, |c| c == want);
         }
     }
-    whitespace_at(cs, i, n, false)
+    whitespace_at(t, i, n, false)
 }
 
 #[cfg(test)]

@@ -416,6 +416,12 @@ pub fn json_to_value(v: &Json) -> Value {
 
 /// A message as the template sees it: role, content, then any other fields.
 pub fn message_value(m: &Message) -> Value {
+    if m.extra.is_empty() {
+        return Value::from_pairs([
+            (Value::from("role"), Value::from(m.role.as_str())),
+            (Value::from("content"), Value::from(m.content.as_str())),
+        ]);
+    }
     let Json::Object(map) = m.to_json() else {
         unreachable!("a message is an object")
     };

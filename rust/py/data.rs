@@ -11,7 +11,7 @@ use super::to_py_err;
 use crate::data::cache::{self, Meta};
 use crate::data::config::Settings;
 use crate::data::detect::detect;
-use crate::data::model::ModelAssets;
+use crate::data::model::{ModelAssets, ModelFiles};
 use crate::data::prepare::{self as pipeline, Prepared};
 use crate::data::read::{load_file, parse_object, FileBytes, Record};
 use crate::data::template::{json_to_value, template_message, ChatTemplate};
@@ -46,11 +46,11 @@ fn run_prepare(
     strict: bool,
 ) -> Result<Outcome> {
     let bytes = source_bytes(source, data)?;
-    let model = ModelAssets::load(Path::new(model_dir))?;
+    let files = ModelFiles::read(Path::new(model_dir))?;
     let key = cache_root.map(|root| {
         (
             Path::new(root),
-            cache::cache_key(&bytes, model.fingerprint, settings),
+            cache::cache_key(&bytes, files.fingerprint, settings),
         )
     });
     let mut cache_state = "off";
@@ -73,6 +73,7 @@ fn run_prepare(
             }
         }
     }
+    let model = ModelAssets::build(&files)?;
     let prepared = if strict {
         pipeline::prepare(source, &bytes, &model, settings)?
     } else {

@@ -19,7 +19,9 @@ class DataConfig:
 
     max_seq_length: int = _opt(2048, "Tokens per packed row; longer samples are truncated or dropped.")
     train_on: Literal["assistant", "all"] = _opt(
-        "assistant", "Tokens that carry the loss in chat rows: the assistant's turns, or all tokens."
+        "assistant",
+        "Tokens that carry the loss in SFT chat rows: the assistant's turns, or all tokens "
+        "(raw text always trains on all; preference and KTO rows on their completions).",
     )
     overlong: Literal["truncate", "drop"] = _opt(
         "truncate", "What to do with a sample longer than max_seq_length: truncate it or drop it (counted)."
