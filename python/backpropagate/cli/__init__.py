@@ -32,9 +32,8 @@ def _global_options(
 ) -> None:
     if log_format not in ("text", "json"):
         raise typer.BadParameter("must be 'text' or 'json'", param_hint="--log-format")
+    # main() already left stderr unwrapped when verbose output was asked for.
     log.configure(log_format=log_format, verbose=verbose)
-    if not redaction_enabled(verbose) and isinstance(sys.stderr, log.RedactingStream):
-        sys.stderr = sys.stderr._inner
 
 
 def _register_commands() -> None:
