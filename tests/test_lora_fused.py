@@ -79,3 +79,23 @@ def test_fused_lora_on_4bit_base_matches_dequantized_reference(tiny_llama):
     want = torch.autograd.grad(ref, [x_ref, a_ref, b_ref], upstream)
     for g, w_ in zip(got, want, strict=True):
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_copies_follow_optimizer_steps(tiny_qwen2):
+    """Cached compute-dtype copies of A and s*B are remade after each step, so training matches peft's."""
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    finals = []
+    for fused in (False, True):
+        model = _peft_model(tiny_qwen2, r=4, lora_alpha=8)
+        if fused:
+            lora_fused.install(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)  # leaves version counters alone
+        for _ in range(3):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            lora_fused.adapters_updated()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, want in finals[0].items():
+        torch.testing.assert_close(finals[1][name], want, rtol=1e-4, atol=1e-5)

@@ -64,6 +64,9 @@ class RecomputePlan:
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
             setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
+            for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
+                if hasattr(module, "lora_A"):
+                    module.bp_recomputed = i < recomputed
 
     @property
     def recomputed(self) -> int:

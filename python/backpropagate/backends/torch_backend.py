@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backpropagate.backends import lora_fused
 from backpropagate.backends.attention import packed_attention
 from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
 from backpropagate.backends.loading import TrainingModel
@@ -297,6 +298,7 @@ def train(
                 )
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
+                lora_fused.adapters_updated()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_s = time.perf_counter() - t0
