@@ -66,7 +66,7 @@ class RecomputePlan:
             setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
-                    module.bp_recomputed = i < recomputed
+                    module.__dict__["bp_recomputed"] = i < recomputed
 
     @property
     def recomputed(self) -> int:
