@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny shape, short rows, few steps: checks the script")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step (the peer's 4)")
-    parser.add_argument("--steps", type=int, default=8, help="measured steps")
+    parser.add_argument("--steps", type=int, default=16, help="measured steps")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
     parser.add_argument("--prompt-words", type=int, default=80)
     parser.add_argument("--answer-words", type=int, default=250)

@@ -141,6 +141,25 @@ def test_out_of_memory_at_one_row_is_exhausted(tiny_llama, dataset, tmp_path, mo
     assert err.value.code == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
 
 
+def test_diverged_loss_stops_the_run_before_a_checkpoint_takes_it(tiny_llama, dataset, tmp_path, monkeypatch):
+    """Losses are read a step late; a non-finite one still stops the run, names its step, and is never saved."""
+    real = torch_backend.accumulate_gradients
+    steps = []
+
+    def nan_at_step_three(tm, objective, batches):
+        loss, tokens = real(tm, objective, batches)
+        steps.append(len(steps) + 1)
+        return (loss * float("nan") if len(steps) == 3 else loss), tokens
+
+    monkeypatch.setattr(torch_backend, "accumulate_gradients", nan_at_step_three)
+    trainer = Trainer("tiny-llama", output_dir=str(tmp_path / "nan"), save_every=3, **FAST)
+    with pytest.raises(RunFailedError) as err:
+        trainer.train(dataset, steps=6)
+    assert err.value.code == "RUNTIME_TRAINING_DIVERGED" and "at step 3" in str(err.value)
+    assert steps == [1, 2, 3]  # the step-3 checkpoint waited for the readout and never happened
+    assert checkpoint.checkpoints(tmp_path / "nan" / "checkpoints") == []
+
+
 def test_accumulation_is_normalised_by_loss_tokens(tiny_llama, dataset, tmp_path):
     one = Trainer("tiny-llama", output_dir=str(tmp_path / "one"), **dict(FAST, micro_batch=4, grad_accumulation=1))
     four = Trainer("tiny-llama", output_dir=str(tmp_path / "four"), **dict(FAST, micro_batch=1, grad_accumulation=4))

@@ -7,6 +7,9 @@ the whole step (target tokens for SFT), so accumulation gives exactly the gradie
 step's mean loss. Everything resume needs is the number of rows consumed, so the loss
 curve after a resume is the curve the uninterrupted run would have drawn. An out-of-memory
 error halves the micro-batch (the step keeps its rows, so accumulation doubles) and retries.
+The loss and gradient norm of a step are read while the next step runs (readout.py), so the
+host never waits for the GPU to drain; a diverged loss therefore stops the run one step
+later, and always before a checkpoint or evaluation could take it in.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from backpropagate.backends.loading import TrainingModel
 from backpropagate.backends.losses import DeviceBatch, Objective, normalised_loss, objective_for, step_totals
 from backpropagate.backends.metrics import MetricsLogger, ProgressBar
 from backpropagate.backends.preference import Policy
+from backpropagate.backends.readout import Readout
 from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
@@ -108,8 +112,8 @@ def policy_of(tm: TrainingModel) -> Policy:
     return Policy(forward=lambda batch: forward_hidden(tm, batch), reference=disable)
 
 
-def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one step; returns (mean loss, tokens)."""
+def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[torch.Tensor, int]:
+    """Forward and backward over the micro-batches of one step; returns (mean loss on the device, tokens)."""
     totals = step_totals(objective, batches)
     loss_sum = torch.zeros((), device=tm.device)
     for batch in batches:
@@ -119,7 +123,7 @@ def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[
         del hidden  # backward needs only what autograd saved
         loss.backward()
         loss_sum += loss.detach().float()
-    return float(loss_sum.item()), sum(b.num_tokens for b in batches)
+    return loss_sum, sum(b.num_tokens for b in batches)
 
 
 def release_memory(device: torch.device) -> None:
@@ -135,7 +139,7 @@ def train_step(
     rows: np.ndarray,
     state: TrainState,
     optimizer: torch.optim.Optimizer,
-) -> tuple[float, int]:
+) -> tuple[torch.Tensor, int]:
     """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors."""
     while True:
         try:
@@ -278,30 +282,58 @@ def train(
         torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
     started = time.perf_counter()
     elapsed_before = state.elapsed_s
+    last_done = started
+    pending: tuple[Readout, int, int, float, int] | None = None  # (readout, step, tokens, lr, micro-batch)
+
+    def settle() -> None:
+        """Takes the last step's loss and gradient norm off the GPU: checks, progress bar, metrics."""
+        nonlocal pending, last_done
+        if pending is None:
+            return
+        readout, step, tokens, lr, micro = pending
+        pending = None
+        loss, grad_norm = readout.values()
+        if not math.isfinite(loss):
+            raise RunFailedError(
+                "RUNTIME_TRAINING_DIVERGED", f"loss is {loss} at step {step} (learning_rate={config.learning_rate})"
+            )
+        now = time.perf_counter()
+        step_s, last_done = max(now - last_done, 1e-9), now
+        state.losses.append([step, loss])
+        bar.update(step, loss, tokens / step_s)
+        if step % config.log_every == 0 or step == total_steps:
+            metrics.log(
+                step,
+                {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / step_s, 1),
+                    "epoch": round(state.rows_consumed / stream.size, 4),
+                    "micro_batch": micro,
+                },
+            )
+
     try:
         with packed_attention(tm.model):
             while state.step < total_steps:
                 if guard is not None:
                     guard.wait_until_cool()
-                t0 = time.perf_counter()
                 rows = stream.take(state.rows_consumed, rows_per_step)
                 loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer)
-                if not math.isfinite(loss):
-                    raise RunFailedError(
-                        "RUNTIME_TRAINING_DIVERGED",
-                        f"loss is {loss} at step {state.step + 1} (learning_rate={config.learning_rate})",
-                    )
                 grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     if config.max_grad_norm > 0
-                    else float("nan")
+                    else torch.full((), float("nan"), device=loss.device)
                 )
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 lora_fused.adapters_updated()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_s = time.perf_counter() - t0
+                readout = Readout(loss, grad_norm)
+                settle()  # the previous step's values, while this step runs on the GPU
                 if tm.recompute is not None:
                     tm.recompute.plan(
                         tm.device, tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length
@@ -309,31 +341,22 @@ def train(
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens
-                state.losses.append([state.step, loss])
-                state.elapsed_s = elapsed_before + time.perf_counter() - started
-                bar.update(state.step, loss, tokens / step_s)
+                pending = (readout, state.step, tokens, lr, state.micro_batch)
                 last = state.step == total_steps
-                if state.step % config.log_every == 0 or last:
-                    metrics.log(
-                        state.step,
-                        {
-                            "loss": loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens": tokens,
-                            "tokens_per_s": round(tokens / step_s, 1),
-                            "epoch": round(state.rows_consumed / stream.size, 4),
-                            "micro_batch": state.micro_batch,
-                        },
-                    )
-                if len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last):
+                evaluate_now = len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last)
+                save_now = (config.save_every and state.step % config.save_every == 0) or last
+                if evaluate_now or save_now:
+                    settle()  # a checkpoint holds this step's loss, and a diverged step is never saved
+                state.elapsed_s = elapsed_before + time.perf_counter() - started
+                if evaluate_now:
                     eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch)
                     state.eval_losses.append([state.step, eval_loss])
                     metrics.log(state.step, {"eval_loss": eval_loss})
-                if (config.save_every and state.step % config.save_every == 0) or last:
+                if save_now:
                     last_checkpoint = save_checkpoint(
                         checkpoint_root, state, tm.trainable_state(), optimizer, scheduler, config.keep_checkpoints
                     )
+            settle()
     finally:
         bar.close()
         metrics.close()
