@@ -15,7 +15,7 @@ prompts masked), the training loop trains with the ORPO objective.
 
 Run it in the same device call as the peer, so both use the same card:
 
-  python PEER/peer_orpo.py TOKDIR | tee $OUT/peer_orpo.log
+  python PEER/peer_orpo.py TOKDIR 4 18 | tee $OUT/peer_orpo.log   (16 measured steps, as ours)
   python benches/orpo_gpu.py TOKDIR --peer-log $OUT/peer_orpo.log
 
 Each variant prints one JSON line and appends it to $OUT/results.jsonl (or /tmp); a table
