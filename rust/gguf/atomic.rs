@@ -41,11 +41,11 @@ struct Sink {
 
 impl Sink {
     fn create(path: &Path, direct: bool) -> std::io::Result<Self> {
-        let file = match direct.then(|| open_direct(path)).flatten() {
-            Some(file) => file,
-            None => File::create(path)?,
+        // Opening with O_DIRECT fails on filesystems that refuse it outright.
+        let (file, direct) = match direct.then(|| open_direct(path)).flatten() {
+            Some(file) => (file, true),
+            None => (File::create(path)?, false),
         };
-        let direct = direct && is_direct(&file);
         let store = vec![0u8; BUFFER + BLOCK];
         let start = store.as_ptr().align_offset(BLOCK);
         Ok(Self {
@@ -68,7 +68,7 @@ impl Sink {
         let (start, direct) = (self.start, self.direct);
         match self.file.write_all(&self.store[start..start + n]) {
             // Some filesystems take the flag at open and refuse the writes: carry on buffered.
-            Err(e) if direct && e.raw_os_error() == Some(EINVAL) => {
+            Err(e) if direct && e.kind() == std::io::ErrorKind::InvalidInput => {
                 self.file = OpenOptions::new().write(true).open(&self.path)?;
                 self.file.seek(SeekFrom::Start(self.flushed))?;
                 self.direct = false;
@@ -119,11 +119,6 @@ impl Write for Sink {
 }
 
 #[cfg(target_os = "linux")]
-const EINVAL: i32 = libc::EINVAL;
-#[cfg(not(target_os = "linux"))]
-const EINVAL: i32 = 22;
-
-#[cfg(target_os = "linux")]
 fn open_direct(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
@@ -138,19 +133,6 @@ fn open_direct(path: &Path) -> Option<File> {
 #[cfg(not(target_os = "linux"))]
 fn open_direct(_path: &Path) -> Option<File> {
     None
-}
-
-#[cfg(target_os = "linux")]
-fn is_direct(file: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: F_GETFL only reads the flags of a descriptor this function borrows.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_DIRECT != 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn is_direct(_file: &File) -> bool {
-    false
 }
 
 impl AtomicFile {
