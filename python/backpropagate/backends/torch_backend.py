@@ -356,7 +356,6 @@ def train(
                     last_checkpoint = save_checkpoint(
                         checkpoint_root, state, tm.trainable_state(), optimizer, scheduler, config.keep_checkpoints
                     )
-            settle()
     finally:
         bar.close()
         metrics.close()
