@@ -44,3 +44,15 @@ def real_tokenizer(name: str) -> Path:
     if not (path / "tokenizer.json").exists():
         pytest.skip(f"shared tokenizer {name} not available")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip where no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

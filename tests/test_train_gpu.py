@@ -6,10 +6,7 @@ import torch
 
 from train_helpers import rule_dataset
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest)
 CUDA = torch.device("cuda")
 
 
