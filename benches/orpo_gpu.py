@@ -12,6 +12,7 @@ prompts masked), the training loop trains with the ORPO objective.
   qlora_on        the same with every layer recomputed (the least memory)
   lora            bf16 base, every layer recomputed (the peer's precision and recompute)
   qlora_unshared  like qlora_on, with chosen and rejected as two full sequences (diagnosis)
+  NAME_eager      any of these without CUDA graphs (each step's kernels launched from Python)
 
 Run it in the same device call as the peer, so both use the same card:
 
@@ -131,7 +132,7 @@ def prepare_pairs(args: argparse.Namespace, folder: Path):  # type: ignore[no-un
     return dataset, prep_s
 
 
-def train_config(args: argparse.Namespace, mode: str, shared: bool, recompute: str):  # type: ignore[no-untyped-def]
+def train_config(args: argparse.Namespace, mode: str, shared: bool, recompute: str, graphs: bool):  # type: ignore[no-untyped-def]
     from backpropagate.config import TrainConfig
 
     return TrainConfig(
@@ -145,6 +146,7 @@ def train_config(args: argparse.Namespace, mode: str, shared: bool, recompute: s
         learning_rate=8e-6,
         orpo_beta=0.1,
         shared_prompt=shared,
+        cuda_graphs=graphs,
         max_seq_length=args.max_seq_length,
         micro_batch=args.pairs,
         grad_accumulation=1,
@@ -205,10 +207,12 @@ def shared_tokens_per_pair(dataset) -> float:  # type: ignore[no-untyped-def]
 def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignore[no-untyped-def,type-arg]
     from backpropagate.backends import loading, torch_backend
 
-    mode = "qlora" if variant.startswith("qlora") else "lora"
-    shared = not variant.endswith("_unshared")
-    recompute = "auto" if variant == "qlora" else "on"
-    config = train_config(args, mode, shared, recompute)
+    base = variant.removesuffix("_eager")
+    mode = "qlora" if base.startswith("qlora") else "lora"
+    shared = not base.endswith("_unshared")
+    recompute = "auto" if base == "qlora" else "on"
+    graphs = base == variant
+    config = train_config(args, mode, shared, recompute, graphs)
     device = torch.device(args.device)
     if mode == "qlora":
         folder = saved_model(args)
@@ -239,6 +243,7 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
         "mode": mode,
         "shared_prompt": shared,
         "recompute": recompute,
+        "cuda_graphs": graphs,
         "pairs_per_step": args.pairs,
         "max_seq_length": args.max_seq_length,
         "steps": args.steps,
@@ -295,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", nargs="?", help="folder of the Qwen2.5 tokenizer (tokenizer.json + config)")
     parser.add_argument(
-        "--variants", nargs="*", default=["qlora", "qlora_on", "lora"], help="qlora, qlora_on, lora, qlora_unshared"
+        "--variants",
+        nargs="*",
+        default=["qlora", "qlora_on", "lora"],
+        help="qlora, qlora_on, lora, qlora_unshared; NAME_eager without CUDA graphs",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shape, short rows, few steps: checks the script")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step (the peer's 4)")

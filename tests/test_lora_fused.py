@@ -99,3 +99,24 @@ def test_adapter_copies_follow_optimizer_steps(tiny_qwen2):
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, want in finals[0].items():
         torch.testing.assert_close(finals[1][name], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3584, 18944), (512, 3584), (40, 72), (7, 64)])
+def test_nf4_kernel_equals_bitsandbytes_bit_for_bit(shape):
+    import bitsandbytes.functional as bnbf
+
+    from backpropagate.backends import nf4
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    absmax = lora_fused._block_scales(packed, state)
+    assert nf4.supported(packed, state)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ours = nf4.dequantize(packed, absmax, state, dtype)
+        theirs = torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed, absmax, state.blocksize, state.quant_type, state.shape, dtype
+        )
+        assert ours.shape == theirs.shape == shape
+        assert torch.equal(ours, theirs)

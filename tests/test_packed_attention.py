@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from backpropagate.backends import attention
 from backpropagate.backends.attention import block_causal_mask, packed_attention
 from backpropagate.backends.loading import TrainingModel
 from backpropagate.backends.losses import DeviceBatch, target_logprobs
@@ -73,7 +74,7 @@ def test_packed_gradients_equal_summed_sample_gradients(tiny_llama):
 
 def test_block_causal_mask():
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    mask = block_causal_mask(cu, 5, None, torch.device("cpu"))
+    mask = block_causal_mask(cu, cu, 5, 5, None, torch.device("cpu"))
     expected = torch.tensor(
         [
             [1, 0, 0, 0, 0],
@@ -85,5 +86,54 @@ def test_block_causal_mask():
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)
-    windowed = block_causal_mask(cu, 5, 2, torch.device("cpu"))
+    windowed = block_causal_mask(cu, cu, 5, 5, 2, torch.device("cpu"))
     assert not windowed[4, 2] and windowed[4, 3] and windowed[4, 4]
+    # Query segments shorter than their keys hold the segment's last tokens (diagonal at bottom right).
+    short = block_causal_mask(cu, torch.tensor([0, 3, 7], dtype=torch.int32), 5, 7, None, torch.device("cpu"))
+    assert short[0].tolist() == [1, 1, 0, 0, 0, 0, 0] and short[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert short[2].tolist() == [0, 0, 0, 1, 1, 0, 0] and short[4].tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_shared_prefix_attention_equals_each_sample_alone(device):
+    """Queries in stored order (a pair's prefix once), keys gathered per sample: each sample as if alone."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # Two pairs stored as prefix + chosen tail + rejected tail.
+    prefix, tails = [30, 7], [(50, 41), (3, 12)]
+    kv_index, len_q, len_k, stored = [], [], [], 0
+    for p, (c, r) in zip(prefix, tails, strict=True):
+        kv_index += list(range(stored, stored + p + c)) + list(range(stored, stored + p))
+        kv_index += list(range(stored + p + c, stored + p + c + r))
+        len_q += [p + c, r]
+        len_k += [p + c, p + r]
+        stored += p + c + r
+    heads, kv_heads, dim = 8, 2, 64
+    q, k, v = (
+        torch.randn(1, h, stored, dim, device=dev, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads)
+    )
+    cu_q, cu_k = (
+        torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32, device=dev) for n in (len_q, len_k)
+    )
+    index = torch.tensor(kv_index, device=dev)
+    kwargs = attention.packed_kwargs(cu_q, max(len_q), cu_k, max(len_k), index)
+    out, _ = attention.packed_attention_forward(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, **kwargs)
+    grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+    # Reference: each sample whole through SDPA; its stored tokens' outputs are its last len_q outputs.
+    ke, ve = k.index_select(2, index), v.index_select(2, index)
+    pieces = []
+    for i in range(len(len_q)):
+        klo, khi, qlo, qhi = int(cu_k[i]), int(cu_k[i + 1]), int(cu_q[i]), int(cu_q[i + 1])
+        prefix_q = ke.new_zeros(1, heads, (khi - klo) - (qhi - qlo), dim)  # rows whose outputs are dropped
+        whole_q = torch.cat([prefix_q, q[:, :, qlo:qhi]], dim=2)
+        att = torch.nn.functional.scaled_dot_product_attention(
+            whole_q, ke[:, :, klo:khi], ve[:, :, klo:khi], is_causal=True, enable_gqa=True
+        )
+        pieces.append(att[:, :, (khi - klo) - (qhi - qlo) :].transpose(1, 2))
+    ref = torch.cat(pieces, dim=1)
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), [q, k, v])
+    tol = dict(rtol=2e-2, atol=2e-2) if device == "cuda" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), **{k: 2.5 * t for k, t in tol.items()})

@@ -63,28 +63,32 @@ sequences = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(sequences, sequences), min_size=1, max_size=5), st.booleans())
-def test_pair_layout_rebuilds_every_sample_in_attention_order(raw, share):
+def test_pair_layout_gives_each_sample_its_whole_keys_and_its_own_queries(raw, share):
     pairs = [(c, r, 0) for c, r in raw]
     batch, chosen, rejected = pair_batch(pairs)
     layout = pair_layout(batch, chosen, rejected, share)
     ids = batch.input_ids[0]
-    # Attention order: chosen then rejected of each pair, each whole, positions from 0.
-    expanded = layout.input_ids[layout.expand_index]
-    positions = layout.position_ids[layout.expand_index]
-    cu = layout.cu_seqlens
+    # Keys: chosen then rejected of each pair, each whole, positions from 0.
+    keys = layout.input_ids[layout.kv_index]
+    key_positions = layout.position_ids[layout.kv_index]
     for k, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
         for j, s in enumerate((c, r)):
-            lo, hi = cu[2 * k + j], cu[2 * k + j + 1]
+            lo, hi = layout.cu_k[2 * k + j], layout.cu_k[2 * k + j + 1]
             span = slice(batch.cu_seqlens[s], batch.cu_seqlens[s + 1])
-            assert expanded[lo:hi].tolist() == ids[span].tolist()
-            assert positions[lo:hi].tolist() == list(range(hi - lo))
-    # Every original token is stored with its own id and position; outputs are kept from a copy of it.
+            assert keys[lo:hi].tolist() == ids[span].tolist()
+            assert key_positions[lo:hi].tolist() == list(range(hi - lo))
+            # Queries: the sample's last tokens, stored once, at the end of its key segment.
+            qlo, qhi = layout.cu_q[2 * k + j], layout.cu_q[2 * k + j + 1]
+            assert 1 <= qhi - qlo <= hi - lo
+            assert layout.input_ids[qlo:qhi].tolist() == ids[span][(hi - lo) - (qhi - qlo) :].tolist()
+            assert layout.position_ids[qlo:qhi].tolist() == list(range((hi - lo) - (qhi - qlo), hi - lo))
+    # Every original token is stored with its own id and position.
     assert np.array_equal(layout.input_ids[layout.stored], ids)
     assert np.array_equal(layout.position_ids[layout.stored], batch.position_ids[0])
-    assert np.array_equal(layout.expand_index[layout.keep_index], np.arange(len(layout.input_ids)))
-    assert len(layout.input_ids) == len(ids) - layout.shared
+    assert layout.cu_q[-1] == len(layout.input_ids) == len(ids) - layout.shared
+    assert layout.max_q == max(np.diff(layout.cu_q)) and layout.max_k == max(np.diff(layout.cu_k))
     if not share:
-        assert layout.shared == 0
+        assert layout.shared == 0 and np.array_equal(layout.cu_q, layout.cu_k)
 
 
 def test_pair_layout_shares_the_common_prompt_only_once():

@@ -138,6 +138,11 @@ class TrainConfig:
         True,
         "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",
     )
+    cuda_graphs: bool = option(
+        True,
+        "Replay each micro-batch's forward and backward as a CUDA graph (LoRA / QLoRA; sft, orpo, simpo; "
+        "no dropout), so the GPU never waits for Python to launch kernels.",
+    )
     # Run and outputs
     output_dir: str | None = option(
         None, "Folder for checkpoints, adapter, metrics and plot (default: runs/run-<time>).", group="Run"

@@ -13,9 +13,12 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA.
 
 Tokens shared by several samples (the common prompt of a preference pair) can be stored
-once: `expand_kwargs` gives an index that gathers queries, keys and values back into
-whole samples for attention, and one that picks each stored token's output. Everything
-outside attention (projections, MLP, norms) then runs once per stored token.
+once: queries then run in stored order, each sample's segment holding only its own tokens
+(the rest of a sample, its shared prefix, is stored with another sample), while keys and
+values are gathered (`kv_index`) so that each sample sees its whole prefix. The causal
+diagonal is aligned to the end of each key segment, so a query attends exactly the keys
+it would see in its sample alone. Everything outside attention (projections, MLP, norms)
+runs once per stored token.
 """
 
 from __future__ import annotations
@@ -29,40 +32,64 @@ import torch
 import torch.nn.functional as F
 
 PACKED_ATTENTION = "backpropagate_packed"
-# Keyword arguments carrying a shared-token layout down to attention (see `expand_kwargs`).
-EXPAND_INDEX = "packed_expand_index"
-KEEP_INDEX = "packed_keep_index"
+# Keyword argument carrying the key gather of a shared-token layout down to attention.
+KV_INDEX = "packed_kv_index"
 
 
 class _PerForwardCache:
-    """Keeps one value per `cu_seqlens` tensor: every layer of a forward (and its recompute) shares it.
+    """Keeps one value per pair of boundary tensors: every layer of a forward (and its recompute) shares it.
 
-    Holding a reference to the key tensor means its id cannot be reused while cached.
+    Holding references to the key tensors means their ids cannot be reused while cached.
     """
 
     def __init__(self) -> None:
-        self._key: torch.Tensor | None = None
+        self._keys: tuple[torch.Tensor, ...] = ()
         self._extra: tuple[Any, ...] = ()
         self._value: Any = None
 
-    def get(self, cu_seqlens: torch.Tensor, extra: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-        if self._key is not cu_seqlens or self._extra != extra:
+    def get(self, keys: tuple[torch.Tensor, ...], extra: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        same = len(keys) == len(self._keys) and all(a is b for a, b in zip(keys, self._keys, strict=True))
+        if not same or self._extra != extra:
             self._value = build()
-            self._key, self._extra = cu_seqlens, extra
+            self._keys, self._extra = keys, extra
         return self._value
 
 
 _mask_cache = _PerForwardCache()
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Boolean [total, total] mask: True where query i may attend key j (same sample, j <= i, in window)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
-    sample = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
-    pos = torch.arange(total, device=device)
-    mask = (sample[:, None] == sample[None, :]) & (pos[None, :] <= pos[:, None])
+def segment_frames(
+    cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """(sample, position) of every query and every key, positions counted in the key frame.
+
+    A query segment shorter than its key segment holds the segment's last tokens (the
+    causal diagonal is aligned bottom-right), so its positions start at len_k - len_q.
+    """
+    cu_q = cu_q.to(device=device, dtype=torch.long)
+    cu_k = cu_k.to(device=device, dtype=torch.long)
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    samples = torch.arange(len(len_q), device=device)
+    sample_q = torch.repeat_interleave(samples, len_q, output_size=total_q)
+    sample_k = torch.repeat_interleave(samples, len_k, output_size=total_k)
+    pos_q = torch.arange(total_q, device=device) - cu_q[sample_q] + (len_k - len_q)[sample_q]
+    pos_k = torch.arange(total_k, device=device) - cu_k[sample_k]
+    return sample_q, pos_q, sample_k, pos_k
+
+
+def block_causal_mask(
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    total_q: int,
+    total_k: int,
+    window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean [total_q, total_k] mask: True where a query may attend a key (same sample, causal, in window)."""
+    sample_q, pos_q, sample_k, pos_k = segment_frames(cu_q, cu_k, total_q, total_k, device)
+    mask = (sample_q[:, None] == sample_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
     if window is not None:
-        mask &= pos[:, None] - pos[None, :] < window
+        mask &= pos_q[:, None] - pos_k[None, :] < window
     return mask
 
 
@@ -70,15 +97,16 @@ def _sdpa_block_causal(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
     scaling: float | None,
     window: int | None,
 ) -> torch.Tensor:
-    total = query.shape[2]
+    total_q, total_k = query.shape[2], key.shape[2]
     mask = _mask_cache.get(
-        cu_seqlens,
-        ("dense", total, window, query.device),
-        lambda: block_causal_mask(cu_seqlens, total, window, query.device),
+        (cu_q, cu_k),
+        ("dense", total_q, total_k, window, query.device),
+        lambda: block_causal_mask(cu_q, cu_k, total_q, total_k, window, query.device),
     )
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
@@ -110,8 +138,8 @@ def _varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_len: int,
+    kv_index: torch.Tensor | None,
+    bounds: tuple[torch.Tensor, torch.Tensor, int, int],
     scaling: float | None,
     window: int | None,
 ) -> torch.Tensor:
@@ -119,10 +147,14 @@ def _varlen(
 
     assert _VARLEN is not None
     params = _VARLEN.parameters
-    # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take.
+    cu_q, cu_k, max_q, max_k = bounds
+    # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass.
     q = query[0].transpose(0, 1).contiguous()
-    k = key[0].transpose(0, 1).contiguous()
-    v = value[0].transpose(0, 1).contiguous()
+    k, v = (t[0].transpose(0, 1) for t in (key, value))
+    if kv_index is None:
+        k, v = k.contiguous(), v.contiguous()
+    else:
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
     kwargs: dict[str, Any] = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
@@ -137,7 +169,7 @@ def _varlen(
         kwargs["is_causal"] = True
     if scaling is not None and "scale" in params:
         kwargs["scale"] = scaling
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     assert isinstance(out, torch.Tensor)  # a tuple only when auxiliary outputs are requested
     return out.unsqueeze(0)
 
@@ -150,7 +182,8 @@ def _flex(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
     scaling: float | None,
     window: int | None,
 ) -> torch.Tensor:
@@ -159,21 +192,20 @@ def _flex(
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    total = query.shape[2]
+    total_q, total_k = query.shape[2], key.shape[2]
 
     def build() -> Any:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        doc = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), lengths, output_size=total)
+        sample_q, pos_q, sample_k, pos_k = segment_frames(cu_q, cu_k, total_q, total_k, query.device)
 
         def document_causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            keep = (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+            keep = (sample_q[q_idx] == sample_k[kv_idx]) & (pos_k[kv_idx] <= pos_q[q_idx])
             if window is not None:
-                keep = keep & (q_idx - kv_idx < window)
+                keep = keep & (pos_q[q_idx] - pos_k[kv_idx] < window)
             return keep
 
-        return create_block_mask(document_causal, 1, None, total, total, device=query.device)
+        return create_block_mask(document_causal, 1, None, total_q, total_k, device=query.device)
 
-    block_mask = _flex_cache.get(cu_seqlens, ("flex", total, window), build)
+    block_mask = _flex_cache.get((cu_q, cu_k), ("flex", total_q, total_k, window), build)
     gqa = query.shape[1] != key.shape[1]
     out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
@@ -199,14 +231,14 @@ def packed_attention_forward(
         attention_mask: Ignored when sample boundaries are given (none is built for packed rows).
         scaling: Softmax scale.
         dropout: Attention dropout; must be 0 for packed rows.
-        **kwargs: `cu_seq_lens_q` / `max_length_q` carry the boundaries; `EXPAND_INDEX` /
-            `KEEP_INDEX` a shared-token layout (boundaries are then those of the expanded order).
+        **kwargs: `cu_seq_lens_q` / `max_length_q` carry the query boundaries, `cu_seq_lens_k` /
+            `max_length_k` the key boundaries, and `KV_INDEX` the key gather of a shared-token layout.
 
     Returns:
         ([1, T, heads, dim] output, None).
     """
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -217,19 +249,18 @@ def packed_attention_forward(
     if dropout:
         raise ValueError("attention dropout is not supported on packed rows")
     window = kwargs.get("sliding_window") or None
-    expand = kwargs.get(EXPAND_INDEX)
-    if expand is not None:
-        query, key, value = (t.index_select(2, expand) for t in (query, key, value))
+    kv_index = kwargs.get(KV_INDEX)
+    cu_k = kwargs.get("cu_seq_lens_k")
+    cu_k = cu_q if cu_k is None else cu_k
+    if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):
+        max_q = int(kwargs["max_length_q"])
+        bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))
+        return _varlen(query, key, value, kv_index, bounds, scaling, window), None
+    if kv_index is not None:
+        key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
     if query.is_cuda:
-        if varlen_supported(scaling, query.shape[-1], window):
-            out = _varlen(query, key, value, cu_seqlens, int(kwargs["max_length_q"]), scaling, window)
-        else:
-            out = _flex(query, key, value, cu_seqlens, scaling, window)
-    else:
-        out = _sdpa_block_causal(query, key, value, cu_seqlens, scaling, window)
-    if expand is not None:
-        out = out.index_select(1, kwargs[KEEP_INDEX])
-    return out, None
+        return _flex(query, key, value, cu_q, cu_k, scaling, window), None
+    return _sdpa_block_causal(query, key, value, cu_q, cu_k, scaling, window), None
 
 
 def register() -> None:
@@ -255,21 +286,28 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
             c._attn_implementation = name
 
 
-def packed_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, Any]:
-    """The keyword arguments a model forward passes down to attention for a packed row."""
-    return {
-        "cu_seq_lens_q": cu_seqlens,
-        "cu_seq_lens_k": cu_seqlens,
-        "max_length_q": max_seqlen,
-        "max_length_k": max_seqlen,
-    }
-
-
-def expand_kwargs(expand_index: torch.Tensor, keep_index: torch.Tensor) -> dict[str, Any]:
-    """Keyword arguments for a row whose shared tokens are stored once.
+def packed_kwargs(
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    kv_index: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments a model forward passes down to attention for a packed row.
 
     Args:
-        expand_index: [T'] stored position of each token in attention order (samples whole).
-        keep_index: [T] position in attention order whose output each stored token takes.
+        cu_seqlens: [n + 1] int32 query boundaries (in stored order).
+        max_seqlen: Longest query segment.
+        cu_seqlens_k: [n + 1] key boundaries after `kv_index` (None: the query boundaries).
+        max_seqlen_k: Longest key segment.
+        kv_index: [T'] stored position of each key, or None (keys are the stored tokens).
     """
-    return {EXPAND_INDEX: expand_index, KEEP_INDEX: keep_index}
+    kwargs: dict[str, Any] = {
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens if cu_seqlens_k is None else cu_seqlens_k,
+        "max_length_q": max_seqlen,
+        "max_length_k": max_seqlen if max_seqlen_k is None else max_seqlen_k,
+    }
+    if kv_index is not None:
+        kwargs[KV_INDEX] = kv_index
+    return kwargs

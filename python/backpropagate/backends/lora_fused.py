@@ -5,7 +5,7 @@ separate modules, adds in fp32 and casts back: a dozen full-size memory passes p
 per token, and autograd keeps several of those copies alive. Here the same mathematics
 runs in the compute dtype with the adapter folded into the base matmul's output:
 
-    y  = x W^T + b + (x A^T) (s B)^T          (addmm in place, no extra [T, out] tensor)
+    y  = x W^T + b + (x A^T) (s B)^T          (the base matmul accumulates onto the rank-r part)
     dx = dy W + (dy (s B)) A                  (addmm in place)
     dA = (dy (s B))^T x,   dB = s dy^T (x A^T)
 
@@ -29,7 +29,8 @@ import types
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
+
+from backpropagate.backends import nf4
 
 # Adapter gradients come out of the matmul in fp32 on CUDA (no bf16 rounding, no cast).
 _MM_TO_FP32 = hasattr(torch.ops.aten.mm, "dtype")
@@ -64,17 +65,13 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if quant_state is None:
         return weight.to(dtype)
     data = weight.data
-    dense = cast(
-        torch.Tensor,
-        torch.ops.bitsandbytes.dequantize_4bit.default(
-            data,
-            _block_scales(data, quant_state),
-            quant_state.blocksize,
-            quant_state.quant_type,
-            quant_state.shape,
-            dtype,
-        ),
-    )
+    absmax = _block_scales(data, quant_state)
+    if nf4.supported(data, quant_state):
+        dense = nf4.dequantize(data, absmax, quant_state, dtype)
+    else:
+        dense = torch.ops.bitsandbytes.dequantize_4bit.default(
+            data, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, dtype
+        )
     return dense.t() if data.shape[0] == 1 else dense  # packed weights stored as one row come back transposed
 
 
@@ -114,9 +111,11 @@ class _LoraLinear(torch.autograd.Function):
         a, b_scaled = adapter_copies(layer, lora_a, lora_b, scale, dtype)
         bias = getattr(base, "bias", None)
         weight = dense_weight(base, dtype)
-        y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
         low = torch.mm(x2, a.t())
-        y.addmm_(low, b_scaled.t())
+        # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
+        # other order would read and write the whole [T, out] output once more.
+        y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
+        y.addmm_(x2, weight.t())
         # A dense weight is the parameter itself (free to keep); a dequantized one only where
         # the layer recomputes (see the module doc).
         keep = getattr(base.weight, "quant_state", None) is None or layer.__dict__.get("bp_recomputed", False)

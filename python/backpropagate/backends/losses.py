@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from backpropagate.backends.attention import expand_kwargs, packed_kwargs
+from backpropagate.backends.attention import packed_kwargs
 from backpropagate.data.dataset import IGNORE_INDEX, Batch
 
 if TYPE_CHECKING:
@@ -136,21 +136,22 @@ class DeviceBatch:
     """A `Batch` on the training device, plus host-side indexes of the positions with a target.
 
     Usually the tokens are the batch's own. A layout may store some tokens once for several
-    samples (a preference pair's common prompt): attention then runs over `expand_index`
-    (each sample whole again, with `cu_seqlens` / `max_seqlen` in that order) and
-    `keep_index` maps every stored token to its output there.
+    samples (a preference pair's common prompt): queries then run in stored order with
+    `cu_seqlens`, and keys are gathered by `kv_index` into whole samples (`cu_seqlens_k`).
 
     Attributes:
         batch: The host batch it came from (its samples define `num_samples`).
         input_ids: [1, T] int64 stored tokens.
         position_ids: [1, T] int64.
-        cu_seqlens: [m + 1] int32 sample boundaries in the order attention runs in.
-        max_seqlen: Longest sample in that order.
+        cu_seqlens: [m + 1] int32 query segment boundaries.
+        max_seqlen: Longest query segment.
         target_positions: [N] positions t whose hidden state predicts a target.
         targets: [N] the target ids.
         target_sample: [N] which sample (0..n-1) each target belongs to.
-        expand_index: [T'] stored position of each token in attention order, or None (same order).
-        keep_index: [T] position in attention order of each stored token's output, or None.
+        cu_seqlens_k: [m + 1] key segment boundaries after `kv_index`, or None (the query ones).
+        max_seqlen_k: Longest key segment (0: `max_seqlen`).
+        kv_index: [T'] stored position of each key, or None (keys are the stored tokens).
+        target_weight: [N] 1 for a target, 0 for padding (None: no padding).
         extra: Objective-specific device tensors (e.g. which samples are chosen).
     """
 
@@ -162,8 +163,10 @@ class DeviceBatch:
     target_positions: torch.Tensor
     targets: torch.Tensor
     target_sample: torch.Tensor
-    expand_index: torch.Tensor | None = None
-    keep_index: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int = 0
+    kv_index: torch.Tensor | None = None
+    target_weight: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -190,10 +193,19 @@ class DeviceBatch:
 
     def attention_kwargs(self) -> dict[str, Any]:
         """What the model forward passes down to packed attention for this batch."""
-        kwargs = packed_kwargs(self.cu_seqlens, self.max_seqlen)
-        if self.expand_index is not None and self.keep_index is not None:
-            kwargs.update(expand_kwargs(self.expand_index, self.keep_index))
-        return kwargs
+        return packed_kwargs(
+            self.cu_seqlens, self.max_seqlen, self.cu_seqlens_k, self.max_seqlen_k or None, self.kv_index
+        )
+
+    def weighted(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-target `values` with padded targets zeroed."""
+        return values if self.target_weight is None else values * self.target_weight
+
+    def per_sample(self, logp: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([bins] summed per-target values, [bins] target counts), by `target_sample`."""
+        counts = torch.ones_like(logp) if self.target_weight is None else self.target_weight
+        sums = logp.new_zeros(bins).index_add(0, self.target_sample, self.weighted(logp))
+        return sums, logp.new_zeros(bins).index_add(0, self.target_sample, counts)
 
 
 def target_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
@@ -210,12 +222,7 @@ def sequence_logprobs(
     Returns:
         ([n] fp32 summed log-probabilities, [n] fp32 number of target tokens), n = samples in the row.
     """
-    logp = target_logprobs(hidden, lm_head, batch)
-    sums = torch.zeros(batch.num_samples, dtype=torch.float32, device=logp.device)
-    counts = torch.zeros_like(sums)
-    sums = sums.index_add(0, batch.target_sample, logp)
-    counts = counts.index_add(0, batch.target_sample, torch.ones_like(logp))
-    return sums, counts
+    return batch.per_sample(target_logprobs(hidden, lm_head, batch), batch.num_samples)
 
 
 # What a batch contributes to the normalising counts of a step: one count per loss term.
@@ -251,11 +258,14 @@ def step_totals(objective: Objective, batches: list[Batch]) -> tuple[int, ...]:
     return tuple(max(1, int(c)) for c in counts)
 
 
-def normalised_loss(terms: torch.Tensor, totals: tuple[int, ...]) -> torch.Tensor:
-    """Sum of each loss term divided by its step count."""
-    if terms.ndim == 0:
-        return terms / totals[0]
-    return sum((terms[k] / total for k, total in enumerate(totals)), terms.new_zeros(()))
+def normalised_loss(terms: torch.Tensor, totals: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
+    """Sum of each loss term divided by its step count.
+
+    `totals` may be a device tensor (what a replayed CUDA graph reads each step).
+    """
+    if not isinstance(totals, torch.Tensor):
+        totals = torch.tensor(totals, dtype=torch.float32, device=terms.device)
+    return (terms.float().reshape(-1) / totals).sum()
 
 
 class SftObjective:
@@ -273,7 +283,7 @@ class SftObjective:
 
     def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
         """Summed negative log-likelihood of the targets."""
-        return -target_logprobs(hidden, lm_head, batch).sum()
+        return -batch.weighted(target_logprobs(hidden, lm_head, batch)).sum()
 
 
 def objective_for(config: TrainConfig, dataset: PreparedDataset, policy: Policy | None = None) -> Objective:

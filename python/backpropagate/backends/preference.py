@@ -15,8 +15,8 @@ the final hidden states without materialising logits (`losses.target_logprobs`):
 
 A pair's chosen and rejected answers share their prompt token for token, so the pair is
 stored as prompt + chosen answer + rejected answer and the prompt runs through the model
-once (`pair_layout`); attention still sees each answer after its own copy of the prompt,
-so the result is exactly that of two separate sequences.
+once (`pair_layout`); attention gathers the prompt's keys for each answer, so the result
+is exactly that of two separate sequences.
 """
 
 from __future__ import annotations
@@ -84,24 +84,30 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class PairLayout:
     """A micro-batch of pairs with each pair's common prefix stored once (host arrays).
 
+    Queries run in stored order: per pair, the chosen sample whole, then the rejected
+    sample's tail. Keys are gathered by `kv_index`: the chosen sample, then the shared
+    prefix followed by the rejected tail, so each answer attends its own copy of the prompt.
+
     Attributes:
-        input_ids: [T] stored tokens: per pair, the chosen sample then the rejected one's tail.
+        input_ids: [T] stored tokens.
         position_ids: [T] each token's position in its own sample.
         stored: [T0] stored position of every token of the original batch.
-        expand_index: [T'] stored position of each token in attention order (every sample whole).
-        keep_index: [T] position in attention order that holds each stored token's output.
-        cu_seqlens: [n + 1] sample boundaries in attention order (chosen, rejected, per pair).
-        max_seqlen: Longest sample.
+        kv_index: [T'] stored position of each key (every sample whole, chosen then rejected).
+        cu_q: [n + 1] query segment boundaries in stored order (chosen, rejected tail, per pair).
+        cu_k: [n + 1] key segment boundaries in `kv_index` order (chosen, rejected whole).
+        max_q: Longest query segment.
+        max_k: Longest sample.
         shared: Tokens stored once instead of twice.
     """
 
     input_ids: np.ndarray
     position_ids: np.ndarray
     stored: np.ndarray
-    expand_index: np.ndarray
-    keep_index: np.ndarray
-    cu_seqlens: np.ndarray
-    max_seqlen: int
+    kv_index: np.ndarray
+    cu_q: np.ndarray
+    cu_k: np.ndarray
+    max_q: int
+    max_k: int
     shared: int
 
 
@@ -115,11 +121,11 @@ def pair_layout(batch: Batch, chosen: np.ndarray, rejected: np.ndarray, share: b
     spans = sample_slices(batch)
     parts_ids: list[np.ndarray] = []
     parts_pos: list[np.ndarray] = []
-    expand: list[np.ndarray] = []
-    keep: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
     stored = np.empty(len(ids), dtype=np.int64)
-    lengths: list[int] = []
-    base = att = shared = 0
+    len_q: list[int] = []
+    len_k: list[int] = []
+    base = shared = 0
     for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
         sc, sr = spans[c], spans[r]
         nc, nr = sc.stop - sc.start, sr.stop - sr.start
@@ -129,22 +135,21 @@ def pair_layout(batch: Batch, chosen: np.ndarray, rejected: np.ndarray, share: b
         parts_pos += [np.arange(nc), np.arange(p, nr)]
         stored[sc] = base + np.arange(nc)
         stored[sr] = np.concatenate([base + np.arange(p), base + nc + np.arange(tail)])
-        expand += [base + np.arange(nc), base + np.arange(p), base + nc + np.arange(tail)]
-        keep += [att + np.arange(nc), att + nc + p + np.arange(tail)]
-        lengths += [nc, nr]
+        keys += [base + np.arange(nc), base + np.arange(p), base + nc + np.arange(tail)]
+        len_q += [nc, tail]
+        len_k += [nc, nr]
         base += nc + tail
-        att += nc + nr
         shared += p
-    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32) for n in (len_q, len_k))
     return PairLayout(
         input_ids=np.concatenate(parts_ids),
         position_ids=np.concatenate(parts_pos),
         stored=stored,
-        expand_index=np.concatenate(expand),
-        keep_index=np.concatenate(keep),
-        cu_seqlens=cu,
-        max_seqlen=max(lengths),
+        kv_index=np.concatenate(keys),
+        cu_q=cu_q,
+        cu_k=cu_k,
+        max_q=max(len_q),
+        max_k=max(len_k),
         shared=shared,
     )
 
@@ -171,18 +176,19 @@ def pair_device_batch(
         positions = np.concatenate([positions, extra])
         targets = np.concatenate([targets, ids[extra + 1]])
         sample = np.concatenate([sample, n + np.searchsorted(batch.cu_seqlens[1:], extra + 1, side="right")])
-    expanded = layout.shared > 0
+    gathered = layout.shared > 0
     return DeviceBatch(
         batch=batch,
         input_ids=to_device(layout.input_ids[None, :], torch.long, device),
         position_ids=to_device(layout.position_ids[None, :], torch.long, device),
-        cu_seqlens=to_device(layout.cu_seqlens, torch.int32, device),
-        max_seqlen=layout.max_seqlen,
+        cu_seqlens=to_device(layout.cu_q, torch.int32, device),
+        max_seqlen=layout.max_q,
         target_positions=to_device(layout.stored[positions], torch.long, device),
         targets=to_device(targets, torch.long, device),
         target_sample=to_device(sample, torch.long, device),
-        expand_index=to_device(layout.expand_index, torch.long, device) if expanded else None,
-        keep_index=to_device(layout.keep_index, torch.long, device) if expanded else None,
+        cu_seqlens_k=to_device(layout.cu_k, torch.int32, device) if gathered else None,
+        max_seqlen_k=layout.max_k,
+        kv_index=to_device(layout.kv_index, torch.long, device) if gathered else None,
         extra={"chosen": to_device(chosen, torch.long, device), "rejected": to_device(rejected, torch.long, device)},
     )
 
@@ -259,9 +265,7 @@ class PairObjective:
     def pair_logps(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> tuple[torch.Tensor, ...]:
         """(mean logp chosen [P], mean logp rejected [P], summed logp per bin [n or 2n])."""
         logp = target_logprobs(hidden, lm_head, batch)
-        bins = batch.num_samples * (2 if self.prompt_targets else 1)
-        sums = logp.new_zeros(bins).index_add(0, batch.target_sample, logp)
-        counts = logp.new_zeros(bins).index_add(0, batch.target_sample, torch.ones_like(logp))
+        sums, counts = batch.per_sample(logp, batch.num_samples * (2 if self.prompt_targets else 1))
         chosen, rejected = batch.extra["chosen"], batch.extra["rejected"]
         mean_c = sums[chosen] / counts[chosen].clamp(min=1)
         mean_r = sums[rejected] / counts[rejected].clamp(min=1)

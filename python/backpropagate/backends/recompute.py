@@ -50,6 +50,9 @@ class RecomputePlan:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # The RNG state is stashed for the recomputation only where a dropout draws from it: stashing
+        # costs a device query per layer and cannot be captured in a CUDA graph.
+        self.preserve_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
         self.mode = mode
         self.kept = 0
         self.planned = False
@@ -63,7 +66,8 @@ class RecomputePlan:
         recomputed = len(self.layers) - self.kept
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
-            setattr(layer, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
+            recompute = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=self.preserve_rng)
+            setattr(layer, "_gradient_checkpointing_func", recompute)  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
                     module.__dict__["bp_recomputed"] = i < recomputed
@@ -77,10 +81,14 @@ class RecomputePlan:
         """e.g. `recompute[20/28]`."""
         return f"recompute[{self.recomputed}/{len(self.layers)}]"
 
-    def plan(self, device: torch.device, config: Any, dtype: torch.dtype, tokens: int) -> None:
-        """In auto mode on CUDA, keeps as many layers as the memory left after a fully recomputed step allows."""
+    def plan(self, device: torch.device, config: Any, dtype: torch.dtype, tokens: int) -> bool:
+        """In auto mode on CUDA, keeps as many layers as the memory left after a fully recomputed step allows.
+
+        Returns:
+            Whether the layers changed.
+        """
         if self.mode != "auto" or self.planned or device.type != "cuda":
-            return
+            return False
         self.planned = True
         free, _ = torch.cuda.mem_get_info(device)
         usable = free + torch.cuda.memory_reserved(device)
@@ -94,6 +102,7 @@ class RecomputePlan:
             tokens,
             max(budget, 0) / 2**30,
         )
+        return self.kept > 0
 
     def back_off(self) -> bool:
         """After an out-of-memory error: recompute half of the kept layers again; False when none are kept."""

@@ -9,7 +9,8 @@ curve after a resume is the curve the uninterrupted run would have drawn. An out
 error halves the micro-batch (the step keeps its rows, so accumulation doubles) and retries.
 The loss and gradient norm of a step are read while the next step runs (readout.py), so the
 host never waits for the GPU to drain; a diverged loss therefore stops the run one step
-later, and always before a checkpoint or evaluation could take it in.
+later, and always before a checkpoint or evaluation could take it in. On CUDA each
+micro-batch's forward and backward replay as a CUDA graph where they can (step_graph.py).
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ from backpropagate.backends import lora_fused
 from backpropagate.backends.attention import packed_attention
 from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
 from backpropagate.backends.loading import TrainingModel
-from backpropagate.backends.losses import DeviceBatch, Objective, normalised_loss, objective_for, step_totals
+from backpropagate.backends.losses import (
+    DeviceBatch,
+    Objective,
+    normalised_loss,
+    objective_for,
+    step_totals,
+    to_device,
+)
 from backpropagate.backends.metrics import MetricsLogger, ProgressBar
 from backpropagate.backends.preference import Policy
 from backpropagate.backends.readout import Readout
+from backpropagate.backends.step_graph import StepGraphs
 from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
@@ -112,17 +121,54 @@ def policy_of(tm: TrainingModel) -> Policy:
     return Policy(forward=lambda batch: forward_hidden(tm, batch), reference=disable)
 
 
-def accumulate_gradients(tm: TrainingModel, objective: Objective, batches: list[Batch]) -> tuple[torch.Tensor, int]:
+def forward_backward(tm: TrainingModel, objective: Objective, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
+    """One micro-batch: forward, loss normalised by the step's `totals`, backward; returns the loss.
+
+    It never waits for the GPU, so it can be captured as a CUDA graph.
+    """
+    hidden = forward_hidden(tm, batch)
+    loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, batch), totals)
+    del hidden  # backward needs only what autograd saved
+    loss.backward()
+    return loss.detach()
+
+
+def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig) -> str | None:
+    """Why the micro-batch step cannot run as a CUDA graph, or None when it can."""
+    if not config.cuda_graphs:
+        return "cuda_graphs=False"
+    if tm.device.type != "cuda":
+        return "not on CUDA"
+    if tm.mode not in ("lora", "qlora"):
+        return f"mode={tm.mode}"
+    if objective.name not in ("sft", "orpo", "simpo"):  # KTO builds its reference batches on the host
+        return f"method={objective.name}"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in tm.model.modules()):
+        return "dropout is on"
+    return None
+
+
+def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, max_seqlen: int) -> StepGraphs | None:
+    """CUDA graphs for the micro-batch step, where every part of it can be captured."""
+    obstacle = graph_obstacle(tm, objective, config)
+    if obstacle is not None:
+        if tm.device.type == "cuda":
+            log.info("cuda graphs: not used (%s)", obstacle)
+        return None
+    return StepGraphs(
+        lambda batch, totals: forward_backward(tm, objective, batch, totals), tm.trainable_parameters(), max_seqlen
+    )
+
+
+def accumulate_gradients(
+    tm: TrainingModel, objective: Objective, batches: list[Batch], graphs: StepGraphs | None
+) -> tuple[torch.Tensor, int]:
     """Forward and backward over the micro-batches of one step; returns (mean loss on the device, tokens)."""
-    totals = step_totals(objective, batches)
+    totals = to_device(np.array(step_totals(objective, batches), dtype=np.float32), torch.float32, tm.device)
+    run = graphs or (lambda batch, t: forward_backward(tm, objective, batch, t))
     loss_sum = torch.zeros((), device=tm.device)
     for batch in batches:
-        device_batch = objective.device_batch(batch, tm.device)
-        hidden = forward_hidden(tm, device_batch)
-        loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, device_batch), totals)
-        del hidden  # backward needs only what autograd saved
-        loss.backward()
-        loss_sum += loss.detach().float()
+        loss_sum += run(objective.device_batch(batch, tm.device), totals)
     return loss_sum, sum(b.num_tokens for b in batches)
 
 
@@ -139,13 +185,16 @@ def train_step(
     rows: np.ndarray,
     state: TrainState,
     optimizer: torch.optim.Optimizer,
+    graphs: StepGraphs | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors."""
     while True:
         try:
-            return accumulate_gradients(tm, objective, micro_batches(dataset, rows, state.micro_batch))
+            return accumulate_gradients(tm, objective, micro_batches(dataset, rows, state.micro_batch), graphs)
         except OOM_ERRORS:
             pass  # leave the except block so the failed step's tensors can be freed
+        if graphs is not None:
+            graphs.reset()
         optimizer.zero_grad(set_to_none=True)
         release_memory(tm.device)
         if tm.recompute is not None and tm.recompute.back_off():
@@ -262,6 +311,7 @@ def train(
     rows_per_step = config.micro_batch * config.grad_accumulation
     params = tm.trainable_parameters()
     optimizer = build_optimizer(params, config, tm.device)
+    graphs = step_graphs(tm, objective, config, dataset.max_seq_length)
     scheduler = build_scheduler(optimizer, config, total_steps)
     state = TrainState(run_id=run_id, micro_batch=config.micro_batch, fingerprint=fingerprint)
     checkpoint_root = output_dir / "checkpoints"
@@ -321,7 +371,7 @@ def train(
                 if guard is not None:
                     guard.wait_until_cool()
                 rows = stream.take(state.rows_consumed, rows_per_step)
-                loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer)
+                loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer, graphs)
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     if config.max_grad_norm > 0
@@ -331,13 +381,14 @@ def train(
                 optimizer.step()
                 lora_fused.adapters_updated()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graphs is None)  # graphs accumulate into fixed gradients
                 readout = Readout(loss, grad_norm)
                 settle()  # the previous step's values, while this step runs on the GPU
-                if tm.recompute is not None:
-                    tm.recompute.plan(
-                        tm.device, tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length
-                    )
+                planned = tm.recompute is not None and tm.recompute.plan(
+                    tm.device, tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length
+                )
+                if planned and graphs is not None:
+                    graphs.reset()  # graphs baked the previous plan in
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens
@@ -360,6 +411,8 @@ def train(
         bar.close()
         metrics.close()
     features = tm.features + ([tm.recompute.describe()] if tm.recompute is not None else [])
+    if graphs is not None and graphs.entries:
+        features.append(f"cuda_graphs[{len(graphs.entries)}]")
     return LoopOutcome(
         state=state, duration_s=time.perf_counter() - started, checkpoint=last_checkpoint, features=features
     )
