@@ -25,14 +25,17 @@ def _step(tm, objective, device_batch, totals):
     return float(loss), {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 
 
-def _padded(device_batch):
-    static = step_graph.padded_batch(device_batch, 256)
+def _padded(device_batch, pad):
+    shape = step_graph.shape_for(device_batch, device_batch.input_ids.shape[1] + pad)
+    assert shape.holds(device_batch)
+    static = step_graph.padded_batch(device_batch, shape, 256)
     step_graph.load(static, device_batch)
     return static
 
 
+@pytest.mark.parametrize("pad", [0, 7])
 @pytest.mark.parametrize(("method", "shared"), [("orpo", True), ("orpo", False), ("simpo", True), ("sft", False)])
-def test_a_padded_batch_gives_the_loss_and_gradients_of_the_batch(tiny_qwen2, method, shared):
+def test_a_padded_batch_gives_the_loss_and_gradients_of_the_batch(tiny_qwen2, method, shared, pad):
     if method == "sft":
         dataset = rule_dataset(vocab=400, samples=12, min_len=5, max_len=30, max_seq_length=96, seed=3)
     else:
@@ -50,9 +53,9 @@ def test_a_padded_batch_gives_the_loss_and_gradients_of_the_batch(tiny_qwen2, me
     batch = dataset.batch_of(np.concatenate([dataset.row_samples(r) for r in range(min(dataset.num_rows, 3))]))
     totals = torch.tensor(step_totals(objective, [batch]), dtype=torch.float32)
     device_batch = objective.device_batch(batch, tm.device)
-    padded = _padded(device_batch)
-    assert padded.input_ids.shape[1] > device_batch.input_ids.shape[1]
-    assert len(padded.targets) > len(device_batch.targets) or len(device_batch.targets) % step_graph.BUCKET == 0
+    padded = _padded(device_batch, pad)
+    assert padded.input_ids.shape[1] == device_batch.input_ids.shape[1] + pad
+    assert len(padded.targets) >= len(device_batch.targets)
     assert (padded.kv_index is None) == (device_batch.kv_index is None)
     plain_loss, plain_grads = _step(tm, objective, device_batch, totals)
     padded_loss, padded_grads = _step(tm, objective, padded, totals)
@@ -62,22 +65,32 @@ def test_a_padded_batch_gives_the_loss_and_gradients_of_the_batch(tiny_qwen2, me
         torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_batches_of_one_bucket_share_a_key_and_reload_cleanly(tiny_qwen2):
+def test_a_shape_holds_smaller_batches_and_reloads_them_cleanly(tiny_qwen2):
     dataset = prepare(example_path("preference"), tiny_qwen2, DataConfig(max_seq_length=256, cache=False))
     config = TrainConfig(method="orpo", mode="lora", device="cpu", lora_r=8, lora_alpha=16.0, **QUIET)
     tm = load_for_training(tiny_qwen2, config)
     objective = objective_for(config, dataset, torch_backend.policy_of(tm))
-    first = objective.device_batch(dataset.batch_of(dataset.row_samples(0)), tm.device)
-    second = objective.device_batch(dataset.batch_of(dataset.row_samples(1)), tm.device)
-    key = step_graph.shape_key(first)
-    assert key[0] % step_graph.BUCKET == 0 and key[2] % step_graph.SAMPLE_BUCKET == 0
-    static = _padded(first)
-    if step_graph.shape_key(second) == key:  # a smaller batch after a larger one: stale tail must not leak
-        step_graph.load(static, second)
-        n = len(second.targets)
-        assert torch.equal(static.targets[:n], second.targets)
+    batches = [objective.device_batch(dataset.batch_of(dataset.row_samples(r)), tm.device) for r in range(2)]
+    large, small = sorted(batches, key=lambda b: b.input_ids.shape[1], reverse=True)
+    shape = step_graph.shape_for(large, large.input_ids.shape[1] + 3)
+    assert shape.bounds % step_graph.SAMPLE_BUCKET == 0 and shape.targets % step_graph.BUCKET == 0
+    assert not step_graph.shape_for(large, large.input_ids.shape[1] + 100).holds(large)  # more than SLACK
+    static = step_graph.padded_batch(large, shape, 256)
+    step_graph.load(static, large)
+    if shape.holds(small):  # a smaller batch after a larger one: the larger one's tail must not leak
+        step_graph.load(static, small)
+        n = len(small.targets)
+        assert torch.equal(static.targets[:n], small.targets)
         assert static.target_weight is not None and float(static.target_weight[n:].sum()) == 0.0
-        assert int(static.cu_seqlens[len(second.cu_seqlens)]) == static.input_ids.shape[1]
+        assert int(static.cu_seqlens[len(small.cu_seqlens)]) == shape.tokens
+
+
+def test_new_graphs_take_the_fastest_token_count_within_the_slack():
+    times = {m: (0.5 if m == 56 else 1.0) for m in range(0, 200)}
+    graphs = step_graph.StepGraphs(lambda b, t: t, [], 64, timer=lambda m: times[m])
+    assert graphs.token_length(33) == 56
+    assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(33) == 40
+    assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(48) == 48
 
 
 @pytest.mark.gpu

@@ -7,16 +7,16 @@ a single launch and the GPU runs them back to back.
 
 A graph replays fixed shapes at fixed addresses, so:
 
-* each micro-batch is padded to a shape bucket (tokens, keys and targets to multiples of
-  `BUCKET`, sample boundaries to multiples of `SAMPLE_BUCKET`). Padded tokens form one
-  sample of their own that attends only to itself, and padded targets weigh 0, so the
-  loss and gradients are those of the unpadded batch;
+* each micro-batch is padded into the shape of a graph (by at most `SLACK` tokens and
+  targets). Padded tokens form one sample of their own that attends only to itself, and
+  padded targets weigh 0, so the loss and gradients are those of the unpadded batch;
 * the batch, the step's normalising counts and the loss live in static tensors;
 * gradients accumulate into `.grad` tensors made once (the loop zeroes them in place);
 * the adapters' compute-dtype copies are remade inside the graph (lora_fused).
 
-A shape runs eagerly the first time it is seen (that warms kernels and compilers up at
-that shape and trains on the batch), is captured right after, and replays from then on.
+A batch that no graph holds runs eagerly in a new shape (that warms kernels and compilers
+up at that shape and trains on the batch), which is captured right after and replayed
+from then on.
 All graphs share one memory pool: a replay reads nothing that another replay wrote, apart
 from the static inputs it is given. If a capture fails, the run carries on eagerly.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from backpropagate.backends import lora_fused
 from backpropagate.backends.losses import DeviceBatch
@@ -37,60 +38,108 @@ log = get_logger("graphs")
 
 BUCKET = 16
 SAMPLE_BUCKET = 16
-# Graphs kept at once; a run whose batches fall into more shape buckets runs the rest eagerly.
+# Most tokens (and targets) a batch may be padded by.
+SLACK = 64
+# Graphs kept at once; batches that fit none of them once this many exist run eagerly.
 MAX_GRAPHS = 16
 
 
-def _bucket(n: int, size: int) -> int:
-    """Smallest multiple of `size` above `n` (strictly above: a padded row always has padding)."""
-    return (n // size + 1) * size
+def _round_up(n: int, size: int) -> int:
+    return -(-n // size) * size
 
 
 def _static_like(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.zeros((*t.shape[:-1], length), dtype=t.dtype, device=t.device)
 
 
-@dataclass
-class _Entry:
-    """The static tensors of one shape bucket and its graph (None until captured)."""
+@dataclass(frozen=True)
+class Shape:
+    """A graph's static sizes.
 
-    batch: DeviceBatch
-    totals: torch.Tensor
-    graph: torch.cuda.CUDAGraph | None = None
-    loss: torch.Tensor | None = None
+    Attributes:
+        tokens: Stored tokens (queries).
+        keys: Gathered keys, or None when the keys are the stored tokens.
+        bounds: Entries of the boundary tensors.
+        targets: Target positions.
+        extra: Name and shape of each objective tensor.
+    """
+
+    tokens: int
+    keys: int | None
+    bounds: int
+    targets: int
+    extra: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def holds(self, batch: DeviceBatch) -> bool:
+        """Whether `batch` pads into this shape, wasting at most `SLACK` tokens and targets.
+
+        Padded queries form one sample; it needs more padded keys than queries, so that
+        with the causal diagonal at the bottom right every padded query sees a key.
+        """
+        pad = self.tokens - batch.input_ids.shape[1]
+        if not 0 <= pad <= SLACK or (self.keys is None) != (batch.kv_index is None):
+            return False
+        if self.keys is not None and batch.kv_index is not None and self.keys - len(batch.kv_index) <= pad:
+            return False
+        return (
+            self.bounds > len(batch.cu_seqlens)
+            and 0 <= self.targets - len(batch.targets) <= SLACK
+            and self.extra == _extra_shapes(batch)
+        )
 
 
-def shape_key(batch: DeviceBatch) -> tuple[Any, ...]:
-    """The bucket a batch pads to: what fixes a graph's shapes."""
-    keys = None if batch.kv_index is None else _bucket(len(batch.kv_index), BUCKET)
-    extra = tuple((name, tuple(t.shape)) for name, t in sorted(batch.extra.items()))
-    return (
-        _bucket(batch.input_ids.shape[1], BUCKET),
-        keys,
-        _bucket(len(batch.cu_seqlens), SAMPLE_BUCKET),
-        _bucket(len(batch.targets), BUCKET),
-        extra,
+def _extra_shapes(batch: DeviceBatch) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(t.shape)) for name, t in sorted(batch.extra.items()))
+
+
+def shape_for(batch: DeviceBatch, tokens: int) -> Shape:
+    """The shape that pads `batch` to `tokens` stored tokens (at least its own)."""
+    pad = tokens - batch.input_ids.shape[1]
+    keys = None if batch.kv_index is None else _round_up(len(batch.kv_index) + pad + 1, BUCKET)
+    return Shape(
+        tokens=tokens,
+        keys=keys,
+        bounds=_round_up(len(batch.cu_seqlens) + 1, SAMPLE_BUCKET),
+        targets=_round_up(len(batch.targets), BUCKET),
+        extra=_extra_shapes(batch),
     )
 
 
-def padded_batch(batch: DeviceBatch, max_seqlen: int) -> DeviceBatch:
-    """Static tensors with the shapes of `batch`'s bucket (filled by `load`)."""
-    tokens, keys, bounds, targets, _ = shape_key(batch)
+def padded_batch(batch: DeviceBatch, shape: Shape, max_seqlen: int) -> DeviceBatch:
+    """Static tensors of `shape` for batches like `batch` (filled by `load`)."""
     return replace(
         batch,
-        input_ids=_static_like(batch.input_ids, tokens),
-        position_ids=_static_like(batch.position_ids, tokens),
-        cu_seqlens=_static_like(batch.cu_seqlens, bounds),
+        input_ids=_static_like(batch.input_ids, shape.tokens),
+        position_ids=_static_like(batch.position_ids, shape.tokens),
+        cu_seqlens=_static_like(batch.cu_seqlens, shape.bounds),
         max_seqlen=max_seqlen,
-        target_positions=_static_like(batch.target_positions, targets),
-        targets=_static_like(batch.targets, targets),
-        target_sample=_static_like(batch.target_sample, targets),
-        cu_seqlens_k=None if keys is None else _static_like(batch.cu_seqlens, bounds),
+        target_positions=_static_like(batch.target_positions, shape.targets),
+        targets=_static_like(batch.targets, shape.targets),
+        target_sample=_static_like(batch.target_sample, shape.targets),
+        cu_seqlens_k=None if shape.keys is None else _static_like(batch.cu_seqlens, shape.bounds),
         max_seqlen_k=max_seqlen,
-        kv_index=None if batch.kv_index is None or keys is None else _static_like(batch.kv_index, keys),
-        target_weight=torch.zeros(targets, dtype=torch.float32, device=batch.targets.device),
+        kv_index=None if batch.kv_index is None or shape.keys is None else _static_like(batch.kv_index, shape.keys),
+        target_weight=torch.zeros(shape.targets, dtype=torch.float32, device=batch.targets.device),
         extra={name: torch.empty_like(t) for name, t in batch.extra.items()},
     )
+
+
+def matmul_timer(hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> Callable[[int], float]:
+    """Milliseconds of a decoder's largest matmul ([M, hidden] x [hidden, intermediate]) at M rows."""
+
+    def timed(rows: int) -> float:
+        weight = torch.randn(intermediate, hidden, device=device, dtype=dtype) * 0.02
+        x = torch.randn(rows, hidden, device=device, dtype=dtype)
+        F.linear(x, weight)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            F.linear(x, weight)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+    return timed
 
 
 def load(static: DeviceBatch, batch: DeviceBatch) -> None:
@@ -120,13 +169,27 @@ def load(static: DeviceBatch, batch: DeviceBatch) -> None:
         static.extra[name].copy_(t)
 
 
+@dataclass
+class _Entry:
+    """A graph's shape, static tensors, and the graph itself (None until captured)."""
+
+    shape: Shape
+    batch: DeviceBatch
+    totals: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    loss: torch.Tensor | None = None
+
+
 class StepGraphs:
-    """Runs `step(batch, totals)` (forward, loss, backward; returns the loss) through per-bucket CUDA graphs.
+    """Runs `step(batch, totals)` (forward, loss, backward; returns the loss) through CUDA graphs.
 
     Args:
         step: The eager micro-batch step; it must not synchronise with the host.
         params: The trained parameters (their gradients must keep their addresses).
         max_seqlen: The longest sample a batch can hold (attention kernels are sized for it).
+        timer: Time of the model's largest matmul at M rows. cuBLAS picks its kernels by
+            shape, and one token more can cost 10%; a new graph's token count is the
+            fastest multiple of 8 within `SLACK` of the batch's.
     """
 
     def __init__(
@@ -134,11 +197,13 @@ class StepGraphs:
         step: Callable[[DeviceBatch, torch.Tensor], torch.Tensor],
         params: list[torch.nn.Parameter],
         max_seqlen: int,
+        timer: Callable[[int], float] | None = None,
     ) -> None:
         self.step = step
         self.params = params
         self.max_seqlen = max(max_seqlen, BUCKET)
-        self.entries: dict[tuple[Any, ...], _Entry] = {}
+        self.timer = timer
+        self.entries: list[_Entry] = []
         self.pool: Any = None
         self.enabled = True
         self.replays = 0
@@ -148,10 +213,17 @@ class StepGraphs:
         self.entries.clear()
         self.pool = None
 
+    def token_length(self, tokens: int) -> int:
+        """Stored tokens of a new graph for a batch of `tokens`."""
+        candidates = list(range(_round_up(tokens, 8), tokens + SLACK + 1, 8))
+        if self.timer is None:
+            return candidates[0]
+        return min(candidates, key=lambda m: (self.timer(m), m))  # type: ignore[misc]
+
     def __call__(self, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's loss (gradients accumulated), replayed where a graph of its bucket exists."""
-        key = shape_key(batch)
-        entry = self.entries.get(key)
+        """The micro-batch's loss (gradients accumulated), replayed where a graph holds its shape."""
+        held = [e for e in self.entries if e.shape.holds(batch)]
+        entry = min(held, key=lambda e: e.shape.tokens) if held else None
         if not self.enabled or (entry is None and len(self.entries) >= MAX_GRAPHS):
             return self.step(batch, totals)
         for p in self.params:
@@ -164,19 +236,22 @@ class StepGraphs:
             entry.graph.replay()
             self.replays += 1
             return entry.loss
-        entry = _Entry(padded_batch(batch, self.max_seqlen), totals.clone())
+        shape = shape_for(batch, self.token_length(batch.input_ids.shape[1]))
+        entry = _Entry(shape, padded_batch(batch, shape, self.max_seqlen), totals.clone())
         load(entry.batch, batch)
         loss = self.step(entry.batch, entry.totals)  # the warm-up at this shape trains on the batch
-        self._capture(key, entry)
+        self._capture(entry)
         return loss
 
-    def _capture(self, key: tuple[Any, ...], entry: _Entry) -> None:
+    def _capture(self, entry: _Entry) -> None:
         graph = torch.cuda.CUDAGraph()
         lora_fused.adapters_updated()  # the graph must remake the adapter copies itself
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 entry.loss = self.step(entry.batch, entry.totals)
-        except Exception as exc:  # any capture problem: train on eagerly, never stop the run
+        except torch.OutOfMemoryError:
+            raise  # the loop's recovery (recompute more, halve the micro-batch) takes it
+        except Exception as exc:  # any other capture problem: train on eagerly, never stop the run
             self.enabled = False
             self.reset()
             log.warning("CUDA graph capture failed (%s: %s); training without graphs", type(exc).__name__, exc)
@@ -186,5 +261,5 @@ class StepGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         entry.graph = graph
-        self.entries[key] = entry
-        log.info("cuda graph %d captured (tokens, keys, boundaries, targets: %s)", len(self.entries), key[:4])
+        self.entries.append(entry)
+        log.info("cuda graph %d captured for %s", len(self.entries), entry.shape)

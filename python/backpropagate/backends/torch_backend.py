@@ -40,7 +40,7 @@ from backpropagate.backends.losses import (
 from backpropagate.backends.metrics import MetricsLogger, ProgressBar
 from backpropagate.backends.preference import Policy
 from backpropagate.backends.readout import Readout
-from backpropagate.backends.step_graph import StepGraphs
+from backpropagate.backends.step_graph import StepGraphs, matmul_timer
 from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
@@ -155,8 +155,15 @@ def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, ma
         if tm.device.type == "cuda":
             log.info("cuda graphs: not used (%s)", obstacle)
         return None
+    model_config = tm.base.config
+    hidden = model_config.hidden_size
+    inter = getattr(model_config, "intermediate_size", 4 * hidden)
+    timer = matmul_timer(hidden, inter, tm.compute_dtype, tm.device)
     return StepGraphs(
-        lambda batch, totals: forward_backward(tm, objective, batch, totals), tm.trainable_parameters(), max_seqlen
+        lambda batch, totals: forward_backward(tm, objective, batch, totals),
+        tm.trainable_parameters(),
+        max_seqlen,
+        timer,
     )
 
 
