@@ -45,13 +45,16 @@ def test_flex_attention_fallback_equals_block_causal_sdpa_on_cuda():
 
     torch.manual_seed(0)
     q = torch.randn(1, 8, 300, 64, device=CUDA, dtype=torch.bfloat16)
-    k = torch.randn(1, 2, 300, 64, device=CUDA, dtype=torch.bfloat16)
-    v = torch.randn(1, 2, 300, 64, device=CUDA, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 340, 64, device=CUDA, dtype=torch.bfloat16)
+    v = torch.randn(1, 2, 340, 64, device=CUDA, dtype=torch.bfloat16)
     cu = torch.tensor([0, 100, 137, 300], dtype=torch.int32, device=CUDA)
-    for window in (None, 16):
-        out = attention._flex(q, k, v, cu, 0.125, window)
-        ref = attention._sdpa_block_causal(q, k, v, cu, 0.125, window)
-        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # Query segments shorter than their keys (a shared prefix gathered): diagonal at the bottom right.
+    cu_k = torch.tensor([0, 100, 177, 340], dtype=torch.int32, device=CUDA)
+    for keys, n in ((cu, 300), (cu_k, 340)):
+        for window in (None, 16):
+            out = attention._flex(q, k[:, :, :n], v[:, :, :n], cu, keys, 0.125, window)
+            ref = attention._sdpa_block_causal(q, k[:, :, :n], v[:, :, :n], cu, keys, 0.125, window)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
