@@ -156,13 +156,9 @@ def _varlen(
     else:
         k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
     kwargs: dict[str, Any] = {}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            groups = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+    # Grouped-query attention runs natively in the flash kernel: keys and values are never repeated.
+    if q.shape[1] != k.shape[1] and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
     if "window_size" in params:
         kwargs["window_size"] = (-1 if window is None else window - 1, 0)
     else:
