@@ -26,15 +26,16 @@ MEMORY_TARGET = 0.9
 def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """What one decoder layer keeps per token for backward when it is not recomputed.
 
-    Layer input, both norm outputs, the residual, q / k / v (k and v counted at query width,
-    as when they are repeated for grouped-query attention), the attention output, and the
-    MLP's gate, up and product; plus 10% for what the estimate leaves out.
+    Layer input, both norm outputs, the residual, q and the attention output, k and v (at
+    their own width: grouped-query attention does not repeat them), and the MLP's gate, up
+    and product; plus 10% for what the estimate leaves out.
     """
     hidden = config.hidden_size
     heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     inter = getattr(config, "intermediate_size", 4 * hidden)
-    elements = 4 * hidden + 4 * heads * head_dim + 3 * inter
+    elements = 4 * hidden + 2 * (heads + kv_heads) * head_dim + 3 * inter
     return int(elements * torch.finfo(dtype).bits // 8 * 1.1)
 
 
