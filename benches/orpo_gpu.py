@@ -8,7 +8,7 @@ It runs the real path: the data engine prepares the rows (pairs packed padding-f
 prompts masked), the training loop trains with the ORPO objective.
 
   qlora           4-bit nf4 base (the default mode on CUDA), each pair's prompt run once, activation
-                  recompute planned within --memory-budget-gib (default 9: under half the peer's 19.1)
+                  recompute planned within --memory-budget-gib (default 9.4: under half the peer's 19.1)
   qlora_on        the same with every layer recomputed (the least memory)
   lora            bf16 base, every layer recomputed (the peer's precision and recompute)
   qlora_unshared  like qlora_on, with chosen and rejected as two full sequences (diagnosis)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-folder", default="/tmp/bp-orpo-rand-qwen2.5-7b", help="random model folder (4-bit)")
     parser.add_argument(
-        "--memory-budget-gib", type=float, default=9.0, help="qlora: what the recompute plan may fill (GiB)"
+        "--memory-budget-gib", type=float, default=9.4, help="qlora: what the recompute plan may fill (GiB)"
     )
     parser.add_argument("--peer-log", type=Path, help="output of peer_orpo.py (its JSON line is found there)")
     args = parser.parse_args(argv)
