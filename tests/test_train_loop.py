@@ -316,3 +316,40 @@ def test_out_of_memory_first_recomputes_kept_layers(tiny_llama, dataset, tmp_pat
     )
     assert "recompute[2/2]" in result.features
     assert json.loads(result.run_file.read_text())["hyperparameters"]["final_micro_batch"] == FAST["micro_batch"]
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_recomputed_layers_give_kept_layers_gradients_and_skip_the_last_projection(name, request, monkeypatch):
+    from backpropagate.backends import recompute
+    from backpropagate.backends.attention import packed_attention
+    from backpropagate.backends.loading import load_for_training
+    from backpropagate.backends.losses import DeviceBatch, target_logprobs
+    from backpropagate.config import TrainConfig
+
+    config = TrainConfig(mode="lora", device="cpu", lora_r=8, lora_alpha=16.0, progress=False, report_to="none")
+    torch.manual_seed(0)
+    tm = load_for_training(request.getfixturevalue(name), config)
+    with torch.no_grad():
+        for param_name, p in tm.model.named_parameters():
+            if "lora_B" in param_name:
+                p.normal_(0, 0.05)
+    data = rule_dataset(vocab=400, samples=12, min_len=5, max_len=30, max_seq_length=96, seed=3)
+    batch = DeviceBatch.from_batch(data.batch_of(data.row_samples(0)), tm.device)
+    skipped = []
+    real = recompute.recomputing
+    monkeypatch.setattr(recompute, "recomputing", lambda: skipped.append(real()) or skipped[-1])
+
+    def grads(kept: int) -> dict[str, torch.Tensor]:
+        assert tm.recompute is not None
+        tm.recompute.set_kept(kept)
+        tm.model.zero_grad(set_to_none=True)
+        with packed_attention(tm.model):
+            (-target_logprobs(torch_backend.forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+        return {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
+
+    layers = len(tm.recompute.layers)
+    kept, recomputed = grads(layers), grads(0)
+    assert skipped.count(True) == layers  # each recomputation skipped its down-projection matmul
+    assert kept.keys() == recomputed.keys() and kept
+    for grad_name, grad in kept.items():
+        torch.testing.assert_close(recomputed[grad_name], grad, rtol=1e-5, atol=1e-7)

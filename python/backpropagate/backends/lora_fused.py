@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import torch
 
-from backpropagate.backends import nf4
+from backpropagate.backends import nf4, recompute
 
 # Adapter gradients come out of the matmul in fp32 on CUDA (no bf16 rounding, no cast).
 _MM_TO_FP32 = hasattr(torch.ops.aten.mm, "dtype")
@@ -112,15 +112,17 @@ class _LoraLinear(torch.autograd.Function):
         bias = getattr(base, "bias", None)
         weight = dense_weight(base, dtype)
         low = torch.mm(x2, a.t())
-        # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
-        # other order would read and write the whole [T, out] output once more.
-        y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
-        y.addmm_(x2, weight.t())
         # A dense weight is the parameter itself (free to keep); a dequantized one only where
         # the layer recomputes (see the module doc).
         keep = getattr(base.weight, "quant_state", None) is None or layer.__dict__.get("bp_recomputed", False)
         ctx.save_for_backward(x, low, a, b_scaled, *([weight] if keep else []))
         ctx.base, ctx.scale = base, scale
+        if layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
+            return x.new_zeros(*x.shape[:-1], weight.shape[0])  # nothing reads it (recompute.py)
+        # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
+        # other order would read and write the whole [T, out] output once more.
+        y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
+        y.addmm_(x2, weight.t())
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod

@@ -6,6 +6,12 @@ measures the first step with every layer recomputed, estimates what keeping one 
 activations costs for the largest micro-batch, and keeps as many layers as fit in 90% of
 the card. If a later step still runs out of memory, half of the kept layers go back to
 recomputing before the loop resorts to halving the micro-batch.
+
+A recomputation only has to restore what backward saved, and stops once it has. In the
+decoder layers of `LAST_PROJECTION_UNUSED` the MLP's down-projection is the last op that
+saves anything, and its output only feeds the residual sum that the recomputation never
+reaches: that projection skips its matmul while recomputing (`recomputing()`), a ninth
+of a recomputed layer's work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,41 @@ log = get_logger("recompute")
 
 # Share of the card's memory that planning may fill (the rest absorbs fragmentation and spikes).
 MEMORY_TARGET = 0.9
+# Decoder layers computing `h = x + attn(norm(x)); out = h + mlp(norm(h))`, mlp ending in `down_proj`.
+LAST_PROJECTION_UNUSED = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
+
+_recomputing = False
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed layer is being recomputed in backward right now."""
+    return _recomputing
+
+
+class _Rerun:
+    """A checkpointed layer's forward; every call after the first is a recomputation."""
+
+    def __init__(self, forward: Any) -> None:
+        self.forward = forward
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        global _recomputing
+        self.calls += 1
+        if self.calls == 1:
+            return self.forward(*args)
+        previous, _recomputing = _recomputing, True
+        try:
+            return self.forward(*args)
+        finally:
+            _recomputing = previous
+
+
+def checkpointed(forward: Any, *args: Any, preserve_rng_state: bool) -> Any:
+    """`forward(*args)` with its activations recomputed in backward (non-reentrant checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_Rerun(forward), *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
 
 
 def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -51,6 +92,10 @@ class RecomputePlan:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self.layers:
+            down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+            if type(layer).__name__ in LAST_PROJECTION_UNUSED and down is not None:
+                down.__dict__["bp_output_unused_in_recompute"] = True
         # The RNG state is stashed for the recomputation only where a dropout draws from it: stashing
         # costs a device query per layer and cannot be captured in a CUDA graph.
         self.preserve_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
@@ -61,13 +106,11 @@ class RecomputePlan:
 
     def set_kept(self, kept: int) -> None:
         """Recompute all layers but the last `kept` (their activations stay in memory)."""
-        from torch.utils.checkpoint import checkpoint
-
         self.kept = max(0, min(kept, len(self.layers)))
         recomputed = len(self.layers) - self.kept
+        recompute = functools.partial(checkpointed, preserve_rng_state=self.preserve_rng)
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
-            recompute = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=self.preserve_rng)
             setattr(layer, "_gradient_checkpointing_func", recompute)  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
