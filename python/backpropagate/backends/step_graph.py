@@ -7,8 +7,8 @@ a single launch and the GPU runs them back to back.
 
 A graph replays fixed shapes at fixed addresses, so:
 
-* each micro-batch is padded into the shape of a graph (by at most `SLACK` tokens and
-  targets). Padded tokens form one sample of their own that attends only to itself, and
+* each micro-batch is padded into the shape of a graph (by at most `SLACK` tokens; sample
+  boundaries and targets have more headroom, being nearly free). Padded tokens form one sample of their own that attends only to itself, and
   padded targets weigh 0, so the loss and gradients are those of the unpadded batch;
 * the batch, the step's normalising counts and the loss live in static tensors;
 * gradients accumulate into `.grad` tensors made once (the loop zeroes them in place);
@@ -38,14 +38,22 @@ log = get_logger("graphs")
 
 BUCKET = 16
 SAMPLE_BUCKET = 16
-# Most tokens (and targets) a batch may be padded by.
+# Fewest tokens a batch may always be padded by (more for large batches: `slack`).
 SLACK = 64
+# A new graph takes the most tokens whose matmul costs at most this much over the cheapest
+# choice: headroom for later, slightly larger batches.
+HEADROOM_COST = 0.005
 # Graphs kept at once; batches that fit none of them once this many exist run eagerly.
 MAX_GRAPHS = 16
 
 
 def _round_up(n: int, size: int) -> int:
     return -(-n // size) * size
+
+
+def slack(tokens: int) -> int:
+    """Most padding a graph of `tokens` tokens accepts: `SLACK`, or 1/32 of it when larger."""
+    return max(SLACK, tokens // 32)
 
 
 def _static_like(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -71,19 +79,19 @@ class Shape:
     extra: tuple[tuple[str, tuple[int, ...]], ...]
 
     def holds(self, batch: DeviceBatch) -> bool:
-        """Whether `batch` pads into this shape, wasting at most `SLACK` tokens and targets.
+        """Whether `batch` pads into this shape, wasting at most `slack` tokens (targets: or an eighth).
 
         Padded queries form one sample; it needs more padded keys than queries, so that
         with the causal diagonal at the bottom right every padded query sees a key.
         """
         pad = self.tokens - batch.input_ids.shape[1]
-        if not 0 <= pad <= SLACK or (self.keys is None) != (batch.kv_index is None):
+        if not 0 <= pad <= slack(self.tokens) or (self.keys is None) != (batch.kv_index is None):
             return False
         if self.keys is not None and batch.kv_index is not None and self.keys - len(batch.kv_index) <= pad:
             return False
         return (
             self.bounds > len(batch.cu_seqlens)
-            and 0 <= self.targets - len(batch.targets) <= SLACK
+            and 0 <= self.targets - len(batch.targets) <= max(SLACK, self.targets // 8)
             and self.extra == _extra_shapes(batch)
         )
 
@@ -99,8 +107,8 @@ def shape_for(batch: DeviceBatch, tokens: int) -> Shape:
     return Shape(
         tokens=tokens,
         keys=keys,
-        bounds=_round_up(len(batch.cu_seqlens) + 1, SAMPLE_BUCKET),
-        targets=_round_up(len(batch.targets), BUCKET),
+        bounds=_round_up(2 * len(batch.cu_seqlens), SAMPLE_BUCKET),  # sample counts vary most; empty ones are free
+        targets=_round_up(len(batch.targets) * 17 // 16, BUCKET),  # headroom for later batches (only the LM head pays)
         extra=_extra_shapes(batch),
     )
 
@@ -188,8 +196,9 @@ class StepGraphs:
         params: The trained parameters (their gradients must keep their addresses).
         max_seqlen: The longest sample a batch can hold (attention kernels are sized for it).
         timer: Time of the model's largest matmul at M rows. cuBLAS picks its kernels by
-            shape, and one token more can cost 10%; a new graph's token count is the
-            fastest multiple of 8 within `SLACK` of the batch's.
+            shape, and one token more can cost 10%: a new graph's token count is a multiple
+            of 8 within `slack` of the batch's, the largest whose matmul costs at most
+            `HEADROOM_COST` more than the cheapest one's.
     """
 
     def __init__(
@@ -214,11 +223,13 @@ class StepGraphs:
         self.pool = None
 
     def token_length(self, tokens: int) -> int:
-        """Stored tokens of a new graph for a batch of `tokens`."""
-        candidates = list(range(_round_up(tokens, 8), tokens + SLACK + 1, 8))
+        """Stored tokens of a new graph for a batch of `tokens` (see `timer` and `HEADROOM_COST`)."""
+        candidates = list(range(_round_up(tokens, 8), tokens + slack(tokens) + 1, 8))
         if self.timer is None:
             return candidates[0]
-        return min(candidates, key=lambda m: (self.timer(m), m))  # type: ignore[misc]
+        costs = {m: self.timer(m) for m in candidates}
+        cheapest = min(costs.values())
+        return max(m for m, cost in costs.items() if cost <= cheapest * (1 + HEADROOM_COST))
 
     def __call__(self, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss (gradients accumulated), replayed where a graph holds its shape."""
