@@ -90,7 +90,7 @@ def test_new_graphs_take_a_cheap_token_count_with_headroom():
     graphs = step_graph.StepGraphs(lambda b, t: t, [], 64, timer=lambda m: times[m])
     assert graphs.token_length(33) == 56  # a cuBLAS cliff: the cheapest count wins
     linear = step_graph.StepGraphs(lambda b, t: t, [], 64, timer=float)
-    assert linear.token_length(8164) == 8208  # costs in proportion: the most within 0.5% of the cheapest
+    assert linear.token_length(8164) == 8200  # costs in proportion: the most within 0.5% of the cheapest
     assert step_graph.slack(8208) == 256 and step_graph.slack(100) == step_graph.SLACK
     assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(33) == 40
     assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(48) == 48
