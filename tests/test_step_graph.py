@@ -85,15 +85,16 @@ def test_a_shape_holds_smaller_batches_and_reloads_them_cleanly(tiny_qwen2):
         assert int(static.cu_seqlens[len(small.cu_seqlens)]) == shape.tokens
 
 
-def test_new_graphs_take_a_cheap_token_count_with_headroom():
+def test_new_graphs_take_whole_rows_or_the_cheapest_token_count():
     times = {m: (0.5 if m == 56 else 1.0) for m in range(0, 200)}
-    graphs = step_graph.StepGraphs(lambda b, t: t, [], 64, timer=lambda m: times[m])
+    graphs = step_graph.StepGraphs(lambda b, t: t, [], 1024, timer=lambda m: times[m])
     assert graphs.token_length(33) == 56  # a cuBLAS cliff: the cheapest count wins
-    linear = step_graph.StepGraphs(lambda b, t: t, [], 64, timer=float)
-    assert linear.token_length(8164) == 8200  # costs in proportion: the most within 0.5% of the cheapest
-    assert step_graph.slack(8208) == 256 and step_graph.slack(100) == step_graph.SLACK
-    assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(33) == 40
-    assert step_graph.StepGraphs(lambda b, t: t, [], 64).token_length(48) == 48
+    assert step_graph.StepGraphs(lambda b, t: t, [], 1024).token_length(33) == 40
+    assert step_graph.StepGraphs(lambda b, t: t, [], 1024).token_length(48) == 48
+    rows = step_graph.StepGraphs(lambda b, t: t, [], 2048, timer=float)
+    assert rows.token_length(8164) == rows.token_length(8192) == 8192  # four nearly full packed rows
+    assert rows.token_length(6499) == 6504  # far from whole rows: timed
+    assert step_graph.slack(8192) == 256 and step_graph.slack(100) == step_graph.SLACK
 
 
 @pytest.mark.gpu

@@ -40,9 +40,6 @@ BUCKET = 16
 SAMPLE_BUCKET = 16
 # Fewest tokens a batch may always be padded by (more for large batches: `slack`).
 SLACK = 64
-# A new graph takes the most tokens whose matmul costs at most this much over the cheapest
-# choice: headroom for later, slightly larger batches.
-HEADROOM_COST = 0.005
 # Graphs kept at once; batches that fit none of them once this many exist run eagerly.
 MAX_GRAPHS = 16
 
@@ -202,23 +199,23 @@ class StepGraphs:
     Args:
         step: The eager micro-batch step; it must not synchronise with the host.
         params: The trained parameters (their gradients must keep their addresses).
-        max_seqlen: The longest sample a batch can hold (attention kernels are sized for it).
-        timer: Time of the model's largest matmul at M rows. cuBLAS picks its kernels by
-            shape, and one token more can cost 10%: a new graph's token count is a multiple
-            of 8 within `slack` of the batch's, the largest whose matmul costs at most
-            `HEADROOM_COST` more than the cheapest one's.
+        row_tokens: Tokens of a packed row, the longest sample a batch can hold (attention
+            kernels are sized for it).
+        timer: Time of the model's largest matmul at M rows: cuBLAS picks its kernels by
+            shape, and a few tokens more can cost several percent (`token_length`).
     """
 
     def __init__(
         self,
         step: Callable[[DeviceBatch, torch.Tensor], torch.Tensor],
         params: list[torch.nn.Parameter],
-        max_seqlen: int,
+        row_tokens: int,
         timer: Callable[[int], float] | None = None,
     ) -> None:
         self.step = step
         self.params = params
-        self.max_seqlen = max(max_seqlen, BUCKET)
+        self.row_tokens = row_tokens
+        self.max_seqlen = max(row_tokens, BUCKET)
         self.timer = timer
         self.entries: list[_Entry] = []
         self.pool: Any = None
@@ -231,14 +228,20 @@ class StepGraphs:
         self.pool = None
 
     def token_length(self, tokens: int) -> int:
-        """Stored tokens of a new graph for a batch of `tokens` (see `timer` and `HEADROOM_COST`)."""
+        """Stored tokens of a new graph for a batch of `tokens`.
+
+        Packed rows nearly fill their `row_tokens`: when whole rows are within `slack`, the
+        graph takes them, and holds every later batch of as many rows. Otherwise it takes the
+        multiple of 8 within `slack` whose matmul `timer` finds cheapest.
+        """
+        whole = _round_up(tokens, self.row_tokens)
+        if whole - tokens <= slack(whole):
+            return whole
         step = max(8, _round_up(slack(tokens) // 16, 8))  # at most ~16 candidates to time
         candidates = list(range(_round_up(tokens, 8), tokens + slack(tokens) + 1, step))
         if self.timer is None:
             return candidates[0]
-        costs = {m: self.timer(m) for m in candidates}
-        cheapest = min(costs.values())
-        return max(m for m, cost in costs.items() if cost <= cheapest * (1 + HEADROOM_COST))
+        return min(candidates, key=lambda m: (self.timer(m), m))  # type: ignore[misc]
 
     def __call__(self, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss (gradients accumulated), replayed where a graph holds its shape."""
