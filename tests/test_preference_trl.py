@@ -152,16 +152,19 @@ def test_orpo_loss_equals_trl_orpo_trainer(tiny_qwen2, pairs, tmp_path, shared_p
     assert our_loss(tm, answers_only, pairs, batch) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
-def test_simpo_loss_equals_trl_cpo_trainer_simpo(tiny_qwen2, pairs, tmp_path):
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_simpo_loss_equals_trl_cpo_trainer_simpo(tiny_qwen2, pairs, tmp_path, alpha):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    config = TrainConfig(method="simpo", simpo_beta=2.0, simpo_gamma=0.7, **LORA)
+    config = TrainConfig(method="simpo", simpo_beta=2.0, simpo_gamma=0.7, simpo_alpha=alpha, **LORA)
     tm = our_model(tiny_qwen2, config)
     trainer = CPOTrainer(
         model=base_model(tiny_qwen2),
-        args=trl_args(CPOConfig, tmp_path, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7, max_length=512),
+        args=trl_args(
+            CPOConfig, tmp_path, loss_type="simpo", cpo_alpha=alpha, beta=2.0, simpo_gamma=0.7, max_length=512
+        ),
         train_dataset=Dataset.from_list(preference_rows()),
         processing_class=AutoTokenizer.from_pretrained(tiny_qwen2),
         peft_config=peft_config(),

@@ -87,6 +87,12 @@ class TrainConfig:
         "SimPO: target reward margin, in reward units (loss = -log sigmoid(beta * margin - gamma)).",
         group="Preference",
     )
+    simpo_alpha: float = option(
+        0.0,
+        "SimPO: weight of the chosen answers' NLL added to the loss (the SimPO paper's 0; TRL's CPOTrainer "
+        "calls it cpo_alpha, default 1).",
+        group="Preference",
+    )
     kto_beta: float = option(0.1, "KTO: scale of the reward (log-ratio to the base model).", group="Preference")
     kto_desirable_weight: float | None = option(
         None,
@@ -197,7 +203,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise _invalid(name, value, "at least 1")
-        for name in ("save_every", "eval_every", "weight_decay", "max_grad_norm", "warmup_ratio"):
+        for name in ("save_every", "eval_every", "weight_decay", "max_grad_norm", "warmup_ratio", "simpo_alpha"):
             if getattr(self, name) < 0:
                 raise _invalid(name, getattr(self, name), "0 or more")
         if self.learning_rate is not None and not self.learning_rate > 0:

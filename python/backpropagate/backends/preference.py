@@ -257,6 +257,21 @@ class PairObjective:
         self.share = share
         self.prompt_targets = prompt_targets
 
+    def pairs(self, batch: Batch) -> int:
+        """Pairs in the batch."""
+        return int(np.asarray(self.dataset.chosen)[batch.sample_index].sum())
+
+    def chosen_tokens(self, batch: Batch) -> int:
+        """Tokens of the chosen samples' NLL term (their answers; with `prompt_targets`, every token but the first)."""
+        chosen = np.asarray(self.dataset.chosen)[batch.sample_index]
+        labels = batch.labels[0]
+        tokens = 0
+        for i, span in enumerate(sample_slices(batch)):
+            if chosen[i]:
+                n = span.stop - span.start - 1
+                tokens += n if self.prompt_targets else int((labels[span.start + 1 : span.stop] != IGNORE_INDEX).sum())
+        return tokens
+
     def device_batch(self, batch: Batch, device: torch.device) -> DeviceBatch:
         """The pairs of `batch`, each prompt stored once."""
         chosen, rejected = pairs_of(batch, self.dataset)
@@ -283,14 +298,7 @@ class OrpoObjective(PairObjective):
 
     def normaliser(self, batch: Batch) -> tuple[int, int]:
         """(NLL tokens of the chosen samples, pairs)."""
-        chosen = np.asarray(self.dataset.chosen)[batch.sample_index]
-        labels = batch.labels[0]
-        tokens = 0
-        for i, span in enumerate(sample_slices(batch)):
-            if chosen[i]:
-                n = span.stop - span.start - 1
-                tokens += n if self.prompt_targets else int((labels[span.start + 1 : span.stop] != IGNORE_INDEX).sum())
-        return tokens, int(chosen.sum())
+        return self.chosen_tokens(batch), self.pairs(batch)
 
     def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
         """[summed chosen NLL, summed beta x -log sigmoid(log odds ratio)]."""
@@ -304,23 +312,31 @@ class OrpoObjective(PairObjective):
 
 
 class SimpoObjective(PairObjective):
-    """SimPO: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma), averaged over the step's pairs."""
+    """SimPO: -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma), averaged over the step's pairs.
+
+    With `alpha` > 0, alpha x the chosen answers' NLL (per token over the step) is added, as
+    TRL's CPOTrainer does with `cpo_alpha`.
+    """
 
     name = "simpo"
 
-    def __init__(self, dataset: PreparedDataset, beta: float, gamma: float, share: bool) -> None:
+    def __init__(self, dataset: PreparedDataset, beta: float, gamma: float, share: bool, alpha: float = 0.0) -> None:
         super().__init__(dataset, share)
         self.beta = beta
         self.gamma = gamma
+        self.alpha = alpha
 
-    def normaliser(self, batch: Batch) -> int:
-        """Pairs."""
-        return int(np.asarray(self.dataset.chosen)[batch.sample_index].sum())
+    def normaliser(self, batch: Batch) -> int | tuple[int, int]:
+        """Pairs; (NLL tokens of the chosen samples, pairs) with an NLL term."""
+        return (self.chosen_tokens(batch), self.pairs(batch)) if self.alpha else self.pairs(batch)
 
     def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
-        """Summed SimPO loss of the pairs."""
-        mean_c, mean_r, _ = self.pair_logps(hidden, lm_head, batch)
-        return -F.logsigmoid(self.beta * (mean_c - mean_r) - self.gamma).sum()
+        """Summed SimPO loss of the pairs ([alpha x summed chosen NLL, that] with an NLL term)."""
+        mean_c, mean_r, sums = self.pair_logps(hidden, lm_head, batch)
+        simpo = -F.logsigmoid(self.beta * (mean_c - mean_r) - self.gamma).sum()
+        if not self.alpha:
+            return simpo
+        return torch.stack([-self.alpha * sums[batch.extra["chosen"]].sum(), simpo])
 
 
 def kto_labels(dataset: PreparedDataset) -> np.ndarray:
@@ -419,7 +435,7 @@ def preference_objective(config: TrainConfig, dataset: PreparedDataset, policy: 
     if method == "orpo":
         return OrpoObjective(dataset, config.orpo_beta, config.shared_prompt, config.orpo_prompt_loss)
     if method == "simpo":
-        return SimpoObjective(dataset, config.simpo_beta, config.simpo_gamma, config.shared_prompt)
+        return SimpoObjective(dataset, config.simpo_beta, config.simpo_gamma, config.shared_prompt, config.simpo_alpha)
     if policy is None or policy.reference is None:
         raise ValueError("KTO needs the policy model with an adapter to switch off")
     labels = kto_labels(dataset)
