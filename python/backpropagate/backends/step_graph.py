@@ -7,17 +7,17 @@ a single launch and the GPU runs them back to back.
 
 A graph replays fixed shapes at fixed addresses, so:
 
-* each micro-batch is padded into the shape of a graph (by at most `SLACK` tokens; sample
-  boundaries and targets have more headroom, being nearly free). Padded tokens form one sample of their own that attends only to itself, and
-  padded targets weigh 0, so the loss and gradients are those of the unpadded batch;
+* each micro-batch is padded into the shape of a graph (by a few tokens, `slack`; sample
+  boundaries and targets get more headroom, being nearly free). Padded tokens form one
+  sample of their own that attends only to itself, and padded targets weigh 0, so the loss
+  and gradients are those of the unpadded batch;
 * the batch, the step's normalising counts and the loss live in static tensors;
 * gradients accumulate into `.grad` tensors made once (the loop zeroes them in place);
 * the adapters' compute-dtype copies are remade inside the graph (lora_fused).
 
 A batch that no graph holds runs eagerly in a new shape (that warms kernels and compilers
 up at that shape and trains on the batch), which is captured right after and replayed
-from then on.
-All graphs share one memory pool: a replay reads nothing that another replay wrote, apart
+from then on. All graphs share one memory pool: a replay reads nothing that another replay wrote, apart
 from the static inputs it is given. If a capture fails, the run carries on eagerly.
 """
 
@@ -36,9 +36,10 @@ from backpropagate.log import get_logger
 
 log = get_logger("graphs")
 
+# Granularity of padded keys and targets, and of sample boundaries.
 BUCKET = 16
 SAMPLE_BUCKET = 16
-# Fewest tokens a batch may always be padded by (more for large batches: `slack`).
+# Padding a graph always accepts (more for large batches: `slack`).
 SLACK = 64
 # Graphs kept at once; batches that fit none of them once this many exist run eagerly.
 MAX_GRAPHS = 16
@@ -76,7 +77,7 @@ class Shape:
     extra: tuple[tuple[str, tuple[int, ...]], ...]
 
     def holds(self, batch: DeviceBatch) -> bool:
-        """Whether `batch` pads into this shape, wasting at most `slack` tokens (targets: or an eighth).
+        """Whether `batch` pads into this shape: at most `slack` padded tokens, and targets to spare.
 
         Padded queries form one sample; it needs more padded keys than queries, so that
         with the causal diagonal at the bottom right every padded query sees a key.
@@ -110,8 +111,13 @@ def shape_for(batch: DeviceBatch, tokens: int) -> Shape:
     )
 
 
-def padded_batch(batch: DeviceBatch, shape: Shape, max_seqlen: int) -> DeviceBatch:
-    """Static tensors of `shape` for batches like `batch` (filled by `load`)."""
+def padded_batch(batch: DeviceBatch, shape: Shape, row_tokens: int) -> DeviceBatch:
+    """Static tensors of `shape` for batches like `batch` (filled by `load`).
+
+    Attention kernels are sized for the longest segment: a sample (at most `row_tokens`) or
+    the padding sample.
+    """
+    max_seqlen = max(row_tokens, slack(shape.tokens) + BUCKET)
     return replace(
         batch,
         input_ids=_static_like(batch.input_ids, shape.tokens),
@@ -199,8 +205,7 @@ class StepGraphs:
     Args:
         step: The eager micro-batch step; it must not synchronise with the host.
         params: The trained parameters (their gradients must keep their addresses).
-        row_tokens: Tokens of a packed row, the longest sample a batch can hold (attention
-            kernels are sized for it).
+        row_tokens: Tokens of a packed row, the longest sample a batch can hold.
         timer: Time of the model's largest matmul at M rows: cuBLAS picks its kernels by
             shape, and a few tokens more can cost several percent (`token_length`).
     """
@@ -215,7 +220,6 @@ class StepGraphs:
         self.step = step
         self.params = params
         self.row_tokens = row_tokens
-        self.max_seqlen = max(row_tokens, BUCKET)
         self.timer = timer
         self.entries: list[_Entry] = []
         self.pool: Any = None
@@ -260,7 +264,7 @@ class StepGraphs:
             self.replays += 1
             return entry.loss
         shape = shape_for(batch, self.token_length(batch.input_ids.shape[1]))
-        entry = _Entry(shape, padded_batch(batch, shape, self.max_seqlen), totals.clone())
+        entry = _Entry(shape, padded_batch(batch, shape, self.row_tokens), totals.clone())
         load(entry.batch, batch)
         loss = self.step(entry.batch, entry.totals)  # the warm-up at this shape trains on the batch
         self._capture(entry)
