@@ -10,8 +10,8 @@ recomputing before the loop resorts to halving the micro-batch.
 A recomputation only has to restore what backward saved, and stops once it has. In the
 decoder layers of `LAST_PROJECTION_UNUSED` the MLP's down-projection is the last op that
 saves anything, and its output only feeds the residual sum that the recomputation never
-reaches: that projection skips its matmul while recomputing (`recomputing()`), a ninth
-of a recomputed layer's work.
+reaches: that projection skips its matmul while recomputing (`recomputing()`), about a
+quarter of a recomputed layer's matmul work.
 """
 
 from __future__ import annotations

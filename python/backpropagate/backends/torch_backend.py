@@ -148,7 +148,7 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
     return None
 
 
-def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, max_seqlen: int) -> StepGraphs | None:
+def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, row_tokens: int) -> StepGraphs | None:
     """CUDA graphs for the micro-batch step, where every part of it can be captured."""
     obstacle = graph_obstacle(tm, objective, config)
     if obstacle is not None:
@@ -162,7 +162,7 @@ def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, ma
     return StepGraphs(
         lambda batch, totals: forward_backward(tm, objective, batch, totals),
         tm.trainable_parameters(),
-        max_seqlen,
+        row_tokens,
         timer,
     )
 
