@@ -57,6 +57,11 @@ class _Rerun:
             _recomputing = previous
 
 
+def draws_random_numbers(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` in training mode draws from the RNG (an active dropout)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def checkpointed(forward: Any, *args: Any, preserve_rng_state: bool) -> Any:
     """`forward(*args)` with its activations recomputed in backward (non-reentrant checkpoint)."""
     from torch.utils.checkpoint import checkpoint
@@ -98,7 +103,7 @@ class RecomputePlan:
                 down.__dict__["bp_output_unused_in_recompute"] = True
         # The RNG state is stashed for the recomputation only where a dropout draws from it: stashing
         # costs a device query per layer and cannot be captured in a CUDA graph.
-        self.preserve_rng = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        self.preserve_rng = draws_random_numbers(model)
         self.mode = mode
         self.kept = 0
         self.planned = False

@@ -40,6 +40,7 @@ from backpropagate.backends.losses import (
 from backpropagate.backends.metrics import MetricsLogger, ProgressBar
 from backpropagate.backends.preference import Policy
 from backpropagate.backends.readout import Readout
+from backpropagate.backends.recompute import draws_random_numbers
 from backpropagate.backends.step_graph import StepGraphs, matmul_timer
 from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
@@ -143,7 +144,7 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
         return f"mode={tm.mode}"
     if objective.name not in ("sft", "orpo", "simpo"):  # KTO builds its reference batches on the host
         return f"method={objective.name}"
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in tm.model.modules()):
+    if draws_random_numbers(tm.model):
         return "dropout is on"
     return None
 
