@@ -13,6 +13,7 @@ one; one fp32 absmax per `blocksize` consecutive elements, in row-major order.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,15 +46,12 @@ if triton is not None:
 
 def supported(packed: torch.Tensor, quant_state: Any) -> bool:
     """Whether the kernel can dequantize this weight (NF4 on CUDA with Triton, whole bytes, blocks of pairs)."""
-    numel = 1
-    for n in quant_state.shape:
-        numel *= int(n)
     return (
         triton is not None
         and quant_state.quant_type == "nf4"
         and packed.is_cuda
         and packed.dtype == torch.uint8
-        and numel == 2 * packed.numel()
+        and math.prod(quant_state.shape) == 2 * packed.numel()
         and quant_state.blocksize % 2 == 0
         and quant_state.code is not None
     )

@@ -253,9 +253,6 @@ class StepGraphs:
         entry = min(held, key=lambda e: e.shape.tokens) if held else None
         if not self.enabled or (entry is None and len(self.entries) >= MAX_GRAPHS):
             return self.step(batch, totals)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         if entry is not None:
             load(entry.batch, batch)
             entry.totals.copy_(totals)
@@ -263,6 +260,9 @@ class StepGraphs:
             entry.graph.replay()
             self.replays += 1
             return entry.loss
+        for p in self.params:  # made once, before any graph bakes their addresses in (the loop never frees them)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         shape = shape_for(batch, self.token_length(batch.input_ids.shape[1]))
         entry = _Entry(shape, padded_batch(batch, shape, self.row_tokens), totals.clone())
         load(entry.batch, batch)
