@@ -79,7 +79,7 @@ impl Error {
             Error::Adapter(_) => "INPUT_ADAPTER_INVALID",
             Error::LlamaCppUnavailable(_) => "DEP_LLAMA_CPP_UNAVAILABLE",
             Error::OutputExists(_) => "STATE_OUTPUT_EXISTS",
-            Error::Export(_) => "RUNTIME_EXPORT_FAILED",
+            Error::Export(_) => "RUNTIME_GGUF_EXPORT_FAILED",
         }
     }
 

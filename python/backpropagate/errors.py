@@ -63,7 +63,7 @@ CATALOG: dict[str, CodeInfo] = {
     ),
     # DEP_*: something outside the package is missing or unreachable.
     "DEP_MISSING_PACKAGE": CodeInfo("Install the extra named in the message, e.g. pip install 'backpropagate[qlora]'."),
-    "DEP_CUDA_UNAVAILABLE": CodeInfo("This mode needs an NVIDIA GPU; use mode='lora' on CPU or run on a GPU machine."),
+    "DEP_GPU_NOT_AVAILABLE": CodeInfo("This mode needs an NVIDIA GPU; use mode='lora' on CPU or run on a GPU machine."),
     "DEP_OLLAMA_REGISTRATION_FAILED": CodeInfo(
         "Start Ollama (`ollama serve`) and rerun, or run the `ollama create` command printed above.",
         retryable=True,
@@ -81,13 +81,13 @@ CATALOG: dict[str, CodeInfo] = {
         "The GPU stayed too hot for too long; improve cooling or raise --max-gpu-temp.", retryable=True
     ),
     "RUNTIME_TRAINING_DIVERGED": CodeInfo("The loss became NaN or infinite; lower the learning rate."),
-    "RUNTIME_EXPORT_FAILED": CodeInfo("The export did not complete; nothing was written under the final name."),
+    "RUNTIME_GGUF_EXPORT_FAILED": CodeInfo("The export did not complete; nothing was written under the final name."),
     "RUNTIME_INTERRUPTED": CodeInfo("The run was interrupted; `backprop train --resume` continues it.", retryable=True),
     # STATE_*: files left by an earlier run are missing, stale or in the way.
     "STATE_CHECKPOINT_NOT_FOUND": CodeInfo(
         "No checkpoint to resume from in the output folder; start without --resume."
     ),
-    "STATE_CHECKPOINT_CORRUPT": CodeInfo("The checkpoint is unreadable; resume from an earlier one or start again."),
+    "STATE_CHECKPOINT_INVALID": CodeInfo("The checkpoint is unreadable; resume from an earlier one or start again."),
     "STATE_OUTPUT_EXISTS": CodeInfo("The output already exists; pass --force to overwrite it or choose another path."),
     "STATE_CACHE_CORRUPT": CodeInfo("Delete the dataset cache folder named in the message and rerun.", retryable=True),
 }

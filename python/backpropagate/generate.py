@@ -51,7 +51,7 @@ class GGUFModel:
     def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         answer = getattr(self._server, method)(body)
         if not isinstance(answer, dict) or "error" in answer:
-            raise RunFailedError("RUNTIME_EXPORT_FAILED", f"{self.path}: llama.cpp answered {answer!r}")
+            raise RunFailedError("RUNTIME_GGUF_EXPORT_FAILED", f"{self.path}: llama.cpp answered {answer!r}")
         return answer
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 128, temperature: float = 0.0) -> Generation:

@@ -161,7 +161,7 @@ def read_state(path: Path) -> TrainState:
     try:
         return TrainState(**json.loads((path / STATE).read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise StateError("STATE_CHECKPOINT_CORRUPT", f"{path / STATE} cannot be read ({exc})") from exc
+        raise StateError("STATE_CHECKPOINT_INVALID", f"{path / STATE} cannot be read ({exc})") from exc
 
 
 def latest(root: Path) -> Path:
@@ -176,7 +176,7 @@ def load_latest(root: Path) -> LoadedCheckpoint:
     """Reads the newest complete checkpoint under `root`.
 
     Raises:
-        StateError: STATE_CHECKPOINT_NOT_FOUND when there is none, STATE_CHECKPOINT_CORRUPT
+        StateError: STATE_CHECKPOINT_NOT_FOUND when there is none, STATE_CHECKPOINT_INVALID
             when the newest cannot be read.
     """
     path = latest(root)
@@ -186,7 +186,7 @@ def load_latest(root: Path) -> LoadedCheckpoint:
         training = torch.load(path / TRAINING, map_location="cpu", weights_only=False)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise StateError(
-            "STATE_CHECKPOINT_CORRUPT",
+            "STATE_CHECKPOINT_INVALID",
             f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to use an earlier one",
         ) from exc
     return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
@@ -199,7 +199,7 @@ def restore(
     missing = sorted(set(params) - set(loaded.weights))
     if missing:
         raise StateError(
-            "STATE_CHECKPOINT_CORRUPT", f"{loaded.path} lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}"
+            "STATE_CHECKPOINT_INVALID", f"{loaded.path} lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}"
         )
     with torch.no_grad():
         for name, param in params.items():

@@ -89,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DependencyError("DEP_CUDA_UNAVAILABLE", f"device={name!r} was asked for but CUDA is not available here")
+        raise DependencyError("DEP_GPU_NOT_AVAILABLE", f"device={name!r} was asked for but CUDA is not available here")
     return device
 
 
