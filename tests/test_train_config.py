@@ -1,12 +1,12 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from backpropagate.cli.options import flag_name
-from backpropagate.config import TrainConfig
+from backpropagate.config import TrainConfig, apply_preset, resolve_settings
 from backpropagate.errors import ConfigError
 from backpropagate.presets import PRESETS, find_preset
-from backpropagate.trainer import apply_preset
 from cli_helpers import run_cli
 
 
@@ -49,7 +49,7 @@ def test_invalid_settings_name_the_field(options, field):
 
 def test_unknown_option_and_unknown_method_are_refused():
     with pytest.raises(ConfigError, match="lora_rank"):
-        TrainConfig.from_options({"lora_rank": 8})
+        resolve_settings("tiny-llama", {"lora_rank": 8})
     with pytest.raises(ConfigError, match="method"):
         TrainConfig(method="dpo").validate()
 
@@ -96,3 +96,73 @@ def test_import_stays_light_until_the_trainer_is_used():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["backpropagate.trainer", "backpropagate.config"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--lora-r", "0", "lora_r=0 is invalid: expected an integer at least 1"),
+        ("--learning-rate", "0", "learning_rate=0.0 is invalid: expected a number in (0, 1]"),
+        ("--max-seq-length", "0", "max_seq_length=0 is invalid: expected an integer in [2, 1048576]"),
+        ("--lora-alpha", "-1", "lora_alpha=-1.0 is invalid: expected a number more than 0"),
+        ("--warmup-ratio", "2", "warmup_ratio=2.0 is invalid: expected a number in [0, 1]"),
+        ("--lora-dropout", "-0.1", "lora_dropout=-0.1 is invalid"),
+        ("--weight-decay", "-0.01", "weight_decay=-0.01 is invalid: expected a number at least 0"),
+        ("--micro-batch", "-2", "micro_batch=-2 is invalid: expected an integer at least 1"),
+        ("--grad-accumulation", "0", "grad_accumulation=0 is invalid"),
+        ("--save-every", "-1", "save_every=-1 is invalid"),
+        ("--seed", "-5", "seed=-5 is invalid"),
+        ("--trace-min-tokens", "-1", "trace_min_tokens=-1 is invalid"),
+    ],
+)
+def test_explicit_values_are_refused_with_their_range_never_replaced(tiny_llama, tmp_path, flag, value, expected):
+    res = run_cli("train", "--model", "tiny-llama", flag, value, "--steps", "1", "--output", str(tmp_path / "out"))
+    assert res.status == 2, res.stderr
+    assert res.stderr.startswith("[CONFIG_INVALID_SETTING]: " + expected), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lora_r": 0}, {"learning_rate": 0.0}, {"max_seq_length": 0}, {"lora_alpha": 0}, {"micro_batch": 1.5}],
+)
+def test_api_refuses_falsy_or_wrong_values_instead_of_filling_the_preset(tiny_llama, options):
+    from backpropagate import Trainer
+
+    with pytest.raises(ConfigError) as err:
+        Trainer("tiny-llama", **options)
+    assert err.value.code == "CONFIG_INVALID_SETTING"
+    assert next(iter(options)) in err.value.message
+
+
+def test_steps_and_epochs_are_checked_with_the_same_ranges(tiny_llama, tmp_path):
+    for args, expected in ((("--steps", "0"), "steps=0"), (("--epochs", "-1"), "epochs=-1.0")):
+        res = run_cli("train", "--model", "tiny-llama", *args, "--output", str(tmp_path / "o"))
+        assert res.status == 2 and expected in res.stderr, res.stderr
+
+
+def test_every_numeric_setting_states_its_range():
+    from backpropagate.data import DataConfig
+
+    for cls in (TrainConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float", "int | None", "float | None"):
+                assert f.metadata.get("bounds") is not None, f"{cls.__name__}.{f.name} has no range"
+                assert "[" in f.metadata["help"], f.name
+
+
+def test_validate_resolves_the_sequence_length_train_uses(tiny_llama):
+    import json
+
+    from backpropagate import Trainer
+    from backpropagate.examples import __file__ as examples_init
+
+    data = str(Path(examples_init).parent / "chat.jsonl")
+    for extra in ((), ("--reasoning-trace",), ("--max-seq-length", "300")):
+        res = run_cli("validate", data, "--model", "tiny-llama", "--json", *extra)
+        report = json.loads(res.stdout)
+        options = {"reasoning_trace": True} if extra == ("--reasoning-trace",) else {}
+        if extra and extra[0] == "--max-seq-length":
+            options = {"max_seq_length": 300}
+        assert report["tokens"]["max_seq_length"] == Trainer("tiny-llama", **options).config.max_seq_length

@@ -9,10 +9,12 @@ the model's preset (rank, alpha, learning rate, context) or a general default.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from backpropagate.errors import ConfigError
+from backpropagate.presets import Preset, find_preset
+from backpropagate.settings import SEQ_LENGTH, Range, at_least, check_fields, invalid, non_negative, option, positive
 
 MODES = ("auto", "lora", "qlora", "full")
 METHODS = ("sft", "orpo", "simpo", "kto")
@@ -24,7 +26,6 @@ REPORT_TO = ("auto", "none", "tensorboard", "wandb", "tensorboard,wandb")
 
 # Used when neither the user nor a preset sets them.
 DEFAULT_LORA_R = 16
-DEFAULT_LORA_ALPHA = 32
 DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_MAX_SEQ_LENGTH = 2048
 # Reasoning traces are long: their default context, unless max_seq_length is set.
@@ -32,11 +33,6 @@ REASONING_MAX_SEQ_LENGTH = 8192
 # Default peak learning rates of the preference methods (LoRA), used unless learning_rate is set:
 # ORPO's paper value; 5e-6 is the usual LoRA rate for the reference-scaled SimPO and KTO objectives.
 METHOD_LEARNING_RATES = {"orpo": 8e-6, "simpo": 5e-6, "kto": 5e-6}
-
-
-def option(default: Any, help: str, *, group: str = "Training", choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field carrying its CLI help text, help panel and allowed values."""
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
 @dataclass
@@ -60,9 +56,16 @@ class TrainConfig:
     )
     device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
     # LoRA
-    lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA")
-    lora_alpha: float | None = option(None, "LoRA alpha (default: the preset's, else 2 x rank).", group="LoRA")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA input (0 keeps the fused fast path).", group="LoRA")
+    lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA", bounds=at_least(1))
+    lora_alpha: float | None = option(
+        None, "LoRA alpha (default: the preset's, else 2 x rank).", group="LoRA", bounds=positive()
+    )
+    lora_dropout: float = option(
+        0.0,
+        "Dropout on the LoRA input (0 keeps the fused fast path).",
+        group="LoRA",
+        bounds=Range(0, 1, high_open=True),
+    )
     target_modules: str = option(
         "all-linear",
         "Layers that get adapters: all-linear, or a comma list such as q_proj,v_proj.",
@@ -72,7 +75,10 @@ class TrainConfig:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
     # Preference methods
     orpo_beta: float = option(
-        0.1, "ORPO: weight of the odds-ratio term added to the chosen answers' NLL.", group="Preference"
+        0.1,
+        "ORPO: weight of the odds-ratio term added to the chosen answers' NLL.",
+        group="Preference",
+        bounds=positive(),
     )
     orpo_prompt_loss: bool = option(
         False,
@@ -80,28 +86,39 @@ class TrainConfig:
         group="Preference",
     )
     simpo_beta: float = option(
-        2.0, "SimPO: scale of the length-normalised reward (the SimPO paper recommends 2 to 2.5).", group="Preference"
+        2.0,
+        "SimPO: scale of the length-normalised reward (the SimPO paper recommends 2 to 2.5).",
+        group="Preference",
+        bounds=positive(),
     )
     simpo_gamma: float = option(
         0.5,
         "SimPO: target reward margin, in reward units (loss = -log sigmoid(beta * margin - gamma)).",
         group="Preference",
+        bounds=non_negative(),
     )
     simpo_alpha: float = option(
         0.0,
         "SimPO: weight of the chosen answers' NLL added to the loss (the SimPO paper's 0; TRL's CPOTrainer "
         "calls it cpo_alpha, default 1).",
         group="Preference",
+        bounds=non_negative(),
     )
-    kto_beta: float = option(0.1, "KTO: scale of the reward (log-ratio to the base model).", group="Preference")
+    kto_beta: float = option(
+        0.1, "KTO: scale of the reward (log-ratio to the base model).", group="Preference", bounds=positive()
+    )
     kto_desirable_weight: float | None = option(
         None,
         "KTO: loss weight of desirable rows (default: balanced from the label counts, so that "
         "desirable_weight x desirable rows = undesirable_weight x undesirable rows).",
         group="Preference",
+        bounds=positive(),
     )
     kto_undesirable_weight: float | None = option(
-        None, "KTO: loss weight of undesirable rows (default: balanced from the label counts).", group="Preference"
+        None,
+        "KTO: loss weight of undesirable rows (default: balanced from the label counts).",
+        group="Preference",
+        bounds=positive(),
     )
     shared_prompt: bool = option(
         True,
@@ -114,26 +131,41 @@ class TrainConfig:
         "Longest sample and packed-row length in tokens (default: the preset's context, else 2048; "
         "8192 with reasoning_trace).",
         group="Data",
+        bounds=SEQ_LENGTH,
     )
-    micro_batch: int = option(2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data")
+    micro_batch: int = option(
+        2, "Packed rows per micro-batch (halved automatically on out-of-memory).", group="Data", bounds=at_least(1)
+    )
     grad_accumulation: int = option(
-        4, "Micro-batches per optimizer step (doubled when the micro-batch is halved).", group="Data"
+        4,
+        "Micro-batches per optimizer step (doubled when the micro-batch is halved).",
+        group="Data",
+        bounds=at_least(1),
     )
-    eval_split: float = option(0.0, "Fraction of packed rows held out for evaluation (0 = none).", group="Data")
-    eval_every: int = option(0, "Evaluate every N steps (0 = only at the end, when eval_split > 0).", group="Data")
+    eval_split: float = option(
+        0.0,
+        "Fraction of packed rows held out for evaluation (0 = none).",
+        group="Data",
+        bounds=Range(0, 0.5, high_open=True),
+    )
+    eval_every: int = option(
+        0, "Evaluate every N steps (0 = only at the end, when eval_split > 0).", group="Data", bounds=at_least(0)
+    )
     # Optimisation
     learning_rate: float | None = option(
-        None, "Peak learning rate (default: sft the preset's, else 2e-4; orpo 8e-6; simpo 5e-6; kto 5e-6)."
+        None,
+        "Peak learning rate (default: sft the preset's, else 2e-4; orpo 8e-6; simpo 5e-6; kto 5e-6).",
+        bounds=Range(0, 1, low_open=True),
     )
     schedule: str = option("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULES)
-    warmup_ratio: float = option(0.03, "Warmup length as a fraction of the steps.")
-    warmup_steps: int | None = option(None, "Warmup length in steps (overrides warmup_ratio).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 = no clipping).")
+    warmup_ratio: float = option(0.03, "Warmup length as a fraction of the steps.", bounds=Range(0, 1))
+    warmup_steps: int | None = option(None, "Warmup length in steps (overrides warmup_ratio).", bounds=at_least(0))
+    weight_decay: float = option(0.0, "AdamW weight decay.", bounds=non_negative())
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 = no clipping).", bounds=non_negative())
     optimizer: str = option(
         "adamw", "adamw (fused), adamw_8bit or paged_adamw_8bit (bitsandbytes).", choices=OPTIMIZERS
     )
-    seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
+    seed: int = option(42, "Seed for initialisation, shuffling and dropout.", bounds=Range(0, 2**32 - 1, integer=True))
     gradient_checkpointing: str = option(
         "auto",
         "Recompute layer activations in backward to save memory: on (every layer), off, or auto (on CUDA, "
@@ -153,14 +185,16 @@ class TrainConfig:
     output_dir: str | None = option(
         None, "Folder for checkpoints, adapter, metrics and plot (default: runs/run-<time>).", group="Run"
     )
-    save_every: int = option(100, "Save a checkpoint every N steps (0 = only at the end).", group="Run")
-    keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", group="Run")
+    save_every: int = option(
+        100, "Save a checkpoint every N steps (0 = only at the end).", group="Run", bounds=at_least(0)
+    )
+    keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", group="Run", bounds=at_least(1))
     resume: bool = option(
         False,
         "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
         group="Run",
     )
-    log_every: int = option(1, "Write metrics every N steps.", group="Run")
+    log_every: int = option(1, "Write metrics every N steps.", group="Run", bounds=at_least(1))
     report_to: str = option(
         "auto",
         "Metric sinks besides metrics.jsonl: auto (TensorBoard if installed, W&B if installed and "
@@ -169,57 +203,37 @@ class TrainConfig:
         choices=REPORT_TO,
     )
     progress: bool = option(True, "Show a progress bar.", group="Run")
-    max_gpu_temp: float = option(85.0, "Pause training while the GPU is hotter than this (deg C).", group="Run")
-    gpu_resume_temp: float = option(75.0, "Resume once the GPU has cooled to this (deg C).", group="Run")
+    max_gpu_temp: float = option(
+        85.0,
+        "Pause training while the GPU is hotter than this (deg C).",
+        group="Run",
+        bounds=Range(0, 120, low_open=True),
+    )
+    gpu_resume_temp: float = option(
+        75.0, "Resume once the GPU has cooled to this (deg C).", group="Run", bounds=Range(0, 120, low_open=True)
+    )
     max_gpu_pause: float = option(
-        600.0, "Give up with RUNTIME_GPU_TEMPERATURE_CRITICAL after pausing this long (seconds).", group="Run"
+        600.0,
+        "Give up with RUNTIME_GPU_TEMPERATURE_CRITICAL after pausing this long (seconds).",
+        group="Run",
+        bounds=non_negative(),
     )
 
     def validate(self) -> TrainConfig:
-        """Checks every field, naming the first one that is wrong."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise _invalid(f.name, value, "one of " + ", ".join(choices))
+        """Checks every field against its declared range, then the combinations, naming the first that is wrong."""
+        check_fields(self)
         if self.method in PREFERENCE_METHODS and self.mode == "full":
             raise ConfigError(
                 "CONFIG_INVALID_SETTING",
                 f"method={self.method!r} with mode='full' is invalid: preference methods train a LoRA adapter "
                 "for now; use mode='lora' or mode='qlora' (or 'auto')",
             )
-        positive = ("micro_batch", "grad_accumulation", "keep_checkpoints", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise _invalid(name, getattr(self, name), "at least 1")
-        for name in ("orpo_beta", "simpo_beta", "kto_beta"):
-            if not getattr(self, name) > 0:
-                raise _invalid(name, getattr(self, name), "more than 0")
-        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise _invalid(name, value, "more than 0")
-        for name in ("lora_r", "max_seq_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise _invalid(name, value, "at least 1")
-        for name in ("save_every", "eval_every", "weight_decay", "max_grad_norm", "warmup_ratio", "simpo_alpha"):
-            if getattr(self, name) < 0:
-                raise _invalid(name, getattr(self, name), "0 or more")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise _invalid("learning_rate", self.learning_rate, "more than 0")
-        if not 0 <= self.lora_dropout < 1:
-            raise _invalid("lora_dropout", self.lora_dropout, "in [0, 1)")
-        if not 0 <= self.eval_split < 0.5:
-            raise _invalid("eval_split", self.eval_split, "in [0, 0.5)")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise _invalid("warmup_steps", self.warmup_steps, "0 or more")
         if self.gpu_resume_temp > self.max_gpu_temp:
-            raise _invalid("gpu_resume_temp", self.gpu_resume_temp, f"at most max_gpu_temp ({self.max_gpu_temp})")
+            raise invalid("gpu_resume_temp", self.gpu_resume_temp, f"at most max_gpu_temp ({self.max_gpu_temp})")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise _invalid("device", self.device, "auto, cuda, cuda:N or cpu")
+            raise invalid("device", self.device, "auto, cuda, cuda:N or cpu")
         if self.dora and self.mode == "full":
-            raise _invalid("dora", self.dora, "off with mode=full (DoRA is an adapter)")
+            raise invalid("dora", self.dora, "off with mode=full (DoRA is an adapter)")
         return self
 
     def target_module_list(self) -> str | list[str]:
@@ -228,22 +242,73 @@ class TrainConfig:
             return "all-linear"
         names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
         if not names:
-            raise _invalid("target_modules", self.target_modules, "all-linear or a comma list of layer names")
+            raise invalid("target_modules", self.target_modules, "all-linear or a comma list of layer names")
         return names
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> TrainConfig:
-        """Builds a config from keyword options, refusing unknown names."""
-        from backpropagate.data import DataConfig
 
-        known = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(DataConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                "CONFIG_INVALID_SETTING",
-                f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}",
-            )
-        return cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
+if TYPE_CHECKING:
+    from backpropagate.data.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings after resolution: what the user gave, filled from the preset, checked."""
+
+    train: TrainConfig
+    data: DataConfig
+    preset: Preset | None
+
+
+def resolve_settings(model: str, options: dict[str, Any]) -> Settings:
+    """The one way options become settings, for `train`, `validate` and every other caller.
+
+    Unknown names are refused; every value the user gave is checked against its field's
+    range as given (never swapped); fields left unset come from the method, the preset of
+    `model`, then the general defaults (`apply_preset`).
+    """
+    from backpropagate.data.config import DataConfig
+
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_names = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(options) - train_names - data_names)
+    if unknown:
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING",
+            f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(train_names | data_names))}",
+        )
+    given = TrainConfig(**{k: v for k, v in options.items() if k in train_names})
+    preset = find_preset(model)
+    data_options = {k: v for k, v in options.items() if k in data_names and k != "max_seq_length"}
+    train = apply_preset(given, preset, bool(data_options.get("reasoning_trace"))).validate()
+    assert train.max_seq_length is not None
+    return Settings(train=train, data=DataConfig(max_seq_length=train.max_seq_length, **data_options), preset=preset)
+
+
+def apply_preset(config: TrainConfig, preset: Preset | None, reasoning_trace: bool = False) -> TrainConfig:
+    """Fills every unset (None) field from the method, the preset, then the general defaults.
+
+    Only `None` means unset: a value the user gave, even 0, stays as given for `validate`
+    to accept or refuse. The preset's learning rate is an SFT rate; preference methods use
+    their own (`METHOD_LEARNING_RATES`). Reasoning-trace data defaults to a long context.
+    """
+    rank = config.lora_r if config.lora_r is not None else (preset.lora_r if preset else DEFAULT_LORA_R)
+    if config.lora_alpha is not None:
+        alpha = config.lora_alpha
+    else:
+        alpha = preset.lora_alpha if preset and config.lora_r is None else 2 * rank
+    learning_rate = METHOD_LEARNING_RATES.get(config.method) or (
+        preset.learning_rate if preset else DEFAULT_LEARNING_RATE
+    )
+    context = preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH
+    if reasoning_trace:
+        context = REASONING_MAX_SEQ_LENGTH
+    return dataclasses.replace(
+        config,
+        lora_r=rank,
+        lora_alpha=alpha,
+        learning_rate=config.learning_rate if config.learning_rate is not None else learning_rate,
+        max_seq_length=config.max_seq_length if config.max_seq_length is not None else context,
+    )
 
 
 # Dataset kinds (see `PreparedDataset.kind`) each method trains on, and how to say so.
@@ -268,7 +333,3 @@ def check_data_kind(kind: str, method: str) -> None:
         raise InputError(
             "INPUT_DATASET_VALIDATION_FAILED", f"method={method!r} needs {needs}, but the dataset holds {kind} rows"
         )
-
-
-def _invalid(name: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError("CONFIG_INVALID_SETTING", f"{name}={value!r} is invalid: expected {expected}")

@@ -26,19 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from backpropagate import log
-from backpropagate.config import (
-    DEFAULT_LEARNING_RATE,
-    DEFAULT_LORA_R,
-    DEFAULT_MAX_SEQ_LENGTH,
-    METHOD_LEARNING_RATES,
-    REASONING_MAX_SEQ_LENGTH,
-    TrainConfig,
-    check_data_kind,
-)
+from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
 from backpropagate.data.dataset import PreparedDataset
 from backpropagate.errors import ConfigError, InputError, StateError
 from backpropagate.model_source import resolve_model
-from backpropagate.presets import Preset, find_preset
+from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
     from backpropagate.export import ExportResult, Format
@@ -83,29 +75,6 @@ class TrainResult:
     run_file: Path
     features: list[str] = field(default_factory=list)
     data_stats: dict[str, Any] = field(default_factory=dict)
-
-
-def apply_preset(config: TrainConfig, preset: Preset | None, reasoning_trace: bool = False) -> TrainConfig:
-    """Fills every unset (None) field from the method, the preset, then the general defaults.
-
-    The preset's learning rate is an SFT rate; preference methods use their own
-    (`METHOD_LEARNING_RATES`). Reasoning-trace data defaults to a long context.
-    """
-    rank = config.lora_r or (preset.lora_r if preset else DEFAULT_LORA_R)
-    alpha = config.lora_alpha or (preset.lora_alpha if preset and config.lora_r is None else 2 * rank)
-    learning_rate = METHOD_LEARNING_RATES.get(config.method) or (
-        preset.learning_rate if preset else DEFAULT_LEARNING_RATE
-    )
-    context = preset.max_seq_length if preset else DEFAULT_MAX_SEQ_LENGTH
-    if reasoning_trace:
-        context = REASONING_MAX_SEQ_LENGTH
-    return dataclasses.replace(
-        config,
-        lora_r=rank,
-        lora_alpha=alpha,
-        learning_rate=config.learning_rate or learning_rate,
-        max_seq_length=config.max_seq_length or context,
-    )
 
 
 def dataset_hash(dataset: PreparedDataset) -> str:
@@ -181,17 +150,13 @@ class Trainer:
 
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
         from backpropagate.backends.loading import check_fine_tuning_allowed
-        from backpropagate.data import DataConfig
 
         self.model_name = str(model)
         self.options = dict(options)
-        self.preset = find_preset(self.model_name)
-        data_names = {f.name for f in dataclasses.fields(DataConfig)} - {"max_seq_length"}
-        data_options = {k: v for k, v in self.options.items() if k in data_names}
-        train_options = {k: v for k, v in self.options.items() if k not in data_names}
-        traces = bool(data_options.get("reasoning_trace"))
-        self.config = apply_preset(TrainConfig.from_options(train_options), self.preset, traces).validate()
-        self.data_config = DataConfig(max_seq_length=int(self.config.max_seq_length or 0), **data_options)
+        settings = resolve_settings(self.model_name, self.options)
+        self.preset = settings.preset
+        self.config = settings.train
+        self.data_config = settings.data
         self.model_ref = self.preset.model_id if self.preset else self.model_name
         self.model_path = resolve_model(self.model_ref)
         check_fine_tuning_allowed(self.model_path, self.config)
@@ -222,10 +187,10 @@ class Trainer:
 
         if steps is not None and epochs is not None:
             raise ConfigError("CONFIG_INVALID_SETTING", "give steps or epochs, not both")
-        if steps is not None and steps < 1:
-            raise ConfigError("CONFIG_INVALID_SETTING", f"steps={steps} is invalid: expected at least 1")
-        if epochs is not None and not epochs > 0:
-            raise ConfigError("CONFIG_INVALID_SETTING", f"epochs={epochs} is invalid: expected more than 0")
+        if steps is not None:
+            check_value("steps", steps, at_least(1))
+        if epochs is not None:
+            check_value("epochs", epochs, positive())
         output_dir = self._output_dir(self.config)
         config = dataclasses.replace(self.config, output_dir=str(output_dir))
         previous_run = read_state(latest(output_dir / "checkpoints")).run_id if config.resume else None

@@ -38,7 +38,9 @@ def dataclass_parameters(
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}" if annotation is bool else flag]
         decls += list((aliases or {}).get(f.name, ()))
         default = f.default if f.default is not dataclasses.MISSING else None
-        option = typer.Option(default, *decls, help=help_text, rich_help_panel=f.metadata.get("group", group))
+        option = typer.Option(
+            default, *decls, help=help_text, rich_help_panel=f.metadata.get("group") or group or "Training"
+        )
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
@@ -65,3 +67,11 @@ def command_with_options(
     fn.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
     fn.__annotations__ = {p.name: p.annotation for p in params}
     return fn
+
+
+def given_options(values: dict[str, Any], *config_classes: type) -> dict[str, Any]:
+    """The options of `values` that differ from their field's default, i.e. what the user set."""
+    defaults = {}
+    for cls in reversed(config_classes):
+        defaults.update({f.name: f.default for f in dataclasses.fields(cls)})
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import typer
 
 from backpropagate.cli import app
-from backpropagate.cli.options import command_with_options
+from backpropagate.cli.options import command_with_options, given_options
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig
 
@@ -40,7 +39,7 @@ def train(
     """Fine-tune a model on your data: LoRA, QLoRA, DoRA or full fine-tuning."""
     from backpropagate.trainer import Trainer
 
-    given = {k: v for k, v in options.items() if v != _default(k)}
+    given = given_options(options, TrainConfig, DataConfig)
     trainer = Trainer(model, **given)
     result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
     # The format is validated inside export().
@@ -64,14 +63,6 @@ def train(
         return
     for key, value in summary.items():
         typer.echo(f"{key:<12} {value}")
-
-
-def _default(name: str) -> Any:
-    for cls in (TrainConfig, DataConfig):
-        for f in dataclasses.fields(cls):
-            if f.name == name:
-                return f.default
-    raise KeyError(name)
 
 
 command_with_options(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,29 +10,32 @@ from typing import Annotated, Any
 import typer
 
 from backpropagate.cli import app
+from backpropagate.cli.options import command_with_options, given_options
+from backpropagate.config import TrainConfig, resolve_settings
 from backpropagate.data.config import DataConfig, field_help
 from backpropagate.errors import EXIT_BAD_INPUT, BackpropagateError
 
-HELP = field_help(DataConfig)
+HELP = field_help(TrainConfig)
 
 
-@app.command()
 def validate(
     file: Annotated[Path, typer.Argument(help="Dataset file: JSONL (one object per line), a JSON array, or Parquet.")],
     model: str | None = typer.Option(
         None, "--model", "-m", help="Also template and tokenize with this model (built-in name, folder or hub id)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a report."),
-    max_seq_length: int = typer.Option(2048, "--max-seq-length", help=HELP["max_seq_length"]),
-    reasoning_trace: bool = typer.Option(False, "--reasoning-trace", help=HELP["reasoning_trace"]),
-    max_errors: int = typer.Option(20, "--max-errors", help=HELP["max_errors"]),
+    max_seq_length: int | None = typer.Option(None, "--max-seq-length", help=HELP["max_seq_length"]),
+    **options: Any,
 ) -> None:
-    """Check a dataset before training; exits non-zero when rows are bad or nothing is usable."""
+    """Check a dataset before training, with the settings `train` would use; exits non-zero when rows are bad."""
     from backpropagate.data.validate import validate as build_report
 
-    config = DataConfig(
-        max_seq_length=max_seq_length, reasoning_trace=reasoning_trace, max_errors=max_errors, cache=False
-    )
+    given = given_options(options, DataConfig)
+    if max_seq_length is not None:
+        given["max_seq_length"] = max_seq_length
+    # The same resolution as `backprop train --model M`, so the report shows what training will do.
+    settings = resolve_settings(model or "", given)
+    config = dataclasses.replace(settings.data, cache=False)
     try:
         report = build_report(file, model, config)
     except BackpropagateError as err:
@@ -42,6 +46,10 @@ def validate(
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
     if not report["ok"]:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+command_with_options(validate, DataConfig, groups={DataConfig: "Data"})
+app.command()(validate)
 
 
 def render(report: dict[str, Any]) -> str:
