@@ -1,8 +1,10 @@
-"""Logging with a run id on every line, JSON output, and secrets kept off stderr.
+"""Logging with a run id on every line, JSON output, and secrets kept off the terminal.
 
 A run binds a UUID with `start_run()`; every record logged afterwards carries it, in
-text (`run_id=...`) or JSON form. Stderr passes through `redact()` unless verbose
-output was asked for, so tokens pasted into a config never end up in a shared log.
+text (`run_id=...`) or JSON form. The CLI passes stdout and stderr through `redact()`
+unless verbose output was asked for, so tokens pasted into a config or a folder name
+never end up in a shared log. A secret is replaced by `[REDACTED]` in place, which
+keeps JSON output valid.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ LOGGER_NAME = "backpropagate"
 _run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_id", default=None)
 
 # Each pattern keeps a visible prefix (group 1) so a reader still sees what was hidden.
+# Secrets sit inside paths and names (`runs/run_hf_<token>_x`), where `\b` finds no word
+# boundary next to `_`; so the edges are "no letter or digit" instead.
+_EDGE = r"(?<![A-Za-z0-9])"
+_END = r"(?![A-Za-z0-9])"
+# `db_password=` and `HF_TOKEN=` are secrets; a bare `token` only on its own (`eos_token` is not).
+_SECRET_KEYS = (
+    r"(?:[A-Za-z0-9]+_)*(?:password|passwd|secret|api_?key|(?:hf|access|auth|api|refresh|session)_token)|token"
+)
 _SECRET_PATTERNS = [
-    re.compile(r"(Bearer\s+)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE),
-    re.compile(r"(\b)sk-[A-Za-z0-9_\-]{16,}"),
-    re.compile(r"(\b)hf_[A-Za-z0-9]{16,}"),
-    re.compile(r"(\b)(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
-    re.compile(r"(\b(?:password|passwd|token|api_key|apikey|secret)\s*[=:]\s*)[\"']?[^\s\"',;&]+", re.IGNORECASE),
+    # The whole credential of an Authorization header, whatever its scheme and spaces.
+    re.compile(r"(\bAuthorization\s*[:=]\s*(?:(?:Bearer|Basic|Token|Digest)\s+)?)[^\r\n\"'\\]+", re.IGNORECASE),
+    re.compile(r"(\bBearer\s+)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE),
+    re.compile(rf"({_EDGE})sk-[A-Za-z0-9_\-]{{16,}}"),
+    re.compile(r"()hf_[A-Za-z0-9]{16,}"),
+    re.compile(rf"({_EDGE})(?:AKIA|ASIA)[A-Z0-9]{{16}}{_END}"),
+    re.compile(rf"(\b(?:{_SECRET_KEYS})\s*[=:]\s*)[\"']?[^\s\"',;&]+", re.IGNORECASE),
 ]
 REDACTED = "[REDACTED]"
 

@@ -1,8 +1,8 @@
 """The `backprop` command: one typer app, one module per command group.
 
-`main()` owns the process boundary: it sets up logging and redaction, turns every
-`BackpropagateError` into `[CODE]: message` plus a hint on stderr, and exits with
-the family's status (see `errors.FAMILY_EXIT`).
+`main()` owns the process boundary: it sets up logging and redaction of stdout and
+stderr, turns every `BackpropagateError` into `[CODE]: message` plus a hint on stderr,
+and exits with the family's status (see `errors.FAMILY_EXIT`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `backprop` script."""
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     if redaction_enabled(verbose):
+        # Both streams: a secret in a path the user typed (--output) is echoed on stdout too.
         sys.stderr = cast(TextIO, log.RedactingStream(sys.stderr))
+        sys.stdout = cast(TextIO, log.RedactingStream(sys.stdout))
     _register_commands()
     try:
         status = app(args=argv, standalone_mode=False)
