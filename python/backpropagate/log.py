@@ -9,6 +9,7 @@ keeps JSON output valid.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -17,6 +18,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TextIO
 
 LOGGER_NAME = "backpropagate"
@@ -68,6 +70,33 @@ class RedactingStream:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
+
+
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes then tries to fetch
+# an optional CPU 4-bit kernel from the hub and warns when it cannot. Adapters and exports
+# run nothing in 4-bit, so exactly these records (logger -> message start) are dropped.
+_BITSANDBYTES_IMPORT_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+}
+
+
+def _not_bitsandbytes_import_noise(record: logging.LogRecord) -> bool:
+    start = _BITSANDBYTES_IMPORT_NOISE.get(record.name)
+    return not (start and record.getMessage().startswith(start))
+
+
+@contextlib.contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Silences bitsandbytes' kernel warnings while a package that imports it in passing (peft) loads."""
+    loggers = [logging.getLogger(name) for name in _BITSANDBYTES_IMPORT_NOISE]
+    for logger in loggers:
+        logger.addFilter(_not_bitsandbytes_import_noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_bitsandbytes_import_noise)
 
 
 def new_run_id() -> str:

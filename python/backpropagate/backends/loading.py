@@ -22,7 +22,7 @@ from backpropagate.backends import fused, lora_fused
 from backpropagate.backends.recompute import RecomputePlan
 from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
-from backpropagate.log import get_logger
+from backpropagate.log import get_logger, quiet_bitsandbytes_import
 
 log = get_logger("loading")
 
@@ -174,7 +174,8 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
 
 def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """Freezes the base and adds a LoRA / rsLoRA / DoRA adapter through peft."""
-    from peft import LoraConfig, get_peft_model
+    with quiet_bitsandbytes_import():
+        from peft import LoraConfig, get_peft_model
 
     assert config.lora_r is not None and config.lora_alpha is not None
     lora = LoraConfig(

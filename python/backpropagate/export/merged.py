@@ -11,6 +11,7 @@ from pathlib import Path
 
 from backpropagate.errors import InputError
 from backpropagate.export.source import TOKENIZER_FILES, ExportSource
+from backpropagate.log import quiet_bitsandbytes_import
 
 
 def write_merged(src: ExportSource, out_dir: Path, max_shard_size: str = "5GB") -> None:
@@ -23,7 +24,8 @@ def write_merged(src: ExportSource, out_dir: Path, max_shard_size: str = "5GB") 
     except Exception as exc:
         raise InputError("INPUT_MODEL_LOAD_FAILED", f"{src.model_dir}: cannot load the base model ({exc})") from exc
     if src.adapter_dir is not None:
-        from peft import PeftModel
+        with quiet_bitsandbytes_import():
+            from peft import PeftModel
 
         try:
             model = PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
