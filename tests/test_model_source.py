@@ -21,3 +21,100 @@ def test_unknown_names_are_config_errors(monkeypatch):
         with pytest.raises(ConfigError) as err:
             resolve_model(name)
         assert err.value.code == "CONFIG_UNKNOWN_MODEL"
+
+
+def _gguf_of(model_dir, out, quantization="f16"):
+    from backpropagate import _core
+    from backpropagate.export.llama_cpp import library_path
+
+    lib = library_path() if quantization not in ("f32", "f16", "bf16") else None
+    _core.convert_to_gguf(str(model_dir), str(out), quantization, llama_cpp_lib=str(lib) if lib else None)
+    return out
+
+
+def test_gguf_file_resolves_to_a_cached_hf_folder_with_the_same_model(tiny_llama, tmp_path, caplog):
+    """tiny-llama -> GGUF q8_0 -> resolve_model: a folder transformers loads, with the GGUF's
+    tokenizer and chat template, logits within q8_0's rounding of the original, built once."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backpropagate.gguf_source import source_record
+
+    gguf = _gguf_of(tiny_llama, tmp_path / "tiny.gguf", "q8_0")
+    with caplog.at_level("WARNING"):
+        folder = resolve_model(gguf)
+        assert resolve_model(str(gguf)) == folder
+    warnings = [r.getMessage() for r in caplog.records if "Q8_0-quantized" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert source_record(folder) == {
+        "gguf": str(gguf.resolve()),
+        "quantization": "Q8_0",
+        "architecture": "llama",
+        "digest": folder.name.rsplit("-", 1)[1],
+    }
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    original = json.loads((tiny_llama / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == original["chat_template"]
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+
+    text = "The red kite flew over the hill."
+    want_tok, got_tok = AutoTokenizer.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(folder)
+    ids = want_tok(text)["input_ids"]
+    assert got_tok(text)["input_ids"] == ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(torch.tensor([ids])).logits
+        got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits
+    assert torch.allclose(got, want, atol=0.05), (got - want).abs().max()
+    assert got[0].argmax(-1).tolist() == want[0].argmax(-1).tolist()
+
+
+def test_gguf_cache_key_follows_the_file(tiny_llama, tmp_path):
+    import os
+
+    gguf = _gguf_of(tiny_llama, tmp_path / "tiny.gguf")
+    first = resolve_model(gguf)
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = resolve_model(gguf)
+    assert second != first and (second / "model.safetensors").is_file()
+
+
+def test_missing_or_bad_gguf_files_are_coded_errors(tmp_path):
+    with pytest.raises(InputError) as err:
+        resolve_model(tmp_path / "missing.gguf")
+    assert err.value.code == "INPUT_FILE_NOT_FOUND"
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 100)
+    with pytest.raises(InputError) as err:
+        resolve_model(junk)
+    assert err.value.code == "INPUT_MODEL_LOAD_FAILED" and "not a readable GGUF" in err.value.message
+
+
+def test_gguf_of_an_architecture_transformers_cannot_load_is_refused(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "odd.gguf"
+    writer = GGUFWriter(str(path), "madeuparch")
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InputError) as err:
+        resolve_model(path)
+    assert err.value.code == "INPUT_MODEL_LOAD_FAILED"
+    assert "madeuparch" in err.value.message and "cannot load" in err.value.message
+
+
+def test_cli_reports_a_bad_gguf_with_its_code(tmp_path):
+    from backpropagate.examples import example_path
+    from cli_helpers import run_cli
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 64)
+    res = run_cli("validate", str(example_path("chat")), "--model", str(junk))
+    assert res.status == 3
+    assert "[INPUT_MODEL_LOAD_FAILED]" in res.stderr and "Traceback" not in res.stderr + res.stdout

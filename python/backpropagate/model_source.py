@@ -1,8 +1,10 @@
 """Turns what a user names as a model into a local folder of Hugging Face files.
 
 One resolution path for every caller (data engine, trainers, export): a built-in tiny
-name is created on demand, a local folder is used as is, and anything else is taken as
-a Hugging Face id and fetched into the hub cache (which works offline once cached).
+name is created on demand, a local folder is used as is, a GGUF file is dequantized once
+into a cached folder (`gguf_source`), a preset whose model an installed package ships as a
+GGUF loads from that file, and anything else is taken as a Hugging Face id and fetched
+into the hub cache (which works offline once cached).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from backpropagate.errors import ConfigError, DependencyError, InputError
+from backpropagate.gguf_source import gguf_model_folder, is_gguf_path
+from backpropagate.presets import bundled_gguf, find_preset
 from backpropagate.tiny import ensure_tiny_model, is_tiny
 
 
@@ -17,15 +21,25 @@ def resolve_model(name: str | Path) -> Path:
     """Returns the local folder holding `name`'s config, tokenizer and weights.
 
     Args:
-        name: A built-in name (`tiny-llama`), a local folder, or a Hugging Face id.
+        name: A built-in name (`tiny-llama`), a local folder, a `.gguf` file, a preset
+            name, or a Hugging Face id.
 
     Raises:
-        InputError: INPUT_MODEL_LOAD_FAILED when a local folder lacks config.json.
+        InputError: INPUT_MODEL_LOAD_FAILED when a local folder lacks config.json or a
+            GGUF cannot be loaded; INPUT_FILE_NOT_FOUND when a GGUF file is missing.
         ConfigError: CONFIG_UNKNOWN_MODEL when the id cannot be found or fetched.
     """
     text = str(name)
     if is_tiny(text):
         return ensure_tiny_model(text)
+    if is_gguf_path(text):
+        return gguf_model_folder(Path(text))
+    preset = find_preset(text)
+    if preset is not None:
+        bundled = bundled_gguf(preset)
+        if bundled is not None:
+            return gguf_model_folder(bundled)
+        text = preset.model_id
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
