@@ -228,8 +228,13 @@ def test_cli_export_then_generate(tiny_llama: Path, tmp_path: Path) -> None:
     gguf_file = next(out.glob("*.gguf"))
     g = run_cli("generate", str(gguf_file), "--prompt", "Hello there", "--max-tokens", "5")
     assert g.status == 0, g.stderr
+    before = gguf_file.stat()
     again = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q8_0", "--output", str(out))
-    assert again.status == 6 and "[STATE_OUTPUT_EXISTS]" in again.stderr
+    assert again.status == 0, again.stderr
+    after = gguf_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not converted again
+    other = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "f16", "--output", str(gguf_file))
+    assert other.status == 6 and "[STATE_OUTPUT_EXISTS]" in other.stderr and "'q8_0', not 'f16'" in other.stderr
     bad = run_cli(
         "export", str(tiny_llama), "--format", "gguf", "--quantization", "q3_k", "--output", str(tmp_path / "x")
     )

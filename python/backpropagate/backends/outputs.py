@@ -10,13 +10,13 @@ written under a temporary name and renamed into place, like everything else we w
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from backpropagate.backends.checkpoint import fsync_dir, write_durable
+from backpropagate.backends.checkpoint import write_durable
 from backpropagate.backends.loading import TrainingModel
+from backpropagate.export.files import apply_default_modes, fsync_tree, remove_leftovers, replace_dir, temp_path
 
 RUN_FILE = "backpropagate_run.json"
 TOKENIZER_FILES = (
@@ -43,30 +43,19 @@ def save_final(
     """Writes `adapter/` (adapter modes) or `model/` (full fine-tuning) under `output_dir` and returns it."""
     model: Any = tm.model
     final = output_dir / ("model" if tm.mode == "full" else "adapter")
-    partial = output_dir / f"{final.name}.partial"
+    remove_leftovers(output_dir, [final.name])
+    partial = temp_path(final)
     shutil.rmtree(partial, ignore_errors=True)
-    if tm.mode == "full":
-        model.save_pretrained(partial, safe_serialization=True)
-    else:
+    if tm.mode != "full":
         model.peft_config["default"].base_model_name_or_path = base_model_ref
-        model.save_pretrained(partial, safe_serialization=True)
+    model.save_pretrained(partial, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (base_model_path / name).exists():
             shutil.copyfile(base_model_path / name, partial / name)
     if loss_curve is not None and loss_curve.exists():
         shutil.copyfile(loss_curve, partial / loss_curve.name)
     write_durable(partial / RUN_FILE, json.dumps(run_info, indent=2).encode())
-    for path in partial.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(partial)
-    if final.exists():
-        stale = output_dir / f"{final.name}.old"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(partial, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    fsync_dir(output_dir)
+    apply_default_modes(partial)  # safetensors writes 0600 files; outputs get the umask's modes
+    fsync_tree(partial)
+    replace_dir(partial, final)
     return final

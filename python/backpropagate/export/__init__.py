@@ -2,7 +2,7 @@
 
 `export(source, fmt)` takes an adapter folder (or a full model folder) and writes one
 output, always with a model card beside it, always atomically, never over an existing
-output unless `force`. GGUF is written by the Rust core, streaming the base weights and
+output unless `force` (a GGUF that the same source and type made earlier is reused). GGUF is written by the Rust core, streaming the base weights and
 merging the adapter on the fly; quantized types use llama.cpp's own kernels.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from backpropagate import log
-from backpropagate.errors import ConfigError
+from backpropagate.errors import ConfigError, StateError
+from backpropagate.export import provenance
 from backpropagate.export.card import copy_loss_curve, render_card
-from backpropagate.export.files import atomic_dir, check_free, tree_size, write_text_atomic
+from backpropagate.export.files import apply_default_modes, atomic_dir, remove_leftovers, tree_size, write_text_atomic
 from backpropagate.export.ollama import OllamaOutcome, chat_format, modelfile_text, register
 from backpropagate.export.source import TOKENIZER_FILES, ExportSource, open_source
 
@@ -95,14 +96,32 @@ def _export_merged(src: ExportSource, out: Path, force: bool) -> list[Path]:
     return sorted(out.iterdir())
 
 
+def _gguf_target(src: ExportSource, out: Path, quantization: str) -> Path:
+    return out if out.suffix == ".gguf" else out / _gguf_file_name(src, quantization)
+
+
+def _remove_leftovers_beside(src: ExportSource, target: Path) -> None:
+    """Clears what a killed export of `target` left among the files written beside it."""
+    curve = (src.run or {}).get("loss_curve")
+    names = [target.name, provenance.record_path(target).name, "README.md", "Modelfile"]
+    removed = remove_leftovers(target.parent, names + ([curve] if isinstance(curve, str) else []))
+    for path in removed:
+        log.get_logger(__name__).info("removed %s, left by an interrupted export", path)
+
+
 def _export_gguf(
-    src: ExportSource, out: Path, quantization: str, force: bool, progress: Progress | None
-) -> tuple[Path, dict[str, int]]:
+    src: ExportSource, target: Path, quantization: str, force: bool, progress: Progress | None
+) -> dict[str, int]:
     from backpropagate import _core
     from backpropagate.export.llama_cpp import library_path
 
-    target = out if out.suffix == ".gguf" else out / _gguf_file_name(src, quantization)
-    check_free(target, force)
+    wanted = provenance.describe(src, quantization)
+    if target.exists() and not force:
+        reason = provenance.why_not_reusable(target, wanted)
+        if reason is None:
+            log.get_logger(__name__).info("%s was made from the same source and type: reused", target)
+            return provenance.recorded_types(target)
+        raise StateError("STATE_OUTPUT_EXISTS", f"{target}: already exists and {reason}")
     lib = library_path() if quantization not in ("f32", "f16", "bf16") else None
     report = _core.convert_to_gguf(
         str(src.model_dir),
@@ -115,11 +134,14 @@ def _export_gguf(
         tokenizer_dir=str(src.tokenizer_dir),
         progress=progress,
     )
+    apply_default_modes(target)
     mb = report["bytes"] / 1e6
     log.get_logger(__name__).info(
         "wrote %s (%.1f MB, %d tensors) in %.1f s", target, mb, report["tensors"], report["seconds"]
     )
-    return target, dict(report["types"])
+    types = dict(report["types"])
+    provenance.write_record(target, wanted, types)
+    return types
 
 
 def export(
@@ -142,7 +164,8 @@ def export(
         output: Folder to write (for gguf, a folder or a `.gguf` file path). Defaults to
             a sibling of `source` named `<source>-<fmt>`.
         quantization: For gguf: f32, f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k (default q8_0).
-        force: Overwrite an existing output.
+        force: Overwrite an existing output. Without it, a GGUF that this same source and
+            type made earlier (see `provenance`) is reused instead of refused.
         ollama: Also write a Modelfile and register the GGUF with Ollama (gguf only).
         ollama_name: Model name in Ollama (default: the GGUF file's stem).
         ollama_host: Ollama's address (default: OLLAMA_HOST or http://127.0.0.1:11434).
@@ -150,7 +173,8 @@ def export(
         progress: Called as `progress(tensors_done, tensors_total)` while a GGUF is written.
 
     Raises:
-        StateError: STATE_OUTPUT_EXISTS when the output exists and `force` is off.
+        StateError: STATE_OUTPUT_EXISTS when the output exists, `force` is off and (for
+            gguf) it was not made from this source with this type.
         DependencyError: DEP_OLLAMA_REGISTRATION_FAILED when Ollama does not answer (the
             GGUF and Modelfile are written; the message has the command to finish by hand).
     """
@@ -183,9 +207,11 @@ def export(
     else:
         quant = (quantization or DEFAULT_GGUF_QUANTIZATION).lower()
         chat = chat_format(src.tokenizer_dir) if ollama else None
-        main, types = _export_gguf(src, out, quant, force, progress)
+        main = _gguf_target(src, out, quant)
+        _remove_leftovers_beside(src, main)
+        types = _export_gguf(src, main, quant, force, progress)
         folder = main.parent
-        files = [main]
+        files = [main, provenance.record_path(main)]
         if chat is not None:
             modelfile = folder / "Modelfile"
             write_text_atomic(modelfile, modelfile_text(main.name, chat, system))

@@ -8,9 +8,10 @@ the command that produced it. Whatever the run record does not hold is said to b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
+
+from backpropagate.export.files import copy_atomic
 
 UNKNOWN = "unknown (no run record)"
 
@@ -68,4 +69,4 @@ def copy_loss_curve(run: dict[str, Any] | None, run_dir: Path, dest_dir: Path) -
     """Copies the loss plot named in the run record next to the card."""
     name = (run or {}).get("loss_curve")
     if isinstance(name, str) and (run_dir / name).is_file() and run_dir.resolve() != dest_dir.resolve():
-        shutil.copy2(run_dir / name, dest_dir / name)
+        copy_atomic(run_dir / name, dest_dir / name)
