@@ -248,3 +248,35 @@ def test_cli_prints_the_manual_command(tiny_llama: Path, tmp_path: Path) -> None
         del os.environ["OLLAMA_HOST"]
     assert r.status == 4
     assert "[DEP_OLLAMA_REGISTRATION_FAILED]" in r.stderr and "ollama create mine -f Modelfile" in r.stderr
+
+
+def test_ollama_export_reuses_the_gguf_already_written(tiny_qwen2: Path, tmp_path: Path, ollama_server: str) -> None:
+    """`export gguf` then `export gguf --ollama` into the same folder: registered, not converted again."""
+    from backpropagate.errors import StateError
+    from backpropagate.export import export
+
+    first = export(tiny_qwen2, "gguf", output=tmp_path / "out", quantization="q8_0")
+    before = first.path.stat()
+    second = export(
+        tiny_qwen2, "gguf", output=tmp_path / "out", quantization="q8_0", ollama=True, ollama_host=ollama_server
+    )
+    after = second.path.stat()
+    assert second.path == first.path
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert second.tensor_types == first.tensor_types and second.tensor_types
+    assert second.ollama is not None and second.ollama.registered
+    digest = "sha256:" + hashlib.sha256(second.path.read_bytes()).hexdigest()
+    assert FakeOllama.blobs == {digest: before.st_size}
+    assert FakeOllama.calls[-1][2]["files"] == {second.path.name: digest}
+    assert (tmp_path / "out" / "Modelfile").exists()
+
+    # A GGUF the same name holds but another source made is still refused.
+    (tmp_path / "other").mkdir()
+    for item in tiny_qwen2.iterdir():
+        (tmp_path / "other" / item.name).write_bytes(item.read_bytes())
+    with pytest.raises(StateError) as err:
+        export(
+            tmp_path / "other", "gguf", output=first.path, quantization="q8_0", ollama=True, ollama_host=ollama_server
+        )
+    assert err.value.code == "STATE_OUTPUT_EXISTS" and "made with source" in err.value.message
+    assert first.path.stat().st_mtime_ns == before.st_mtime_ns
