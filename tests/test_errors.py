@@ -55,7 +55,8 @@ def raising_command():
 def test_every_code_prints_code_message_hint_and_exit_status(raising_command, code):
     raising_command["code"] = code
     res = run_cli("raise-for-test")
-    expected = 130 if code == "RUNTIME_INTERRUPTED" else FAMILY_EXIT[code.split("_", 1)[0]]
+    special = {"RUNTIME_INTERRUPTED": 130, "RUNTIME_TERMINATED": 143}
+    expected = special.get(code, FAMILY_EXIT[code.split("_", 1)[0]])
     assert res.status == expected
     first, second = res.stderr.splitlines()[:2]
     assert first == f"[{code}]: something about {code.lower()}"

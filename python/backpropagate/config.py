@@ -194,6 +194,12 @@ class TrainConfig:
         "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
         group="Run",
     )
+    overwrite: bool = option(
+        False,
+        "Start afresh in an output folder that holds an earlier run's checkpoints or adapter, deleting them "
+        "first (without it such a folder is refused; --resume continues the earlier run instead).",
+        group="Run",
+    )
     log_every: int = option(1, "Write metrics every N steps.", group="Run", bounds=at_least(1))
     report_to: str = option(
         "auto",

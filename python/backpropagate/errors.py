@@ -25,15 +25,25 @@ EXIT_DEPENDENCY = 4
 EXIT_RUNTIME = 5
 EXIT_STATE = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report it
 
 CATALOG: dict[str, CodeInfo] = {
     # CONFIG_*: a setting is wrong; fix the command line or the call.
     "CONFIG_INVALID_SETTING": CodeInfo("Check the option's allowed values in `backprop COMMAND --help`."),
+    "CONFIG_OUTPUT_DIR_INVALID": CodeInfo(
+        "Choose an --output-dir that is a folder you can write to (or does not exist yet)."
+    ),
     "CONFIG_UNKNOWN_MODEL": CodeInfo(
         "Pass a Hugging Face id, a local model folder, or a preset from `backprop info --presets`."
     ),
     # INPUT_*: a file the user gave is missing or malformed.
     "INPUT_FILE_NOT_FOUND": CodeInfo("Check the path; relative paths start from the current folder."),
+    "INPUT_FILE_UNREADABLE": CodeInfo(
+        "Check that the path is a file (not a folder) and that this user may read it (ls -l; chmod a+r FILE)."
+    ),
+    "INPUT_DATASET_ENCODING_UNSUPPORTED": CodeInfo(
+        "Convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl)."
+    ),
     "INPUT_DATASET_PARSE_FAILED": CodeInfo(
         "Fix the listed lines (one JSON object per line), or pass --skip-invalid to skip them."
     ),
@@ -41,7 +51,10 @@ CATALOG: dict[str, CodeInfo] = {
         "Each row needs a known shape (messages, conversations, instruction/output, text, "
         "chosen/rejected, completion/label); run `backprop validate FILE` for details."
     ),
-    "INPUT_DATASET_EMPTY": CodeInfo("The dataset has no usable rows; run `backprop validate FILE`."),
+    "INPUT_DATASET_EMPTY": CodeInfo(
+        "The file is empty (or only blank lines), or every row was dropped for the reasons listed; "
+        "add rows, or fix the rows on the listed lines."
+    ),
     "INPUT_TEMPLATE_RENDER_FAILED": CodeInfo(
         "The model's chat template rejected a row; check roles and their order in that row."
     ),
@@ -69,6 +82,9 @@ CATALOG: dict[str, CodeInfo] = {
         retryable=True,
     ),
     "DEP_LLAMA_CPP_UNAVAILABLE": CodeInfo("Install llama.cpp bindings: pip install 'backpropagate[llama]'."),
+    "DEP_MLX_UNAVAILABLE": CodeInfo(
+        "Install MLX: pip install 'backpropagate[mlx]' (mlx-lm[cpu] on Linux), or use backend='torch'."
+    ),
     # RUNTIME_*: the run itself failed.
     "RUNTIME_IO_FAILED": CodeInfo("Check free disk space and permissions of the output folder.", retryable=True),
     "RUNTIME_OOM_RECOVERY_EXHAUSTED": CodeInfo(
@@ -82,7 +98,14 @@ CATALOG: dict[str, CodeInfo] = {
     ),
     "RUNTIME_TRAINING_DIVERGED": CodeInfo("The loss became NaN or infinite; lower the learning rate."),
     "RUNTIME_GGUF_EXPORT_FAILED": CodeInfo("The export did not complete; nothing was written under the final name."),
-    "RUNTIME_INTERRUPTED": CodeInfo("The run was interrupted; `backprop train --resume` continues it.", retryable=True),
+    "RUNTIME_INTERRUPTED": CodeInfo(
+        "The run was interrupted (Ctrl-C); `backprop train ... --resume` continues it from its last checkpoint.",
+        retryable=True,
+    ),
+    "RUNTIME_TERMINATED": CodeInfo(
+        "The run was stopped by SIGTERM after a checkpoint; `backprop train ... --resume` continues it.",
+        retryable=True,
+    ),
     # STATE_*: files left by an earlier run are missing, stale or in the way.
     "STATE_CHECKPOINT_NOT_FOUND": CodeInfo(
         "No checkpoint to resume from in the output folder; start without --resume."
@@ -128,6 +151,8 @@ class BackpropagateError(Exception):
         """Process exit status for this error's family."""
         if self.code == "RUNTIME_INTERRUPTED":
             return EXIT_INTERRUPTED
+        if self.code == "RUNTIME_TERMINATED":
+            return EXIT_TERMINATED
         return FAMILY_EXIT[self.code.split("_", 1)[0]]
 
     def __str__(self) -> str:

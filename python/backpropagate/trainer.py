@@ -18,25 +18,21 @@ import hashlib
 import math
 import random
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backpropagate import log
+from backpropagate import log, run_folder
 from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
 from backpropagate.data.dataset import PreparedDataset
-from backpropagate.errors import ConfigError, InputError, StateError
+from backpropagate.errors import ConfigError, InputError, RunFailedError, StateError
 from backpropagate.model_source import resolve_model
 from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
     from backpropagate.export import ExportResult, Format
-
-RUNS_DIR = Path("runs")
-
 
 @dataclass
 class TrainResult:
@@ -132,12 +128,26 @@ def cli_command(model: str, data: str | None, steps: int | None, epochs: float |
     if epochs is not None:
         parts += ["--epochs", str(epochs)]
     for name, value in options.items():
+        if name in ("resume", "overwrite"):  # how this process started, not what the run is
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + name.replace("_", "-"))
         elif value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
+
+
+def stopped_error(
+    signal_name: str, step: int, total_steps: int, checkpoint: Path | None, command: str
+) -> RunFailedError:
+    """The coded error of a run stopped by a signal after its checkpoint, saying how to resume."""
+    code = "RUNTIME_TERMINATED" if signal_name == "SIGTERM" else "RUNTIME_INTERRUPTED"
+    return RunFailedError(
+        code,
+        f"stopped by {signal_name} after step {step} of {total_steps}; checkpoint saved at {checkpoint}",
+        hint=f"Continue the run with: {command} --resume",
+    )
 
 
 class Trainer:
@@ -180,7 +190,7 @@ class Trainer:
             The run's `TrainResult`.
         """
         from backpropagate.backends import torch_backend
-        from backpropagate.backends.checkpoint import latest, read_state
+        from backpropagate.backends.checkpoint import resumed_run_id
         from backpropagate.backends.loading import load_for_training
         from backpropagate.backends.metrics import plot_losses
         from backpropagate.backends.outputs import RUN_FILE, save_final
@@ -191,14 +201,18 @@ class Trainer:
             check_value("steps", steps, at_least(1))
         if epochs is not None:
             check_value("epochs", epochs, positive())
-        output_dir = self._output_dir(self.config)
+        output_dir = run_folder.prepare(
+            run_folder.choose(self.config.output_dir, self.config.resume),
+            resume=self.config.resume,
+            overwrite=self.config.overwrite,
+        )
         config = dataclasses.replace(self.config, output_dir=str(output_dir))
-        previous_run = read_state(latest(output_dir / "checkpoints")).run_id if config.resume else None
+        previous_run = resumed_run_id(output_dir / "checkpoints") if config.resume else None
         run_id = log.start_run(previous_run)
         dataset = self._dataset(data)
         check_data_kind(dataset.kind, config.method)
-        rows_per_step = config.micro_batch * config.grad_accumulation
         train_rows = torch_backend.split_rows(dataset, config.eval_split, config.seed)[0]
+        rows_per_step = torch_backend.rows_per_step(config, len(train_rows))
         total_steps = steps or max(1, math.ceil((epochs or 1.0) * len(train_rows) / rows_per_step))
         fingerprint = {
             "model": self.model_ref,
@@ -216,15 +230,20 @@ class Trainer:
             "data_config": dataclasses.asdict(self.data_config),
             **method_settings(config),
         }
+        data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         seed_everything(config.seed)
         trained = load_for_training(self.model_path, config)
+        outcome = torch_backend.train(
+            trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
+        )
         self._trained = trained
-        outcome = torch_backend.train(trained, dataset, config, total_steps, output_dir, run_id, fingerprint)
         state = outcome.state
+        command = cli_command(self.model_name, data_ref, steps, epochs, {**self.options, "output_dir": str(output_dir)})
+        if outcome.stopped_by is not None:
+            raise stopped_error(outcome.stopped_by, state.step, total_steps, outcome.checkpoint, command)
         curve = plot_losses(
             state.losses, state.eval_losses, output_dir / "loss.png", f"{self.model_ref} {trained.mode} {config.method}"
         )
-        data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         run_info = {
             "run_id": run_id,
             "base_model": self.model_ref,
@@ -247,13 +266,7 @@ class Trainer:
             "tokens_seen": state.tokens_seen,
             "loss_curve": curve.name if curve else None,
             "features": outcome.features,
-            "command": cli_command(
-                self.model_name,
-                data_ref,
-                steps,
-                epochs,
-                {**self.options, "output_dir": str(output_dir)},
-            ),
+            "command": command,
         }
         base_ref = self.model_ref if self.preset and "/" in self.model_ref else str(self.model_path)
         final_dir = save_final(trained, output_dir, self.model_path, base_ref, run_info, curve)
@@ -308,24 +321,6 @@ class Trainer:
             "nothing to export yet: call train() first, or pass output_dir= of a finished run",
             hint="Train first (trainer.train(...)), or point output_dir at a finished run's folder.",
         )
-
-    def _output_dir(self, config: TrainConfig) -> Path:
-        if config.output_dir:
-            out = Path(config.output_dir)
-        elif config.resume:
-            runs = sorted(RUNS_DIR.glob("run-*/checkpoints"), key=lambda p: p.stat().st_mtime)
-            if not runs:
-                raise StateError("STATE_CHECKPOINT_NOT_FOUND", f"resume: no run with checkpoints under {RUNS_DIR}/")
-            out = runs[-1].parent
-        else:
-            out = RUNS_DIR / time.strftime("run-%Y%m%d-%H%M%S")
-        if not config.resume and any((out / "checkpoints").glob("step-*")):
-            raise StateError(
-                "STATE_OUTPUT_EXISTS",
-                f"{out} holds checkpoints of an earlier run",
-                hint="Pass --resume to continue that run, or choose another --output-dir.",
-            )
-        return out
 
     def _dataset(self, data: str | Path | PreparedDataset) -> PreparedDataset:
         if isinstance(data, PreparedDataset):

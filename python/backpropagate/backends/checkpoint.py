@@ -10,6 +10,7 @@ only after the new one is durable; leftover `.partial` folders are ignored and r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,6 +27,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from backpropagate.errors import RunFailedError, StateError
+from backpropagate.log import get_logger
+
+log = get_logger("checkpoint")
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 WEIGHTS = "trainable.safetensors"
@@ -172,24 +176,63 @@ def latest(root: Path) -> Path:
     return found[-1]
 
 
+def resumed_run_id(root: Path) -> str:
+    """The run id a resume continues: that of the newest checkpoint whose state can be read."""
+    newest_first = list(reversed(checkpoints(root))) or [latest(root)]  # latest() raises when there are none
+    for path in newest_first[:-1]:
+        with contextlib.suppress(StateError):
+            return read_state(path).run_id
+    return read_state(newest_first[-1]).run_id
+
+
+def load(path: Path) -> LoadedCheckpoint:
+    """Reads one checkpoint folder, naming the file that cannot be read.
+
+    Raises:
+        StateError: STATE_CHECKPOINT_INVALID when a file is missing, truncated or corrupt.
+    """
+    state = read_state(path)
+    current = path / WEIGHTS
+    try:
+        weights = load_safetensors(current.read_bytes())
+        current = path / TRAINING
+        training = torch.load(current, map_location="cpu", weights_only=False)
+    except Exception as exc:  # safetensors, pickle and zip each raise their own kinds for a damaged file
+        raise StateError(
+            "STATE_CHECKPOINT_INVALID", f"{current} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+    return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
+
+
 def load_latest(root: Path) -> LoadedCheckpoint:
-    """Reads the newest complete checkpoint under `root`.
+    """Reads the newest checkpoint under `root` that is intact, falling back past damaged ones.
+
+    A damaged checkpoint is left on disk (it may be worth inspecting) and named in a warning.
 
     Raises:
         StateError: STATE_CHECKPOINT_NOT_FOUND when there is none, STATE_CHECKPOINT_INVALID
-            when the newest cannot be read.
+            when none can be read (the message names the newest one's bad file).
     """
-    path = latest(root)
-    state = read_state(path)
-    try:
-        weights = load_safetensors((path / WEIGHTS).read_bytes())
-        training = torch.load(path / TRAINING, map_location="cpu", weights_only=False)
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
-        raise StateError(
-            "STATE_CHECKPOINT_INVALID",
-            f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to use an earlier one",
-        ) from exc
-    return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
+    found = checkpoints(root)
+    if not found:
+        raise StateError("STATE_CHECKPOINT_NOT_FOUND", f"no checkpoint under {root}")
+    first_error: StateError | None = None
+    for path in reversed(found):
+        try:
+            loaded = load(path)
+        except StateError as err:
+            log.warning("checkpoint %s is damaged, trying the one before it: %s", path.name, err.message)
+            first_error = first_error or err
+            continue
+        if first_error is not None:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        return loaded
+    assert first_error is not None
+    raise StateError(
+        "STATE_CHECKPOINT_INVALID",
+        f"no intact checkpoint under {root}: {first_error.message}",
+        hint="Start again without --resume (with --overwrite), or restore the checkpoint files from a backup.",
+    )
 
 
 def restore(

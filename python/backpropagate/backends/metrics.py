@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backpropagate.export.files import atomic_file, write_text_atomic
 from backpropagate.log import get_logger
 
 log = get_logger("metrics")
@@ -45,12 +46,34 @@ def sinks_for(report_to: str) -> set[str]:
     return usable
 
 
+def keep_records_until(path: Path, step: int) -> None:
+    """Drops the records after `step` (atomically), so a resumed run logs each step once.
+
+    Steps after the checkpoint a run resumes from were logged by the process that was
+    killed; the resumed run logs them again. A run that starts afresh keeps nothing.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
 class MetricsLogger:
     """Writes step metrics to every sink of the run."""
 
-    def __init__(self, output_dir: Path, run_id: str, report_to: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, run_id: str, report_to: str, config: dict[str, Any], start_step: int = 0
+    ) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
+        keep_records_until(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb: Any = None
         self._wandb: Any = None
@@ -141,8 +164,7 @@ def plot_losses(losses: list[list[float]], eval_losses: list[list[float]], path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -28,6 +28,7 @@ import torch
 from backpropagate.backends import lora_fused
 from backpropagate.backends.attention import packed_attention
 from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from backpropagate.backends.interrupt import StopRequest
 from backpropagate.backends.loading import TrainingModel
 from backpropagate.backends.losses import (
     DeviceBatch,
@@ -295,12 +296,37 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
 
 @dataclass
 class LoopOutcome:
-    """What the loop hands back to the trainer."""
+    """What the loop hands back to the trainer.
+
+    Attributes:
+        state: Where the run stands.
+        duration_s: Wall time of the loop in this process.
+        checkpoint: The newest checkpoint written.
+        features: Fast paths that were used.
+        stopped_by: The signal (SIGINT, SIGTERM) that stopped the run early, after its checkpoint.
+    """
 
     state: TrainState
     duration_s: float
     checkpoint: Path | None
     features: list[str]
+    stopped_by: str | None = None
+
+
+def rows_per_step(config: TrainConfig, train_rows: int) -> int:
+    """Packed rows an optimizer step takes: micro_batch x grad_accumulation, but no row twice in one step."""
+    wanted = config.micro_batch * config.grad_accumulation
+    if train_rows < wanted:
+        log.warning(
+            "only %d packed training row(s) for micro_batch %d x grad_accumulation %d = %d rows per step: "
+            "each step takes the %d row(s) once (a smaller batch); lower grad_accumulation to make this explicit",
+            train_rows,
+            config.micro_batch,
+            config.grad_accumulation,
+            wanted,
+            train_rows,
+        )
+    return max(1, min(wanted, train_rows))
 
 
 def train(
@@ -311,12 +337,15 @@ def train(
     output_dir: Path,
     run_id: str,
     fingerprint: dict[str, Any],
+    step_rows: int,
 ) -> LoopOutcome:
-    """Trains `tm` for `total_steps` optimizer steps on `dataset`, writing checkpoints and metrics."""
+    """Trains `tm` for `total_steps` optimizer steps of `step_rows` packed rows, writing checkpoints and metrics.
+
+    A SIGINT or SIGTERM stops it after the current step and a checkpoint (`LoopOutcome.stopped_by`).
+    """
     objective = objective_for(config, dataset, policy_of(tm))
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
-    rows_per_step = config.micro_batch * config.grad_accumulation
     params = tm.trainable_parameters()
     optimizer = build_optimizer(params, config, tm.device)
     graphs = step_graphs(tm, objective, config, dataset.max_seq_length)
@@ -334,7 +363,7 @@ def train(
     guard = (
         TemperatureGuard(reader, config.max_gpu_temp, config.gpu_resume_temp, config.max_gpu_pause) if reader else None
     )
-    metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)})
+    metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)}, state.step)
     bar = ProgressBar(total_steps, state.step, config.progress)
     if tm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
@@ -374,11 +403,11 @@ def train(
             )
 
     try:
-        with packed_attention(tm.model):
-            while state.step < total_steps:
+        with packed_attention(tm.model), StopRequest() as stop:
+            while state.step < total_steps and not stop.requested:
                 if guard is not None:
                     guard.wait_until_cool()
-                rows = stream.take(state.rows_consumed, rows_per_step)
+                rows = stream.take(state.rows_consumed, step_rows)
                 loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer, graphs)
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -403,7 +432,7 @@ def train(
                 pending = (readout, state.step, tokens, lr, state.micro_batch)
                 last = state.step == total_steps
                 evaluate_now = len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last)
-                save_now = (config.save_every and state.step % config.save_every == 0) or last
+                save_now = (config.save_every and state.step % config.save_every == 0) or last or stop.requested
                 if evaluate_now or save_now:
                     settle()  # a checkpoint holds this step's loss, and a diverged step is never saved
                 state.elapsed_s = elapsed_before + time.perf_counter() - started
@@ -422,5 +451,9 @@ def train(
     if graphs is not None and graphs.entries:
         features.append(f"cuda_graphs[{len(graphs.entries)}]")
     return LoopOutcome(
-        state=state, duration_s=time.perf_counter() - started, checkpoint=last_checkpoint, features=features
+        state=state,
+        duration_s=time.perf_counter() - started,
+        checkpoint=last_checkpoint,
+        features=features,
+        stopped_by=stop.signal_name if state.step < total_steps else None,  # a finished run is finished
     )

@@ -25,7 +25,11 @@ def train(
         "tiny-llama", "--model", "-m", help="Preset name, local model folder or Hugging Face id."
     ),
     data: Path | None = typer.Option(  # noqa: B008 (typer's idiom)
-        None, "--data", "-d", help="Training data (JSONL/JSON/Parquet); default: the built-in example chat data."
+        None,
+        "--data",
+        "-d",
+        help="Training data (JSONL/JSON/Parquet); default: the built-in example chat data.",
+        readable=False,  # the data reader refuses unreadable files with a code (INPUT_FILE_UNREADABLE)
     ),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
     epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
