@@ -59,7 +59,7 @@ impl ModelFiles {
             match std::fs::read(dir.join(name)) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::io(dir.join(name), e)),
+                Err(e) => Err(Error::input(dir.join(name), e)),
             }
         };
         let files: Vec<Option<Vec<u8>>> = FILES.iter().map(|f| read(f)).collect::<Result<_>>()?;

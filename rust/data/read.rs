@@ -24,19 +24,22 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
-/// Maps the dataset file at `path` (INPUT_FILE_NOT_FOUND when it is missing).
+/// Maps the dataset file at `path`; a missing, unreadable or directory path is an
+/// `Error::Input` naming it (INPUT_FILE_NOT_FOUND or INPUT_FILE_UNREADABLE).
 pub fn load_file(path: &std::path::Path) -> crate::Result<FileBytes> {
-    let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| crate::Error::io(path, e))?
-        .len();
-    if len == 0 {
+    let fail = |e| crate::Error::input(path, e);
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    // Opening a directory read-only succeeds on Linux; reading it would fail later, less clearly.
+    if meta.is_dir() {
+        return Err(fail(std::io::ErrorKind::IsADirectory.into()));
+    }
+    if meta.len() == 0 {
         return Ok(FileBytes::Owned(Vec::new()));
     }
     // SAFETY: the map is read-only; a file changed under us gives wrong rows, never UB in safe code
     // that only reads bytes.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(fail)?;
     Ok(FileBytes::Mapped(map))
 }
 
@@ -223,6 +226,16 @@ pub fn json_kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreadable_files_are_input_errors() {
+        let dir = std::env::temp_dir();
+        let err = load_file(&dir).err().unwrap();
+        assert_eq!(err.code(), "INPUT_FILE_UNREADABLE");
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        let err = load_file(&dir.join("no-such-file.jsonl")).err().unwrap();
+        assert_eq!(err.code(), "INPUT_FILE_NOT_FOUND");
+    }
 
     #[test]
     fn lines_skip_blank_bom_and_crlf() {

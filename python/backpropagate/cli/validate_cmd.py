@@ -19,7 +19,11 @@ HELP = field_help(TrainConfig)
 
 
 def validate(
-    file: Annotated[Path, typer.Argument(help="Dataset file: JSONL (one object per line), a JSON array, or Parquet.")],
+    file: Annotated[
+        Path,
+        # readable=False: the data reader refuses unreadable files with a code (INPUT_FILE_UNREADABLE).
+        typer.Argument(help="Dataset file: JSONL (one object per line), a JSON array, or Parquet.", readable=False),
+    ],
     model: str | None = typer.Option(
         None, "--model", "-m", help="Also template and tokenize with this model (built-in name, folder or hub id)."
     ),

@@ -52,12 +52,10 @@ def prepare(data: str | Path, model: str | Path, config: DataConfig | None = Non
 def run_engine(data: str | Path, model: str | Path, config: DataConfig, *, strict: bool) -> dict[str, Any]:
     """Calls the Rust engine on `data`; `strict=False` reports problems without refusing (no cache)."""
     path = Path(data)
-    if not path.is_file():
-        raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such dataset file")
+    raw = source_bytes(path)
     model_dir = resolve_model(model)
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError("INPUT_TOKENIZER_LOAD_FAILED", f"{model_dir}: no tokenizer.json in this model folder")
-    raw = parquet_as_jsonl(path) if path.suffix.lower() == ".parquet" else None
     cache = str(dataset_cache_dir()) if config.cache and strict else None
     out: dict[str, Any] = _core.prepare_dataset(str(path), str(model_dir), config.engine_settings(), cache, raw, strict)
     if out.get("cache_error"):
@@ -67,13 +65,39 @@ def run_engine(data: str | Path, model: str | Path, config: DataConfig, *, stric
     return out
 
 
+def source_bytes(path: Path) -> bytes | None:
+    """What the engine reads for `path`: Parquet rows as JSONL bytes, or None (it reads the file itself).
+
+    Raises:
+        InputError: INPUT_FILE_NOT_FOUND for a missing path, INPUT_FILE_UNREADABLE for one
+            this user may not reach (the engine raises it too, for a folder or an unreadable file).
+    """
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such dataset file") from exc
+    except OSError as exc:  # e.g. a folder on the way that this user may not enter
+        raise _unreadable(path, exc) from exc
+    return parquet_as_jsonl(path) if path.suffix.lower() == ".parquet" else None
+
+
+def _unreadable(path: Path, exc: OSError) -> InputError:
+    return InputError("INPUT_FILE_UNREADABLE", f"{path}: cannot be read: {exc.strerror or exc}")
+
+
 def parquet_as_jsonl(path: Path) -> bytes:
     """A Parquet file's rows as JSONL bytes (line n = row n), for the engine."""
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise DependencyError("DEP_MISSING_PACKAGE", "reading Parquet needs pyarrow: pip install pyarrow") from exc
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    except pyarrow.ArrowInvalid as exc:
+        raise InputError("INPUT_DATASET_PARSE_FAILED", f"{path}: not a readable Parquet file: {exc}") from exc
     return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode()
 
 

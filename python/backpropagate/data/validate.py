@@ -15,8 +15,7 @@ import numpy as np
 
 from backpropagate import _core
 from backpropagate.data.config import DataConfig
-from backpropagate.data.prepare import parquet_as_jsonl, run_engine
-from backpropagate.errors import InputError
+from backpropagate.data.prepare import run_engine, source_bytes
 
 
 def validate(data: str | Path, model: str | Path | None = None, config: DataConfig | None = None) -> dict[str, Any]:
@@ -27,9 +26,7 @@ def validate(data: str | Path, model: str | Path | None = None, config: DataConf
     """
     config = config or DataConfig()
     path = Path(data)
-    if not path.is_file():
-        raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such dataset file")
-    raw = parquet_as_jsonl(path) if path.suffix.lower() == ".parquet" else None
+    raw = source_bytes(path)
     found = json.loads(_core.scan_dataset(str(path), config.max_errors, raw))
     stats = found["stats"]
     report: dict[str, Any] = {

@@ -1,0 +1,128 @@
+"""Data files a new user gets wrong: each is refused with a code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run_cli
+
+NOBODY = 65534
+ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+# Runs `backprop` twice in one process: first as the current user with a missing data file,
+# which imports every module that command path needs (the interpreter's own folder may be
+# closed to other users), then, after dropping to an unprivileged uid when running as root
+# (root reads files of mode 000), with the real arguments.
+CHILD = """
+import contextlib, io, json, os, sys
+from backpropagate.cli import main
+
+def run(args):
+    try:
+        main(args)
+    except SystemExit as done:
+        return done.code or 0
+    return 0
+
+warm_up, args, uid = json.loads(sys.argv[1])
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    run(warm_up)
+if uid is not None:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+sys.exit(run(args))
+"""
+
+
+@pytest.fixture
+def open_dir():
+    """A folder every user may enter and write to (pytest's own tmp_path is private to its user)."""
+    path = Path(tempfile.mkdtemp(prefix="bp-bad-files-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_denied(warm_up: list[str], args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    """`backprop ARGS` in a child process that may not read mode-000 files (see CHILD)."""
+    uid = NOBODY if os.geteuid() == 0 else None
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(home)}
+    payload = json.dumps([warm_up, args, uid])
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, payload], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+
+
+def unreadable_file(folder: Path) -> Path:
+    """A dataset file of mode 000 (skips where this user can still read it and is not root)."""
+    path = folder / "secret.jsonl"
+    path.write_text(ROW)
+    path.chmod(0)
+    if os.geteuid() != 0 and os.access(path, os.R_OK):
+        pytest.skip("chmod 000 does not deny reads here")
+    return path
+
+
+def assert_unreadable(status: int, stderr: str, path: Path, words: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    assert status == 3, stderr
+    first, hint = stderr.strip().splitlines()[-2:]
+    assert first.startswith(f"[INPUT_FILE_UNREADABLE]: {path}: "), stderr
+    assert words in first and hint.startswith("hint: "), stderr
+
+
+def test_validate_refuses_an_unreadable_file(open_dir):
+    path = unreadable_file(open_dir)
+    res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path)], open_dir)
+    assert_unreadable(res.returncode, res.stderr, path, "permission denied")
+    res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path), "--json"], open_dir)
+    assert res.returncode == 3
+    assert json.loads(res.stdout)["error"]["code"] == "INPUT_FILE_UNREADABLE"
+
+
+def test_validate_refuses_a_file_in_a_closed_folder(open_dir):
+    closed = open_dir / "closed"
+    closed.mkdir()
+    (closed / "data.jsonl").write_text(ROW)
+    closed.chmod(0)
+    if os.geteuid() != 0 and os.access(closed, os.X_OK):
+        pytest.skip("chmod 000 does not close folders here")
+    path = closed / "data.jsonl"
+    res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path)], open_dir)
+    assert_unreadable(res.returncode, res.stderr, path, "ermission denied")
+
+
+def test_train_refuses_an_unreadable_file(open_dir, tiny_llama):
+    model = open_dir / "model"
+    shutil.copytree(tiny_llama, model)
+    for p in [model, *model.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0))
+    path = unreadable_file(open_dir)
+    train = ["train", "--model", str(model), "--steps", "1", "--no-progress"]
+    res = run_denied(
+        [*train, "--data", str(open_dir / "missing.jsonl"), "-o", str(open_dir / "warm-up")],
+        [*train, "--data", str(path), "-o", str(open_dir / "run")],
+        open_dir,
+    )
+    assert_unreadable(res.returncode, res.stderr, path, "permission denied")
+
+
+def test_a_directory_as_the_data_file(tmp_path, tiny_llama):
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    res = run_cli("validate", str(folder))
+    assert_unreadable(res.status, res.stderr, folder, "is a directory")
+    res = run_cli("validate", str(folder), "--model", str(tiny_llama))
+    assert_unreadable(res.status, res.stderr, folder, "is a directory")
+    res = run_cli("train", "--model", str(tiny_llama), "--data", str(folder), "-o", str(tmp_path / "run"))
+    assert_unreadable(res.status, res.stderr, folder, "is a directory")
