@@ -27,58 +27,91 @@ CONVERSATIONS = [
 ]
 
 
-def go_render(template: str, system: str | None, messages: list[dict[str, str]]) -> str:
-    """Evaluates the Go-template subset the Modelfile uses (if/else if/range/eq/fields)."""
-    tokens = re.split(r"({{.*?}})", template)
-    pos = 0
+def _parse(tokens: list[str], pos: int = 0) -> tuple[list[Any], int, str]:
+    """Go-template tokens to nodes, up to the `end` / `else ...` that closes the block."""
+    nodes: list[Any] = []
+    while pos < len(tokens):
+        tok, pos = tokens[pos], pos + 1
+        if not tok.startswith("{{"):
+            nodes.append(("text", tok))
+            continue
+        action = tok[2:-2].strip()
+        if action == "end" or action.startswith("else"):
+            return nodes, pos, action
+        if action.startswith("if "):
+            branches, cond = [], action[3:]
+            while True:
+                body, pos, stop = _parse(tokens, pos)
+                branches.append((cond, body))
+                if stop == "end":
+                    break
+                cond = stop[len("else if ") :] if stop.startswith("else if ") else "true"
+            nodes.append(("if", branches))
+        elif action.startswith("range "):
+            body, pos, _ = _parse(tokens, pos)
+            nodes.append(("range", action[len("range ") :], body))
+        else:
+            nodes.append(("action", action))
+    return nodes, pos, ""
 
-    def block(scope: dict[str, Any], active: bool) -> tuple[str, str]:
-        nonlocal pos
+
+def go_render(template: str, data: dict[str, Any]) -> str:
+    """Evaluates the Go-template subset the Modelfile uses: if / else if / else, range,
+    eq / or, fields of `.` and `$`, and `$var := ...` / `$var = ...`."""
+    nodes, _, _ = _parse(re.split(r"({{.*?}})", template, flags=re.S))
+    variables: dict[str, Any] = {}
+
+    def value(term: str, dot: dict[str, Any]) -> Any:
+        if term in ("true", "false"):
+            return term == "true"
+        if term.startswith('"'):
+            return json.loads(term)
+        if term.startswith("$"):
+            return variables[term]
+        assert term.startswith("."), term
+        return dot.get(term[1:], data.get(term[1:]))
+
+    def evaluate(expr: str, dot: dict[str, Any]) -> Any:
+        fn, *args = re.findall(r'"[^"]*"|\S+', expr)
+        if fn == "eq":
+            return value(args[0], dot) == value(args[1], dot)
+        if fn == "or":
+            return next((v for v in (value(a, dot) for a in args) if v), value(args[-1], dot))
+        assert not args, expr
+        return value(fn, dot)
+
+    def run(body: list[Any], dot: dict[str, Any]) -> str:
         out = ""
-        while pos < len(tokens):
-            tok = tokens[pos]
-            pos += 1
-            if not tok.startswith("{{"):
-                out += tok if active else ""
-                continue
-            action = tok[2:-2].strip()
-            if action in ("end",) or action.startswith("else"):
-                return out, action
-            if action.startswith("if "):
-                taken = False
-                cond = action[3:]
-                while True:
-                    ok = active and not taken and evaluate(cond, scope)
-                    text, stop = block(scope, ok)
-                    out += text if ok else ""
-                    taken = taken or ok
-                    if stop == "end":
-                        break
-                    cond = stop[len("else if ") :] if stop.startswith("else if ") else "true"
-            elif action == "range .Messages":
-                start = pos
-                for m in messages if active else [None]:
-                    pos = start
-                    text, _ = block({"Role": m["role"], "Content": m["content"]} if m else {}, m is not None)
-                    out += text
-                if not (active and messages):
-                    pos = start
-                    block({}, False)
+        for node in body:
+            if node[0] == "text":
+                out += node[1]
+            elif node[0] == "if":
+                out += next((run(b, dot) for cond, b in node[1] if evaluate(cond, dot)), "")
+            elif node[0] == "range":
+                out += "".join(run(node[2], item) for item in evaluate(node[1], dot))
+            elif m := re.fullmatch(r"(\$\w+) :?= (.+)", node[1]):
+                variables[m.group(1)] = evaluate(m.group(2), dot)
             else:
-                out += str(scope.get(action[1:], "")) if active else ""
-        return out, ""
+                out += str(evaluate(node[1], dot))
+        return out
 
-    def evaluate(cond: str, scope: dict[str, Any]) -> bool:
-        if cond == "true":
-            return True
-        if cond == ".System":
-            return bool(system)
-        m = re.fullmatch(r'eq \.Role "(\w+)"', cond)
-        assert m, cond
-        return scope.get("Role") == m.group(1)
+    return run(nodes, data)
 
-    text, _ = block({"System": system or ""}, True)
-    return text
+
+def ollama_prompt(template: str, default_system: str | None, messages: list[dict[str, str]]) -> str:
+    """The prompt Ollama's chat endpoint builds: the Modelfile's SYSTEM stands in when the
+    conversation does not start with a system message; `.System` joins every system
+    message; consecutive messages of one role are merged (Ollama's `collate`)."""
+    if default_system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}, *messages]
+    collated: list[dict[str, str]] = []
+    for m in messages:
+        if collated and collated[-1]["Role"] == m["role"]:
+            collated[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            collated.append({"Role": m["role"], "Content": m["content"]})
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return go_render(template, {"System": system, "Messages": collated})
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -92,15 +125,16 @@ def test_translated_template_renders_like_transformers(name: str) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     template = fmt.go_template()
     for messages in CONVERSATIONS:
-        for system in (None, "Answer in one word."):
-            hf_messages = ([{"role": "system", "content": system}] if system else []) + messages
+        # No system message, an explicit empty one (kept as an empty block), and a real one.
+        for system in (None, "", "Answer in one word."):
+            hf_messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
             want = tok.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
             # llama.cpp and Ollama add BOS when tokenizing, so the template leaves it out.
             bos = tok.bos_token or ""
             adds_bos = tok("x")["input_ids"][:1] == [tok.bos_token_id]
             want = want[len(bos) :] if adds_bos and want.startswith(bos) else want
-            got = go_render(template, system or fmt.default_system, messages)
-            assert got == want
+            assert ollama_prompt(template, fmt.default_system, hf_messages) == want, system
+            assert fmt.render(messages, system) == want, system
     assert fmt.stops and all(s in tok.get_vocab() or s in tok.added_tokens_encoder for s in fmt.stops)
 
 

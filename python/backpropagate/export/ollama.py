@@ -43,9 +43,16 @@ class ChatFormat:
         return self.default_system == ""
 
     def render(self, messages: list[dict[str, str]], system: str | None) -> str:
-        """What the Go template produces (used to check the translation)."""
-        show = bool(system) or self.always_system
-        out = f"{self.system_prefix}{system or ''}{self.system_suffix}" if show else ""
+        """What Ollama makes of the Go template (used to check the translation).
+
+        `system` is the conversation's own system message: None when it has none (Ollama
+        then puts the Modelfile's SYSTEM, the template's default, in its place), "" for an
+        explicit empty one, which the chat template keeps as an empty system block.
+        """
+        shown = system if system is not None else (self.default_system or None)
+        out = (
+            f"{self.system_prefix}{shown or ''}{self.system_suffix}" if shown is not None or self.always_system else ""
+        )
         for m in messages:
             pre, suf = (
                 (self.user_prefix, self.user_suffix)
@@ -60,8 +67,15 @@ class ChatFormat:
         esc = _go_text
         # No whitespace-trimming markers: the literal text around them is exact.
         system = f"{esc(self.system_prefix)}{{{{ .System }}}}{esc(self.system_suffix)}"
+        if not self.always_system:
+            # `.System` is "" both without a system message and with an empty one; only a
+            # system message among `.Messages` tells them apart.
+            system = (
+                '{{ $sys := false }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $sys = true }}{{ end }}{{ end }}'
+                f"{{{{ if or .System $sys }}}}{system}{{{{ end }}}}"
+            )
         return (
-            (system if self.always_system else f"{{{{ if .System }}}}{system}{{{{ end }}}}") + "{{ range .Messages }}"
+            system + "{{ range .Messages }}"
             f'{{{{ if eq .Role "user" }}}}{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}'
             f'{{{{ else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{esc(self.assistant_suffix)}"
@@ -177,11 +191,11 @@ def _check(fmt: ChatFormat, render: Any, where: Path) -> None:
         ),
     ]
     if fmt.system_prefix:
-        cases.append(([{"role": "user", "content": "Q"}], "Be brief."))
+        cases += [([{"role": "user", "content": "Q"}], "Be brief."), ([{"role": "user", "content": "Q"}], "")]
     for messages, system in cases:
-        hf_messages = ([{"role": "system", "content": system}] if system else []) + messages
+        hf_messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
         expected = render(hf_messages, True)
-        got = fmt.render(messages, system or fmt.default_system)
+        got = fmt.render(messages, system)
         if got != expected:
             raise InputError(
                 "INPUT_CHAT_TEMPLATE_UNSUPPORTED",
