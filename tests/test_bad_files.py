@@ -126,3 +126,41 @@ def test_a_directory_as_the_data_file(tmp_path, tiny_llama):
     assert_unreadable(res.status, res.stderr, folder, "is a directory")
     res = run_cli("train", "--model", str(tiny_llama), "--data", str(folder), "-o", str(tmp_path / "run"))
     assert_unreadable(res.status, res.stderr, folder, "is a directory")
+
+
+def test_log_format_json_prints_coded_errors_as_one_json_object(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    res = run_cli("--log-format", "json", "validate", str(missing))
+    assert res.status == 3
+    lines = [json.loads(line) for line in res.stderr.splitlines()]
+    assert lines[-1] == {
+        "level": "error",
+        "code": "INPUT_FILE_NOT_FOUND",
+        "message": f"{missing}: no such dataset file",
+        "hint": "Check the path; relative paths start from the current folder.",
+        "retryable": False,
+        "exit_status": 3,
+    }
+    # The text form is back on the next plain invocation.
+    assert run_cli("validate", str(missing)).stderr.startswith("[INPUT_FILE_NOT_FOUND]: ")
+
+
+def test_validate_json_prints_json_whatever_fails(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(ROW)
+    res = run_cli("validate", str(data), "--json", "--max-seq-length", "1")
+    assert res.status == 2
+    out = json.loads(res.stdout)
+    assert out["ok"] is False and out["file"] == str(data)
+    assert out["error"]["code"] == "CONFIG_INVALID_SETTING" and out["error"]["exit_status"] == 2
+    res = run_cli("validate", str(tmp_path), "--json")
+    assert res.status == 3 and json.loads(res.stdout)["error"]["code"] == "INPUT_FILE_UNREADABLE"
+
+
+def test_train_json_prints_errors_as_json(tmp_path):
+    res = run_cli("train", "--data", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "run"), "--json")
+    assert res.status == 3
+    error = json.loads(res.stdout)["error"]
+    assert error["code"] == "INPUT_FILE_NOT_FOUND" and error["hint"] and error["retryable"] is False
+    res = run_cli("train", "--schedule", "zigzag", "-o", str(tmp_path / "run"), "--json")
+    assert res.status == 2 and json.loads(res.stdout)["error"]["code"] == "CONFIG_INVALID_SETTING"

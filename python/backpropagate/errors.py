@@ -158,6 +158,17 @@ class BackpropagateError(Exception):
     def __str__(self) -> str:
         return f"[{self.code}]: {self.message}"
 
+    def to_dict(self) -> dict[str, object]:
+        """The error as JSON outputs print it (`--log-format json`, `--json` reports)."""
+        return {
+            "level": "error",
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "retryable": self.retryable,
+            "exit_status": self.exit_status,
+        }
+
 
 class ConfigError(BackpropagateError, ValueError):
     """A setting is invalid."""

@@ -7,8 +7,9 @@ and exits with the family's status (see `errors.FAMILY_EXIT`).
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 
 import typer
 
@@ -23,6 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# The global --log-format of this invocation: coded errors are printed in the same form.
+_log_format = "text"
 
 
 @app.callback()
@@ -30,8 +33,10 @@ def _global_options(
     log_format: str = typer.Option("text", "--log-format", help="Log line format: text or json."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and no redaction of secrets."),
 ) -> None:
+    global _log_format
     if log_format not in ("text", "json"):
         raise typer.BadParameter("must be 'text' or 'json'", param_hint="--log-format")
+    _log_format = log_format
     # main() already left stderr unwrapped when verbose output was asked for.
     log.configure(log_format=log_format, verbose=verbose)
 
@@ -48,9 +53,18 @@ def _register_commands() -> None:
 
 
 def print_error(err: BackpropagateError) -> None:
-    """Writes the user-facing form of `err` to stderr."""
+    """Writes the user-facing form of `err` to stderr (one JSON object under `--log-format json`)."""
+    if _log_format == "json":
+        sys.stderr.write(json.dumps(err.to_dict()) + "\n")
+        return
     retry = " (retryable)" if err.retryable else ""
     sys.stderr.write(f"{err}\nhint: {err.hint}{retry}\n")
+
+
+def fail_as_json(err: BackpropagateError, **fields: Any) -> NoReturn:
+    """Ends a command run with `--json`: prints `{...fields, "ok": false, "error": {...}}` on stdout."""
+    typer.echo(json.dumps({**fields, "ok": False, "error": err.to_dict()}))
+    raise typer.Exit(err.exit_status) from err
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 
 import typer
 
-from backpropagate.cli import app
+from backpropagate.cli import app, fail_as_json
 from backpropagate.cli.options import command_with_options, given_options
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig
+from backpropagate.errors import BackpropagateError
 
 
 def _example_data() -> Path:
@@ -43,11 +44,16 @@ def train(
     """Fine-tune a model on your data: LoRA, QLoRA, DoRA or full fine-tuning."""
     from backpropagate.trainer import Trainer
 
-    given = given_options(options, TrainConfig, DataConfig)
-    trainer = Trainer(model, **given)
-    result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
-    # The format is validated inside export().
-    exported = trainer.export(export, quantization=quantization) if export else None  # type: ignore[arg-type]
+    try:
+        given = given_options(options, TrainConfig, DataConfig)
+        trainer = Trainer(model, **given)
+        result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
+        # The format is validated inside export().
+        exported = trainer.export(export, quantization=quantization) if export else None  # type: ignore[arg-type]
+    except BackpropagateError as err:
+        if as_json:
+            fail_as_json(err)
+        raise
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,

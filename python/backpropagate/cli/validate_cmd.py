@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from backpropagate.cli import app
+from backpropagate.cli import app, fail_as_json
 from backpropagate.cli.options import command_with_options, given_options
 from backpropagate.config import TrainConfig, resolve_settings
 from backpropagate.data.config import DataConfig, field_help
@@ -34,19 +34,18 @@ def validate(
     """Check a dataset before training, with the settings `train` would use; exits non-zero when rows are bad."""
     from backpropagate.data.validate import validate as build_report
 
-    given = given_options(options, DataConfig)
-    if max_seq_length is not None:
-        given["max_seq_length"] = max_seq_length
-    # The same resolution as `backprop train --model M`, so the report shows what training will do.
-    settings = resolve_settings(model or "", given)
-    config = dataclasses.replace(settings.data, cache=False)
     try:
+        given = given_options(options, DataConfig)
+        if max_seq_length is not None:
+            given["max_seq_length"] = max_seq_length
+        # The same resolution as `backprop train --model M`, so the report shows what training will do.
+        settings = resolve_settings(model or "", given)
+        config = dataclasses.replace(settings.data, cache=False)
         report = build_report(file, model, config)
     except BackpropagateError as err:
-        if not as_json:
-            raise
-        typer.echo(json.dumps({"file": str(file), "ok": False, "error": {"code": err.code, "message": err.message}}))
-        raise typer.Exit(err.exit_status) from err
+        if as_json:
+            fail_as_json(err, file=str(file))
+        raise
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
     if not report["ok"]:
         raise typer.Exit(EXIT_BAD_INPUT)
