@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from backpropagate.errors import ConfigError, StateError
+from backpropagate.export.files import remove_leftovers
 
 RUNS_DIR = Path("runs")
 # What a run leaves in its folder; `overwrite` removes exactly these, nothing of the user's.
@@ -54,6 +55,8 @@ def prepare(folder: Path, *, resume: bool, overwrite: bool) -> Path:
         raise ConfigError(
             "CONFIG_OUTPUT_DIR_INVALID", f"output_dir={str(folder)!r} is a file; a run needs a folder there"
         )
+    # A run killed while saving left hidden temporary outputs (or the adapter it was replacing).
+    remove_leftovers(folder, RUN_OUTPUTS)
     has_checkpoints = any((folder / "checkpoints").glob("step-*"))
     finished = finished_output(folder)
     if not resume and not overwrite and (has_checkpoints or finished is not None):
