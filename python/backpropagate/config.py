@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from backpropagate.errors import ConfigError
 from backpropagate.presets import Preset, find_preset
 from backpropagate.settings import SEQ_LENGTH, Range, at_least, check_fields, invalid, non_negative, option, positive
+from backpropagate.train.backend import BACKENDS
 
 MODES = ("auto", "lora", "qlora", "full")
 METHODS = ("sft", "orpo", "simpo", "kto")
@@ -55,6 +56,14 @@ class TrainConfig:
         choices=METHODS,
     )
     device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
+    backend: str = option(
+        "auto",
+        "Where the run trains: torch (PyTorch on CUDA or CPU) or mlx (Apple's MLX with mlx-lm: the Apple GPU, or the "
+        "CPU on Linux with mlx-lm[cpu]); auto = torch on a CUDA GPU, mlx on Apple Silicon with mlx installed, "
+        "torch on the CPU otherwise.",
+        group="Model",
+        choices=BACKENDS,
+    )
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA", bounds=at_least(1))
     lora_alpha: float | None = option(
@@ -240,6 +249,10 @@ class TrainConfig:
             raise invalid("device", self.device, "auto, cuda, cuda:N or cpu")
         if self.dora and self.mode == "full":
             raise invalid("dora", self.dora, "off with mode=full (DoRA is an adapter)")
+        if self.backend == "mlx":
+            from backpropagate.train.mlx.support import check_supported
+
+            check_supported(self)
         return self
 
     def target_module_list(self) -> str | list[str]:

@@ -194,6 +194,7 @@ class Trainer:
         from backpropagate.backends.loading import load_for_training
         from backpropagate.backends.metrics import plot_losses
         from backpropagate.backends.outputs import RUN_FILE, save_final
+        from backpropagate.train.backend import resolve_backend
 
         if steps is not None and epochs is not None:
             raise ConfigError("CONFIG_INVALID_SETTING", "give steps or epochs, not both")
@@ -232,10 +233,17 @@ class Trainer:
         }
         data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         seed_everything(config.seed)
-        trained = load_for_training(self.model_path, config)
-        outcome = torch_backend.train(
-            trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
-        )
+        if resolve_backend(config.backend) == "mlx":
+            from backpropagate.train.mlx import run as run_mlx
+
+            trained, outcome = run_mlx(
+                self.model_path, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
+            )
+        else:
+            trained = load_for_training(self.model_path, config)
+            outcome = torch_backend.train(
+                trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
+            )
         self._trained = trained
         state = outcome.state
         command = cli_command(self.model_name, data_ref, steps, epochs, {**self.options, "output_dir": str(output_dir)})
