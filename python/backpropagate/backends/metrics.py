@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import time
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +111,48 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+# Recent steps the ETA is estimated from.
+ETA_WINDOW = 16
+
+
+def eta_seconds(step_intervals: Sequence[float], remaining: int) -> float | None:
+    """Remaining steps times the median wall time per step of `step_intervals` (None before any step).
+
+    The median leaves out the first step's one-time costs and the odd checkpoint, and
+    follows a change of pace within a few steps.
+    """
+    if not step_intervals:
+        return None
+    return max(remaining, 0) * statistics.median(step_intervals)
+
+
+def format_duration(seconds: float | None) -> str:
+    """`h:mm:ss`, or `-:--:--` when unknown."""
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 class ProgressBar:
-    """A rich progress bar with loss, tokens/s and ETA (a no-op when disabled)."""
+    """A rich progress bar with loss, the last step's tokens/s and an ETA (a no-op when disabled).
+
+    The ETA comes from the wall time between the bar's own updates (`eta_seconds`), so it
+    counts everything a step costs (checkpoints and evaluation included) and only steps
+    (not whatever preceded the loop); rich's speed column would average over a time window
+    that mixes the first step's one-time costs in for as long as 30 seconds.
+    """
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self._progress: Any = None
+        self.total = total
+        self.intervals: deque[float] = deque(maxlen=ETA_WINDOW)
+        self._last = (start, time.perf_counter())
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._progress = Progress(
             TextColumn("[bold]train"),
@@ -124,18 +160,25 @@ class ProgressBar:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            TextColumn("eta {task.fields[eta]}"),
             console=Console(stderr=True),
             transient=False,
         )
-        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self._task = self._progress.add_task(
+            "train", total=total, completed=start, loss="-", tps="-", eta=format_duration(None)
+        )
         self._progress.start()
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Moves the bar to `step`."""
+        """Moves the bar to `step`; `tokens_per_s` is the step's tokens over its own time."""
+        last_step, last_time = self._last
+        now = time.perf_counter()
+        if step > last_step:
+            self.intervals.append((now - last_time) / (step - last_step))
+            self._last = (step, now)
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+            eta = format_duration(eta_seconds(self.intervals, self.total - step))
+            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}", eta=eta)
 
     def close(self) -> None:
         """Stops redrawing."""

@@ -5,9 +5,14 @@ queue; done every step, the GPU then idles while Python prepares and launches th
 step. Here the scalars are copied into pinned host memory behind the step's own work and
 an event marks them; the loop reads them after it has queued the next step, so the host
 waits only for work that is already done or nearly so, and the queue never runs dry.
+`done_at` is when the host knew the step's work was finished, the end of its wall time:
+on the CPU, where work is synchronous, the moment the readout is made; on CUDA, the moment
+its event is reached.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -22,6 +27,7 @@ class Readout:
     def __init__(self, *values: torch.Tensor) -> None:
         stacked = torch.stack([v.detach().float().reshape(()) for v in values])
         self.event: torch.cuda.Event | None = None
+        self.done_at: float | None = None
         if stacked.is_cuda:
             self.host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
             self.host.copy_(stacked, non_blocking=True)
@@ -29,9 +35,11 @@ class Readout:
             self.event.record()
         else:
             self.host = stacked
+            self.done_at = time.perf_counter()
 
     def values(self) -> list[float]:
         """The scalars as floats (waits for the step that made them, not for later work)."""
-        if self.event is not None:
+        if self.event is not None and self.done_at is None:
             self.event.synchronize()
+            self.done_at = time.perf_counter()
         return [float(v) for v in self.host.tolist()]

@@ -369,23 +369,30 @@ def train(
         torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
     started = time.perf_counter()
     elapsed_before = state.elapsed_s
-    last_done = started
-    pending: tuple[Readout, int, int, float, int] | None = None  # (readout, step, tokens, lr, micro-batch)
+    last_done = started  # when the previous step's work was finished
+    # (readout, step, tokens, lr, micro-batch, when the step was started)
+    pending: tuple[Readout, int, int, float, int, float] | None = None
 
     def settle() -> None:
-        """Takes the last step's loss and gradient norm off the GPU: checks, progress bar, metrics."""
+        """Takes the last step's loss and gradient norm off the device: checks, progress bar, metrics.
+
+        A step's time runs from its start (or the end of the previous step's work, if that
+        was still running on the GPU) to the end of its own work, so checkpoints, evaluation
+        and a late readout never count towards it.
+        """
         nonlocal pending, last_done
         if pending is None:
             return
-        readout, step, tokens, lr, micro = pending
+        readout, step, tokens, lr, micro, step_started = pending
         pending = None
         loss, grad_norm = readout.values()
         if not math.isfinite(loss):
             raise RunFailedError(
                 "RUNTIME_TRAINING_DIVERGED", f"loss is {loss} at step {step} (learning_rate={config.learning_rate})"
             )
-        now = time.perf_counter()
-        step_s, last_done = max(now - last_done, 1e-9), now
+        assert readout.done_at is not None  # set by values()
+        step_s = max(readout.done_at - max(step_started, last_done), 1e-9)
+        last_done = readout.done_at
         state.losses.append([step, loss])
         bar.update(step, loss, tokens / step_s)
         if step % config.log_every == 0 or step == total_steps:
@@ -407,6 +414,7 @@ def train(
             while state.step < total_steps and not stop.requested:
                 if guard is not None:
                     guard.wait_until_cool()
+                step_started = time.perf_counter()
                 rows = stream.take(state.rows_consumed, step_rows)
                 loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer, graphs)
                 grad_norm = (
@@ -429,12 +437,14 @@ def train(
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens
-                pending = (readout, state.step, tokens, lr, state.micro_batch)
+                pending = (readout, state.step, tokens, lr, state.micro_batch, step_started)
                 last = state.step == total_steps
                 evaluate_now = len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last)
                 save_now = (config.save_every and state.step % config.save_every == 0) or last or stop.requested
-                if evaluate_now or save_now:
-                    settle()  # a checkpoint holds this step's loss, and a diverged step is never saved
+                if evaluate_now or save_now or readout.event is None:
+                    # A checkpoint holds this step's loss, and a diverged step is never saved; on the
+                    # CPU the step's work is already done, so there is nothing to overlap with.
+                    settle()
                 state.elapsed_s = elapsed_before + time.perf_counter() - started
                 if evaluate_now:
                     eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch)

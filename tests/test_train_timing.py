@@ -1,0 +1,87 @@
+"""Honest speed figures: a step's tokens/s is its tokens over its own wall time, and the bar's ETA follows real steps."""
+
+import json
+import re
+import time
+
+import pytest
+
+from backpropagate import Trainer
+from backpropagate.backends import metrics, torch_backend
+from train_helpers import rule_dataset
+
+OPTIONS = dict(report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-3, save_every=0)
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return rule_dataset(vocab=300, samples=200, max_seq_length=96, seed=1)
+
+
+def timed_loop(monkeypatch) -> dict[str, float]:
+    """Wall time of the training loop, clocked around it from outside."""
+    wall: dict[str, float] = {}
+    real = torch_backend.train
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            wall["s"] = time.perf_counter() - started
+
+    monkeypatch.setattr(torch_backend, "train", timed)
+    return wall
+
+
+def test_metrics_tokens_per_s_is_each_steps_own_rate(tiny_llama, dataset, tmp_path, monkeypatch):
+    wall = timed_loop(monkeypatch)
+    result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), progress=False, **OPTIONS).train(
+        dataset, steps=STEPS
+    )
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in records]
+    # Steps neither overlap nor claim time outside the loop ...
+    assert sum(step_s) <= wall["s"]
+    # ... and on the CPU a step's record is written as soon as its work is done, so the time between two
+    # records (1 ms resolution) is that step plus one metrics write: its reported time is nearly all of it.
+    for prev, rec, seconds in zip(records, records[1:], step_s[1:], strict=False):
+        gap = rec["time"] - prev["time"]
+        assert gap / 3 - 0.002 <= seconds <= gap + 0.002, (rec["step"], seconds, gap)
+    overall = result.tokens_seen / wall["s"]
+    median_rate = sorted(r["tokens_per_s"] for r in records)[STEPS // 2]
+    assert overall <= median_rate <= 3 * overall, (overall, median_rate)
+
+
+def test_progress_bar_shows_the_measured_rate(tiny_llama, dataset, tmp_path, monkeypatch, capsys):
+    wall = timed_loop(monkeypatch)
+    result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), progress=True, **OPTIONS).train(
+        dataset, steps=STEPS
+    )
+    shown = re.findall(r"([\d,]+) tok/s", capsys.readouterr().err)
+    assert shown, "the bar printed no rate"
+    rate = float(shown[-1].replace(",", ""))
+    last = json.loads(result.metrics_path.read_text().splitlines()[-1])
+    assert rate == pytest.approx(last["tokens_per_s"], rel=0.01, abs=1)
+    assert rate <= 5 * result.tokens_seen / wall["s"]  # never the millions of tokens/s of a mistimed step
+
+
+def test_eta_is_remaining_steps_times_the_median_step():
+    assert metrics.eta_seconds([], 10) is None
+    assert metrics.eta_seconds([9.0, 1.0, 1.2, 0.8], 10) == pytest.approx(11.0)  # the slow first step is left out
+    assert metrics.eta_seconds([2.0], 0) == 0
+    assert metrics.format_duration(None) == "-:--:--"
+    assert metrics.format_duration(3725.4) == "1:02:05"
+
+
+def test_progress_bar_times_steps_between_its_updates():
+    bar = metrics.ProgressBar(total=100, start=10, enabled=False)
+    time.sleep(0.05)
+    bar.update(12, 1.0, 100.0)  # two steps since the bar was made
+    time.sleep(0.02)
+    bar.update(13, 1.0, 100.0)
+    first, second = bar.intervals
+    assert 0.02 <= first < 0.05 and 0.015 <= second < 0.05
+    assert metrics.eta_seconds(bar.intervals, 87) == pytest.approx(87 * (first + second) / 2)
