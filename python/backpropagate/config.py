@@ -177,8 +177,8 @@ class TrainConfig:
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.", bounds=Range(0, 2**32 - 1, integer=True))
     gradient_checkpointing: str = option(
         "auto",
-        "Recompute layer activations in backward to save memory: on (every layer), off, or auto (on CUDA, "
-        "keep as many layers' activations as the card holds, measured after the first step).",
+        "Recompute layer activations in backward to save memory: on (every layer), off, or auto (keep as "
+        "many layers' activations as the card, or on the CPU the available RAM, holds; planned after the first step).",
         choices=CHECKPOINTING,
     )
     fused_kernels: bool = option(

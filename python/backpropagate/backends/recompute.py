@@ -4,7 +4,9 @@ Recomputing every layer keeps only one hidden state per layer alive and costs ab
 third more compute; on a card with memory to spare that third is wasted. `auto` mode
 measures the first step with every layer recomputed, estimates what keeping one layer's
 activations costs for the largest micro-batch, and keeps as many layers as fit in 90% of
-the card. If a later step still runs out of memory, half of the kept layers go back to
+the card. On the CPU the same estimate is held against half of the RAM the system reports
+available after that first step (the rest is left to the page cache and to other
+programs). If a later step still runs out of memory, half of the kept layers go back to
 recomputing before the loop resorts to halving the micro-batch.
 
 A recomputation only has to restore what backward saved, and stops once it has. In the
@@ -17,6 +19,8 @@ quarter of a recomputed layer's matmul work.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +31,8 @@ log = get_logger("recompute")
 
 # Share of the card's memory that planning may fill (the rest absorbs fragmentation and spikes).
 MEMORY_TARGET = 0.9
+# Share of the RAM available after the first step that kept CPU activations may fill.
+RAM_TARGET = 0.5
 # Decoder layers computing `h = x + attn(norm(x)); out = h + mlp(norm(h))`, mlp ending in `down_proj`.
 LAST_PROJECTION_UNUSED = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
 
@@ -85,6 +91,33 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return int(elements * torch.finfo(dtype).bits // 8 * 1.1)
 
 
+def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of RAM the system can hand out without swapping (`MemAvailable`), or None where unknown.
+
+    Where /proc/meminfo is missing, free pages (page cache not counted) stand in for it.
+    """
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def memory_budget(device: torch.device) -> float | None:
+    """Bytes that kept activations may take on `device` on top of what the first step used; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)
+        return MEMORY_TARGET * usable - torch.cuda.max_memory_allocated(device)
+    available = available_ram()
+    return None if available is None else RAM_TARGET * available
+
+
 class RecomputePlan:
     """Switches recomputation on or off per decoder layer.
 
@@ -131,21 +164,23 @@ class RecomputePlan:
         return f"recompute[{self.recomputed}/{len(self.layers)}]"
 
     def plan(self, device: torch.device, config: Any, dtype: torch.dtype, tokens: int) -> bool:
-        """In auto mode on CUDA, keeps as many layers as the memory left after a fully recomputed step allows.
+        """In auto mode, keeps as many layers as the memory left after a fully recomputed step allows.
 
         Returns:
             Whether the layers changed.
         """
-        if self.mode != "auto" or self.planned or device.type != "cuda":
+        if self.mode != "auto" or self.planned:
             return False
         self.planned = True
-        free, _ = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device)
-        budget = MEMORY_TARGET * usable - torch.cuda.max_memory_allocated(device)
+        budget = memory_budget(device)
+        if budget is None:
+            log.info("activation memory: %s (available RAM unknown)", self.describe())
+            return False
         per_layer = activation_bytes_per_token(config, dtype) * tokens
         self.set_kept(int(budget // per_layer) if budget > 0 else 0)
         log.info(
-            "activation memory: %s (%.1f GiB per kept layer at %d tokens, %.1f GiB free for them)",
+            "activation memory on %s: %s (%.2f GiB per kept layer at %d tokens, %.1f GiB free for them)",
+            device.type,
             self.describe(),
             per_layer / 2**30,
             tokens,
