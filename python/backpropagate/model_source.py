@@ -17,12 +17,20 @@ from backpropagate.presets import bundled_gguf, find_preset
 from backpropagate.tiny import ensure_tiny_model, is_tiny
 
 
-def resolve_model(name: str | Path) -> Path:
+# What a hub fetch asks for: config, tokenizer and the safetensors index first (enough to
+# size the model and tokenize data), the weights only when training loads them.
+CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
+WEIGHT_PATTERNS = [*CONFIG_PATTERNS, "*.safetensors"]
+
+
+def resolve_model(name: str | Path, weights: bool = True) -> Path:
     """Returns the local folder holding `name`'s config, tokenizer and weights.
 
     Args:
         name: A built-in name (`tiny-llama`), a local folder, a `.gguf` file, a preset
             name, or a Hugging Face id.
+        weights: False fetches a hub id without its weights (`CONFIG_PATTERNS`), so a
+            size check can refuse a model before gigabytes are downloaded.
 
     Raises:
         InputError: INPUT_MODEL_LOAD_FAILED when a local folder lacks config.json or a
@@ -47,15 +55,14 @@ def resolve_model(name: str | Path) -> Path:
         return path
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ConfigError("CONFIG_UNKNOWN_MODEL", f"{text!r} is neither a model folder nor a Hugging Face id")
-    return _fetch_from_hub(text)
+    return _fetch_from_hub(text, WEIGHT_PATTERNS if weights else CONFIG_PATTERNS)
 
 
-def _fetch_from_hub(repo_id: str) -> Path:
+def _fetch_from_hub(repo_id: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise DependencyError("DEP_MISSING_PACKAGE", "huggingface_hub is needed to fetch models by id") from exc
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown id, gated repo: all end the same way for the user

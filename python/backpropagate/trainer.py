@@ -34,6 +34,7 @@ from backpropagate.settings import at_least, check_value, positive
 if TYPE_CHECKING:
     from backpropagate.export import ExportResult, Format
 
+
 @dataclass
 class TrainResult:
     """What `Trainer.train` returns.
@@ -168,7 +169,8 @@ class Trainer:
         self.config = settings.train
         self.data_config = settings.data
         self.model_ref = self.preset.model_id if self.preset else self.model_name
-        self.model_path = resolve_model(self.model_ref)
+        # Config and tokenizer only: a model too big for the mode is refused before its weights download.
+        self.model_path = resolve_model(self.model_ref, weights=False)
         check_fine_tuning_allowed(self.model_path, self.config)
         self.result: TrainResult | None = None
         self._trained: Any = None
@@ -233,6 +235,7 @@ class Trainer:
         }
         data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         seed_everything(config.seed)
+        self.model_path = resolve_model(self.model_ref)  # now the weights (the same folder, completed)
         if resolve_backend(config.backend) == "mlx":
             from backpropagate.train.mlx import run as run_mlx
 
