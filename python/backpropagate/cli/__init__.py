@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO, cast
 import typer
 
 from backpropagate import log
-from backpropagate.errors import CATALOG, EXIT_INTERRUPTED, BackpropagateError
+from backpropagate.errors import CATALOG, EXIT_INTERRUPTED, EXIT_USAGE, BackpropagateError, ConfigError
 from backpropagate.log import redact, redaction_enabled
 
 app = typer.Typer(
@@ -85,12 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Exit, SystemExit) as done:
         sys.exit(getattr(done, "exit_code", None) or getattr(done, "code", 0) or 0)
     except Exception as exc:
-        # Usage errors of the CLI framework know how to print themselves and their status (2).
+        # Errors of the CLI framework carry their exit status; 2 is a mistyped flag or value,
+        # a setting error like any other, so it gets the same code.
         exit_code = getattr(exc, "exit_code", None)
-        if hasattr(exc, "show") and isinstance(exit_code, int):
-            exc.show()
+        if not (hasattr(exc, "format_message") and isinstance(exit_code, int)):
+            raise
+        if exit_code != EXIT_USAGE:
+            exc.show()  # type: ignore[attr-defined]
             sys.exit(exit_code)
-        raise
+        usage = ConfigError("CONFIG_INVALID_SETTING", exc.format_message())
+        print_error(usage)
+        sys.exit(usage.exit_status)
     # The framework turns Ctrl-C into a returned status instead of an exception.
     if status == EXIT_INTERRUPTED:
         print_error(BackpropagateError("RUNTIME_INTERRUPTED", "interrupted by the user"))
