@@ -16,7 +16,6 @@ from backpropagate.gguf_source import gguf_model_folder, is_gguf_path
 from backpropagate.presets import bundled_gguf, find_preset
 from backpropagate.tiny import ensure_tiny_model, is_tiny
 
-
 # What a hub fetch asks for: config, tokenizer and the safetensors index first (enough to
 # size the model and tokenize data), the weights only when training loads them.
 CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
