@@ -15,6 +15,7 @@ pytest.importorskip("mlx_lm")
 import mlx.core as mx  # noqa: E402
 
 from backpropagate import Trainer  # noqa: E402
+from backpropagate.backends import torch_backend  # noqa: E402
 from backpropagate.backends.loading import load_for_training  # noqa: E402
 from backpropagate.config import TrainConfig  # noqa: E402
 from backpropagate.errors import ConfigError, DependencyError  # noqa: E402
@@ -25,6 +26,7 @@ from backpropagate.train.mlx.losses import MlxObjective, per_sample, target_logp
 from backpropagate.trainer import seed_everything  # noqa: E402
 from train_helpers import rule_dataset  # noqa: E402
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "python/backpropagate/examples"
 FAST = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
 
 
@@ -34,7 +36,7 @@ def dataset():
 
 
 def options(**overrides) -> dict:
-    return dict(FAST, lora_r=8, lora_alpha=16.0, max_seq_length=96, **overrides)
+    return {**FAST, "lora_r": 8, "lora_alpha": 16.0, "max_seq_length": 96, **overrides}
 
 
 def config(**overrides) -> TrainConfig:
@@ -143,3 +145,124 @@ def test_missing_mlx_is_a_coded_error_with_the_install_line(tiny_llama, dataset,
     with pytest.raises(DependencyError, match=r"pip install 'backpropagate\[mlx\]'") as err:
         Trainer("tiny-llama", backend="mlx", output_dir=str(tmp_path / "x"), **FAST).train(dataset, steps=1)
     assert err.value.code == "DEP_MLX_UNAVAILABLE"
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_llama):
+    from backpropagate.data import DataConfig, prepare
+
+    return prepare(EXAMPLES / "preference.jsonl", tiny_llama, DataConfig(max_seq_length=256))
+
+
+@pytest.mark.parametrize(
+    "method, knobs",
+    [("orpo", {}), ("orpo", {"orpo_prompt_loss": True}), ("simpo", {}), ("simpo", {"simpo_alpha": 0.5})],
+)
+def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs):
+    """The MLX twins of ORPO and SimPO give the torch rail's loss terms on the same batch and weights."""
+    from peft import get_peft_model_state_dict
+
+    from backpropagate.backends.attention import packed_attention
+    from backpropagate.backends.losses import objective_for
+
+    cfg = config(method=method, max_seq_length=256, **knobs)
+    seed_everything(cfg.seed)
+    torch_tm = load_for_training(tiny_llama, cfg)
+    with torch.no_grad():  # a trained-looking adapter, so that it matters
+        for name, param in torch_tm.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    mlx_tm = mlx_model.load_for_training(tiny_llama, cfg)
+    load_peft_state(mlx_tm, {k: v.detach().numpy() for k, v in get_peft_model_state_dict(torch_tm.model).items()})
+    batch, row_tokens = mlx_loop.micro_pieces(pairs, np.arange(min(3, pairs.num_rows)), 3)[0]
+    assert len(batch.sample_index) >= 4  # at least two pairs
+    theirs = objective_for(cfg, pairs, torch_backend.policy_of(torch_tm))
+    with packed_attention(torch_tm.model), torch.no_grad():
+        device_batch = theirs.device_batch(batch, torch_tm.device)
+        hidden = torch_backend.forward_hidden(torch_tm, device_batch)
+        want = theirs.loss_sum(hidden, torch_tm.lm_head_weight, device_batch).reshape(-1).numpy()
+    ours = MlxObjective(cfg, pairs)
+    got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch, row_tokens)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_preference_methods_train_on_mlx(tiny_llama, tmp_path, method):
+    data = EXAMPLES / "preference.jsonl"
+    result = Trainer("tiny-llama", backend="mlx", method=method, output_dir=str(tmp_path / method), **FAST).train(
+        data, steps=2
+    )
+    assert len(result.losses) == 2 and all(np.isfinite(v) for _, v in result.losses)
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_qlora_quantizes_an_hf_folder_on_load(tiny_llama, dataset, tmp_path):
+    trainer = Trainer("tiny-llama", backend="mlx", mode="qlora", output_dir=str(tmp_path / "q"), **FAST)
+    result = trainer.train(dataset, steps=4)
+    assert any(f.startswith("quantized_on_load") for f in result.features)
+    assert result.losses[-1][1] < result.losses[0][1]
+    import mlx.nn as nn
+
+    assert isinstance(trainer._trained.net.model.layers[0].self_attn.q_proj.base, nn.QuantizedLinear)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_llama)
+
+
+def test_an_mlx_quantized_folder_trains_as_qlora(tiny_llama, dataset, tmp_path):
+    from mlx_lm.convert import convert
+
+    folder = tmp_path / "tiny-llama-4bit"
+    convert(str(tiny_llama), str(folder), quantize=True, q_group_size=64, q_bits=4)
+    result = Trainer(str(folder), backend="mlx", output_dir=str(tmp_path / "run"), **FAST).train(dataset, steps=2)
+    assert not any(f.startswith("quantized_on_load") for f in result.features)
+    run = json.loads(result.run_file.read_text())
+    assert run["mode"] == "qlora" and len(result.losses) == 2
+    with pytest.raises(ConfigError, match="already quantized"):
+        Trainer(str(folder), backend="mlx", mode="lora", output_dir=str(tmp_path / "x"), **FAST).train(dataset, 1)
+
+
+def test_full_fine_tuning_writes_a_model_transformers_loads(tiny_llama, dataset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    options = dict(FAST, learning_rate=1e-3)
+    trainer = Trainer("tiny-llama", backend="mlx", mode="full", output_dir=str(tmp_path / "full"), **options)
+    result = trainer.train(dataset, steps=3)
+    assert result.adapter_dir.name == "model" and result.losses[-1][1] < result.losses[0][1]
+    model = AutoModelForCausalLM.from_pretrained(result.adapter_dir, dtype=torch.float32).eval()
+    ids = np.random.default_rng(2).integers(0, 300, size=(1, 32))
+    with torch.no_grad():
+        want = model(torch.tensor(ids)).logits.numpy()
+    net = trainer._trained.net
+    net.eval()
+    np.testing.assert_allclose(np.array(net(mx.array(ids))), want, atol=2e-4)
+
+
+def test_cli_trains_on_mlx_and_the_adapter_exports_to_gguf(tiny_llama, tmp_path):
+    """`backprop train --backend mlx` then `backprop export RUN/adapter --format gguf`: llama.cpp predicts like peft."""
+    pytest.importorskip("xllamacpp")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backpropagate.generate import GGUFModel
+    from cli_helpers import run_cli
+
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--backend", "mlx", "--model", "tiny-llama", "--data", str(EXAMPLES / "chat.jsonl"), "--steps", "3",
+        "--learning-rate", "1e-2", "--output-dir", str(run), "--no-progress", "--report-to", "none",
+    )  # fmt: skip
+    assert trained.status == 0, trained.stderr
+    assert json.loads((run / "adapter/backpropagate_run.json").read_text())["hyperparameters"]["backend"] == "mlx"
+    exported = run_cli("export", str(run / "adapter"), "--format", "gguf", "--quantization", "f32")
+    assert exported.status == 0, exported.stderr
+    gguf_file = next((run / "adapter-gguf").glob("*.gguf"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    text = "What is the capital of France?"
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(text)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    want = torch.topk(logp, 5)
+    got = GGUFModel(gguf_file, n_ctx=256).top_logprobs(text, 5)
+    assert {t for t, _ in got} == set(want.indices.tolist())
+    np.testing.assert_allclose([v for _, v in got], [logp[t].item() for t, _ in got], atol=1e-2)
