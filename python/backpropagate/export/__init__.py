@@ -20,7 +20,7 @@ from backpropagate import log
 from backpropagate.errors import ConfigError, StateError
 from backpropagate.export import provenance
 from backpropagate.export.card import copy_loss_curve, render_card
-from backpropagate.export.files import apply_default_modes, atomic_dir, remove_leftovers, tree_size, write_text_atomic
+from backpropagate.export.files import atomic_dir, remove_leftovers, tree_size, write_text_atomic
 from backpropagate.export.ollama import OllamaOutcome, chat_format, modelfile_text, register
 from backpropagate.export.source import TOKENIZER_FILES, ExportSource, open_source
 
@@ -134,7 +134,6 @@ def _export_gguf(
         tokenizer_dir=str(src.tokenizer_dir),
         progress=progress,
     )
-    apply_default_modes(target)
     mb = report["bytes"] / 1e6
     log.get_logger(__name__).info(
         "wrote %s (%.1f MB, %d tensors) in %.1f s", target, mb, report["tensors"], report["seconds"]
