@@ -59,14 +59,25 @@ def _gpus() -> tuple[bool, str | None, list[dict[str, Any]]]:
     return True, torch.version.cuda, gpus
 
 
-def _mlx_usable() -> bool:
-    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
-        return False
-    try:
-        import mlx.core  # noqa: F401
-    except Exception:
-        return False
-    return True
+def _mlx_rail() -> dict[str, Any]:
+    """What the MLX rail can run here: whether mlx imports, versions, device, modes and methods."""
+    from backpropagate.train.mlx import mlx_importable
+    from backpropagate.train.mlx.support import MLX_METHODS, MLX_MODES
+
+    usable = mlx_importable()
+    device = None
+    if usable:
+        import mlx.core as mx
+
+        device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return {
+        "usable": usable,
+        "mlx": _dist_version("mlx"),
+        "mlx_lm": _dist_version("mlx-lm"),
+        "device": device,
+        "modes": [m for m in MLX_MODES if m != "auto"] if usable else [],
+        "methods": list(MLX_METHODS) if usable else [],
+    }
 
 
 def collect() -> dict[str, Any]:
@@ -74,6 +85,7 @@ def collect() -> dict[str, Any]:
     from backpropagate import __version__
 
     cuda, cuda_version, gpus = _gpus()
+    mlx = _mlx_rail()
     try:
         import backpropagate._core as _core
 
@@ -92,5 +104,6 @@ def collect() -> dict[str, Any]:
         "cuda_version": cuda_version,
         "gpus": gpus,
         "extras": {name: _dist_version(name) for name in EXTRAS},
-        "backends": {"cuda": cuda, "mlx": _mlx_usable(), "cpu": _dist_version("torch") is not None},
+        "backends": {"cuda": cuda, "mlx": mlx["usable"], "cpu": _dist_version("torch") is not None},
+        "mlx": mlx,
     }

@@ -52,6 +52,14 @@ def info(
     gpus = ", ".join(f"{g['name']} ({g['vram_gib']} GiB)" for g in report["gpus"]) or "none"
     table.add_row("gpus", gpus)
     table.add_row("backends", ", ".join(k for k, ok in report["backends"].items() if ok) or "none")
+    mlx = report["mlx"]
+    table.add_row(
+        "mlx rail",
+        f"mlx {mlx['mlx']}, mlx-lm {mlx['mlx_lm']} on {mlx['device']}: modes {', '.join(mlx['modes'])}; "
+        f"methods {', '.join(mlx['methods'])}"
+        if mlx["usable"]
+        else "not usable (pip install 'backpropagate[mlx]'; mlx-lm[cpu] on Linux)",
+    )
     table.add_row("extras", ", ".join(f"{k} {v}" for k, v in report["extras"].items() if v) or "none")
     Console().print(table)
 
