@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from backpropagate.errors import RunFailedError, StateError
+from backpropagate.export.files import fsync_dir
 from backpropagate.log import get_logger
 
 log = get_logger("checkpoint")
@@ -91,15 +92,6 @@ def write_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename or creation inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _torch_bytes(obj: Any) -> bytes:
