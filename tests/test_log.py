@@ -70,6 +70,12 @@ def test_redact_keeps_words_that_only_look_alike(text):
     assert log.redact(text) == text
 
 
+def test_redacting_stream_covers_writelines():
+    inner = io.StringIO()
+    log.RedactingStream(inner).writelines([f"out {HF_TOKEN}\n", "Authorization: Basic abc\n"])
+    assert inner.getvalue() == f"out {log.REDACTED}\nAuthorization: Basic {log.REDACTED}\n"
+
+
 def test_redact_inside_json_keeps_it_valid():
     doc = json.dumps({"output": f"/runs/{HF_TOKEN}", "header": "Authorization: Bearer a b", "n": 1})
     parsed = json.loads(log.redact(doc))

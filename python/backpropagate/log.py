@@ -18,7 +18,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 LOGGER_NAME = "backpropagate"
@@ -67,6 +67,11 @@ class RedactingStream:
         """Writes `text` with secrets replaced."""
         self._inner.write(redact(text))
         return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        """Writes each line with secrets replaced."""
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
