@@ -190,9 +190,7 @@ def load(path: Path) -> LoadedCheckpoint:
         current = path / TRAINING
         training = torch.load(current, map_location="cpu", weights_only=False)
     except Exception as exc:  # safetensors, pickle and zip each raise their own kinds for a damaged file
-        raise StateError(
-            "STATE_CHECKPOINT_INVALID", f"{current} cannot be read ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise StateError("STATE_CHECKPOINT_INVALID", f"{current} cannot be read ({type(exc).__name__}: {exc})") from exc
     return LoadedCheckpoint(path=path, state=state, weights=weights, training=training)
 
 
