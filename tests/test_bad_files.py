@@ -164,3 +164,72 @@ def test_train_json_prints_errors_as_json(tmp_path):
     assert error["code"] == "INPUT_FILE_NOT_FOUND" and error["hint"] and error["retryable"] is False
     res = run_cli("train", "--schedule", "zigzag", "-o", str(tmp_path / "run"), "--json")
     assert res.status == 2 and json.loads(res.stdout)["error"]["code"] == "CONFIG_INVALID_SETTING"
+
+
+TWO_ROWS = '{"text": "first row"}\n{"text": "second row"}\n'
+
+
+@pytest.mark.parametrize(
+    ("raw", "encoding"),
+    [
+        (TWO_ROWS.encode("utf-16-le"), "UTF-16 LE"),
+        (b"\xfe\xff" + TWO_ROWS.encode("utf-16-be"), "UTF-16 BE"),
+        (TWO_ROWS.encode("utf-32"), "UTF-32 LE"),
+        (b"\x00\x00\xfe\xff" + TWO_ROWS.encode("utf-32-be"), "UTF-32 BE"),
+    ],
+    ids=["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"],
+)
+def test_utf16_and_utf32_files_are_refused_whole(tmp_path, tiny_llama, raw, encoding):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"\xff\xfe" + raw if encoding == "UTF-16 LE" else raw)
+    code = "INPUT_DATASET_ENCODING_UNSUPPORTED"
+    res = run_cli("validate", str(data))
+    assert res.status == 3 and "Traceback" not in res.stderr
+    first, hint = res.stderr.splitlines()[:2]
+    assert first == (
+        f"[{code}]: {data}: the file is {encoding}, not UTF-8 (a {encoding} byte-order mark starts line 1, "
+        "its first bad line); only UTF-8 is read"
+    )
+    assert "iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl" in hint
+    # Skipping bad rows does not apply: no row of such a file could be read.
+    res = run_cli("train", "--model", str(tiny_llama), "--data", str(data), "--skip-invalid", "-o", str(tmp_path / "r"))
+    assert res.status == 3 and f"[{code}]: {data}: the file is {encoding}" in res.stderr
+
+
+def test_a_utf16_file_appended_to_a_utf8_one_is_refused_at_its_line(tmp_path):
+    data = tmp_path / "joined.jsonl"
+    data.write_bytes(b'{"text": "utf-8 row"}\n' + TWO_ROWS.encode("utf-16"))
+    out = json.loads(run_cli("validate", str(data), "--json").stdout)
+    assert out["error"]["code"] == "INPUT_DATASET_ENCODING_UNSUPPORTED"
+    assert "UTF-16 LE byte-order mark starts line 2" in out["error"]["message"]
+
+
+def test_latin1_lines_are_reported_one_by_one(tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes('{"text": "fine"}\n{"text": "café"}\n{"text": "ok"}\n'.encode("latin-1"))
+    res = run_cli("validate", str(data))
+    assert res.status == 3
+    assert res.stderr.startswith(f"[INPUT_DATASET_PARSE_FAILED]: {data}: 1 bad row of 3 read")
+    assert f"{data}:2: invalid UTF-8 at byte 14 of the line (byte 0xE9); the file may be Latin-1" in res.stdout
+    report = json.loads(run_cli("validate", str(data), "--json", "--skip-invalid").stdout)
+    assert report["ok"] and report["error"] is None
+    assert report["dropped"] == {"encoding": 1} and report["dropped_lines"] == {"encoding": [2]}
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\r\n"], ids=["empty", "blank-lines"])
+def test_validate_refuses_an_empty_file_like_train(tmp_path, tiny_llama, content):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(content)
+    message = f"{data}: the file has no rows (it is empty or holds only blank lines)"
+    train = run_cli("train", "--model", str(tiny_llama), "--data", str(data), "-o", str(tmp_path / "r"))
+    assert train.status == 3 and train.stderr.splitlines()[-2] == f"[INPUT_DATASET_EMPTY]: {message}"
+    for extra in ([], ["--model", str(tiny_llama)]):
+        res = run_cli("validate", str(data), *extra)
+        assert res.status == 3
+        first, hint = res.stderr.splitlines()[:2]
+        assert first == f"[INPUT_DATASET_EMPTY]: {message}"
+        assert hint.startswith("hint: The file is empty (or only blank lines)")
+        assert res.stdout.splitlines()[-1] == "not usable as is: INPUT_DATASET_EMPTY (below)"
+        out = json.loads(run_cli("validate", str(data), "--json", *extra).stdout)
+        assert not out["ok"] and out["error"]["code"] == "INPUT_DATASET_EMPTY"
+        assert out["error"]["message"] == message and out["error"]["exit_status"] == 3

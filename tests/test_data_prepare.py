@@ -167,19 +167,29 @@ def test_missing_file(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("line", "code", "words"),
+    ("line", "code", "words", "reason"),
     [
-        ('{"messages": [', "INPUT_DATASET_PARSE_FAILED", "malformed JSON"),
-        ("[1, 2]", "INPUT_DATASET_PARSE_FAILED", "not a JSON object"),
-        ('"just a string"', "INPUT_DATASET_PARSE_FAILED", "not a JSON object"),
-        ('{"foo": 1}', "INPUT_DATASET_VALIDATION_FAILED", "no known shape"),
-        ('{"messages": [{"role": "user", "content": 5}]}', "INPUT_DATASET_VALIDATION_FAILED", "messages[0].content"),
-        ('{"messages": [{"role": "robot", "content": "x"}]}', "INPUT_DATASET_VALIDATION_FAILED", "'robot'"),
-        ('{"instruction": "x"}', "INPUT_DATASET_VALIDATION_FAILED", "'output'"),
-        ('{"text": 3}', "INPUT_DATASET_VALIDATION_FAILED", "'text'"),
+        ('{"messages": [', "INPUT_DATASET_PARSE_FAILED", "malformed JSON", "parse_error"),
+        ("[1, 2]", "INPUT_DATASET_PARSE_FAILED", "not a JSON object", "not_an_object"),
+        ('"just a string"', "INPUT_DATASET_PARSE_FAILED", "not a JSON object", "not_an_object"),
+        ('{"foo": 1}', "INPUT_DATASET_VALIDATION_FAILED", "no known shape", "unknown_format"),
+        (
+            '{"messages": [{"role": "user", "content": 5}]}',
+            "INPUT_DATASET_VALIDATION_FAILED",
+            "messages[0].content",
+            "wrong_field_type",
+        ),
+        (
+            '{"messages": [{"role": "robot", "content": "x"}]}',
+            "INPUT_DATASET_VALIDATION_FAILED",
+            "'robot'",
+            "invalid_value",
+        ),
+        ('{"instruction": "x"}', "INPUT_DATASET_VALIDATION_FAILED", "'output'", "missing_field"),
+        ('{"text": 3}', "INPUT_DATASET_VALIDATION_FAILED", "'text'", "wrong_field_type"),
     ],
 )
-def test_bad_line_is_refused_with_file_and_line(tmp_path, tiny_llama, line, code, words):
+def test_bad_line_is_refused_with_file_and_line(tmp_path, tiny_llama, line, code, words, reason):
     good = json.dumps({"text": "fine row"})
     data = write_jsonl(tmp_path / "bad.jsonl", [good, line, good])
     with pytest.raises(InputError) as err:
@@ -187,7 +197,9 @@ def test_bad_line_is_refused_with_file_and_line(tmp_path, tiny_llama, line, code
     assert err.value.code == code
     assert f"{data}:2: " in err.value.message and words in err.value.message
     skipped = prepare(data, tiny_llama, DataConfig(max_seq_length=256, cache=False, skip_invalid=True))
-    assert skipped.stats["rows_used"] == 2 and skipped.stats["dropped"] == {"invalid": 1}
+    # Skipped rows keep their reason and line.
+    assert skipped.stats["rows_used"] == 2 and skipped.stats["dropped"] == {reason: 1}
+    assert skipped.stats["dropped_lines"] == {reason: [2]}
     assert skipped.stats["errors_total"] == 1 and skipped.stats["errors"][0].startswith(f"{data}:2: ")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from backpropagate import log, run_folder
 from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
-from backpropagate.data.dataset import PreparedDataset
+from backpropagate.data.dataset import PreparedDataset, dropped_lines_text
 from backpropagate.errors import ConfigError, InputError, RunFailedError, StateError
 from backpropagate.model_source import resolve_model
 from backpropagate.settings import at_least, check_value, positive
@@ -97,16 +97,22 @@ def method_settings(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k.startswith(prefix)}
 
 
-def report_dropped(stats: dict[str, Any]) -> None:
-    """Logs how many rows preparation used and, by reason, how many it dropped."""
+# Lines per drop reason that the log line names (`backprop validate` lists up to max_errors).
+DROPPED_LINES_LOGGED = 5
+
+
+def report_dropped(stats: dict[str, Any], source: Path) -> None:
+    """Logs how many rows preparation used and, by reason, how many it dropped and where (first lines)."""
     dropped = stats.get("dropped") or {}
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(dropped.items()))
+    where = dropped_lines_text(stats, str(source), limit=DROPPED_LINES_LOGGED)
     log.get_logger("train").info(
-        "data: %d of %d rows used; %d dropped%s",
+        "data: %d of %d rows used; %d dropped%s%s",
         stats.get("rows_used", 0),
         stats.get("rows_read", 0),
         sum(dropped.values()),
         f" ({reasons})" if reasons else "",
+        f"; first lines: {where}" if where else "",
     )
 
 
@@ -342,5 +348,5 @@ class Trainer:
         from backpropagate.data import prepare
 
         dataset = prepare(path, self.model_path, self.data_config)
-        report_dropped(dataset.stats)
+        report_dropped(dataset.stats, path)
         return dataset

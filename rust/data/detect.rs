@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value};
 
+use super::bad::{BadRow, Cause};
 use super::read::json_kind;
 
 /// The shape a row was recognised as.
@@ -172,7 +173,19 @@ impl Detected {
     }
 }
 
-type Found<T> = std::result::Result<T, String>;
+type Found<T> = std::result::Result<T, BadRow>;
+
+fn missing(message: String) -> BadRow {
+    BadRow::new(Cause::MissingField, message)
+}
+
+fn wrong_type(message: String) -> BadRow {
+    BadRow::new(Cause::WrongFieldType, message)
+}
+
+fn invalid(message: impl Into<String>) -> BadRow {
+    BadRow::new(Cause::InvalidValue, message)
+}
 
 /// Recognises the shape of one row (a JSON object) and normalises it.
 pub fn detect(row: &Map<String, Value>) -> Found<Detected> {
@@ -201,7 +214,7 @@ pub fn detect(row: &Map<String, Value>) -> Found<Detected> {
     if let Some(v) = row.get("text") {
         let text = string_field(v, "text")?;
         if text.trim().is_empty() {
-            return Err("field 'text' is empty".into());
+            return Err(invalid("field 'text' is empty"));
         }
         return Ok(sft(
             Format::Text,
@@ -212,10 +225,13 @@ pub fn detect(row: &Map<String, Value>) -> Found<Detected> {
     }
     let mut keys: Vec<&str> = row.keys().map(String::as_str).collect();
     keys.truncate(8);
-    Err(format!(
-        "the row has no known shape (keys: {}); expected messages, conversations, instruction/output, \
-         text, prompt/chosen/rejected or prompt/completion/label",
-        if keys.is_empty() { "none".to_string() } else { keys.join(", ") }
+    Err(BadRow::new(
+        Cause::UnknownFormat,
+        format!(
+            "the row has no known shape (keys: {}); expected messages, conversations, instruction/output, \
+             text, prompt/chosen/rejected or prompt/completion/label",
+            if keys.is_empty() { "none".to_string() } else { keys.join(", ") }
+        ),
     ))
 }
 
@@ -227,13 +243,17 @@ fn chat(messages: Vec<Message>, label_from: usize) -> Spec {
 }
 
 fn string_field<'a>(v: &'a Value, field: &str) -> Found<&'a str> {
-    v.as_str()
-        .ok_or_else(|| format!("field '{field}' must be a string, found {}", json_kind(v)))
+    v.as_str().ok_or_else(|| {
+        wrong_type(format!(
+            "field '{field}' must be a string, found {}",
+            json_kind(v)
+        ))
+    })
 }
 
 fn required<'a>(row: &'a Map<String, Value>, field: &str, shape: &str) -> Found<&'a Value> {
     row.get(field)
-        .ok_or_else(|| format!("{shape} row lacks field '{field}'"))
+        .ok_or_else(|| missing(format!("{shape} row lacks field '{field}'")))
 }
 
 /// Field names of one message shape.
@@ -271,13 +291,13 @@ fn sharegpt_role(from: &str) -> Option<&'static str> {
 
 fn message_list(v: &Value, field: &str, keys: RoleKeys) -> Found<Vec<Message>> {
     let items = v.as_array().ok_or_else(|| {
-        format!(
+        wrong_type(format!(
             "field '{field}' must be a list of messages, found {}",
             json_kind(v)
-        )
+        ))
     })?;
     if items.is_empty() {
-        return Err(format!("field '{field}' is an empty list"));
+        return Err(invalid(format!("field '{field}' is an empty list")));
     }
     items
         .iter()
@@ -289,7 +309,7 @@ fn message_list(v: &Value, field: &str, keys: RoleKeys) -> Found<Vec<Message>> {
 fn message(v: &Value, at: &str, keys: RoleKeys) -> Found<Message> {
     let obj = v
         .as_object()
-        .ok_or_else(|| format!("'{at}' must be an object, found {}", json_kind(v)))?;
+        .ok_or_else(|| wrong_type(format!("'{at}' must be an object, found {}", json_kind(v))))?;
     // ShareGPT files sometimes use role/content inside `conversations`.
     let keys = if keys.sharegpt && !obj.contains_key("from") && obj.contains_key("role") {
         RoleKeys::OPENAI
@@ -298,19 +318,19 @@ fn message(v: &Value, at: &str, keys: RoleKeys) -> Found<Message> {
     };
     let role_v = obj
         .get(keys.role)
-        .ok_or_else(|| format!("'{at}' lacks field '{}'", keys.role))?;
+        .ok_or_else(|| missing(format!("'{at}' lacks field '{}'", keys.role)))?;
     let role_s = role_v.as_str().ok_or_else(|| {
-        format!(
+        wrong_type(format!(
             "'{at}.{}' must be a string, found {}",
             keys.role,
             json_kind(role_v)
-        )
+        ))
     })?;
     let role = if keys.sharegpt {
         sharegpt_role(role_s).ok_or_else(|| {
-            format!(
+            invalid(format!(
                 "'{at}.from' is '{role_s}'; expected human, gpt, system, tool (or user, assistant)"
-            )
+            ))
         })?
     } else {
         ROLES
@@ -318,10 +338,10 @@ fn message(v: &Value, at: &str, keys: RoleKeys) -> Found<Message> {
             .find(|r| **r == role_s)
             .copied()
             .ok_or_else(|| {
-                format!(
+                invalid(format!(
                     "'{at}.role' is '{role_s}'; expected one of {}",
                     ROLES.join(", ")
-                )
+                ))
             })?
     };
     let content = match obj.get(keys.content) {
@@ -330,7 +350,7 @@ fn message(v: &Value, at: &str, keys: RoleKeys) -> Found<Message> {
         {
             String::new()
         }
-        None => return Err(format!("'{at}' lacks field '{}'", keys.content)),
+        None => return Err(missing(format!("'{at}' lacks field '{}'", keys.content))),
         Some(c) => content_text(c, &format!("{at}.{}", keys.content))?,
     };
     let extra = obj
@@ -359,31 +379,31 @@ fn content_text(v: &Value, at: &str) -> Found<String> {
                         match (kind, p.get("text")) {
                             ("text", Some(Value::String(s))) => out.push_str(s),
                             ("text", _) => {
-                                return Err(format!(
+                                return Err(wrong_type(format!(
                                     "'{at}[{i}]' is a text part without a string 'text'"
-                                ))
+                                )))
                             }
                             (other, _) => {
-                                return Err(format!(
+                                return Err(wrong_type(format!(
                                     "'{at}[{i}]' is a '{other}' part; only text parts are supported"
-                                ))
+                                )))
                             }
                         }
                     }
                     other => {
-                        return Err(format!(
+                        return Err(wrong_type(format!(
                             "'{at}[{i}]' must be a text part, found {}",
                             json_kind(other)
-                        ))
+                        )))
                     }
                 }
             }
             Ok(out)
         }
-        other => Err(format!(
+        other => Err(wrong_type(format!(
             "'{at}' must be a string or a list of text parts, found {}",
             json_kind(other)
-        )),
+        ))),
     }
 }
 
@@ -424,10 +444,10 @@ fn side(v: &Value, field: &str) -> Found<Side> {
     match v {
         Value::String(s) => Ok(Side::Text(s.clone())),
         Value::Array(_) => Ok(Side::Messages(message_list(v, field, RoleKeys::OPENAI)?)),
-        other => Err(format!(
+        other => Err(wrong_type(format!(
             "field '{field}' must be a string or a list of messages, found {}",
             json_kind(other)
-        )),
+        ))),
     }
 }
 
@@ -460,13 +480,18 @@ fn preference(row: &Map<String, Value>) -> Found<Detected> {
             // The prompt is the messages both sides share.
             let n = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
             if n == c.len() || n == r.len() {
-                return Err("'chosen' and 'rejected' do not differ after their shared messages".into());
+                return Err(invalid(
+                    "'chosen' and 'rejected' do not differ after their shared messages",
+                ));
             }
             vec![chat(c, n), chat(r, n)]
         }
         (None, Side::Text(c), Side::Text(r)) => vec![Spec::Raw { text: c }, Spec::Raw { text: r }],
         (None, _, _) => {
-            return Err("without a 'prompt', 'chosen' and 'rejected' must both be strings or both message lists".into())
+            return Err(wrong_type(
+                "without a 'prompt', 'chosen' and 'rejected' must both be strings or both message lists"
+                    .into(),
+            ))
         }
     };
     Ok(Detected {
@@ -484,10 +509,10 @@ fn kto(row: &Map<String, Value>) -> Found<Detected> {
     );
     let label_v = required(row, "label", "a KTO")?;
     let label = label_v.as_bool().ok_or_else(|| {
-        format!(
+        wrong_type(format!(
             "field 'label' must be true or false, found {}",
             json_kind(label_v)
-        )
+        ))
     })?;
     let n = prompt.len();
     let mut messages = prompt;
@@ -566,18 +591,32 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_field() {
-        assert!(det(r#"{"foo":1}"#).unwrap_err().contains("no known shape"));
-        assert!(det(r#"{"messages":[{"role":"user","content":3}]}"#)
-            .unwrap_err()
-            .contains("'messages[0].content'"));
-        assert!(det(r#"{"messages":[{"role":"bot","content":"x"}]}"#)
-            .unwrap_err()
-            .contains("'bot'"));
-        assert!(det(r#"{"prompt":"p","completion":"c","label":"yes"}"#)
-            .unwrap_err()
-            .contains("'label'"));
-        assert!(det(r#"{"messages":[]}"#).unwrap_err().contains("empty"));
-        assert!(det(r#"{"text":5}"#).unwrap_err().contains("'text'"));
+    fn errors_name_the_field_and_cause() {
+        let cases = [
+            (r#"{"foo":1}"#, Cause::UnknownFormat, "no known shape"),
+            (
+                r#"{"messages":[{"role":"user","content":3}]}"#,
+                Cause::WrongFieldType,
+                "'messages[0].content'",
+            ),
+            (
+                r#"{"messages":[{"role":"bot","content":"x"}]}"#,
+                Cause::InvalidValue,
+                "'bot'",
+            ),
+            (
+                r#"{"prompt":"p","completion":"c","label":"yes"}"#,
+                Cause::WrongFieldType,
+                "'label'",
+            ),
+            (r#"{"messages":[]}"#, Cause::InvalidValue, "empty"),
+            (r#"{"text":5}"#, Cause::WrongFieldType, "'text'"),
+            (r#"{"instruction":"i"}"#, Cause::MissingField, "'output'"),
+        ];
+        for (row, cause, words) in cases {
+            let bad = det(row).unwrap_err();
+            assert_eq!(bad.cause, cause, "{row}");
+            assert!(bad.message.contains(words), "{}", bad.message);
+        }
     }
 }

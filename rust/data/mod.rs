@@ -3,6 +3,7 @@
 //! `prepare::prepare` runs the whole pipeline; each step lives in its own module so the
 //! Python reference (`backpropagate/data/reference.py`) can mirror it one to one.
 
+pub mod bad;
 pub mod bpe;
 pub mod cache;
 pub mod config;

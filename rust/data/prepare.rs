@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::bad::{BadRow, Cause};
 use super::config::{Overlong, Settings, TrainOn};
 use super::detect::{detect, Detected, Format, Kind, Spec};
 use super::filter::trace_spans;
@@ -43,19 +44,6 @@ pub struct Prepared {
     pub max_seq_length: usize,
     /// What was read, used and dropped.
     pub stats: Stats,
-    /// Kind of the first bad row (it decides the error code of a refusal).
-    pub first_bad: Option<BadKind>,
-}
-
-/// Why a row gave no samples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadKind {
-    /// Not a JSON object.
-    Parse,
-    /// No known shape, or fields of the wrong type.
-    Validation,
-    /// The chat template failed on it.
-    Template,
 }
 
 /// One sample's tokens and labels.
@@ -90,7 +78,7 @@ enum Outcome {
         format: Format,
         reason: &'static str,
     },
-    Bad(BadKind, String),
+    Bad(BadRow),
 }
 
 /// Prepares `data` (the bytes of file `name`), refusing bad rows unless `skip_invalid`.
@@ -113,31 +101,42 @@ pub fn build(
     settings: &Settings,
 ) -> Result<Prepared> {
     settings.check()?;
-    let records = split_records(data)
-        .map_err(|(line, msg)| Error::DatasetParse(format!("{name}:{line}: {msg}")))?;
+    let records = records_of(name, data)?;
     let mut acc = Accumulator::new(name, settings, model.default_template);
     for chunk in records.chunks(CHUNK) {
-        let detected: Vec<std::result::Result<Detected, (BadKind, String)>> =
-            chunk.par_iter().map(detect_record).collect();
+        let detected: Vec<Detection> = chunk.par_iter().map(detect_record).collect();
         acc.kinds.check(chunk, &detected)?;
         let outcomes: Vec<Outcome> = detected
             .into_par_iter()
             .map(|d| match d {
                 Ok(det) => process(det, model, settings, acc.kinds.kind()),
-                Err((kind, msg)) => Outcome::Bad(kind, msg),
+                Err(bad) => Outcome::Bad(bad),
             })
             .collect();
         for (rec, outcome) in chunk.iter().zip(outcomes) {
-            acc.add(rec, outcome);
+            acc.add(rec, outcome)?;
         }
     }
     Ok(acc.finish())
 }
 
+/// The records of file `name` (a broken JSON array is an error for the whole file).
+pub(crate) fn records_of<'a>(name: &str, data: &'a [u8]) -> Result<Vec<Record<'a>>> {
+    split_records(data).map_err(|(line, msg)| Error::DatasetParse(format!("{name}:{line}: {msg}")))
+}
+
 /// Errors for bad rows (unless skipped) and for a dataset with nothing left.
 pub fn refuse_if_unusable(name: &str, prepared: &Prepared, settings: &Settings) -> Result<()> {
-    let stats = &prepared.stats;
-    if stats.errors_total > 0 && !settings.skip_invalid {
+    match refusal(name, &prepared.stats, settings.skip_invalid) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Why training would refuse a file with these stats: bad rows (unless `skip_invalid`),
+/// or no usable row. `validate` reports it with the same code.
+pub fn refusal(name: &str, stats: &Stats, skip_invalid: bool) -> Option<Error> {
+    if let (Some((cause, _)), false) = (stats.first_bad, skip_invalid) {
         let mut msg = format!(
             "{name}: {} bad row{} of {} read; fix {} or pass skip_invalid=True (--skip-invalid) to skip and count them:",
             stats.errors_total,
@@ -155,35 +154,45 @@ pub fn refuse_if_unusable(name: &str, prepared: &Prepared, settings: &Settings) 
                 stats.errors_total - stats.errors.len()
             ));
         }
-        return Err(match prepared.first_bad {
-            Some(BadKind::Parse) => Error::DatasetParse(msg),
-            Some(BadKind::Template) => Error::TemplateRender(msg),
-            _ => Error::DatasetValidation(msg),
-        });
+        return Some(cause.error(msg));
     }
-    if stats.rows_used == 0 {
-        let why = if stats.rows_read == 0 {
-            "the file has no rows".to_string()
-        } else {
-            let dropped: Vec<String> = stats
-                .dropped
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
-            format!(
-                "none of its {} rows is usable (dropped: {})",
-                stats.rows_read,
-                dropped.join(", ")
-            )
-        };
-        return Err(Error::DatasetEmpty(format!("{name}: {why}")));
+    if stats.rows_used > 0 {
+        return None;
     }
-    Ok(())
+    let why = if stats.rows_read == 0 {
+        "the file has no rows (it is empty or holds only blank lines)".to_string()
+    } else {
+        let dropped: Vec<String> = stats
+            .dropped
+            .iter()
+            .map(|(reason, n)| {
+                let lines = stats.dropped_lines.get(reason).map_or(&[][..], |l| l);
+                format!("{reason}: {n} ({})", line_list(name, lines, *n))
+            })
+            .collect();
+        format!(
+            "none of its {} rows is usable (dropped: {})",
+            stats.rows_read,
+            dropped.join("; ")
+        )
+    };
+    Some(Error::DatasetEmpty(format!("{name}: {why}")))
 }
 
-pub(crate) fn detect_record(rec: &Record<'_>) -> std::result::Result<Detected, (BadKind, String)> {
-    let row = parse_object(rec).map_err(|m| (BadKind::Parse, m))?;
-    detect(&row).map_err(|m| (BadKind::Validation, m))
+/// `file:3, file:8, ...` for the first lines of `total` rows.
+fn line_list(name: &str, lines: &[usize], total: usize) -> String {
+    let mut out: Vec<String> = lines.iter().map(|l| format!("{name}:{l}")).collect();
+    if total > lines.len() {
+        out.push("...".into());
+    }
+    out.join(", ")
+}
+
+/// A record's shape, or why it has none.
+pub(crate) type Detection = std::result::Result<Detected, BadRow>;
+
+pub(crate) fn detect_record(rec: &Record<'_>) -> Detection {
+    detect(&parse_object(rec)?)
 }
 
 enum RowFail {
@@ -202,7 +211,7 @@ fn process(det: Detected, model: &ModelAssets, settings: &Settings, kind: Kind) 
             traces,
         },
         Err(RowFail::Drop(reason)) => Outcome::Dropped { format, reason },
-        Err(RowFail::Template(msg)) => Outcome::Bad(BadKind::Template, msg),
+        Err(RowFail::Template(msg)) => Outcome::Bad(BadRow::new(Cause::Template, msg)),
     }
 }
 
@@ -368,11 +377,7 @@ impl<'a> KindGuard<'a> {
     }
 
     /// Errors at the first detected row whose kind differs from the file's.
-    pub(crate) fn check(
-        &mut self,
-        chunk: &[Record<'_>],
-        detected: &[std::result::Result<Detected, (BadKind, String)>],
-    ) -> Result<()> {
+    pub(crate) fn check(&mut self, chunk: &[Record<'_>], detected: &[Detection]) -> Result<()> {
         for (rec, d) in chunk.iter().zip(detected) {
             let Ok(det) = d else { continue };
             let kind = det.format.kind();
@@ -429,7 +434,6 @@ impl<'a> Accumulator<'a> {
                 kto_label: Vec::new(),
                 max_seq_length: settings.max_seq_length,
                 stats,
-                first_bad: None,
             },
             groups: Vec::new(),
             pairs: 0,
@@ -437,26 +441,15 @@ impl<'a> Accumulator<'a> {
         }
     }
 
-    fn add(&mut self, rec: &Record<'_>, outcome: Outcome) {
+    fn add(&mut self, rec: &Record<'_>, outcome: Outcome) -> Result<()> {
         let stats = &mut self.out.stats;
+        let keep = self.settings.max_errors;
         stats.rows_read += 1;
         match outcome {
-            Outcome::Bad(kind, msg) => {
-                stats.errors_total += 1;
-                stats.drop_row(match kind {
-                    BadKind::Template => "template_failed",
-                    _ => "invalid",
-                });
-                self.out.first_bad.get_or_insert(kind);
-                if stats.errors.len() < self.settings.max_errors {
-                    stats
-                        .errors
-                        .push(format!("{}:{}: {msg}", self.name, rec.line));
-                }
-            }
+            Outcome::Bad(bad) => stats.bad_row(self.name, rec.line, bad, keep)?,
             Outcome::Dropped { format, reason } => {
                 *stats.formats.entry(format.name().into()).or_default() += 1;
-                stats.drop_row(reason);
+                stats.drop_row(reason, rec.line, keep);
             }
             Outcome::Used {
                 format,
@@ -492,6 +485,7 @@ impl<'a> Accumulator<'a> {
                 }
             }
         }
+        Ok(())
     }
 
     fn finish(mut self) -> Prepared {

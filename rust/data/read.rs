@@ -6,6 +6,8 @@
 
 use serde::de::{Deserialize, IgnoredAny};
 
+use super::bad::{byte_order_mark, BadRow, Cause};
+
 /// A file's bytes: memory-mapped, or owned when the file is empty.
 pub enum FileBytes {
     /// The file mapped read-only.
@@ -194,21 +196,39 @@ pub fn json_error_text(e: &serde_json::Error) -> String {
 /// Parses one record into a JSON object, or says why it is not one.
 pub fn parse_object(
     rec: &Record<'_>,
-) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
-    let text = std::str::from_utf8(rec.bytes)
-        .map_err(|e| format!("invalid UTF-8 at byte {} of the line", e.valid_up_to() + 1))?;
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, BadRow> {
+    let text = std::str::from_utf8(rec.bytes).map_err(|e| not_utf8(rec.bytes, e.valid_up_to()))?;
     let mut de = serde_json::Deserializer::from_str(text);
     // `end` rejects trailing data on the line, like a strict JSONL reader.
     let value = serde_json::Value::deserialize(&mut de)
         .and_then(|v| de.end().map(|_| v))
-        .map_err(|e| json_error_text(&e))?;
+        .map_err(|e| BadRow::new(Cause::Malformed, json_error_text(&e)))?;
     match value {
         serde_json::Value::Object(map) => Ok(map),
-        other => Err(format!(
-            "the row is {}, not a JSON object",
-            json_kind(&other)
+        other => Err(BadRow::new(
+            Cause::NotAnObject,
+            format!("the row is {}, not a JSON object", json_kind(&other)),
         )),
     }
+}
+
+/// Why a line is not UTF-8: a UTF-16/32 byte-order mark, or the first invalid byte.
+fn not_utf8(bytes: &[u8], valid_up_to: usize) -> BadRow {
+    if let Some(encoding) = byte_order_mark(bytes) {
+        return BadRow::new(
+            Cause::ByteOrderMark(encoding),
+            format!("the line starts with a {encoding} byte-order mark"),
+        );
+    }
+    BadRow::new(
+        Cause::InvalidUtf8,
+        format!(
+            "invalid UTF-8 at byte {} of the line (byte 0x{:02X}); the file may be Latin-1 or \
+             Windows-1252: convert it to UTF-8",
+            valid_up_to + 1,
+            bytes[valid_up_to]
+        ),
+    )
 }
 
 /// Name of a JSON value's type, for messages.
@@ -263,20 +283,22 @@ mod tests {
 
     #[test]
     fn parse_reports_kind_and_utf8() {
-        let rec = Record {
-            line: 1,
-            bytes: b"[1, 2]",
-        };
-        assert!(parse_object(&rec).unwrap_err().contains("an array"));
-        let rec = Record {
-            line: 1,
-            bytes: b"{\"a\": \"\xff\"}",
-        };
-        assert!(parse_object(&rec).unwrap_err().contains("invalid UTF-8"));
-        let rec = Record {
-            line: 1,
-            bytes: b"{\"a\": 1} x",
-        };
-        assert!(parse_object(&rec).unwrap_err().contains("malformed JSON"));
+        let cause = |bytes: &[u8]| parse_object(&Record { line: 1, bytes }).unwrap_err();
+        let bad = cause(b"[1, 2]");
+        assert_eq!(bad.cause, Cause::NotAnObject);
+        assert!(bad.message.contains("an array"));
+        let bad = cause(b"{\"a\": \"caf\xe9\"}");
+        assert_eq!(bad.cause, Cause::InvalidUtf8);
+        assert!(
+            bad.message.contains("invalid UTF-8 at byte 11"),
+            "{}",
+            bad.message
+        );
+        assert!(bad.message.contains("0xE9"), "{}", bad.message);
+        let bad = cause(b"\xFF\xFE{\x00}\x00");
+        assert_eq!(bad.cause, Cause::ByteOrderMark("UTF-16 LE"));
+        let bad = cause(b"{\"a\": 1} x");
+        assert_eq!(bad.cause, Cause::Malformed);
+        assert!(bad.message.contains("malformed JSON"));
     }
 }

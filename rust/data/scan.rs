@@ -4,12 +4,13 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::detect::{Detected, Spec};
+use super::detect::Spec;
 use super::filter::{trace_spans, TraceProblem, CLOSE, OPEN};
-use super::prepare::{completion_texts, detect_record, BadKind, KindGuard, CHUNK};
-use super::read::split_records;
+use super::prepare::{
+    completion_texts, detect_record, records_of, refusal, Detection, KindGuard, CHUNK,
+};
 use super::stats::Stats;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How the `<think>` tags of samples look, before any token band is applied.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -33,17 +34,18 @@ pub struct Scan {
     pub traces: TraceShape,
     /// Characters of message text per sample (a preference pair gives two).
     pub lengths: Vec<u32>,
+    /// Code and message of the error training would refuse the file with, if any.
+    pub refusal: Option<(String, String)>,
 }
 
-/// Scans `data` (the bytes of file `name`); a file mixing kinds is an error.
-pub fn scan(name: &str, data: &[u8], max_errors: usize) -> Result<Scan> {
-    let records = split_records(data)
-        .map_err(|(line, msg)| Error::DatasetParse(format!("{name}:{line}: {msg}")))?;
+/// Scans `data` (the bytes of file `name`); a file mixing kinds, or in UTF-16/32, is an
+/// error. Bad rows are listed, and the refusal they cause unless `skip_invalid`.
+pub fn scan(name: &str, data: &[u8], max_errors: usize, skip_invalid: bool) -> Result<Scan> {
+    let records = records_of(name, data)?;
     let mut out = Scan::default();
     let mut kinds = KindGuard::new(name);
     for chunk in records.chunks(CHUNK) {
-        let detected: Vec<std::result::Result<Detected, (BadKind, String)>> =
-            chunk.par_iter().map(detect_record).collect();
+        let detected: Vec<Detection> = chunk.par_iter().map(detect_record).collect();
         kinds.check(chunk, &detected)?;
         for (rec, d) in chunk.iter().zip(detected) {
             let stats = &mut out.stats;
@@ -57,18 +59,13 @@ pub fn scan(name: &str, data: &[u8], max_errors: usize) -> Result<Scan> {
                         trace_shape(spec, &mut out.traces);
                     }
                 }
-                Err((_, msg)) => {
-                    stats.errors_total += 1;
-                    stats.drop_row("invalid");
-                    if stats.errors.len() < max_errors {
-                        stats.errors.push(format!("{name}:{}: {msg}", rec.line));
-                    }
-                }
+                Err(bad) => stats.bad_row(name, rec.line, bad, max_errors)?,
             }
         }
     }
     out.stats.kind = kinds.kind().name().to_string();
     out.stats.samples = out.lengths.len();
+    out.refusal = refusal(name, &out.stats, skip_invalid).map(|e| (e.code().into(), e.to_string()));
     Ok(out)
 }
 
@@ -104,7 +101,7 @@ mod tests {
     fn scan_counts_formats_errors_and_traces() {
         let data = b"{\"text\": \"abc\"}\n{oops\n{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, \
             {\"role\": \"assistant\", \"content\": \"<think>x</think>yes\"}]}\n";
-        let s = scan("d.jsonl", data, 5).unwrap();
+        let s = scan("d.jsonl", data, 5, false).unwrap();
         assert_eq!(s.stats.rows_read, 3);
         assert_eq!(
             s.stats.errors,
@@ -113,5 +110,29 @@ mod tests {
         assert_eq!(s.lengths, vec![3, 1 + 19]);
         assert_eq!(s.traces.balanced, 1);
         assert_eq!(s.stats.formats.get("messages"), Some(&1));
+        assert_eq!(s.stats.dropped_lines["parse_error"], vec![2]);
+    }
+
+    #[test]
+    fn utf16_files_are_refused_whole() {
+        let text = "{\"text\": \"abc\"}\n{\"text\": \"d\"}\n";
+        let le: Vec<u8> = "\u{feff}"
+            .chars()
+            .chain(text.chars())
+            .flat_map(|c| (c as u16).to_le_bytes())
+            .collect();
+        let err = scan("d.jsonl", &le, 5, true).unwrap_err();
+        assert_eq!(err.code(), "INPUT_DATASET_ENCODING_UNSUPPORTED");
+        assert!(err.to_string().contains("UTF-16 LE"), "{err}");
+        // A Latin-1 line among UTF-8 ones is one bad line.
+        let latin1 = b"{\"text\": \"caf\xe9\"}\n{\"text\": \"ok\"}\n";
+        let s = scan("d.jsonl", latin1, 5, false).unwrap();
+        assert_eq!((s.stats.rows_used, s.stats.dropped["encoding"]), (1, 1));
+        let (code, message) = s.refusal.unwrap();
+        assert_eq!(code, "INPUT_DATASET_PARSE_FAILED");
+        assert!(message.contains("d.jsonl:1: invalid UTF-8"), "{message}");
+        assert_eq!(scan("d.jsonl", latin1, 5, true).unwrap().refusal, None);
+        let (code, _) = scan("d.jsonl", b"\n \n", 5, true).unwrap().refusal.unwrap();
+        assert_eq!(code, "INPUT_DATASET_EMPTY");
     }
 }

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::to_py_err;
+use crate::data::bad::BadRow;
 use crate::data::cache::{self, Meta};
 use crate::data::config::Settings;
 use crate::data::detect::detect;
@@ -25,6 +26,7 @@ enum Outcome {
         cache_dir: Option<PathBuf>,
         cache: &'static str,
         cache_error: Option<String>,
+        refusal: Option<(&'static str, String)>,
     },
     /// Loaded from a verified cache entry.
     Cached { dir: PathBuf, meta: Box<Meta> },
@@ -79,6 +81,8 @@ fn run_prepare(
     } else {
         pipeline::build(source, &bytes, &model, settings)?
     };
+    let refusal = pipeline::refusal(source, &prepared.stats, settings.skip_invalid)
+        .map(|e| (e.code(), e.to_string()));
     let (cache_dir, cache_error) = match &key {
         Some((root, key)) if strict => match cache::write(root, key, &prepared) {
             Ok(dir) => (Some(dir), None),
@@ -91,14 +95,16 @@ fn run_prepare(
         cache_dir,
         cache: cache_state,
         cache_error,
+        refusal,
     })
 }
 
 /// Prepares a dataset file for training.
 ///
 /// Returns a dict: `kind`, `max_seq_length`, `stats_json`, `cache` ("off", "miss",
-/// "rebuilt" or "hit"), `cache_dir`, and the arrays when built now (a cache hit leaves
-/// them on disk for numpy to memory-map).
+/// "rebuilt" or "hit"), `cache_dir`, and, when built now, the arrays (a cache hit leaves
+/// them on disk for numpy to memory-map) and `refusal`: the (code, message) a strict run
+/// refuses the file with, or None.
 #[pyfunction]
 #[pyo3(signature = (source, model_dir, settings_json, cache_root=None, data=None, strict=true))]
 fn prepare_dataset<'py>(
@@ -131,6 +137,7 @@ fn prepare_dataset<'py>(
             cache_dir,
             cache,
             cache_error,
+            refusal,
         } => {
             let p = *prepared;
             out.set_item("kind", p.kind.name())?;
@@ -142,6 +149,7 @@ fn prepare_dataset<'py>(
             out.set_item("cache", cache)?;
             out.set_item("cache_dir", cache_dir.map(|d| d.display().to_string()))?;
             out.set_item("cache_error", cache_error)?;
+            out.set_item("refusal", refusal)?;
             out.set_item("input_ids", p.input_ids.into_pyarray(py))?;
             out.set_item("labels", p.labels.into_pyarray(py))?;
             out.set_item("sample_offsets", p.sample_offsets.into_pyarray(py))?;
@@ -207,8 +215,9 @@ fn detect_row(line: &str) -> PyResult<String> {
         line: 1,
         bytes: line.as_bytes(),
     };
-    let row = parse_object(&rec).map_err(|e| to_py_err(Error::DatasetParse(e)))?;
-    let det = detect(&row).map_err(|e| to_py_err(Error::DatasetValidation(e)))?;
+    let bad = |b: BadRow| to_py_err(b.cause.error(b.message));
+    let row = parse_object(&rec).map_err(bad)?;
+    let det = detect(&row).map_err(bad)?;
     Ok(det.to_json().to_string())
 }
 
@@ -229,19 +238,21 @@ fn pack_bfd(
 }
 
 /// Scans a dataset without a model (for `backprop validate`): returns the scan as JSON
-/// (stats, trace tag structure, characters per sample).
+/// (stats, trace tag structure, characters per sample, and the refusal training would
+/// give as `[code, message]` or null).
 #[pyfunction]
-#[pyo3(signature = (source, max_errors=20, data=None))]
+#[pyo3(signature = (source, max_errors=20, data=None, skip_invalid=false))]
 fn scan_dataset(
     py: Python<'_>,
     source: &str,
     max_errors: usize,
     data: Option<Vec<u8>>,
+    skip_invalid: bool,
 ) -> PyResult<String> {
     let found = py
         .detach(|| {
             let bytes = source_bytes(source, data)?;
-            crate::data::scan::scan(source, &bytes, max_errors)
+            crate::data::scan::scan(source, &bytes, max_errors, skip_invalid)
         })
         .map_err(to_py_err)?;
     Ok(serde_json::to_string(&found).unwrap_or_default())

@@ -9,11 +9,12 @@ from typing import Annotated, Any
 
 import typer
 
-from backpropagate.cli import app, fail_as_json
+from backpropagate.cli import app, fail_as_json, print_error
 from backpropagate.cli.options import command_with_options, given_options
 from backpropagate.config import TrainConfig, resolve_settings
 from backpropagate.data.config import DataConfig, field_help
-from backpropagate.errors import EXIT_BAD_INPUT, BackpropagateError
+from backpropagate.data.dataset import dropped_lines_text
+from backpropagate.errors import BackpropagateError, from_code
 
 HELP = field_help(TrainConfig)
 
@@ -47,8 +48,12 @@ def validate(
             fail_as_json(err, file=str(file))
         raise
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
-    if not report["ok"]:
-        raise typer.Exit(EXIT_BAD_INPUT)
+    if report["error"]:
+        # The refusal `train` would give for this file: same code, same exit status.
+        refused = from_code(report["error"]["code"], report["error"]["message"])
+        if not as_json:
+            print_error(refused)
+        raise typer.Exit(refused.exit_status)
 
 
 command_with_options(validate, DataConfig, groups={DataConfig: "Data"})
@@ -63,15 +68,18 @@ def render(report: dict[str, Any]) -> str:
     ]
     tokens = report.get("tokens")
     if tokens:
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(tokens["dropped"].items())) or "none"
-        lines += [
+        lines.append(
             f"model {report['model']}: {tokens['tokens']} tokens in {tokens['samples']} samples, "
             f"{tokens['label_tokens']} carry the loss; {tokens['rows']} packed rows of {tokens['max_seq_length']} "
-            f"(fill {tokens['fill']:.0%}); truncated {tokens['truncated']}",
-            f"dropped: {dropped}",
-        ]
+            f"(fill {tokens['fill']:.0%}); truncated {tokens['truncated']}"
+        )
         if tokens["default_template"]:
             lines.append("note: the model has no chat template; the ChatML default was used")
+    if tokens or report["dropped"]:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())) or "none"
+        lines.append(f"dropped: {dropped}")
+        if report["dropped"]:
+            lines.append(f"  first lines: {dropped_lines_text(report, report['file'])}")
     traces = report["traces"]
     if traces["with_tags"]:
         line = (
@@ -97,5 +105,5 @@ def render(report: dict[str, Any]) -> str:
         shown = len(report["errors"])
         lines.append(f"errors ({report['errors_total']}, first {shown}):")
         lines += [f"  {e}" for e in report["errors"]]
-    lines.append("ok" if report["ok"] else "not usable as is: fix the errors above or pass --skip-invalid to train")
+    lines.append("ok" if report["ok"] else f"not usable as is: {report['error']['code']} (below)")
     return "\n".join(lines)

@@ -149,3 +149,19 @@ class PreparedDataset:
             rows = order[b * rows_per_batch : (b + 1) * rows_per_batch]
             samples = np.concatenate([self.row_samples(int(r)) for r in rows])
             yield self.batch_of(samples)
+
+
+def dropped_lines_text(stats: dict[str, Any], file: str, limit: int | None = None) -> str:
+    """`reason at file:3, file:8; ...`: where the first dropped rows of each reason are.
+
+    Args:
+        stats: Preparation stats with `dropped` (reason -> rows) and `dropped_lines` (reason -> lines).
+        file: The dataset file, to name each line as `file:line`.
+        limit: Most lines shown per reason (all that the stats kept when None).
+    """
+    parts = []
+    for reason, lines in sorted((stats.get("dropped_lines") or {}).items()):
+        shown = lines[:limit]
+        more = ", ..." if stats["dropped"].get(reason, 0) > len(shown) else ""
+        parts.append(f"{reason} at " + ", ".join(f"{file}:{line}" for line in shown) + more)
+    return "; ".join(parts)

@@ -85,14 +85,23 @@ class Detected:
         return {"preference": "preference", "kto": "kto"}.get(self.format, "sft")
 
 
+# Reasons of bad rows in the dropped counts (rust/data/bad.rs).
+PARSE_ERROR, NOT_AN_OBJECT, UNKNOWN_FORMAT = "parse_error", "not_an_object", "unknown_format"
+MISSING_FIELD, WRONG_FIELD_TYPE, INVALID_VALUE = "missing_field", "wrong_field_type", "invalid_value"
+
+
 class RowError(ValueError):
-    """A row of no known shape, or with a field of the wrong type."""
+    """A bad or dropped row; `reason` names it in the dropped counts (the message by default)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def detect(row: Any) -> Detected:
     """Recognises a row's shape; the first matching shape in this order wins."""
     if not isinstance(row, dict):
-        raise RowError("not a JSON object")
+        raise RowError("not a JSON object", NOT_AN_OBJECT)
     if "messages" in row:
         return Detected("messages", [Chat(_messages(row["messages"], "messages", sharegpt=False), 0)])
     if "conversations" in row:
@@ -106,40 +115,40 @@ def detect(row: Any) -> Detected:
     if "text" in row:
         text = row["text"]
         if not isinstance(text, str):
-            raise RowError("field 'text' must be a string")
+            raise RowError("field 'text' must be a string", WRONG_FIELD_TYPE)
         if not text.strip(WHITE_SPACE):
-            raise RowError("field 'text' is empty")
+            raise RowError("field 'text' is empty", INVALID_VALUE)
         return Detected("text", [Raw(text)])
-    raise RowError("the row has no known shape")
+    raise RowError("the row has no known shape", UNKNOWN_FORMAT)
 
 
 def _messages(value: Any, field_name: str, *, sharegpt: bool) -> list[Message]:
     if not isinstance(value, list):
-        raise RowError(f"field '{field_name}' must be a list of messages")
+        raise RowError(f"field '{field_name}' must be a list of messages", WRONG_FIELD_TYPE)
     if not value:
-        raise RowError(f"field '{field_name}' is an empty list")
+        raise RowError(f"field '{field_name}' is an empty list", INVALID_VALUE)
     return [_message(item, f"{field_name}[{i}]", sharegpt=sharegpt) for i, item in enumerate(value)]
 
 
 def _message(item: Any, at: str, *, sharegpt: bool) -> Message:
     if not isinstance(item, dict):
-        raise RowError(f"'{at}' must be an object")
+        raise RowError(f"'{at}' must be an object", WRONG_FIELD_TYPE)
     role_key, content_key = (
         ("from", "value") if sharegpt and ("from" in item or "role" not in item) else ("role", "content")
     )
     if role_key not in item:
-        raise RowError(f"'{at}' lacks field '{role_key}'")
+        raise RowError(f"'{at}' lacks field '{role_key}'", MISSING_FIELD)
     raw_role = item[role_key]
     if not isinstance(raw_role, str):
-        raise RowError(f"'{at}.{role_key}' must be a string")
+        raise RowError(f"'{at}.{role_key}' must be a string", WRONG_FIELD_TYPE)
     role = SHAREGPT_ROLES.get(raw_role) if role_key == "from" else (raw_role if raw_role in ROLES else None)
     if role is None:
-        raise RowError(f"'{at}.{role_key}' is '{raw_role}'")
+        raise RowError(f"'{at}.{role_key}' is '{raw_role}'", INVALID_VALUE)
     content = item.get(content_key)
     if content is None and ("tool_calls" in item or "function_call" in item):
         text = ""
     elif content_key not in item:
-        raise RowError(f"'{at}' lacks field '{content_key}'")
+        raise RowError(f"'{at}' lacks field '{content_key}'", MISSING_FIELD)
     else:
         text = _content_text(content, f"{at}.{content_key}")
     extra = {k: v for k, v in item.items() if k not in (role_key, content_key)}
@@ -150,7 +159,7 @@ def _content_text(value: Any, at: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise RowError(f"'{at}' must be a string or a list of text parts")
+        raise RowError(f"'{at}' must be a string or a list of text parts", WRONG_FIELD_TYPE)
     parts = []
     for i, part in enumerate(value):
         if isinstance(part, str):
@@ -158,15 +167,15 @@ def _content_text(value: Any, at: str) -> str:
         elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
             parts.append(part["text"])
         else:
-            raise RowError(f"'{at}[{i}]' is not a text part")
+            raise RowError(f"'{at}[{i}]' is not a text part", WRONG_FIELD_TYPE)
     return "".join(parts)
 
 
 def _string(row: dict[str, Any], key: str, shape: str) -> str:
     if key not in row:
-        raise RowError(f"{shape} row lacks field '{key}'")
+        raise RowError(f"{shape} row lacks field '{key}'", MISSING_FIELD)
     if not isinstance(row[key], str):
-        raise RowError(f"field '{key}' must be a string")
+        raise RowError(f"field '{key}' must be a string", WRONG_FIELD_TYPE)
     return row[key]
 
 
@@ -175,7 +184,7 @@ def _optional_string(row: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RowError(f"field '{key}' must be a string")
+        raise RowError(f"field '{key}' must be a string", WRONG_FIELD_TYPE)
     return value
 
 
@@ -195,7 +204,7 @@ def _side(row: dict[str, Any], key: str) -> str | list[Message]:
         return value
     if isinstance(value, list):
         return _messages(value, key, sharegpt=False)
-    raise RowError(f"field '{key}' must be a string or a list of messages")
+    raise RowError(f"field '{key}' must be a string or a list of messages", WRONG_FIELD_TYPE)
 
 
 def _as_messages(side: str | list[Message], role: str) -> list[Message]:
@@ -205,7 +214,7 @@ def _as_messages(side: str | list[Message], role: str) -> list[Message]:
 def _preference(row: dict[str, Any]) -> Detected:
     for key in ("chosen", "rejected"):
         if key not in row:
-            raise RowError(f"a preference row lacks field '{key}'")
+            raise RowError(f"a preference row lacks field '{key}'", MISSING_FIELD)
     chosen, rejected = _side(row, "chosen"), _side(row, "rejected")
     if row.get("prompt") is not None:
         prompt = _as_messages(_side(row, "prompt"), "user")
@@ -217,23 +226,23 @@ def _preference(row: dict[str, Any]) -> Detected:
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         if shared in (len(chosen), len(rejected)):
-            raise RowError("'chosen' and 'rejected' do not differ after their shared messages")
+            raise RowError("'chosen' and 'rejected' do not differ after their shared messages", INVALID_VALUE)
         specs = [Chat(chosen, shared), Chat(rejected, shared)]
     elif isinstance(chosen, str) and isinstance(rejected, str):
         specs = [Raw(chosen), Raw(rejected)]
     else:
-        raise RowError("without a 'prompt', 'chosen' and 'rejected' must be of one type")
+        raise RowError("without a 'prompt', 'chosen' and 'rejected' must be of one type", WRONG_FIELD_TYPE)
     return Detected("preference", specs)
 
 
 def _kto(row: dict[str, Any]) -> Detected:
     for key in ("prompt", "completion", "label"):
         if key not in row:
-            raise RowError(f"a KTO row lacks field '{key}'")
+            raise RowError(f"a KTO row lacks field '{key}'", MISSING_FIELD)
     prompt = _as_messages(_side(row, "prompt"), "user")
     completion = _as_messages(_side(row, "completion"), "assistant")
     if not isinstance(row["label"], bool):
-        raise RowError("field 'label' must be true or false")
+        raise RowError("field 'label' must be true or false", WRONG_FIELD_TYPE)
     return Detected("kto", [Chat(prompt + completion, len(prompt))], kto_label=row["label"])
 
 
@@ -290,12 +299,12 @@ def _assistant_span(render: Render, messages: list[Message], full: str, i: int) 
     marked = [*messages[:i], {**messages[i], "content": SENTINEL}, *messages[i + 1 :]]
     marked_full, marked_upto = render(marked, False), render(marked[: i + 1], False)
     if SENTINEL in full or marked_full.count(SENTINEL) != 1 or marked_upto.count(SENTINEL) != 1:
-        raise RowError(f"cannot locate assistant message {i + 1} in the chat template's rendering")
+        raise RowError(f"cannot locate assistant message {i + 1} in the chat template's rendering", "template_failed")
     pos = marked_full.index(SENTINEL)
     after = marked_full[pos + len(SENTINEL) :]
     content_end = len(full) - len(after)
     if content_end < pos or full[:pos] != marked_full[:pos] or full[content_end:] != after:
-        raise RowError(f"cannot locate assistant message {i + 1} in the chat template's rendering")
+        raise RowError(f"cannot locate assistant message {i + 1} in the chat template's rendering", "template_failed")
     tail = _common_prefix(full[content_end:], marked_upto[marked_upto.index(SENTINEL) + len(SENTINEL) :])
     start = len(prompt) if full.startswith(prompt) and len(prompt) <= pos else pos
     return _utf8_len(full[:start]), _utf8_len(full[: content_end + tail])
@@ -490,6 +499,13 @@ def _check_trace(model: ReferenceModel, spec: Chat | Raw, config: DataConfig) ->
         raise RowError("trace_too_long")
 
 
+def _parse(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise RowError(f"malformed JSON: {exc}", PARSE_ERROR) from exc
+
+
 def prepare_reference(lines: list[str], model: ReferenceModel, config: DataConfig) -> ReferenceResult:
     """Runs the reference pipeline over JSONL lines (blank lines skipped)."""
     out = ReferenceResult(kind="sft")
@@ -500,10 +516,10 @@ def prepare_reference(lines: list[str], model: ReferenceModel, config: DataConfi
         if not line.strip():
             continue
         try:
-            det = detect(json.loads(line))
-        except (ValueError, RowError):
+            det = detect(_parse(line))
+        except RowError as err:
             out.bad_lines.append(number)
-            out.dropped["invalid"] = out.dropped.get("invalid", 0) + 1
+            out.dropped[err.reason] = out.dropped.get(err.reason, 0) + 1
             continue
         if kind is None:
             kind = det.kind
@@ -520,8 +536,7 @@ def prepare_reference(lines: list[str], model: ReferenceModel, config: DataConfi
                 raise RowError("no_labels")
             samples = _fit(samples, config)
         except RowError as err:
-            reason = str(err)
-            out.dropped[reason] = out.dropped.get(reason, 0) + 1
+            out.dropped[err.reason] = out.dropped.get(err.reason, 0) + 1
             continue
         first = len(out.samples)
         groups.append(list(range(first, first + len(samples))))

@@ -16,19 +16,24 @@ import numpy as np
 from backpropagate import _core
 from backpropagate.data.config import DataConfig
 from backpropagate.data.prepare import run_engine, source_bytes
+from backpropagate.errors import from_code
 
 
 def validate(data: str | Path, model: str | Path | None = None, config: DataConfig | None = None) -> dict[str, Any]:
     """Builds the validation report of `data` (see module docstring); `ok` says whether it can train.
 
+    When training would refuse the file, `error` holds that refusal (`BackpropagateError.to_dict()`,
+    the same code `train` gives) and `ok` is False.
+
     Raises:
-        InputError: the file is missing, or mixes SFT, preference and KTO rows.
+        InputError: the file is missing or unreadable, not UTF-8, or mixes SFT, preference and KTO rows.
     """
     config = config or DataConfig()
     path = Path(data)
     raw = source_bytes(path)
-    found = json.loads(_core.scan_dataset(str(path), config.max_errors, raw))
+    found = json.loads(_core.scan_dataset(str(path), config.max_errors, raw, config.skip_invalid))
     stats = found["stats"]
+    refusal = found["refusal"]
     report: dict[str, Any] = {
         "file": str(path),
         "kind": stats["kind"],
@@ -37,6 +42,8 @@ def validate(data: str | Path, model: str | Path | None = None, config: DataConf
         "formats": stats["formats"],
         "errors": stats["errors"],
         "errors_total": stats["errors_total"],
+        "dropped": stats["dropped"],
+        "dropped_lines": stats["dropped_lines"],
         "traces": found["traces"],
         "lengths": length_summary(np.asarray(found["lengths"], dtype=np.int64), "chars"),
     }
@@ -54,13 +61,12 @@ def validate(data: str | Path, model: str | Path | None = None, config: DataConf
         report["tokens"]["default_template"] = prepared["default_template"]
         if prepared.get("trace") is not None:
             report["traces"]["tokens"] = prepared["trace"]
-        # Template failures only show with a model; they are bad rows too.
-        report["errors"] = prepared["errors"]
-        report["errors_total"] = prepared["errors_total"]
-        usable = prepared["rows_used"] > 0
-    else:
-        usable = stats["rows_used"] > 0
-    report["ok"] = report["errors_total"] == 0 and usable
+        # Template failures and token-level drops only show with a model.
+        for key in ("errors", "errors_total", "dropped", "dropped_lines"):
+            report[key] = prepared[key]
+        refusal = out["refusal"]
+    report["error"] = from_code(*refusal).to_dict() if refusal else None
+    report["ok"] = refusal is None
     return report
 
 
