@@ -51,6 +51,13 @@ CATALOG: dict[str, CodeInfo] = {
         "Each row needs a known shape (messages, conversations, instruction/output, text, "
         "chosen/rejected, completion/label); run `backprop validate FILE` for details."
     ),
+    "INPUT_DATASET_TOO_FEW_ROWS": CodeInfo(
+        "Each run needs at least 2 rows (one held out): give fewer --runs, a smaller --samples-per-run, or more rows."
+    ),
+    "INPUT_DATASET_MIXED_KINDS": CodeInfo(
+        "Every run of a multi-run trains one adapter with one method: give all runs the same kind of rows "
+        "(all chat/SFT, all preference pairs or all KTO rows)."
+    ),
     "INPUT_DATASET_EMPTY": CodeInfo(
         "The file is empty (or only blank lines), or every row was dropped for the reasons listed; "
         "add rows, or fix the rows on the listed lines."
@@ -122,6 +129,9 @@ FAMILY_EXIT = {
     "RUNTIME": EXIT_RUNTIME,
     "STATE": EXIT_STATE,
 }
+    "STATE_MULTI_RUN_NOT_FOUND": CodeInfo(
+        "No multi_run.json in the output folder: start the multi-run without --resume, or name its folder."
+    ),
 
 
 class BackpropagateError(Exception):

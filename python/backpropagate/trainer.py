@@ -33,6 +33,7 @@ from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
     from backpropagate.export import ExportResult, Format
+    from backpropagate.continual import MultiRunResult
 
 
 @dataclass
@@ -194,6 +195,7 @@ class Trainer:
             steps: Optimizer steps to reach (with resume: in total, counting earlier steps).
             epochs: Passes over the training rows (when `steps` is not given).
 
+        init_adapter: str | Path | None = None,
         Returns:
             The run's `TrainResult`.
         """
@@ -201,6 +203,8 @@ class Trainer:
         from backpropagate.backends.checkpoint import resumed_run_id
         from backpropagate.backends.loading import load_for_training
         from backpropagate.backends.metrics import plot_losses
+            init_adapter: A PEFT `adapter_model.safetensors` whose weights the new adapter starts
+                from (torch backend), instead of peft's initialisation.
         from backpropagate.backends.outputs import RUN_FILE, save_final
         from backpropagate.train.backend import resolve_backend
 
@@ -249,11 +253,12 @@ class Trainer:
                 self.model_path, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
             )
         else:
-            trained = load_for_training(self.model_path, config)
+            trained = load_for_training(self.model_path, config, Path(init_adapter) if init_adapter else None)
             outcome = torch_backend.train(
                 trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
             )
         self._trained = trained
+            **({"init_adapter": str(init_adapter)} if init_adapter is not None else {}),
         state = outcome.state
         command = cli_command(self.model_name, data_ref, steps, epochs, {**self.options, "output_dir": str(output_dir)})
         if outcome.stopped_by is not None:
@@ -261,6 +266,9 @@ class Trainer:
         curve = plot_losses(
             state.losses, state.eval_losses, output_dir / "loss.png", f"{self.model_ref} {trained.mode} {config.method}"
         )
+            if init_adapter is not None:
+                raise ConfigError("CONFIG_INVALID_SETTING", "init_adapter needs backend='torch' for now")
+
         run_info = {
             "run_id": run_id,
             "base_model": self.model_ref,
@@ -329,6 +337,26 @@ class Trainer:
     def _final_dir(self) -> Path:
         if self.result is not None:
             return self.result.adapter_dir
+    def multi_run(
+        self,
+        data: str | Path | list[str | Path],
+        steps: int | None = None,
+        epochs: float | None = None,
+        **multi_options: Any,
+    ) -> MultiRunResult:
+        """Continual training: one run per chunk of `data` (or per file), joined into one adapter.
+
+        Every option of this `Trainer` is forwarded to each run; `multi_options` are
+        `MultiRunConfig` fields (runs, samples_per_run, holdout, replay, lr_decay, merge_mode).
+        See `backpropagate.continual.runner` for the output layout and resume.
+        """
+        from backpropagate.continual import multi_run, multi_run_config
+
+        result = multi_run(self.model_name, self.options, data, multi_run_config(multi_options), steps, epochs)
+        self.result = None
+        self.config = dataclasses.replace(self.config, output_dir=str(result.output_dir))
+        return result
+
         output_dir = Path(self.config.output_dir) if self.config.output_dir else None
         for name in ("adapter", "model"):
             if output_dir is not None and (output_dir / name).is_dir():

@@ -227,13 +227,46 @@ def prepare_for_training(
     )
 
 
-def load_for_training(path: Path, config: TrainConfig) -> TrainingModel:
-    """Everything between a model folder and a model the loop can train."""
+def load_adapter_weights(tm: TrainingModel, adapter: Path) -> None:
+    """Puts the weights of a PEFT `adapter_model.safetensors` into `tm`'s freshly attached adapter.
+
+    Training then starts from them instead of peft's initialisation (continual training
+    starts each run from the previous run's adapter). Every tensor must match a parameter
+    of the adapter, by name and shape.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if tm.mode == "full":
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING", "init_adapter needs an adapter mode (lora or qlora), not mode='full'"
+        )
+    try:
+        state = load_file(adapter)
+        result: Any = set_peft_model_state_dict(tm.model, state)
+    except (OSError, RuntimeError, ValueError) as exc:  # missing/damaged file, tensor shapes that differ
+        raise InputError("INPUT_ADAPTER_INVALID", f"{adapter}: cannot load it into this adapter ({exc})") from exc
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        what = "match no adapter layer of this model" if result.unexpected_keys else "of this adapter are not in it"
+        example = (result.unexpected_keys or missing)[0]
+        raise InputError(
+            "INPUT_ADAPTER_INVALID",
+            f"{adapter}: {len(result.unexpected_keys or missing)} tensor(s) {what}, e.g. {example} "
+            "(another model or target_modules?)",
+        )
+    lora_fused.adapters_updated()
+
+
+def load_for_training(path: Path, config: TrainConfig, init_adapter: Path | None = None) -> TrainingModel:
+    """Everything between a model folder and a model the loop can train (from `init_adapter`'s weights if given)."""
     device = resolve_device(config.device)
     mode = resolve_mode(config.mode, device)
     num_params = check_full_fine_tuning(path, mode)
     model = load_base_model(path, mode, device)
     trained = prepare_for_training(model, config, mode, device, num_params)
+    if init_adapter is not None:
+        load_adapter_weights(trained, init_adapter)
     log.info(
         "model %s: %s parameters, mode=%s, device=%s, %s",
         path,

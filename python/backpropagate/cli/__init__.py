@@ -47,6 +47,7 @@ def _register_commands() -> None:
         export_cmd,
         generate_cmd,
         info_cmd,
+        multi_run_cmd,
         train_cmd,
         validate_cmd,
     )
