@@ -118,6 +118,9 @@ CATALOG: dict[str, CodeInfo] = {
         "No checkpoint to resume from in the output folder; start without --resume."
     ),
     "STATE_CHECKPOINT_INVALID": CodeInfo("The checkpoint is unreadable; resume from an earlier one or start again."),
+    "STATE_MULTI_RUN_NOT_FOUND": CodeInfo(
+        "No multi_run.json in the output folder: start the multi-run without --resume, or name its folder."
+    ),
     "STATE_OUTPUT_EXISTS": CodeInfo("The output already exists; pass --force to overwrite it or choose another path."),
     "STATE_CACHE_CORRUPT": CodeInfo("Delete the dataset cache folder named in the message and rerun.", retryable=True),
 }
@@ -129,9 +132,6 @@ FAMILY_EXIT = {
     "RUNTIME": EXIT_RUNTIME,
     "STATE": EXIT_STATE,
 }
-    "STATE_MULTI_RUN_NOT_FOUND": CodeInfo(
-        "No multi_run.json in the output folder: start the multi-run without --resume, or name its folder."
-    ),
 
 
 class BackpropagateError(Exception):

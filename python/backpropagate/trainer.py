@@ -32,8 +32,8 @@ from backpropagate.model_source import resolve_model
 from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
-    from backpropagate.export import ExportResult, Format
     from backpropagate.continual import MultiRunResult
+    from backpropagate.export import ExportResult, Format
 
 
 @dataclass
@@ -187,6 +187,7 @@ class Trainer:
         data: str | Path | PreparedDataset,
         steps: int | None = None,
         epochs: float | None = None,
+        init_adapter: str | Path | None = None,
     ) -> TrainResult:
         """Trains on `data` for `steps` optimizer steps or `epochs` passes (default: 1 epoch).
 
@@ -194,8 +195,9 @@ class Trainer:
             data: A JSONL / JSON / Parquet file, or an already prepared dataset.
             steps: Optimizer steps to reach (with resume: in total, counting earlier steps).
             epochs: Passes over the training rows (when `steps` is not given).
+            init_adapter: A PEFT `adapter_model.safetensors` whose weights the new adapter starts
+                from (torch backend), instead of peft's initialisation.
 
-        init_adapter: str | Path | None = None,
         Returns:
             The run's `TrainResult`.
         """
@@ -203,8 +205,6 @@ class Trainer:
         from backpropagate.backends.checkpoint import resumed_run_id
         from backpropagate.backends.loading import load_for_training
         from backpropagate.backends.metrics import plot_losses
-            init_adapter: A PEFT `adapter_model.safetensors` whose weights the new adapter starts
-                from (torch backend), instead of peft's initialisation.
         from backpropagate.backends.outputs import RUN_FILE, save_final
         from backpropagate.train.backend import resolve_backend
 
@@ -242,12 +242,16 @@ class Trainer:
             "data_hash": dataset_hash(dataset),
             "data_config": dataclasses.asdict(self.data_config),
             **method_settings(config),
+            **({"init_adapter": str(init_adapter)} if init_adapter is not None else {}),
         }
         data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         seed_everything(config.seed)
         self.model_path = resolve_model(self.model_ref)  # now the weights (the same folder, completed)
         if resolve_backend(config.backend) == "mlx":
             from backpropagate.train.mlx import run as run_mlx
+
+            if init_adapter is not None:
+                raise ConfigError("CONFIG_INVALID_SETTING", "init_adapter needs backend='torch' for now")
 
             trained, outcome = run_mlx(
                 self.model_path, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
@@ -258,7 +262,6 @@ class Trainer:
                 trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
             )
         self._trained = trained
-            **({"init_adapter": str(init_adapter)} if init_adapter is not None else {}),
         state = outcome.state
         command = cli_command(self.model_name, data_ref, steps, epochs, {**self.options, "output_dir": str(output_dir)})
         if outcome.stopped_by is not None:
@@ -266,9 +269,6 @@ class Trainer:
         curve = plot_losses(
             state.losses, state.eval_losses, output_dir / "loss.png", f"{self.model_ref} {trained.mode} {config.method}"
         )
-            if init_adapter is not None:
-                raise ConfigError("CONFIG_INVALID_SETTING", "init_adapter needs backend='torch' for now")
-
         run_info = {
             "run_id": run_id,
             "base_model": self.model_ref,
@@ -321,22 +321,6 @@ class Trainer:
         )
         return self.result
 
-    def export(self, fmt: Format, quantization: str | None = None, **kwargs: Any) -> ExportResult:
-        """Exports the trained adapter (or full model) with `backpropagate.export.export`.
-
-        Args:
-            fmt: Export format: "lora", "merged" or "gguf".
-            quantization: e.g. "q4_k_m" for GGUF.
-            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host, system).
-        """
-        source = self._final_dir()
-        from backpropagate.export import export
-
-        return export(source, fmt, quantization=quantization, **kwargs)
-
-    def _final_dir(self) -> Path:
-        if self.result is not None:
-            return self.result.adapter_dir
     def multi_run(
         self,
         data: str | Path | list[str | Path],
@@ -357,6 +341,22 @@ class Trainer:
         self.config = dataclasses.replace(self.config, output_dir=str(result.output_dir))
         return result
 
+    def export(self, fmt: Format, quantization: str | None = None, **kwargs: Any) -> ExportResult:
+        """Exports the trained adapter (or full model) with `backpropagate.export.export`.
+
+        Args:
+            fmt: Export format: "lora", "merged" or "gguf".
+            quantization: e.g. "q4_k_m" for GGUF.
+            **kwargs: Passed on (output, force, ollama, ollama_name, ollama_host, system).
+        """
+        source = self._final_dir()
+        from backpropagate.export import export
+
+        return export(source, fmt, quantization=quantization, **kwargs)
+
+    def _final_dir(self) -> Path:
+        if self.result is not None:
+            return self.result.adapter_dir
         output_dir = Path(self.config.output_dir) if self.config.output_dir else None
         for name in ("adapter", "model"):
             if output_dir is not None and (output_dir / name).is_dir():
