@@ -63,9 +63,9 @@ def run_denied(warm_up: list[str], args: list[str], home: Path) -> subprocess.Co
     )
 
 
-def unreadable_file(folder: Path) -> Path:
+def unreadable_file(folder: Path, name: str = "secret.jsonl") -> Path:
     """A dataset file of mode 000 (skips where this user can still read it and is not root)."""
-    path = folder / "secret.jsonl"
+    path = folder / name
     path.write_text(ROW)
     path.chmod(0)
     if os.geteuid() != 0 and os.access(path, os.R_OK):
@@ -81,8 +81,9 @@ def assert_unreadable(status: int, stderr: str, path: Path, words: str) -> None:
     assert words in first and hint.startswith("hint: "), stderr
 
 
-def test_validate_refuses_an_unreadable_file(open_dir):
-    path = unreadable_file(open_dir)
+@pytest.mark.parametrize("name", ["secret.jsonl", "secret.parquet"])
+def test_validate_refuses_an_unreadable_file(open_dir, name):
+    path = unreadable_file(open_dir, name)
     res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path)], open_dir)
     assert_unreadable(res.returncode, res.stderr, path, "permission denied")
     res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path), "--json"], open_dir)
@@ -115,6 +116,14 @@ def test_train_refuses_an_unreadable_file(open_dir, tiny_llama):
         open_dir,
     )
     assert_unreadable(res.returncode, res.stderr, path, "permission denied")
+
+
+def test_a_parquet_file_that_is_not_parquet(tmp_path):
+    data = tmp_path / "data.parquet"
+    data.write_text(ROW)
+    res = run_cli("validate", str(data))
+    assert res.status == 3 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"[INPUT_DATASET_PARSE_FAILED]: {data}: not a readable Parquet file: ")
 
 
 def test_a_directory_as_the_data_file(tmp_path, tiny_llama):
@@ -155,6 +164,12 @@ def test_validate_json_prints_json_whatever_fails(tmp_path):
     assert out["error"]["code"] == "CONFIG_INVALID_SETTING" and out["error"]["exit_status"] == 2
     res = run_cli("validate", str(tmp_path), "--json")
     assert res.status == 3 and json.loads(res.stdout)["error"]["code"] == "INPUT_FILE_UNREADABLE"
+    # Options the command cannot even parse.
+    for args in (["--max-seq-length", "abc"], ["--no-such-flag"]):
+        res = run_cli("validate", str(data), "--json", *args)
+        assert res.status == 2 and json.loads(res.stdout)["error"]["code"] == "CONFIG_INVALID_SETTING"
+    res = run_cli("validate", "--json")
+    assert res.status == 2 and "Missing argument 'file'" in json.loads(res.stdout)["error"]["message"]
 
 
 def test_train_json_prints_errors_as_json(tmp_path):

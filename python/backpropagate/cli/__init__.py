@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()  # type: ignore[attr-defined]
             sys.exit(exit_code)
         usage = ConfigError("CONFIG_INVALID_SETTING", exc.format_message())
-        print_error(usage)
+        # The command never parsed its options, so a --json on the line is taken at its word.
+        if "--json" in (argv if argv is not None else sys.argv[1:]):
+            typer.echo(json.dumps({"ok": False, "error": usage.to_dict()}))
+        else:
+            print_error(usage)
         sys.exit(usage.exit_status)
     # The framework turns Ctrl-C into a returned status instead of an exception.
     if status == EXIT_INTERRUPTED:

@@ -82,7 +82,9 @@ def source_bytes(path: Path) -> bytes | None:
 
 
 def _unreadable(path: Path, exc: OSError) -> InputError:
-    return InputError("INPUT_FILE_UNREADABLE", f"{path}: cannot be read: {exc.strerror or exc}")
+    # The same words as the Rust reader's (rust/error.rs read_failure).
+    why = "permission denied: this user may not read it" if isinstance(exc, PermissionError) else "cannot be read"
+    return InputError("INPUT_FILE_UNREADABLE", f"{path}: {why} ({exc.strerror or exc})")
 
 
 def parquet_as_jsonl(path: Path) -> bytes:
