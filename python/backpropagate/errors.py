@@ -77,6 +77,13 @@ CATALOG: dict[str, CodeInfo] = {
         "GGUF export supports Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3 and SmolLM3; "
         "export 'merged' or 'lora' for other models."
     ),
+    "INPUT_PATH_OUTSIDE_WORKSPACE": CodeInfo(
+        "The web UI reads and writes only inside its --workspace folder: give a path relative to it, "
+        "without '..' and without links that lead out."
+    ),
+    "INPUT_UPLOAD_REJECTED": CodeInfo(
+        "Upload a .jsonl, .json or .parquet file within the size limit (backprop ui --max-upload-mb)."
+    ),
     "INPUT_CHAT_TEMPLATE_UNSUPPORTED": CodeInfo(
         "The chat template cannot be written as an Ollama template; the GGUF itself is fine and llama.cpp "
         "reads the template stored in it."
@@ -112,6 +119,10 @@ CATALOG: dict[str, CodeInfo] = {
     "RUNTIME_TERMINATED": CodeInfo(
         "The run was stopped by SIGTERM after a checkpoint; `backprop train ... --resume` continues it.",
         retryable=True,
+    ),
+    "RUNTIME_UI_AUTH_NOT_ENFORCED": CodeInfo(
+        "Listening beyond this machine needs a login: pass --auth user:password or --auth-file FILE, "
+        "or keep the default --host 127.0.0.1."
     ),
     # STATE_*: files left by an earlier run are missing, stale or in the way.
     "STATE_CHECKPOINT_NOT_FOUND": CodeInfo(

@@ -49,6 +49,7 @@ def _register_commands() -> None:
         info_cmd,
         multi_run_cmd,
         train_cmd,
+        ui_cmd,
         validate_cmd,
     )
 
