@@ -235,14 +235,14 @@ def train_run(model: str, options: dict[str, Any], out: Path, record: dict[str, 
     run_dir = out / record["name"]
     resume = any((run_dir / "checkpoints").glob("step-*"))
     init = write_init(out, record["run"], options["merge_mode"]) if record["run"] > 1 else None
-    trainer = Trainer(
-        model,
+    run_options = {
         **options["train"],
-        output_dir=str(run_dir),
-        learning_rate=record["learning_rate"],
-        resume=resume,
-        overwrite=not resume,
-    )
+        "output_dir": str(run_dir),
+        "learning_rate": record["learning_rate"],  # the given (or preset) rate x lr_decay^(i-1)
+        "resume": resume,
+        "overwrite": not resume,
+    }
+    trainer = Trainer(model, **run_options)
     try:
         result = trainer.train(out / record["train_data"], steps=steps, epochs=epochs, init_adapter=init)
     except RunFailedError as err:
