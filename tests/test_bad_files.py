@@ -100,7 +100,7 @@ def test_validate_refuses_a_file_in_a_closed_folder(open_dir):
         pytest.skip("chmod 000 does not close folders here")
     path = closed / "data.jsonl"
     res = run_denied(["validate", str(open_dir / "missing.jsonl")], ["validate", str(path)], open_dir)
-    assert_unreadable(res.returncode, res.stderr, path, "ermission denied")
+    assert_unreadable(res.returncode, res.stderr, path, "permission denied")
 
 
 def test_train_refuses_an_unreadable_file(open_dir, tiny_llama):
@@ -108,14 +108,16 @@ def test_train_refuses_an_unreadable_file(open_dir, tiny_llama):
     shutil.copytree(tiny_llama, model)
     for p in [model, *model.rglob("*")]:
         p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0))
-    path = unreadable_file(open_dir)
+    closed = open_dir / "closed"
+    closed.mkdir(mode=0)
     train = ["train", "--model", str(model), "--steps", "1", "--no-progress"]
-    res = run_denied(
-        [*train, "--data", str(open_dir / "missing.jsonl"), "-o", str(open_dir / "warm-up")],
-        [*train, "--data", str(path), "-o", str(open_dir / "run")],
-        open_dir,
-    )
-    assert_unreadable(res.returncode, res.stderr, path, "permission denied")
+    for path in (unreadable_file(open_dir), closed / "data.jsonl"):
+        res = run_denied(
+            [*train, "--data", str(open_dir / "missing.jsonl"), "-o", str(open_dir / "warm-up")],
+            [*train, "--data", str(path), "-o", str(open_dir / "run")],
+            open_dir,
+        )
+        assert_unreadable(res.returncode, res.stderr, path, "permission denied")
 
 
 def test_a_parquet_file_that_is_not_parquet(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 from backpropagate import log, run_folder
 from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
 from backpropagate.data.dataset import PreparedDataset, dropped_lines_text
-from backpropagate.errors import ConfigError, InputError, RunFailedError, StateError
+from backpropagate.errors import ConfigError, RunFailedError, StateError
 from backpropagate.model_source import resolve_model
 from backpropagate.settings import at_least, check_value, positive
 
@@ -371,8 +371,6 @@ class Trainer:
         if isinstance(data, PreparedDataset):
             return data
         path = Path(data)
-        if not path.exists():
-            raise InputError("INPUT_FILE_NOT_FOUND", f"{path}: no such data file")
         from backpropagate.data import prepare
 
         dataset = prepare(path, self.model_path, self.data_config)
