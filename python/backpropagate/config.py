@@ -203,6 +203,12 @@ class TrainConfig:
         "Continue from the last checkpoint in output_dir (model, optimizer, data position, RNG).",
         group="Run",
     )
+    resume_run: str | None = option(
+        None,
+        "Continue the recorded training run with this id (or unique prefix; `backprop runs list`) in its own "
+        "output folder, as --resume does there.",
+        group="Run",
+    )
     overwrite: bool = option(
         False,
         "Start afresh in an output folder that holds an earlier run's checkpoints or adapter, deleting them "
@@ -299,6 +305,10 @@ def resolve_settings(model: str, options: dict[str, Any]) -> Settings:
     preset = find_preset(model)
     data_options = {k: v for k, v in options.items() if k in data_names and k != "max_seq_length"}
     train = apply_preset(given, preset, bool(data_options.get("reasoning_trace"))).validate()
+    if train.resume_run is not None:
+        from backpropagate.runs.resume import resume_settings
+
+        train = resume_settings(train)
     assert train.max_seq_length is not None
     return Settings(train=train, data=DataConfig(max_seq_length=train.max_seq_length, **data_options), preset=preset)
 

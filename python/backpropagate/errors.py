@@ -36,6 +36,9 @@ CATALOG: dict[str, CodeInfo] = {
     "CONFIG_UNKNOWN_MODEL": CodeInfo(
         "Pass a Hugging Face id, a local model folder, or a preset from `backprop info --presets`."
     ),
+    "CONFIG_RUN_ID_AMBIGUOUS": CodeInfo(
+        "Several runs start with that id prefix; give more characters (`backprop runs list` shows the ids)."
+    ),
     # INPUT_*: a file the user gave is missing or malformed.
     "INPUT_FILE_NOT_FOUND": CodeInfo("Check the path; relative paths start from the current folder."),
     "INPUT_FILE_UNREADABLE": CodeInfo(
@@ -133,6 +136,15 @@ CATALOG: dict[str, CodeInfo] = {
         "No multi_run.json in the output folder: start the multi-run without --resume, or name its folder."
     ),
     "STATE_OUTPUT_EXISTS": CodeInfo("The output already exists; pass --force to overwrite it or choose another path."),
+    "STATE_RUN_HISTORY_UNAVAILABLE": CodeInfo(
+        "The run history database (runs.db under the cache folder) is damaged or locked; move it aside to start a "
+        "new history (training never depends on it).",
+        retryable=True,
+    ),
+    "STATE_RUN_NOT_FOUND": CodeInfo("No run in the history has that id; `backprop runs list` shows the recorded runs."),
+    "STATE_RUN_OUTPUT_MISSING": CodeInfo(
+        "The run has no finished adapter or model folder (it failed, was interrupted, or its files were removed)."
+    ),
     "STATE_CACHE_CORRUPT": CodeInfo("Delete the dataset cache folder named in the message and rerun.", retryable=True),
 }
 

@@ -29,6 +29,7 @@ from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
 from backpropagate.data.dataset import PreparedDataset, dropped_lines_text
 from backpropagate.errors import ConfigError, RunFailedError, StateError
 from backpropagate.model_source import resolve_model
+from backpropagate.runs import record
 from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def cli_command(model: str, data: str | None, steps: int | None, epochs: float |
     if epochs is not None:
         parts += ["--epochs", str(epochs)]
     for name, value in options.items():
-        if name in ("resume", "overwrite"):  # how this process started, not what the run is
+        if name in ("resume", "resume_run", "overwrite"):  # how this process started, not what the run is
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -164,7 +165,13 @@ class Trainer:
     Args:
         model: A preset name (`backprop info --presets`), a local model folder, or a Hugging Face id.
         **options: Any `TrainConfig` field (`backprop train --help` lists them with their docs).
+
+    Attributes:
+        parent_run_id: Run id that the history records as the parent of each `train` call's run
+            (set by multi-run; None for a run of its own).
     """
+
+    parent_run_id: str | None = None
 
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
         from backpropagate.backends.loading import check_fine_tuning_allowed
@@ -182,6 +189,7 @@ class Trainer:
         self.result: TrainResult | None = None
         self._trained: Any = None
 
+    @record.recorded_train
     def train(
         self,
         data: str | Path | PreparedDataset,
@@ -222,6 +230,14 @@ class Trainer:
         config = dataclasses.replace(self.config, output_dir=str(output_dir))
         previous_run = resumed_run_id(output_dir / "checkpoints") if config.resume else None
         run_id = log.start_run(previous_run)
+        record.started(
+            run_id,
+            model=self.model_ref,
+            config={**dataclasses.asdict(config), "data_config": dataclasses.asdict(self.data_config)},
+            data=str(data) if not isinstance(data, PreparedDataset) else None,
+            output_dir=str(output_dir),
+            metrics_path=str(output_dir / "metrics.jsonl"),
+        )
         dataset = self._dataset(data)
         check_data_kind(dataset.kind, config.method)
         train_rows = torch_backend.split_rows(dataset, config.eval_split, config.seed)[0]

@@ -48,6 +48,7 @@ def _register_commands() -> None:
         generate_cmd,
         info_cmd,
         multi_run_cmd,
+        runs_cmd,
         train_cmd,
         ui_cmd,
         validate_cmd,

@@ -23,6 +23,7 @@ from backpropagate.export.card import copy_loss_curve, render_card
 from backpropagate.export.files import atomic_dir, remove_leftovers, tree_size, write_text_atomic
 from backpropagate.export.ollama import OllamaOutcome, chat_format, modelfile_text, register
 from backpropagate.export.source import TOKENIZER_FILES, ExportSource, open_source
+from backpropagate.runs.record import recorded_export
 
 Format = Literal["lora", "merged", "gguf"]
 Progress = Callable[[int, int], object]
@@ -143,6 +144,7 @@ def _export_gguf(
     return types
 
 
+@recorded_export
 def export(
     source: str | Path,
     fmt: Format,
