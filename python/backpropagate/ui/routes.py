@@ -330,8 +330,9 @@ async def run_plot(request: Request) -> Response:
 
 async def run_stop(request: Request) -> Response:
     """Asks the run to stop after a checkpoint."""
-    stopped = state(request).runs.stop(request.path_params["name"])
-    return JSONResponse({"ok": stopped})
+    runs = state(request).runs
+    runs.spec(request.path_params["name"])  # an unknown run is a 404
+    return JSONResponse({"ok": runs.stop(request.path_params["name"])})
 
 
 async def run_resume(request: Request) -> Response:
@@ -381,8 +382,8 @@ async def run_chat(request: Request) -> Response:
     ]
     if not messages or messages[-1]["role"] != "user":
         raise ConfigError("CONFIG_INVALID_SETTING", "messages: the last message must be the user's")
-    text = await run_in_threadpool(shared.chat.reply, gguf, messages, MAX_CHAT_TOKENS)
-    return JSONResponse({"ok": True, "reply": text})
+    answer = await run_in_threadpool(shared.chat.reply, gguf, messages, MAX_CHAT_TOKENS)
+    return JSONResponse({"ok": True, "reply": answer.text, "tokens": answer.completion_tokens})
 
 
 ROUTES = [

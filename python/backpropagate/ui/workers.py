@@ -19,12 +19,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backpropagate.cli.options import flag_name
 from backpropagate.errors import BackpropagateError, StateError
 from backpropagate.log import redact
 from backpropagate.ui.workspace import Workspace, check_name
+
+if TYPE_CHECKING:
+    from backpropagate.generate import Generation
 
 SPEC = "ui-run.json"
 WORKER = "worker.json"
@@ -94,7 +97,8 @@ def read_lines(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
 
 def log_line(record: dict[str, Any]) -> dict[str, Any]:
     """A worker log record as the page shows it (secrets redacted once more, for safety)."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(float(record.get("ts", 0) or 0)))
+    ts = record.get("ts")
+    stamp = time.strftime("%H:%M:%S", time.localtime(float(ts))) if isinstance(ts, (int, float)) else "--:--:--"
     text = record.get("message", "")
     if record.get("code"):
         text = f"[{record['code']}]: {text}"
@@ -307,7 +311,7 @@ class Chat:
         self._path: Path | None = None
         self._lock = threading.Lock()
 
-    def reply(self, gguf: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
+    def reply(self, gguf: Path, messages: list[dict[str, str]], max_tokens: int) -> Generation:
         """The model's answer to the conversation `messages` (loads `gguf` if another one is open)."""
         from backpropagate.generate import GGUFModel
 
@@ -315,7 +319,8 @@ class Chat:
             if self._path != gguf:
                 self._model = GGUFModel(gguf, n_ctx=1024)
                 self._path = gguf
-            return str(self._model.chat(messages, max_tokens=max_tokens).text)
+            answer: Generation = self._model.chat(messages, max_tokens=max_tokens)
+            return answer
 
 
 def gguf_files(folder: Path) -> list[Path]:

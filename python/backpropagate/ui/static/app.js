@@ -123,7 +123,10 @@ function watchRun(name) {
     history.push({ role: "user", content: text });
     addChat("user", text);
     const r = await post(`/runs/${name}/chat`, { gguf: document.getElementById("gguf").value, messages: history });
-    if (r.ok) { history.push({ role: "assistant", content: r.reply }); addChat("assistant", r.reply); }
+    if (r.ok) {
+      history.push({ role: "assistant", content: r.reply });
+      addChat("assistant", `${r.reply || "(no text: the model ended its answer at once)"} (${r.tokens} tokens)`);
+    }
     else { history.pop(); addChat("error", `[${r.error.code}]: ${r.error.message}`); }
   });
 }
