@@ -266,3 +266,22 @@ def test_cli_trains_on_mlx_and_the_adapter_exports_to_gguf(tiny_llama, tmp_path)
     got = GGUFModel(gguf_file, n_ctx=256).top_logprobs(text, 5)
     assert {t for t, _ in got} == set(want.indices.tolist())
     np.testing.assert_allclose([v for _, v in got], [logp[t].item() for t, _ in got], atol=1e-2)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, dataset, tmp_path, monkeypatch):
+    real = mlx_loop.accumulate
+
+    def two_rows_do_not_fit(tm, objective, pieces, loss_and_grad):
+        if any(len(row_tokens) > 1 for _, row_tokens in pieces):
+            raise RuntimeError("[malloc] Unable to allocate 8589934592 bytes.")  # what MLX raises
+        return real(tm, objective, pieces, loss_and_grad)
+
+    monkeypatch.setattr(mlx_loop, "accumulate", two_rows_do_not_fit)
+    options = dict(FAST, backend="mlx")
+    halved = Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **options).train(dataset, steps=3)
+    monkeypatch.setattr(mlx_loop, "accumulate", real)
+    run = json.loads(halved.run_file.read_text())
+    assert run["hyperparameters"]["final_micro_batch"] == 1
+    options.update(micro_batch=1, grad_accumulation=4)
+    plain = Trainer("tiny-llama", output_dir=str(tmp_path / "plain"), **options).train(dataset, steps=3)
+    np.testing.assert_allclose([v for _, v in halved.losses], [v for _, v in plain.losses], rtol=1e-5)
