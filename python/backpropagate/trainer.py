@@ -263,6 +263,7 @@ class Trainer:
         data_ref = str(data) if not isinstance(data, PreparedDataset) else None
         seed_everything(config.seed)
         self.model_path = resolve_model(self.model_ref)  # now the weights (the same folder, completed)
+        trained: Any  # either rail's model; save_final takes both
         if resolve_backend(config.backend) == "mlx":
             from backpropagate.train.mlx import run as run_mlx
 
