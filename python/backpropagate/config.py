@@ -59,7 +59,7 @@ class TrainConfig:
     backend: str = option(
         "auto",
         "Where the run trains: torch (PyTorch on CUDA or CPU) or mlx (Apple's MLX with mlx-lm: the Apple GPU, or the "
-        "CPU on Linux with mlx-lm[cpu]); auto = torch on a CUDA GPU, mlx on Apple Silicon with mlx installed, "
+        "CPU on Linux, installed as mlx-lm with its cpu extra); auto = torch on a CUDA GPU, mlx on Apple Silicon with mlx installed, "
         "torch on the CPU otherwise.",
         group="Model",
         choices=BACKENDS,
