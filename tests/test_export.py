@@ -36,7 +36,8 @@ def make_adapter(base: Path, out: Path, base_name: str, **lora: object) -> Path:
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora)  # type: ignore[arg-type]
+    fields: dict = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora}
+    cfg = LoraConfig(**fields)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
