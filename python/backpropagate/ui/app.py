@@ -33,7 +33,7 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "backprop_session"
 SESSION_MAX_AGE_S = 12 * 3600
 # Status of a refused request by error code (anything else is a 400).
-_STATUS = {"INPUT_PATH_OUTSIDE_WORKSPACE": 403, "STATE_OUTPUT_EXISTS": 409, "STATE_CHECKPOINT_NOT_FOUND": 404}
+STATUS_BY_CODE = {"INPUT_PATH_OUTSIDE_WORKSPACE": 403, "STATE_OUTPUT_EXISTS": 409, "STATE_CHECKPOINT_NOT_FOUND": 404}
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -106,7 +106,7 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
 
 def error_response(request: Request, err: BackpropagateError) -> Response:
     """A coded error as JSON for scripts, or as a page."""
-    status = _STATUS.get(err.code, 400)
+    status = STATUS_BY_CODE.get(err.code, 400)
     body = {"code": err.code, "message": err.message, "hint": err.hint}
     if wants_json(request):
         return JSONResponse({"ok": False, "error": body}, status_code=status)

@@ -16,11 +16,11 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from backpropagate.config import resolve_settings
-from backpropagate.errors import ConfigError, InputError
+from backpropagate.errors import BackpropagateError, ConfigError, InputError
 from backpropagate.export import FORMATS
 from backpropagate.presets import PRESETS
 from backpropagate.ui import security
-from backpropagate.ui.app import ensure_csrf, guarded, render, state
+from backpropagate.ui.app import STATUS_BY_CODE, ensure_csrf, guarded, render, state
 from backpropagate.ui.form import check_options, form_fields, parse_options
 from backpropagate.ui.preview import preview
 from backpropagate.ui.workers import METRICS, RunSpec, gguf_files, gpu_status, log_line, read_lines
@@ -200,12 +200,12 @@ async def train_start(request: Request) -> Response:
         await run_in_threadpool(check_options, model, options)
         spec = RunSpec(model=model, data=data, steps=steps, epochs=epochs, options=options)
         shared.runs.start(name, spec)
-    except (ConfigError, InputError) as err:
+    except BackpropagateError as err:
         error = {"code": err.code, "message": err.message, "hint": err.hint}
         return render(
             request,
             "train.html",
-            status_code=400,
+            status_code=STATUS_BY_CODE.get(err.code, 400),
             error=error,
             values=form,
             data=form.get("data"),

@@ -1,0 +1,79 @@
+"""Runs, export and chat through the UI's HTTP endpoints, on a real tiny-llama run."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from test_export_ollama import FakeOllama, ollama_server  # noqa: F401 (the fixture)
+from ui_support import logged_in, ui_server
+
+pytestmark = pytest.mark.slow
+FLAGS_ON = {"fused_kernels": "on", "cuda_graphs": "on", "shared_prompt": "on", "pack": "on", "cache": "on"}
+
+
+def wait_json(client: httpx.Client, path: str, done, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(path).json()
+        if done(body):
+            return body
+        assert time.monotonic() < deadline, f"timed out on {path}: {body}"
+        time.sleep(0.5)
+
+
+def test_train_export_gguf_with_ollama_and_chat(tmp_path, ollama_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OLLAMA_HOST", ollama_server)
+    with ui_server(tmp_path / "ws") as server:
+        client, token = logged_in(server)
+        headers = {"X-CSRF-Token": token, "Origin": server.url}
+        form = {"csrf": token, "name": "small", "data": "chat.jsonl", "model": "tiny-llama", "steps": "3"}
+        form |= FLAGS_ON | {"max_seq_length": "128", "grad_accumulation": "1", "lora_r": "4"}
+        assert client.post("/train", data=form, headers={"Origin": server.url}).status_code == 303
+        assert server.workspace.joinpath("runs/small/ui-run.json").is_file()
+        # A run's name is taken while it exists; a running run cannot be started again.
+        res = client.post("/train", data=form, headers={"Origin": server.url})
+        assert res.status_code == 409 and "STATE_OUTPUT_EXISTS" in res.text
+        res = client.post("/runs/small/resume", headers=headers)
+        assert res.status_code == 409 and res.json()["error"]["code"] == "STATE_OUTPUT_EXISTS"
+        # No adapter before the run ends.
+        early = client.post("/runs/small/export", json={"format": "gguf"}, headers=headers)
+        assert early.status_code == 400 and early.json()["error"]["code"] == "INPUT_ADAPTER_INVALID"
+
+        status = wait_json(client, "/runs/small/state", lambda s: s["state"] != "running")
+        assert status["state"] == "finished" and status["step"] == 3, status
+        assert status["summary"]["steps"] == 3 and status["run_id"]
+        assert [m["step"] for m in client.get("/runs/small/metrics").json()] == [1, 2, 3]
+        assert client.get("/runs/small/loss.png").headers["content-type"] == "image/png"
+
+        # The settings the form set reached the worker: rank 4 in the adapter's config.
+        adapter_config = (server.workspace / "runs/small/adapter/adapter_config.json").read_text()
+        assert '"r": 4' in adapter_config
+
+        res = client.post(
+            "/runs/small/export", json={"format": "gguf", "quantization": "q4_k_m", "ollama": True}, headers=headers
+        )
+        assert res.status_code == 200
+        job = wait_json(client, "/runs/small/export", lambda b: b["export"]["state"] != "running")["export"]
+        assert job["state"] == "done" and job["error"] is None, job
+        assert job["path"].endswith("-q4_k_m.gguf") and job["total"] > 0 and job["done"] == job["total"]
+        assert ("POST", "/api/create") in [(m, p) for m, p, _ in FakeOllama.calls]
+
+        res = client.post("/runs/small/export", json={"format": "gguf", "quantization": "q3_bogus"}, headers=headers)
+        job = wait_json(client, "/runs/small/export", lambda b: b["export"]["state"] != "running")["export"]
+        assert job["state"] == "failed" and job["error"]["code"] == "CONFIG_INVALID_SETTING"
+
+        res = client.post(
+            "/runs/small/chat",
+            json={"gguf": job_path(server), "messages": [{"role": "user", "content": "What is 4 times 3?"}]},
+            headers=headers,
+        )
+        assert res.status_code == 200 and res.json()["ok"] and res.json()["tokens"] >= 1
+
+        client.close()
+
+
+def job_path(server) -> str:
+    return next(p.relative_to(server.workspace).as_posix() for p in server.workspace.rglob("*-q4_k_m.gguf"))
