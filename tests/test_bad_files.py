@@ -189,23 +189,29 @@ TWO_ROWS = '{"text": "first row"}\n{"text": "second row"}\n'
 @pytest.mark.parametrize(
     ("raw", "encoding"),
     [
-        (TWO_ROWS.encode("utf-16-le"), "UTF-16 LE"),
+        (b"\xff\xfe" + TWO_ROWS.encode("utf-16-le"), "UTF-16 LE"),
         (b"\xfe\xff" + TWO_ROWS.encode("utf-16-be"), "UTF-16 BE"),
-        (TWO_ROWS.encode("utf-32"), "UTF-32 LE"),
+        (b"\xff\xfe\x00\x00" + TWO_ROWS.encode("utf-32-le"), "UTF-32 LE"),
         (b"\x00\x00\xfe\xff" + TWO_ROWS.encode("utf-32-be"), "UTF-32 BE"),
+        (TWO_ROWS.encode("utf-16-le"), "UTF-16 or UTF-32"),
     ],
-    ids=["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"],
+    ids=["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-16-no-mark"],
 )
 def test_utf16_and_utf32_files_are_refused_whole(tmp_path, tiny_llama, raw, encoding):
     data = tmp_path / "data.jsonl"
-    data.write_bytes(b"\xff\xfe" + raw if encoding == "UTF-16 LE" else raw)
+    data.write_bytes(raw)
     code = "INPUT_DATASET_ENCODING_UNSUPPORTED"
     res = run_cli("validate", str(data))
     assert res.status == 3 and "Traceback" not in res.stderr
     first, hint = res.stderr.splitlines()[:2]
+    evidence = (
+        "the line holds NUL bytes, as UTF-16 or UTF-32 text without a byte-order mark does"
+        if encoding == "UTF-16 or UTF-32"
+        else f"the line starts with a {encoding} byte-order mark"
+    )
     assert first == (
-        f"[{code}]: {data}: the file is {encoding}, not UTF-8 (a {encoding} byte-order mark starts line 1, "
-        "its first bad line); only UTF-8 is read"
+        f"[{code}]: {data}: the file is {encoding}, not UTF-8 (line 1, its first bad line: {evidence}); "
+        "only UTF-8 is read"
     )
     assert "iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl" in hint
     # Skipping bad rows does not apply: no row of such a file could be read.
@@ -218,7 +224,7 @@ def test_a_utf16_file_appended_to_a_utf8_one_is_refused_at_its_line(tmp_path):
     data.write_bytes(b'{"text": "utf-8 row"}\n' + TWO_ROWS.encode("utf-16"))
     out = json.loads(run_cli("validate", str(data), "--json").stdout)
     assert out["error"]["code"] == "INPUT_DATASET_ENCODING_UNSUPPORTED"
-    assert "UTF-16 LE byte-order mark starts line 2" in out["error"]["message"]
+    assert "(line 2, its first bad line: the line starts with a UTF-16 LE byte-order mark)" in out["error"]["message"]
 
 
 def test_latin1_lines_are_reported_one_by_one(tmp_path):

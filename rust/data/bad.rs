@@ -6,8 +6,8 @@ use crate::Error;
 /// The cause of a bad row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
-    /// The line starts with a UTF-16 or UTF-32 byte-order mark (the encoding named).
-    ByteOrderMark(&'static str),
+    /// The line is UTF-16 or UTF-32 text (the encoding named): a byte-order mark, or NUL bytes.
+    WideEncoding(&'static str),
     /// Bytes that are not UTF-8 (Latin-1, Windows-1252, ...).
     InvalidUtf8,
     /// Malformed JSON.
@@ -30,7 +30,7 @@ impl Cause {
     /// Reason name in the dropped counts.
     pub fn reason(self) -> &'static str {
         match self {
-            Cause::ByteOrderMark(_) | Cause::InvalidUtf8 => "encoding",
+            Cause::WideEncoding(_) | Cause::InvalidUtf8 => "encoding",
             Cause::Malformed => "parse_error",
             Cause::NotAnObject => "not_an_object",
             Cause::UnknownFormat => "unknown_format",
@@ -44,7 +44,7 @@ impl Cause {
     /// The error refusing a file whose first bad row has this cause.
     pub fn error(self, message: String) -> Error {
         match self {
-            Cause::ByteOrderMark(_) => Error::DatasetEncoding(message),
+            Cause::WideEncoding(_) => Error::DatasetEncoding(message),
             Cause::InvalidUtf8 | Cause::Malformed | Cause::NotAnObject => {
                 Error::DatasetParse(message)
             }
@@ -73,8 +73,23 @@ impl BadRow {
     }
 }
 
+/// A line that is UTF-16 or UTF-32 text: a byte-order mark starts it, or it holds NUL bytes
+/// (which JSON text never does, and the ASCII of UTF-16/32 text always does).
+pub fn wide_encoding(bytes: &[u8]) -> Option<BadRow> {
+    if let Some(encoding) = byte_order_mark(bytes) {
+        let message = format!("the line starts with a {encoding} byte-order mark");
+        return Some(BadRow::new(Cause::WideEncoding(encoding), message));
+    }
+    memchr::memchr(0, bytes).map(|_| {
+        BadRow::new(
+            Cause::WideEncoding("UTF-16 or UTF-32"),
+            "the line holds NUL bytes, as UTF-16 or UTF-32 text without a byte-order mark does",
+        )
+    })
+}
+
 /// The encoding named by a UTF-16 or UTF-32 byte-order mark at the start of `bytes`.
-pub fn byte_order_mark(bytes: &[u8]) -> Option<&'static str> {
+fn byte_order_mark(bytes: &[u8]) -> Option<&'static str> {
     // UTF-32 LE's mark starts with UTF-16 LE's, so it is tried first.
     const MARKS: [(&[u8], &str); 4] = [
         (b"\xFF\xFE\x00\x00", "UTF-32 LE"),
@@ -103,10 +118,21 @@ mod tests {
     }
 
     #[test]
+    fn nul_bytes_mean_utf16_without_a_mark() {
+        let bad = wide_encoding(b"{\x00\"\x00a\x00\"\x00").unwrap();
+        assert_eq!(bad.cause, Cause::WideEncoding("UTF-16 or UTF-32"));
+        assert_eq!(
+            wide_encoding(b"\xFE\xFF\x00{").unwrap().cause,
+            Cause::WideEncoding("UTF-16 BE")
+        );
+        assert_eq!(wide_encoding(b"{\"a\": \"caf\xE9\"}"), None);
+    }
+
+    #[test]
     fn causes_pick_codes() {
         let code = |c: Cause| c.error(String::new()).code();
         assert_eq!(
-            code(Cause::ByteOrderMark("UTF-16 LE")),
+            code(Cause::WideEncoding("UTF-16 LE")),
             "INPUT_DATASET_ENCODING_UNSUPPORTED"
         );
         assert_eq!(code(Cause::InvalidUtf8), "INPUT_DATASET_PARSE_FAILED");

@@ -6,7 +6,7 @@
 
 use serde::de::{Deserialize, IgnoredAny};
 
-use super::bad::{byte_order_mark, BadRow, Cause};
+use super::bad::{wide_encoding, BadRow, Cause};
 
 /// A file's bytes: memory-mapped, or owned when the file is empty.
 pub enum FileBytes {
@@ -202,7 +202,10 @@ pub fn parse_object(
     // `end` rejects trailing data on the line, like a strict JSONL reader.
     let value = serde_json::Value::deserialize(&mut de)
         .and_then(|v| de.end().map(|_| v))
-        .map_err(|e| BadRow::new(Cause::Malformed, json_error_text(&e)))?;
+        .map_err(|e| {
+            wide_encoding(rec.bytes)
+                .unwrap_or_else(|| BadRow::new(Cause::Malformed, json_error_text(&e)))
+        })?;
     match value {
         serde_json::Value::Object(map) => Ok(map),
         other => Err(BadRow::new(
@@ -212,13 +215,10 @@ pub fn parse_object(
     }
 }
 
-/// Why a line is not UTF-8: a UTF-16/32 byte-order mark, or the first invalid byte.
+/// Why a line is not UTF-8: UTF-16/32 text, or the first invalid byte.
 fn not_utf8(bytes: &[u8], valid_up_to: usize) -> BadRow {
-    if let Some(encoding) = byte_order_mark(bytes) {
-        return BadRow::new(
-            Cause::ByteOrderMark(encoding),
-            format!("the line starts with a {encoding} byte-order mark"),
-        );
+    if let Some(wide) = wide_encoding(bytes) {
+        return wide;
     }
     BadRow::new(
         Cause::InvalidUtf8,
@@ -296,7 +296,10 @@ mod tests {
         );
         assert!(bad.message.contains("0xE9"), "{}", bad.message);
         let bad = cause(b"\xFF\xFE{\x00}\x00");
-        assert_eq!(bad.cause, Cause::ByteOrderMark("UTF-16 LE"));
+        assert_eq!(bad.cause, Cause::WideEncoding("UTF-16 LE"));
+        // UTF-16 without a mark: valid UTF-8 bytes, but NULs between the characters.
+        let bad = cause(b"\x00{\x00}\x00");
+        assert_eq!(bad.cause, Cause::WideEncoding("UTF-16 or UTF-32"));
         let bad = cause(b"{\"a\": 1} x");
         assert_eq!(bad.cause, Cause::Malformed);
         assert!(bad.message.contains("malformed JSON"));

@@ -90,13 +90,14 @@ impl Stats {
 
     /// Counts one bad row of file `name` and lists the first `keep` as `file:line: message`.
     ///
-    /// A file whose first bad row starts with a UTF-16/32 byte-order mark is in another
-    /// encoding altogether: that is an error at once, whatever `skip_invalid` says.
+    /// A file whose first bad row is UTF-16/32 text (a byte-order mark, NUL bytes) is in
+    /// another encoding altogether: that is an error at once, whatever `skip_invalid` says.
     pub fn bad_row(&mut self, name: &str, line: usize, bad: BadRow, keep: usize) -> Result<()> {
-        if let (None, Cause::ByteOrderMark(encoding)) = (self.first_bad, bad.cause) {
+        if let (None, Cause::WideEncoding(encoding)) = (self.first_bad, bad.cause) {
             return Err(bad.cause.error(format!(
-                "{name}: the file is {encoding}, not UTF-8 (a {encoding} byte-order mark starts \
-                 line {line}, its first bad line); only UTF-8 is read"
+                "{name}: the file is {encoding}, not UTF-8 (line {line}, its first bad line: {}); \
+                 only UTF-8 is read",
+                bad.message
             )));
         }
         self.first_bad.get_or_insert((bad.cause, line));
@@ -136,7 +137,7 @@ mod tests {
 
     #[test]
     fn a_byte_order_mark_on_the_first_bad_line_refuses_the_file() {
-        let bom = || BadRow::new(Cause::ByteOrderMark("UTF-16 LE"), "mark");
+        let bom = || BadRow::new(Cause::WideEncoding("UTF-16 LE"), "mark");
         let err = Stats::default()
             .bad_row("d.jsonl", 1, bom(), 5)
             .unwrap_err();
