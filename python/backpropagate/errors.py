@@ -127,6 +127,10 @@ CATALOG: dict[str, CodeInfo] = {
         "Listening beyond this machine needs a login: pass --auth user:password or --auth-file FILE, "
         "or keep the default --host 127.0.0.1."
     ),
+    "RUNTIME_EVAL_REGRESSION": CodeInfo(
+        "The held-out loss is worse than the one it was gated against by more than --max-regression; "
+        "compare the two with `backprop eval RUN --vs OTHER`."
+    ),
     # STATE_*: files left by an earlier run are missing, stale or in the way.
     "STATE_CHECKPOINT_NOT_FOUND": CodeInfo(
         "No checkpoint to resume from in the output folder; start without --resume."

@@ -34,6 +34,7 @@ from backpropagate.settings import at_least, check_value, positive
 
 if TYPE_CHECKING:
     from backpropagate.continual import MultiRunResult
+    from backpropagate.evaluate import EvalReport
     from backpropagate.export import ExportResult, Format
 
 
@@ -357,6 +358,20 @@ class Trainer:
         self.result = None
         self.config = dataclasses.replace(self.config, output_dir=str(result.output_dir))
         return result
+
+    def evaluate(
+        self, data: str | Path | None = None, prompts: str | Path | None = None, **kwargs: Any
+    ) -> EvalReport:
+        """Held-out loss and perplexity on `data`, scored answers to `prompts`, of the trained adapter.
+
+        Args:
+            data: Held-out SFT rows (prepared with this trainer's data settings).
+            prompts: JSONL of {"prompt"} or {"messages"} rows, with optional "reference".
+            **kwargs: Passed on to `backpropagate.evaluate.evaluate` (max_new_tokens, device).
+        """
+        from backpropagate.evaluate import evaluate
+
+        return evaluate(self._final_dir(), data, prompts, data_config=self.data_config, **kwargs)
 
     def export(self, fmt: Format, quantization: str | None = None, **kwargs: Any) -> ExportResult:
         """Exports the trained adapter (or full model) with `backpropagate.export.export`.
