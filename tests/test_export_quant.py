@@ -20,8 +20,33 @@ from export_models import build_model
 xllamacpp = pytest.importorskip("xllamacpp")
 gguf = pytest.importorskip("gguf")
 
-QUANTS = ["q8_0", "q4_k_m", "q5_k_m", "q6_k"]
-GGML_TYPE_IDS = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# user-facing name -> llama.cpp's `enum llama_ftype`
+FTYPES = {
+    "q8_0": 7,
+    "q4_k_m": 15,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "q4_0": 2,
+    "q5_0": 8,
+    "q3_k_m": 12,
+    "q2_k": 10,
+    "iq4_nl": 25,
+    "iq4_xs": 30,
+}
+QUANTS = list(FTYPES)
+GGML_TYPE_IDS = {
+    "Q4_0": 2,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "Q8_0": 8,
+    "Q2_K": 10,
+    "Q3_K": 11,
+    "Q4_K": 12,
+    "Q5_K": 13,
+    "Q6_K": 14,
+    "IQ4_NL": 20,
+    "IQ4_XS": 23,
+}
 
 
 def _ggml() -> ctypes.CDLL:
@@ -143,6 +168,9 @@ def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp
     if quant in ("q4_k_m", "q5_k_m"):
         # the mixes give output, some attn_v and some ffn_down more bits
         assert "Q6_K" in seen and len(seen) >= 2
+    if quant in ("q3_k_m", "q2_k", "iq4_xs"):
+        # low-bit mixes keep more bits where llama.cpp does (attn_v, ffn_down, attn_output)
+        assert {"Q4_K", "Q5_K", "Q3_K"} & seen and len(seen) >= 3
 
 
 @pytest.mark.parametrize("model", ["wide_llama", "wide_tied_qwen2", "tiny_llama"])
@@ -156,8 +184,7 @@ def test_whole_files_match_llama_model_quantize(model: str, tmp_path: Path, requ
     model_dir: Path = request.getfixturevalue(model)
     f32 = tmp_path / "f32.gguf"
     _core.convert_to_gguf(str(model_dir), str(f32), "f32")
-    ftypes = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-    for quant, ftype in ftypes.items():
+    for quant, ftype in FTYPES.items():
         ref = tmp_path / f"ref-{quant}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype

@@ -16,7 +16,7 @@ use super::atomic::AtomicFile;
 use super::config::ModelConfig;
 use super::lora::{Adapter, Factors};
 use super::mapping::{llama_cpp_order, map_name, permuted_row};
-use super::quant::{choose_types, encode, Kernels};
+use super::quant::{choose_types, encode, Kernels, MixContext};
 use super::safetensors::{DType, Safetensors};
 use super::tokenizer::{read_json, tokenizer_metadata};
 use super::types::{GgmlType, OutType};
@@ -25,6 +25,10 @@ use crate::{Error, Result};
 
 /// Elements converted per chunk (16 MiB of f32).
 const CHUNK_ELEMS: usize = 4 << 20;
+
+/// Elements one parallel job converts and encodes (256 KiB of f32): small enough that a
+/// chunk splits into dozens of jobs, so no core idles at the end of a chunk.
+const JOB_ELEMS: usize = 64 << 10;
 
 /// What to convert and how.
 #[derive(Clone, Debug)]
@@ -223,20 +227,24 @@ fn stream_tensor(
             let w = width * view.dtype.size();
             view.data[start * w..end * w].to_vec()
         } else {
-            let mut f = vec![0f32; (end - start) * width];
-            f.par_chunks_mut(width).enumerate().for_each(|(i, row)| {
-                let r = src_row(start + i);
-                view.row_f32(r, row);
-                if let Some(fx) = &factors {
-                    fx.merge_row(r, row);
-                }
-            });
             let mut out = vec![0u8; (end - start) * row_bytes];
-            // Each worker encodes whole rows, so block quantization sees complete rows.
-            let rows_per_job = (256 * 1024 / width).max(1);
+            // Each job reads, merges and encodes whole rows into its own slice of `out`,
+            // so all cores stay busy on one pass and no chunk-sized f32 copy exists.
+            let rows_per_job = (JOB_ELEMS / width).max(1);
             out.par_chunks_mut(rows_per_job * row_bytes)
-                .zip(f.par_chunks(rows_per_job * width))
-                .try_for_each(|(dst, src)| encode(ty, src, width, kernels, dst))?;
+                .enumerate()
+                .try_for_each_init(Vec::new, |f, (j, dst)| {
+                    let first = start + j * rows_per_job;
+                    f.resize(dst.len() / row_bytes * width, 0f32);
+                    for (i, row) in f.chunks_exact_mut(width).enumerate() {
+                        let r = src_row(first + i);
+                        view.row_f32(r, row);
+                        if let Some(fx) = &factors {
+                            fx.merge_row(r, row);
+                        }
+                    }
+                    encode(ty, f, width, kernels, dst)
+                })?;
             out
         };
         send(out)?;
@@ -271,11 +279,14 @@ pub fn convert(
         .iter()
         .map(|p| (p.info.name.clone(), p.info.ne.clone()))
         .collect();
-    let seventy_b = cfg.arch == "llama" && cfg.layers == 80;
-    for (p, ty) in
-        planned
-            .iter_mut()
-            .zip(choose_types(opts.out_type, &shapes, cfg.layers, seventy_b))
+    let mix = MixContext {
+        layers: cfg.layers,
+        gqa: cfg.heads / cfg.kv_heads.max(1),
+        seventy_b: cfg.arch == "llama" && cfg.layers == 80,
+    };
+    for (p, ty) in planned
+        .iter_mut()
+        .zip(choose_types(opts.out_type, &shapes, mix))
     {
         p.info.ty = ty;
     }

@@ -119,6 +119,7 @@ enum Category {
     Output,
     TokenEmbd,
     AttnV,
+    AttnOutput,
     FfnDown,
     Other,
 }
@@ -130,6 +131,8 @@ fn category(name: &str) -> Category {
         Category::TokenEmbd
     } else if name.contains("attn_qkv.weight") || name.contains("attn_v.weight") {
         Category::AttnV
+    } else if name.contains("attn_output.weight") {
+        Category::AttnOutput
     } else if name.contains("ffn_down") {
         Category::FfnDown
     } else {
@@ -147,11 +150,14 @@ fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
+/// llama.cpp's `tensor_type_fallback`: a type whose blocks fit rows of `ne0` elements.
 fn fallback(ty: GgmlType, ne0: usize) -> GgmlType {
     if ne0 % ty.block_size() == 0 {
         return ty;
     }
     let smaller = match ty {
+        GgmlType::IQ4XS => GgmlType::IQ4NL,
+        GgmlType::Q2K | GgmlType::Q3K => GgmlType::Q4_0,
         GgmlType::Q4K => GgmlType::Q5_0,
         GgmlType::Q5K => GgmlType::Q5_1,
         GgmlType::Q6K => GgmlType::Q8_0,
@@ -164,13 +170,65 @@ fn fallback(ty: GgmlType, ne0: usize) -> GgmlType {
     }
 }
 
-/// Chooses each tensor's type as llama.cpp does for `out`, given tensors in file order as
-/// `(name, ne)`; `seventy_b` flags llama.cpp's 70B special case for `attn_v`.
+/// The model facts llama.cpp's mix rules look at.
+#[derive(Clone, Copy, Debug)]
+pub struct MixContext {
+    /// Transformer blocks (`n_ffn_down` of a dense model).
+    pub layers: usize,
+    /// Query heads per key/value head (`n_gqa`).
+    pub gqa: usize,
+    /// llama.cpp's 70B special case (80-layer llama) for `attn_v`.
+    pub seventy_b: bool,
+}
+
+/// The output's type (and the tied embeddings'): Q6_K, or Q8_0 for rows that are not
+/// whole blocks of the default type.
+fn output_type(default: GgmlType, ne0: usize) -> GgmlType {
+    if ne0 % default.block_size() != 0 {
+        GgmlType::Q8_0
+    } else if default != GgmlType::Q8_0 {
+        GgmlType::Q6K
+    } else {
+        default
+    }
+}
+
+/// `attn_v`'s type in llama.cpp's `llama_tensor_get_type_impl`, for the `i`-th of `n`.
+fn attn_v_type(out: OutType, ty: GgmlType, i: usize, n: usize, ctx: MixContext) -> GgmlType {
+    let ty = match out {
+        OutType::Q2K if ctx.gqa >= 4 => GgmlType::Q4K,
+        OutType::Q2K => GgmlType::Q3K,
+        OutType::Q3KM if i < 2 => GgmlType::Q5K,
+        OutType::Q3KM => GgmlType::Q4K,
+        OutType::IQ4NL | OutType::IQ4XS if ctx.gqa >= 4 => GgmlType::Q5K,
+        OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => GgmlType::Q6K,
+        _ => ty,
+    };
+    if ctx.seventy_b && matches!(ty, GgmlType::Q3K | GgmlType::Q4K) {
+        GgmlType::Q5K
+    } else {
+        ty
+    }
+}
+
+/// `ffn_down`'s type in llama.cpp's `llama_tensor_get_type_impl`, for layer `i` of `n`.
+fn ffn_down_type(out: OutType, ty: GgmlType, i: usize, n: usize) -> GgmlType {
+    match out {
+        OutType::Q2K => GgmlType::Q3K,
+        OutType::Q3KM if i < n / 16 => GgmlType::Q5K,
+        OutType::Q3KM => GgmlType::Q4K,
+        OutType::Q4KM | OutType::Q5KM if use_more_bits(i, n) => GgmlType::Q6K,
+        OutType::IQ4NL | OutType::IQ4XS if i < n / 8 => GgmlType::Q5K,
+        _ => ty,
+    }
+}
+
+/// Chooses each tensor's type as llama.cpp does for `out` (without an importance
+/// matrix), given tensors in file order as `(name, ne)`.
 pub fn choose_types(
     out: OutType,
     tensors: &[(String, Vec<u64>)],
-    n_layers: usize,
-    seventy_b: bool,
+    ctx: MixContext,
 ) -> Vec<GgmlType> {
     let default = out.default_type();
     let quantized = default.is_quantized();
@@ -190,29 +248,24 @@ pub fn choose_types(
                 return default;
             }
             let ne0 = ne[0] as usize;
-            let mut ty = default;
-            let cat = category(name);
-            let mixed = matches!(out, OutType::Q4KM | OutType::Q5KM);
-            if cat == Category::Output || (tied && cat == Category::TokenEmbd) {
-                if ne0 % default.block_size() != 0 {
-                    ty = GgmlType::Q8_0;
-                } else if ty != GgmlType::Q8_0 {
-                    ty = GgmlType::Q6K;
+            let ty = match category(name) {
+                Category::Output => output_type(default, ne0),
+                Category::TokenEmbd if tied => output_type(default, ne0),
+                Category::AttnV => {
+                    i_attn_v += 1;
+                    attn_v_type(out, default, i_attn_v - 1, n_attn_v, ctx)
                 }
-            } else if cat == Category::AttnV {
-                if mixed && use_more_bits(i_attn_v, n_attn_v) {
-                    ty = GgmlType::Q6K;
+                Category::FfnDown => {
+                    i_ffn_down += 1;
+                    ffn_down_type(out, default, i_ffn_down - 1, ctx.layers)
                 }
-                if seventy_b && ty == GgmlType::Q4K {
-                    ty = GgmlType::Q5K;
-                }
-                i_attn_v += 1;
-            } else if cat == Category::FfnDown {
-                if mixed && use_more_bits(i_ffn_down, n_layers) {
-                    ty = GgmlType::Q6K;
-                }
-                i_ffn_down += 1;
-            }
+                Category::AttnOutput => match out {
+                    OutType::Q2K => GgmlType::Q3K,
+                    OutType::Q3KM => GgmlType::Q4K,
+                    _ => default,
+                },
+                _ => default,
+            };
             fallback(ty, ne0)
         })
         .collect()
@@ -221,6 +274,14 @@ pub fn choose_types(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ctx(layers: usize) -> MixContext {
+        MixContext {
+            layers,
+            gqa: 4,
+            seventy_b: false,
+        }
+    }
 
     fn model(layers: usize, hidden: u64, with_output: bool) -> Vec<(String, Vec<u64>)> {
         let mut t = vec![("output_norm.weight".to_string(), vec![hidden])];
@@ -234,6 +295,7 @@ mod tests {
                 ("attn_norm.weight", vec![hidden]),
                 ("attn_q.weight", vec![hidden, hidden]),
                 ("attn_v.weight", vec![hidden, hidden / 4]),
+                ("attn_output.weight", vec![hidden, hidden]),
                 ("ffn_down.weight", vec![4 * hidden, hidden]),
             ] {
                 t.push((format!("blk.{i}.{n}"), ne));
@@ -245,7 +307,7 @@ mod tests {
     #[test]
     fn q4_k_m_mix_follows_llama_cpp() {
         let t = model(8, 256, true);
-        let types = choose_types(OutType::Q4KM, &t, 8, false);
+        let types = choose_types(OutType::Q4KM, &t, ctx(8));
         let of = |n: &str| types[t.iter().position(|(x, _)| x == n).unwrap()];
         assert_eq!(of("output_norm.weight"), GgmlType::F32);
         assert_eq!(of("output.weight"), GgmlType::Q6K);
@@ -264,13 +326,13 @@ mod tests {
     #[test]
     fn tied_embeddings_get_output_type_and_narrow_rows_fall_back() {
         let t = model(2, 64, false);
-        let types = choose_types(OutType::Q4KM, &t, 2, false);
+        let types = choose_types(OutType::Q4KM, &t, ctx(2));
         let of = |n: &str| types[t.iter().position(|(x, _)| x == n).unwrap()];
         assert_eq!(of("token_embd.weight"), GgmlType::Q8_0);
         assert_eq!(of("blk.1.attn_q.weight"), GgmlType::Q5_0);
         assert_eq!(of("blk.0.attn_v.weight"), GgmlType::Q5_0);
         assert_eq!(of("blk.1.attn_v.weight"), GgmlType::Q8_0);
-        let q5 = choose_types(OutType::Q5KM, &t, 2, false);
+        let q5 = choose_types(OutType::Q5KM, &t, ctx(2));
         assert_eq!(
             q5[t.iter()
                 .position(|(x, _)| x == "blk.1.attn_q.weight")
@@ -280,9 +342,47 @@ mod tests {
     }
 
     #[test]
+    fn low_bit_mixes_follow_llama_cpp() {
+        let t = model(16, 256, true);
+        let of = |types: &[GgmlType], n: &str| types[t.iter().position(|(x, _)| x == n).unwrap()];
+        let q3 = choose_types(OutType::Q3KM, &t, ctx(16));
+        assert_eq!(of(&q3, "blk.0.attn_v.weight"), GgmlType::Q5K);
+        assert_eq!(of(&q3, "blk.2.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(of(&q3, "blk.0.ffn_down.weight"), GgmlType::Q5K);
+        assert_eq!(of(&q3, "blk.1.ffn_down.weight"), GgmlType::Q4K);
+        assert_eq!(of(&q3, "blk.1.attn_output.weight"), GgmlType::Q4K);
+        assert_eq!(of(&q3, "blk.1.attn_q.weight"), GgmlType::Q3K);
+        let q2 = choose_types(OutType::Q2K, &t, ctx(16));
+        assert_eq!(of(&q2, "blk.5.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(of(&q2, "blk.5.ffn_down.weight"), GgmlType::Q3K);
+        assert_eq!(of(&q2, "output.weight"), GgmlType::Q6K);
+        let iq = choose_types(OutType::IQ4XS, &t, ctx(16));
+        assert_eq!(of(&iq, "blk.1.ffn_down.weight"), GgmlType::Q5K);
+        assert_eq!(of(&iq, "blk.2.ffn_down.weight"), GgmlType::IQ4XS);
+        // Rows of 64 are not whole 256-blocks: q2_k falls back to q4_0, iq4_xs to iq4_nl.
+        let narrow = model(2, 64, false);
+        let q2n = choose_types(OutType::Q2K, &narrow, ctx(2));
+        assert_eq!(
+            q2n[narrow
+                .iter()
+                .position(|(x, _)| x == "blk.1.attn_q.weight")
+                .unwrap()],
+            GgmlType::Q4_0
+        );
+        let iqn = choose_types(OutType::IQ4XS, &narrow, ctx(2));
+        assert_eq!(
+            iqn[narrow
+                .iter()
+                .position(|(x, _)| x == "blk.1.attn_q.weight")
+                .unwrap()],
+            GgmlType::IQ4NL
+        );
+    }
+
+    #[test]
     fn float_outputs_keep_norms_f32() {
         let t = model(1, 64, true);
-        let types = choose_types(OutType::BF16, &t, 1, false);
+        let types = choose_types(OutType::BF16, &t, ctx(1));
         assert_eq!(types[0], GgmlType::F32);
         assert_eq!(types[1], GgmlType::BF16);
     }

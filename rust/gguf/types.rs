@@ -7,12 +7,17 @@ use crate::{Error, Result};
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
+    Q4_0 = 2,
     Q5_0 = 6,
     Q5_1 = 7,
     Q8_0 = 8,
+    Q2K = 10,
+    Q3K = 11,
     Q4K = 12,
     Q5K = 13,
     Q6K = 14,
+    IQ4NL = 20,
+    IQ4XS = 23,
     BF16 = 30,
 }
 
@@ -21,8 +26,15 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
-            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 256,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::IQ4NL => {
+                32
+            }
+            GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::IQ4XS => 256,
         }
     }
 
@@ -31,12 +43,16 @@ impl GgmlType {
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 | GgmlType::IQ4NL => 18,
             GgmlType::Q5_0 => 22,
             GgmlType::Q5_1 => 24,
             GgmlType::Q8_0 => 34,
+            GgmlType::Q2K => 84,
+            GgmlType::Q3K => 110,
             GgmlType::Q4K => 144,
             GgmlType::Q5K => 176,
             GgmlType::Q6K => 210,
+            GgmlType::IQ4XS => 136,
         }
     }
 
@@ -56,12 +72,17 @@ impl GgmlType {
             GgmlType::F32 => "f32",
             GgmlType::F16 => "f16",
             GgmlType::BF16 => "bf16",
+            GgmlType::Q4_0 => "q4_0",
             GgmlType::Q5_0 => "q5_0",
             GgmlType::Q5_1 => "q5_1",
             GgmlType::Q8_0 => "q8_0",
+            GgmlType::Q2K => "q2_K",
+            GgmlType::Q3K => "q3_K",
             GgmlType::Q4K => "q4_K",
             GgmlType::Q5K => "q5_K",
             GgmlType::Q6K => "q6_K",
+            GgmlType::IQ4NL => "iq4_nl",
+            GgmlType::IQ4XS => "iq4_xs",
         }
     }
 }
@@ -76,11 +97,20 @@ pub enum OutType {
     Q4KM,
     Q5KM,
     Q6K,
+    Q4_0,
+    Q5_0,
+    Q3KM,
+    Q2K,
+    IQ4NL,
+    IQ4XS,
 }
 
 impl OutType {
     /// All accepted names, in the order the help text lists them.
-    pub const NAMES: [&'static str; 7] = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"];
+    pub const NAMES: [&'static str; 13] = [
+        "f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q5_0", "q3_k_m", "q2_k",
+        "iq4_nl", "iq4_xs",
+    ];
 
     /// Parses a user-facing name such as `q4_k_m` (case-insensitive).
     pub fn parse(name: &str) -> Result<Self> {
@@ -92,6 +122,12 @@ impl OutType {
             "q4_k_m" => OutType::Q4KM,
             "q5_k_m" => OutType::Q5KM,
             "q6_k" => OutType::Q6K,
+            "q4_0" => OutType::Q4_0,
+            "q5_0" => OutType::Q5_0,
+            "q3_k_m" => OutType::Q3KM,
+            "q2_k" => OutType::Q2K,
+            "iq4_nl" => OutType::IQ4NL,
+            "iq4_xs" => OutType::IQ4XS,
             other => {
                 return Err(Error::Config(format!(
                     "quantization {other:?} is not supported; choose one of {}",
@@ -111,6 +147,12 @@ impl OutType {
             OutType::Q4KM => GgmlType::Q4K,
             OutType::Q5KM => GgmlType::Q5K,
             OutType::Q6K => GgmlType::Q6K,
+            OutType::Q4_0 => GgmlType::Q4_0,
+            OutType::Q5_0 => GgmlType::Q5_0,
+            OutType::Q3KM => GgmlType::Q3K,
+            OutType::Q2K => GgmlType::Q2K,
+            OutType::IQ4NL => GgmlType::IQ4NL,
+            OutType::IQ4XS => GgmlType::IQ4XS,
         }
     }
 
@@ -124,6 +166,12 @@ impl OutType {
             OutType::Q5KM => 17,
             OutType::Q6K => 18,
             OutType::BF16 => 32,
+            OutType::Q4_0 => 2,
+            OutType::Q5_0 => 8,
+            OutType::Q2K => 10,
+            OutType::Q3KM => 12,
+            OutType::IQ4NL => 25,
+            OutType::IQ4XS => 30,
         }
     }
 }
@@ -168,6 +216,7 @@ mod tests {
     #[test]
     fn out_types_parse_and_reject() {
         assert_eq!(OutType::parse("Q4_K_M").unwrap(), OutType::Q4KM);
+        assert_eq!(OutType::parse("IQ4_XS").unwrap().file_type(), 30);
         let err = OutType::parse("q3_k").unwrap_err();
         assert_eq!(err.code(), "CONFIG_INVALID_SETTING");
         assert!(err.to_string().contains("q4_k_m"));
