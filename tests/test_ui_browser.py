@@ -146,11 +146,15 @@ def test_login_upload_validate_train_stop_resume_export_chat(browser, tmp_path):
         assert not browser.find_elements(By.CSS_SELECTOR, "#chat-log p.error")
         shot(browser, "6-export-chat")
 
-        # The run history lists it; comparing opens both curves.
+        # The run history (the store behind `backprop runs`) lists it; comparing opens both curves.
+        run_id = find(By.ID, "run-id").text
         browser.get(server.url + "/runs")
-        assert "e2e" in find(By.ID, "runs").text and "finished" in find(By.ID, "runs").text
+        table = find(By.ID, "runs").text
+        assert "e2e" in table and run_id[:8] in table and "completed" in table
         shot(browser, "7-runs")
-        browser.get(server.url + "/runs/compare?a=e2e&b=e2e")
+        find(By.CSS_SELECTOR, 'input[name="a"][value="e2e"]').click()
+        find(By.CSS_SELECTOR, 'input[name="b"][value="e2e"]').click()
+        find(By.ID, "compare").click()
         wait_for(lambda: chart_points() == 16, 30, "the comparison chart")
         shot(browser, "8-compare")
     print(f"screenshots in {SHOTS}")

@@ -48,6 +48,15 @@ def test_train_export_gguf_with_ollama_and_chat(tmp_path, ollama_server, monkeyp
         assert [m["step"] for m in client.get("/runs/small/metrics").json()] == [1, 2, 3]
         assert client.get("/runs/small/loss.png").headers["content-type"] == "image/png"
 
+        # The Runs page reads the run history (the store behind `backprop runs`), filtered.
+        from backpropagate.runs.store import RunStore
+
+        record = RunStore().get(status["run_id"])
+        assert record is not None and record.status == "completed"
+        assert status["run_id"][:8] in client.get("/runs", params={"state": "completed"}).text
+        assert "small" not in client.get("/runs", params={"state": "failed"}).text
+        assert "small" not in client.get("/runs", params={"q": "no-such-run"}).text
+
         # The settings the form set reached the worker: rank 4 in the adapter's config.
         adapter_config = (server.workspace / "runs/small/adapter/adapter_config.json").read_text()
         assert '"r": 4' in adapter_config

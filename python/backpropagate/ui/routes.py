@@ -30,6 +30,8 @@ DEFAULT_MODEL = "tiny-llama"
 QUANTIZATIONS = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 SSE_INTERVAL_S = 1.0
 MAX_CHAT_TOKENS = 256
+# The history's statuses, and "starting" for a run whose worker has not recorded itself yet.
+STATES = ("starting", "running", "completed", "interrupted", "failed")
 
 
 def fmt_number(value: Any, digits: int = 4) -> str:
@@ -232,18 +234,19 @@ def _optional(form: dict[str, str], name: str, kind: type) -> Any:
 
 
 async def runs_page(request: Request) -> Response:
-    """The run history, filtered by text and state."""
-    shared = state(request)
+    """The run history (the same store as `backprop runs`), filtered by text and status."""
+    from backpropagate.ui.history import run_rows
+
     query = request.query_params.get("q", "").lower()
-    wanted_state = request.query_params.get("state", "")
-    rows = [await run_in_threadpool(shared.runs.status, name) for name in shared.runs.names()]
+    wanted = request.query_params.get("state", "")
+    rows, note = await run_in_threadpool(run_rows, state(request).runs)
     rows = [
         r
         for r in rows
-        if (not query or query in f"{r['name']} {r['model']} {r['data']}".lower())
-        and (not wanted_state or r["state"] == wanted_state)
+        if (not query or query in f"{r['name']} {r['model']} {r['data']} {r['run_id']}".lower())
+        and (not wanted or r["state"] == wanted)
     ]
-    return render(request, "runs.html", rows=rows, q=query, state=wanted_state)
+    return render(request, "runs.html", rows=rows, q=query, state=wanted, note=note, states=STATES)
 
 
 async def compare_page(request: Request) -> Response:
