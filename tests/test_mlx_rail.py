@@ -22,7 +22,13 @@ from backpropagate.errors import ConfigError, DependencyError  # noqa: E402
 from backpropagate.train.mlx import loop as mlx_loop  # noqa: E402
 from backpropagate.train.mlx import model as mlx_model  # noqa: E402
 from backpropagate.train.mlx.adapters import load_peft_state  # noqa: E402
-from backpropagate.train.mlx.losses import MlxObjective, per_sample, target_logprobs  # noqa: E402
+from backpropagate.train.mlx.losses import (  # noqa: E402
+    MlxObjective,
+    line_width,
+    pack_lines,
+    per_sample,
+    target_logprobs,
+)
 from backpropagate.trainer import seed_everything  # noqa: E402
 from train_helpers import rule_dataset  # noqa: E402
 
@@ -69,17 +75,23 @@ def test_torch_and_mlx_draw_the_same_loss_curve(tiny_llama, dataset, tmp_path):
 def test_packed_samples_keep_their_unpacked_loss(tiny_llama, dataset):
     cfg = config()
     tm = mlx_model.load_for_training(tiny_llama, cfg)
-    objective = MlxObjective(cfg, dataset)
-    rows = np.arange(3)
-    pieces = mlx_loop.micro_pieces(dataset, rows, 3)
-    (batch, row_tokens) = pieces[0]
-    assert len(batch.sample_index) > len(rows)  # several samples share a packed row
-    packed = objective.layout(batch, row_tokens)
+    objective = MlxObjective(cfg, dataset, tm.attention_share)
+    batch = torch_backend.micro_batches(dataset, np.arange(3), 3)[0]
+    packed = objective.layout(batch)
+    assert packed.input_ids.shape[0] < len(batch.sample_index)  # samples share lines
     sums, _ = per_sample(target_logprobs(tm.net, packed), packed, packed.num_samples)
     for i, sample in enumerate(batch.sample_index):
         alone = dataset.batch_of(np.array([sample]))
-        one = objective.layout(alone, [alone.num_tokens])
+        one = objective.layout(alone)
         np.testing.assert_allclose(float(sums[i]), float(target_logprobs(tm.net, one).sum()), rtol=1e-5, atol=1e-4)
+
+
+def test_lines_balance_tail_padding_against_masked_attention():
+    lengths = np.array([60, 50, 40, 30, 20, 10, 5])
+    assert sorted(sum(lengths[s] for s in line) for line in pack_lines(lengths, 64)) == [35, 60, 60, 60]
+    nines = np.full(8, 9)
+    assert line_width(nines, attention_share=0.0) == 32  # least padding: 3 lines of 32
+    assert line_width(nines, attention_share=1.0) == 16  # attention dear: the narrowest lines
 
 
 @pytest.mark.parametrize("variant", [{}, {"dora": True}, {"rslora": True, "lora_dropout": 0.1}])
@@ -174,15 +186,15 @@ def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs
                 param.normal_(0, 0.05)
     mlx_tm = mlx_model.load_for_training(tiny_llama, cfg)
     load_peft_state(mlx_tm, {k: v.detach().numpy() for k, v in get_peft_model_state_dict(torch_tm.model).items()})
-    batch, row_tokens = mlx_loop.micro_pieces(pairs, np.arange(min(3, pairs.num_rows)), 3)[0]
+    batch = torch_backend.micro_batches(pairs, np.arange(min(3, pairs.num_rows)), 3)[0]
     assert len(batch.sample_index) >= 4  # at least two pairs
     theirs = objective_for(cfg, pairs, torch_backend.policy_of(torch_tm))
     with packed_attention(torch_tm.model), torch.no_grad():
         device_batch = theirs.device_batch(batch, torch_tm.device)
         hidden = torch_backend.forward_hidden(torch_tm, device_batch)
         want = theirs.loss_sum(hidden, torch_tm.lm_head_weight, device_batch).reshape(-1).numpy()
-    ours = MlxObjective(cfg, pairs)
-    got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch, row_tokens)))
+    ours = MlxObjective(cfg, pairs, mlx_tm.attention_share)
+    got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -271,10 +283,10 @@ def test_cli_trains_on_mlx_and_the_adapter_exports_to_gguf(tiny_llama, tmp_path)
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, dataset, tmp_path, monkeypatch):
     real = mlx_loop.accumulate
 
-    def two_rows_do_not_fit(tm, objective, pieces, loss_and_grad):
-        if any(len(row_tokens) > 1 for _, row_tokens in pieces):
+    def two_rows_do_not_fit(tm, objective, batches, loss_and_grad):
+        if len(batches) < 4:  # two packed rows per micro-batch
             raise RuntimeError("[malloc] Unable to allocate 8589934592 bytes.")  # what MLX raises
-        return real(tm, objective, pieces, loss_and_grad)
+        return real(tm, objective, batches, loss_and_grad)
 
     monkeypatch.setattr(mlx_loop, "accumulate", two_rows_do_not_fit)
     options = dict(FAST, backend="mlx")

@@ -47,16 +47,6 @@ from backpropagate.train.mlx.model import MlxTrainingModel, scalar
 
 log = get_logger("train")
 
-Piece = tuple[Batch, list[int]]  # a micro-batch and the token count of each of its packed rows
-
-
-def micro_pieces(dataset: PreparedDataset, rows: np.ndarray, micro: int) -> list[Piece]:
-    """The step's micro-batches (the torch rail's), each with its packed rows' lengths for the MLX layout."""
-    lengths = dataset.sample_lengths()
-    tokens = [int(lengths[dataset.row_samples(int(r))].sum()) for r in rows]
-    batches = micro_batches(dataset, rows, micro)
-    return [(batch, tokens[i * micro : (i + 1) * micro]) for i, batch in enumerate(batches)]
-
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """MLX reports a failed allocation as a RuntimeError naming malloc or memory."""
@@ -65,18 +55,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def accumulate(
-    tm: MlxTrainingModel, objective: MlxObjective, pieces: list[Piece], loss_and_grad: Any
+    tm: MlxTrainingModel, objective: MlxObjective, batches: list[Batch], loss_and_grad: Any
 ) -> tuple[float, Any, int]:
     """Forward and backward over the step's micro-batches; returns (step loss, summed gradients, tokens)."""
-    totals = mx.array(np.array(step_totals(objective.host, [b for b, _ in pieces]), dtype=np.float32))
+    totals = mx.array(np.array(step_totals(objective.host, batches), dtype=np.float32))
     loss_sum = mx.zeros(())
     grads: Any = None
-    for batch, row_tokens in pieces:
-        loss, g = loss_and_grad(tm.net, objective.layout(batch, row_tokens), totals)
+    for batch in batches:
+        loss, g = loss_and_grad(tm.net, objective.layout(batch), totals)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         loss_sum = loss_sum + loss
         mx.eval(loss_sum, grads)  # one micro-batch's graph in memory at a time
-    return scalar(loss_sum), grads, sum(b.num_tokens for b, _ in pieces)
+    return scalar(loss_sum), grads, sum(b.num_tokens for b in batches)
 
 
 def train_step(
@@ -90,7 +80,7 @@ def train_step(
     """One step's gradient, halving the micro-batch when MLX runs out of memory."""
     while True:
         try:
-            return accumulate(tm, objective, micro_pieces(dataset, rows, state.micro_batch), loss_and_grad)
+            return accumulate(tm, objective, micro_batches(dataset, rows, state.micro_batch), loss_and_grad)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -111,11 +101,9 @@ def evaluate(
     """Mean loss over the held-out rows."""
     tm.net.eval()
     try:
-        pieces = micro_pieces(dataset, rows, micro)
-        totals = mx.array(np.array(step_totals(objective.host, [b for b, _ in pieces]), dtype=np.float32))
-        loss = sum(
-            ((objective.loss_terms(tm.net, objective.layout(b, t)) / totals).sum() for b, t in pieces), mx.zeros(())
-        )
+        batches = micro_batches(dataset, rows, micro)
+        totals = mx.array(np.array(step_totals(objective.host, batches), dtype=np.float32))
+        loss = sum(((objective.loss_terms(tm.net, objective.layout(b)) / totals).sum() for b in batches), mx.zeros(()))
         return scalar(loss)
     finally:
         tm.net.train()
@@ -136,7 +124,7 @@ def train(
     `step_rows` defaults to micro_batch x grad_accumulation.
     """
     assert config.learning_rate is not None
-    objective = MlxObjective(config, dataset)
+    objective = MlxObjective(config, dataset, tm.attention_share)
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
     rows_per_step = step_rows or config.micro_batch * config.grad_accumulation

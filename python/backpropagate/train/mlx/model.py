@@ -111,6 +111,7 @@ class MlxTrainingModel:
         num_params: Parameters of the base model.
         adapted: Module paths that carry an adapter (e.g. model.layers.0.self_attn.q_proj).
         config: The run's settings (rank, alpha, DoRA, targets) for the adapter files.
+        attention_share: `attention_share` of the model (how the loop lays out micro-batches).
         features: What the run uses, for the log and the run file.
     """
 
@@ -120,6 +121,7 @@ class MlxTrainingModel:
     num_params: int
     adapted: list[str]
     config: TrainConfig
+    attention_share: float
     features: list[str] = field(default_factory=list)
 
     @property
@@ -225,16 +227,27 @@ def _nested(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return tree
 
 
+def weight_count(layer: nn.Module) -> int:
+    """Weights of a dense or quantized linear / embedding layer, quantized ones by their unpacked size."""
+    weight: mx.array = layer.weight
+    bits = getattr(layer, "bits", None)
+    return weight.size * 32 // bits if bits else weight.size
+
+
 def count_params(net: nn.Module) -> int:
-    """Parameters of the model, counting quantized weights by their unpacked size."""
-    total = 0
-    for _, module in net.named_modules():
-        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
-            total += module.weight.size * 32 // module.bits
-        elif isinstance(module, nn.Linear | nn.Embedding):
-            total += module.weight.size
+    """Parameters of the model (quantized weights counted by their unpacked size)."""
+    layers = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+    total = sum(weight_count(m) for _, m in net.named_modules() if isinstance(m, layers))
     norms = sum(v.size for k, v in flatten(net.parameters()).items() if k.endswith("norm.weight"))
     return total + norms
+
+
+def attention_share(net: Any) -> float:
+    """Attention's cost per key and query relative to a token's pass through a block's weights (2 x hidden / weights)."""
+    block = net.model.layers[0]
+    weights = sum(weight_count(m) for _, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    hidden = net.model.norm.weight.shape[0]
+    return 2 * hidden / max(1, weights)
 
 
 def load_for_training(path: Path, config: TrainConfig) -> MlxTrainingModel:
@@ -253,6 +266,7 @@ def load_for_training(path: Path, config: TrainConfig) -> MlxTrainingModel:
     if mode == "qlora" and not is_quantized_folder(path):
         features.append(f"quantized_on_load[{quantize(net)} layers, {QUANT_BITS}-bit]")
     num_params = count_params(net)
+    share = attention_share(net)
     adapted: list[str] = []
     mx.random.seed(config.seed)  # adapter initialisation
     if mode == "full":
@@ -264,7 +278,14 @@ def load_for_training(path: Path, config: TrainConfig) -> MlxTrainingModel:
     mx.eval(net.parameters())
     log.info("model %s: %.2fM parameters, mode=%s, %s", path, num_params / 1e6, mode, ", ".join(features))
     return MlxTrainingModel(
-        net=net, mode=mode, path=path, num_params=num_params, adapted=adapted, config=config, features=features
+        net=net,
+        mode=mode,
+        path=path,
+        num_params=num_params,
+        adapted=adapted,
+        config=config,
+        attention_share=share,
+        features=features,
     )
 
 
