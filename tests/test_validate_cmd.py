@@ -150,3 +150,13 @@ def test_train_log_names_the_first_dropped_lines(tmp_path, tiny_llama):
     )
     assert res.status == 0, res.stderr
     assert f"data: 2 of 4 rows used; 2 dropped (overlong: 2); first lines: overlong at {data}:2, {data}:4" in res.stderr
+
+
+def test_trace_drops_are_listed_with_their_lines(tmp_path, tiny_llama):
+    data = tmp_path / "traces.jsonl"
+    answers = ["<think>first check the sum</think>4", "4", "<think>open but never closed 4", "<think>ok</think>yes"]
+    data.write_text("".join(json.dumps(_chat(a)) + "\n" for a in answers))
+    args = ["validate", str(data), "--model", str(tiny_llama), "--reasoning-trace", "--trace-min-tokens", "0"]
+    report = json.loads(run_cli(*args, "--json").stdout)
+    assert report["ok"] and report["dropped"] == {"trace_empty": 1, "trace_unbalanced": 1}
+    assert report["dropped_lines"] == {"trace_empty": [2], "trace_unbalanced": [3]}
