@@ -32,7 +32,7 @@ def validate(
     max_seq_length: int | None = typer.Option(None, "--max-seq-length", help=HELP["max_seq_length"]),
     **options: Any,
 ) -> None:
-    """Check a dataset before training, with the settings `train` would use; exits non-zero when rows are bad."""
+    """Check a dataset before training, with the settings `train` would use; refuses it as `train` would."""
     from backpropagate.data.validate import validate as build_report
 
     try:

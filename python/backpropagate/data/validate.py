@@ -2,7 +2,8 @@
 
 Without a model the check is structural (formats, bad rows with file:line, reasoning-trace
 tags, text lengths in characters). With a model it also runs the real preparation, without
-refusing anything, to report token lengths, loss tokens, packing and every dropped row.
+refusing anything, to report token lengths, loss tokens, packing and every dropped row (by
+reason, with its first lines). Either way the report carries the refusal training would give.
 """
 
 from __future__ import annotations
