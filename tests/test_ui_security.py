@@ -9,7 +9,12 @@ page; listening beyond loopback without a login is refused.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -240,3 +245,41 @@ def test_auth_file_login_works(tmp_path):
     path = tmp_path / "auth"
     path.write_text(f"{USER}:{PASSWORD}\n")
     assert read_auth_file(path).matches(USER, PASSWORD)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state = line.split()[1:4]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+def test_backprop_ui_listens_on_loopback_by_default(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).with_name("backprop")
+    proc = subprocess.Popen(
+        [str(script), "ui", "--port", str(port), "--workspace", str(tmp_path / "ws"), "--auth", f"{USER}:{PASSWORD}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                res = httpx.get(f"http://127.0.0.1:{port}/data")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "backprop ui did not start"
+                time.sleep(0.5)
+        assert res.status_code == 303 and res.headers["location"] == "/login"
+        assert _listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert PASSWORD not in err.decode() and f"http://127.0.0.1:{port}/" in err.decode()
