@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per task")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--max-seq-length", type=int, default=256, help="packed row length; 2 rows per step")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-continual"))
     args = parser.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
     options = {
         "lora_r": args.lora_r,
         "learning_rate": args.learning_rate,
-        "max_seq_length": 256,
+        "max_seq_length": args.max_seq_length,
         "micro_batch": 2,
         "grad_accumulation": 1,
         "schedule": "constant",

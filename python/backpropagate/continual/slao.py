@@ -15,8 +15,11 @@ Mahdavi, arXiv 2512.23017, ICLR 2026). With LoRA's update `B @ A` (A: [r, in], B
   `lambda(i) = 1 / sqrt(i)` (the paper's choice: task vectors of different tasks are near
   orthogonal, so a 1/sqrt(i) step keeps the norm of the accumulated update from shrinking
   like the plain running mean's 1/i would). Run 1's merge is its own adapter (lambda(1) = 1).
-  The paper's text was not reachable from here in full; the initialisation is from its
-  method summary, the merge rule and lambda(i) = 1/sqrt(i) from its quoted equations.
+  Sources: the paper's method as its summaries state it (QR initialisation, A from the
+  new run, B merged with a time-aware weight) and its equations as public
+  reimplementations quote them (the update above, lambda(i) = 1/sqrt(i)); its full text
+  could not be checked here. A plain running mean of the B's (lambda(i) = 1/i) would
+  protect early runs more and learn late ones less.
 
 Tensors other than A and B (DoRA's magnitude vector) are carried like B: copied at
 initialisation and merged with the same weight, since they too scale the output.
