@@ -154,6 +154,7 @@ class RunStore:
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a crash loses at most the last writes
             yield conn
         except sqlite3.Error as exc:
             raise unavailable(self.path, exc) from exc
