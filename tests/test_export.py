@@ -232,6 +232,7 @@ def test_cli_export_then_generate(tiny_llama: Path, tmp_path: Path) -> None:
     before = gguf_file.stat()
     again = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "q8_0", "--output", str(out))
     assert again.status == 0, again.stderr
+    assert again.stdout.startswith("reused ")
     after = gguf_file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not converted again
     other = run_cli("export", str(tiny_llama), "--format", "gguf", "--quantization", "f16", "--output", str(gguf_file))

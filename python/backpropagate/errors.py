@@ -91,6 +91,9 @@ CATALOG: dict[str, CodeInfo] = {
         "The chat template cannot be written as an Ollama template; the GGUF itself is fine and llama.cpp "
         "reads the template stored in it."
     ),
+    "INPUT_HUB_REPO_NOT_FOUND": CodeInfo(
+        "Check the repository id (user/name or org/name) and that your token may write to that namespace."
+    ),
     # DEP_*: something outside the package is missing or unreachable.
     "DEP_MISSING_PACKAGE": CodeInfo("Install the extra named in the message, e.g. pip install 'backpropagate[qlora]'."),
     "DEP_GPU_NOT_AVAILABLE": CodeInfo("This mode needs an NVIDIA GPU; use mode='lora' on CPU or run on a GPU machine."),
@@ -99,6 +102,13 @@ CATALOG: dict[str, CodeInfo] = {
         retryable=True,
     ),
     "DEP_LLAMA_CPP_UNAVAILABLE": CodeInfo("Install llama.cpp bindings: pip install 'backpropagate[llama]'."),
+    "DEP_HUB_AUTH_FAILED": CodeInfo(
+        "Set HF_TOKEN to a token with write access (huggingface.co/settings/tokens) or run `hf auth login`."
+    ),
+    "DEP_HUB_UNREACHABLE": CodeInfo(
+        "Check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), then rerun; the export on disk is complete.",
+        retryable=True,
+    ),
     "DEP_MLX_UNAVAILABLE": CodeInfo(
         "Install MLX: pip install 'backpropagate[mlx]' (mlx-lm[cpu] on Linux), or use backend='torch'."
     ),

@@ -49,6 +49,7 @@ def _register_commands() -> None:
         generate_cmd,
         info_cmd,
         multi_run_cmd,
+        push_cmd,
         runs_cmd,
         train_cmd,
         ui_cmd,

@@ -9,7 +9,10 @@ import typer
 
 from backpropagate.cli import app
 
-QUANT_HELP = "GGUF type or llama.cpp mix: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k (default q8_0)."
+QUANT_HELP = (
+    "GGUF type or llama.cpp mix: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0, q5_0, q3_k_m, q2_k, "
+    "iq4_nl, iq4_xs (default q8_0)."
+)
 
 
 @app.command("export")
@@ -26,6 +29,10 @@ def export_command(
         None, "--ollama-name", help="Model name in Ollama (default: the file's stem)."
     ),
     system: str | None = typer.Option(None, "--system", help="System prompt for the Modelfile."),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", help="Then push the export to this Hugging Face Hub repository (user/name)."
+    ),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
 ) -> None:
     """Export a trained adapter as a PEFT adapter, merged bf16 weights, or GGUF for llama.cpp / Ollama."""
     from rich.console import Console
@@ -48,9 +55,15 @@ def export_command(
             system=system,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    typer.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
+    verb = "reused" if result.reused else "wrote"
+    typer.echo(f"{verb} {result.path} ({result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
     if result.tensor_types:
         typer.echo("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(result.tensor_types.items())))
     typer.echo(f"model card: {result.model_card}")
     if result.ollama is not None:
         typer.echo(f"ollama: {result.ollama.message}; run `ollama run {result.ollama.model}`")
+    if push_to_hub is not None:
+        from backpropagate.export.hub import push
+
+        pushed = push(result.path, push_to_hub, private=private)
+        typer.echo(f"pushed {len(pushed.files)} files to {pushed.url}: {', '.join(pushed.files)}")

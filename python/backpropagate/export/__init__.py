@@ -2,8 +2,10 @@
 
 `export(source, fmt)` takes an adapter folder (or a full model folder) and writes one
 output, always with a model card beside it, always atomically, never over an existing
-output unless `force` (a GGUF that the same source and type made earlier is reused). GGUF is written by the Rust core, streaming the base weights and
-merging the adapter on the fly; quantized types use llama.cpp's own kernels.
+output unless `force` (a GGUF that the same source and type made earlier is reused). GGUF
+is written by the Rust core, streaming the base weights and merging the adapter on the
+fly; quantized types use llama.cpp's own kernels. Merged weights are streamed too
+(`merged.py`); `hub.push` uploads any export to the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ExportResult:
     tensor_types: dict[str, int] = field(default_factory=dict)
     modelfile: Path | None = None
     ollama: OllamaOutcome | None = None
+    reused: bool = False
 
 
 def _default_output(src: ExportSource, fmt: str) -> Path:
@@ -112,7 +115,8 @@ def _remove_leftovers_beside(src: ExportSource, target: Path) -> None:
 
 def _export_gguf(
     src: ExportSource, target: Path, quantization: str, force: bool, progress: Progress | None
-) -> dict[str, int]:
+) -> tuple[dict[str, int], bool]:
+    """Writes (or reuses) the GGUF; returns its tensor types and whether it was reused."""
     from backpropagate import _core
     from backpropagate.export.llama_cpp import library_path
 
@@ -121,7 +125,7 @@ def _export_gguf(
         reason = provenance.why_not_reusable(target, wanted)
         if reason is None:
             log.get_logger(__name__).info("%s was made from the same source and type: reused", target)
-            return provenance.recorded_types(target)
+            return provenance.recorded_types(target), True
         raise StateError("STATE_OUTPUT_EXISTS", f"{target}: already exists and {reason}")
     lib = library_path() if quantization not in ("f32", "f16", "bf16") else None
     report = _core.convert_to_gguf(
@@ -141,7 +145,7 @@ def _export_gguf(
     )
     types = dict(report["types"])
     provenance.write_record(target, wanted, types)
-    return types
+    return types, False
 
 
 @recorded_export
@@ -164,7 +168,8 @@ def export(
         fmt: "lora" (the adapter, ready for PEFT), "merged" (bf16 HF folder) or "gguf".
         output: Folder to write (for gguf, a folder or a `.gguf` file path). Defaults to
             a sibling of `source` named `<source>-<fmt>`.
-        quantization: For gguf: f32, f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k (default q8_0).
+        quantization: For gguf: f32, f16, bf16, q8_0, llama.cpp's mixes q4_k_m, q5_k_m,
+            q6_k, q4_0, q5_0, q3_k_m, q2_k, iq4_nl or iq4_xs (default q8_0).
         force: Overwrite an existing output. Without it, a GGUF that this same source and
             type made earlier (see `provenance`) is reused instead of refused.
         ollama: Also write a Modelfile and register the GGUF with Ollama (gguf only).
@@ -199,6 +204,7 @@ def export(
     modelfile: Path | None = None
     outcome: OllamaOutcome | None = None
     types: dict[str, int] = {}
+    reused = False
     if fmt == "lora":
         files = _export_lora(src, out, force)
         main, quant = out, None
@@ -210,7 +216,7 @@ def export(
         chat = chat_format(src.tokenizer_dir) if ollama else None
         main = _gguf_target(src, out, quant)
         _remove_leftovers_beside(src, main)
-        types = _export_gguf(src, main, quant, force, progress)
+        types, reused = _export_gguf(src, main, quant, force, progress)
         folder = main.parent
         files = [main, provenance.record_path(main)]
         if chat is not None:
@@ -232,6 +238,7 @@ def export(
         tensor_types=types,
         modelfile=modelfile,
         ollama=outcome,
+        reused=reused,
     )
 
 
