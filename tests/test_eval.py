@@ -58,6 +58,8 @@ def test_held_out_loss_is_the_token_mean_nll_transformers_computes(tiny_llama, d
     assert report.tokens == count
     assert report.loss == pytest.approx(total / count, rel=1e-4)
     assert report.perplexity == pytest.approx(math.exp(report.loss))
+    as_folder = evaluate(str(tiny_llama), data=data_file, data_config=DataConfig(max_seq_length=128))
+    assert as_folder.loss == pytest.approx(report.loss)  # a full model folder is the same model
 
 
 def test_trained_adapter_beats_its_base_and_the_eval_is_recorded(trained, data_file):

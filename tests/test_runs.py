@@ -316,3 +316,25 @@ def test_resume_run_of_an_unknown_id_is_a_coded_error(tiny_llama):
     res = run_cli("train", "--resume-run", "no-such-run", "--steps", "1")
     assert res.status == 6
     assert res.stderr.startswith("[STATE_RUN_NOT_FOUND]")
+
+
+def test_resume_run_needs_a_training_run_whose_folder_still_exists(tiny_llama, tmp_path):
+    from backpropagate import Trainer
+    from backpropagate.errors import ConfigError
+
+    s = RunStore()
+    s.start("export-only-0001", "export")
+    s.start("gone-folder-0001", "train", output_dir=str(tmp_path / "deleted"))
+    with pytest.raises(ConfigError) as not_train:
+        Trainer("tiny-llama", resume_run="export-only-0001")
+    assert not_train.value.code == "CONFIG_INVALID_SETTING" and "export run" in not_train.value.message
+    with pytest.raises(StateError) as gone:
+        Trainer("tiny-llama", resume_run="gone-folder-0001")
+    assert gone.value.code == "STATE_RUN_OUTPUT_MISSING"
+
+
+def test_runs_rm_refuses_a_run_whose_process_is_alive():
+    RunStore().start("alive-0001", "train")  # recorded by this very (live) process
+    res = run_cli("runs", "rm", "alive-0001")
+    assert res.status == 2 and "still running" in res.stderr
+    assert RunStore().get("alive-0001") is not None
