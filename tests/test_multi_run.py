@@ -99,6 +99,18 @@ def test_two_runs_give_one_merged_peft_adapter(finished, tiny_llama):
         assert (finished / "adapter" / name).is_file()
 
 
+def test_history_records_the_multi_run_as_parent_of_its_runs(finished):
+    from backpropagate.runs.store import RunStore
+
+    plan = json.loads((finished / "multi_run.json").read_text())
+    store = RunStore()
+    parent = store.get(plan["run_id"])
+    assert parent is not None and parent.command == "multi-run" and parent.status == "completed"
+    for run in plan["runs"]:
+        child = store.get(run["run_id"])
+        assert child is not None and child.command == "train" and child.parent_run_id == plan["run_id"]
+
+
 def test_merged_adapter_loads_in_peft_and_exports_to_gguf(finished, tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

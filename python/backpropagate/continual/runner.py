@@ -12,7 +12,8 @@ Layout of the output folder `OUT`:
 * `OUT/multi_run.json`: the plan and, per run, its status, losses and the merged adapter's
   held-out loss on its own and every earlier run's data.
 
-Resumable at any point: a finished run is never redone, a run stopped mid-way continues
+The run history (`backprop runs`) records the multi-run, and each run with the multi-run as
+its parent. Resumable at any point: a finished run is never redone, a run stopped mid-way continues
 from its last checkpoint (`Trainer.train` with `resume`), and a merge is written before
 its run is marked finished and is skipped when `slao.json` shows it done.
 """
@@ -33,6 +34,7 @@ from backpropagate.continual.config import MultiRunConfig
 from backpropagate.continual.tasks import split_tasks, write_task
 from backpropagate.errors import ConfigError, InputError, RunFailedError, StateError
 from backpropagate.export.files import atomic_dir, write_text_atomic
+from backpropagate.runs.record import RunRecording
 
 PLAN_FILE = "multi_run.json"
 MERGE_FILE = "slao.json"
@@ -243,6 +245,7 @@ def train_run(model: str, options: dict[str, Any], out: Path, record: dict[str, 
         "overwrite": not resume,
     }
     trainer = Trainer(model, **run_options)
+    trainer.parent_run_id = options["parent_run_id"]  # the history links each run to its multi-run
     try:
         result = trainer.train(out / record["train_data"], steps=steps, epochs=epochs, init_adapter=init)
     except RunFailedError as err:
@@ -261,6 +264,62 @@ def train_run(model: str, options: dict[str, Any], out: Path, record: dict[str, 
         losses=result.losses,
         adapter=str(result.adapter_dir.relative_to(out)),
     )
+
+
+def finish_run(
+    model: str,
+    run_options: dict[str, Any],
+    out: Path,
+    plan: dict[str, Any],
+    record: dict[str, Any],
+    model_path: Path,
+    settings: Any,
+    steps: int | None,
+    epochs: float | None,
+) -> None:
+    """Trains run `record`, merges it and measures the merged adapter on every held-out set so far."""
+    wait_until_gpu_cool(settings.train)
+    logger.info("multi-run %s: run %d of %d (%s)", out, record["run"], len(plan["runs"]), record["source"])
+    record["status"] = "training"
+    save_plan(out, plan)
+    train_run(model, run_options, out, record, steps, epochs)
+    merge_run(out, record["run"], run_options["merge_mode"])
+    earlier = plan["runs"][: record["run"]]
+    losses = heldout_losses(
+        model_path,
+        settings.train,
+        settings.data,
+        out / "merged" / ADAPTER_FILE,
+        [out / r["heldout_data"] for r in earlier],
+    )
+    record["heldout_losses"] = {r["name"]: loss for r, loss in zip(earlier, losses, strict=True)}
+    record["status"] = "done"
+    save_plan(out, plan)
+    logger.info("run %d done; merged adapter's held-out losses: %s", record["run"], record["heldout_losses"])
+
+
+def save_adapter(
+    out: Path, plan: dict[str, Any], model_ref: str, model_path: Path, settings: Any, merge_mode: str
+) -> None:
+    """Writes `OUT/adapter/` from the merged adapter, as `train` writes its adapter folder."""
+    from backpropagate.backends.loading import load_for_training
+    from backpropagate.backends.outputs import save_final
+
+    tm = load_for_training(model_path, settings.train, out / "merged" / ADAPTER_FILE)
+    base_ref = model_ref if settings.preset and "/" in model_ref else str(model_path)
+    run_info = {
+        "run_id": plan["run_id"],
+        "base_model": model_ref,
+        "method": settings.train.method,
+        "mode": tm.mode,
+        "multi_run": {"merge_mode": merge_mode, "plan": PLAN_FILE, "runs": len(plan["runs"])},
+        "hyperparameters": dataclasses.asdict(settings.train),
+        "heldout_losses": plan["runs"][-1].get("heldout_losses"),
+    }
+    save_final(tm, out, model_path, base_ref, run_info, None)
+    plan["status"] = "done"
+    plan["adapter"] = "adapter"
+    save_plan(out, plan)
 
 
 def multi_run(
@@ -282,12 +341,13 @@ def multi_run(
         steps: Optimizer steps of each run.
         epochs: Passes over each run's rows (when `steps` is not given).
     """
-    from backpropagate.backends.outputs import save_final
     from backpropagate.config import resolve_settings
     from backpropagate.model_source import resolve_model
     from backpropagate.train.backend import resolve_backend
 
     settings = resolve_settings(model, options)
+    if settings.train.resume_run is not None:
+        raise ConfigError("CONFIG_INVALID_SETTING", "a multi-run resumes with resume=True (--resume), not resume_run")
     if settings.train.mode == "full" or resolve_backend(settings.train.backend) == "mlx":
         raise ConfigError(
             "CONFIG_INVALID_SETTING",
@@ -319,43 +379,19 @@ def multi_run(
     run_options = {
         "train": {**train_options, "progress": options.get("progress", True)},
         "merge_mode": config.merge_mode,
+        "parent_run_id": plan.setdefault("run_id", log.new_run_id()),  # the multi-run's id in the history
     }
-    for record in plan["runs"]:
-        if record["status"] == "done":
-            continue
-        wait_until_gpu_cool(settings.train)
-        logger.info("multi-run %s: run %d of %d (%s)", out, record["run"], len(plan["runs"]), record["source"])
-        record["status"] = "training"
-        save_plan(out, plan)
-        train_run(model, run_options, out, record, steps, epochs)
-        merge_run(out, record["run"], config.merge_mode)
-        earlier = plan["runs"][: record["run"]]
-        losses = heldout_losses(
-            model_path,
-            settings.train,
-            settings.data,
-            out / "merged" / ADAPTER_FILE,
-            [out / r["heldout_data"] for r in earlier],
+    with RunRecording("multi-run") as recording:
+        recording.start(
+            plan["run_id"], model=model_ref, config=request, data=", ".join(request["data"]), output_dir=str(out)
         )
-        record["heldout_losses"] = {r["name"]: loss for r, loss in zip(earlier, losses, strict=True)}
-        record["status"] = "done"
-        save_plan(out, plan)
-        logger.info("run %d done; merged adapter's held-out losses: %s", record["run"], record["heldout_losses"])
-    if plan["status"] != "done" or not (out / "adapter" / ADAPTER_FILE).is_file():
-        from backpropagate.backends.loading import load_for_training
-
-        tm = load_for_training(model_path, settings.train, out / "merged" / ADAPTER_FILE)
-        base_ref = model_ref if settings.preset and "/" in model_ref else str(model_path)
-        run_info = {
-            "base_model": model_ref,
-            "method": settings.train.method,
-            "mode": tm.mode,
-            "multi_run": {"merge_mode": config.merge_mode, "plan": PLAN_FILE, "runs": len(plan["runs"])},
-            "hyperparameters": dataclasses.asdict(settings.train),
-            "heldout_losses": plan["runs"][-1].get("heldout_losses"),
-        }
-        save_final(tm, out, model_path, base_ref, run_info, None)
-        plan["status"] = "done"
-        plan["adapter"] = "adapter"
-        save_plan(out, plan)
+        for record in plan["runs"]:
+            if record["status"] != "done":
+                finish_run(model, run_options, out, plan, record, model_path, settings, steps, epochs)
+        if plan["status"] != "done" or not (out / "adapter" / ADAPTER_FILE).is_file():
+            save_adapter(out, plan, model_ref, model_path, settings, config.merge_mode)
+        recording.complete(
+            {"heldout_losses": plan["runs"][-1]["heldout_losses"], "runs": len(plan["runs"])},
+            {"adapter_dir": str(out / "adapter"), "plan": str(out / PLAN_FILE)},
+        )
     return MultiRunResult(output_dir=out, adapter_dir=out / "adapter", plan_file=out / PLAN_FILE, runs=plan["runs"])
