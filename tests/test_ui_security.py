@@ -132,7 +132,7 @@ def test_paths_outside_the_workspace_are_refused(server, tmp_path, path):
     assert res.status_code == 403 and "INPUT_PATH_OUTSIDE_WORKSPACE" in res.text and "secret" not in res.text
     form = {"csrf": token, "name": "t", "data": path, "model": "tiny-llama"}
     res = client.post("/train", data=form, headers={"Origin": server.url})
-    assert res.status_code == 400 and "INPUT_PATH_OUTSIDE_WORKSPACE" in res.text
+    assert res.status_code == 403 and "INPUT_PATH_OUTSIDE_WORKSPACE" in res.text
     assert not (server.workspace / "runs/t").exists()
     res = client.post(
         "/runs/x/chat", json={"gguf": path, "messages": []}, headers={"X-CSRF-Token": token, "Origin": server.url}
@@ -181,6 +181,10 @@ def test_uploads_are_capped_typed_and_kept_in_the_workspace(server):
     res = _upload(client, server, token, "../../escape.jsonl", b'{"text": "hello"}\n')
     assert res.status_code == 303 and res.headers["location"] == "/data?file=uploads/escape.jsonl"
     assert (uploads / "escape.jsonl").is_file() and not (server.workspace.parent / "escape.jsonl").exists()
+    res = _upload(client, server, token, "my data (v2).jsonl", b'{"text": "hello"}\n')
+    assert (
+        res.headers["location"] == "/data?file=uploads/my-data-v2-.jsonl" and (uploads / "my-data-v2-.jsonl").is_file()
+    )
     # Without the token the upload is refused and nothing is written.
     client.post("/data/upload", files={"file": ("x.jsonl", b"{}\n")}, headers={"Origin": server.url})
     assert not (uploads / "x.jsonl").exists()

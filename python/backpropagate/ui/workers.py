@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from backpropagate.cli.options import flag_name
 from backpropagate.errors import BackpropagateError, StateError
-from backpropagate.log import redact
+from backpropagate.log import get_logger, redact
+from backpropagate.runs.store import process_alive
 from backpropagate.ui.workspace import Workspace, check_name
 
 if TYPE_CHECKING:
@@ -179,13 +180,9 @@ class RunManager:
         if proc is not None:
             return proc.poll() is None
         info = read_json(self.folder(name) / WORKER)
-        if not info or "exit_code" in info:
+        if not info or "exit_code" in info or not isinstance(info.get("pid"), int):
             return False
-        try:
-            os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError):
-            return False
-        return True
+        return process_alive(info["pid"])
 
     def stop(self, name: str) -> bool:
         """Asks the run to stop (SIGINT to its process group: checkpoint, then exit 130)."""
@@ -294,6 +291,15 @@ class Exports:
             )
         except BackpropagateError as err:
             job.error = {"code": err.code, "message": redact(err.message), "hint": err.hint}
+            job.state = "failed"
+            return
+        except Exception as exc:  # an uncoded failure still ends the job, with the details in the server's log
+            get_logger("ui").exception("export of %s failed", adapter)
+            job.error = {
+                "code": "RUNTIME_GGUF_EXPORT_FAILED",
+                "message": f"export failed ({type(exc).__name__})",
+                "hint": "",
+            }
             job.state = "failed"
             return
         job.path = self.workspace.relative(result.path)

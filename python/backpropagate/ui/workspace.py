@@ -96,7 +96,9 @@ class Workspace:
             InputError: INPUT_UPLOAD_REJECTED for a wrong type or a file over the cap (nothing is
                 kept); INPUT_PATH_OUTSIDE_WORKSPACE for a name that is not a plain file name.
         """
-        name = check_name(Path(name.replace("\\", "/")).name or "", "file name")
+        # Only the last part of the name the browser sent, other characters replaced: `my data.jsonl` -> `my-data.jsonl`.
+        plain = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePosixPath(name.replace("\\", "/")).name).lstrip(".-")
+        name = check_name(plain, "file name")
         if not name.lower().endswith(DATA_SUFFIXES):
             raise InputError("INPUT_UPLOAD_REJECTED", f"{name}: only {', '.join(DATA_SUFFIXES)} files are accepted")
         folder = self.root / UPLOADS
