@@ -297,3 +297,22 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
     options.update(micro_batch=1, grad_accumulation=4)
     plain = Trainer("tiny-llama", output_dir=str(tmp_path / "plain"), **options).train(dataset, steps=3)
     np.testing.assert_allclose([v for _, v in halved.losses], [v for _, v in plain.losses], rtol=1e-5)
+
+
+def test_qwen2_and_reasoning_traces_train_on_mlx(tiny_qwen2, tmp_path):
+    """Another family (tied embeddings, attention biases) through the real data engine, with trace filtering."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = Trainer(
+        "tiny-qwen2", backend="mlx", reasoning_trace=True, max_seq_length=512, output_dir=str(tmp_path / "r"), **FAST
+    )
+    result = trainer.train(EXAMPLES / "traces.jsonl", steps=2)
+    assert result.data_stats["rows_used"] > 0 and len(result.losses) == 2
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen2), result.adapter_dir)
+    ids = np.random.default_rng(3).integers(0, 300, size=(1, 24))
+    with torch.no_grad():
+        want = peft_model.eval()(torch.tensor(ids)).logits.numpy()
+    net = trainer._trained.net
+    net.eval()
+    np.testing.assert_allclose(np.array(net(mx.array(ids))), want, atol=2e-4)
