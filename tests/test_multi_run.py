@@ -57,6 +57,21 @@ def test_init_state_keeps_b_and_orthonormalises_a():
     assert all(previous[k].equal(v) for k, v in slao.init_state(previous, "simple").items())
 
 
+def test_split_keeps_order_holds_out_and_replays_earlier_rows(tmp_path):
+    from backpropagate.continual import MultiRunConfig
+    from backpropagate.continual.tasks import split_tasks
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(40)))
+    tasks = split_tasks([data], MultiRunConfig(runs=2, holdout=0.1, replay=0.5), seed=0)
+    first, second = ({json.loads(r)["text"] for r in t.train[: len(t.train) - t.replayed]} for t in tasks)
+    assert first | {json.loads(r)["text"] for r in tasks[0].heldout} == {f"row {i}" for i in range(20)}
+    assert second | {json.loads(r)["text"] for r in tasks[1].heldout} == {f"row {i}" for i in range(20, 40)}
+    assert [len(t.heldout) for t in tasks] == [2, 2]
+    replayed = {json.loads(r)["text"] for r in tasks[1].train[-tasks[1].replayed :]}
+    assert tasks[1].replayed == 9 and replayed <= first  # half of its 18 rows, from run 1's training rows
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_llama):
     out = tmp_path_factory.mktemp("multi") / "out"

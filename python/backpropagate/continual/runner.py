@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,6 @@ def check_folder(out: Path, resume: bool, overwrite: bool) -> None:
         )
     run_folder.prepare(out, resume=resume, overwrite=overwrite)  # a file, unwritable -> coded errors
     if overwrite and not resume:
-        import shutil
-
         for path in [*out.glob("run-[0-9]*"), out / "merged", out / "data", out / PLAN_FILE]:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -152,8 +151,6 @@ def check_request(saved: dict[str, Any], current: dict[str, Any], out: Path) -> 
 
 def write_merged(out: Path, state: slao.State, run: int, mode: str, run_adapter: Path) -> None:
     """Replaces `OUT/merged/` with the merged adapter after run `run` (atomically)."""
-    import shutil
-
     from safetensors.torch import save_file
 
     with atomic_dir(out / "merged", force=True) as tmp:
