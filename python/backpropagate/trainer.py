@@ -28,6 +28,7 @@ from backpropagate import log, run_folder
 from backpropagate.config import TrainConfig, check_data_kind, resolve_settings
 from backpropagate.data.dataset import PreparedDataset, dropped_lines_text
 from backpropagate.errors import ConfigError, RunFailedError, StateError
+from backpropagate.gguf_source import source_record
 from backpropagate.model_source import resolve_model
 from backpropagate.runs import record
 from backpropagate.settings import at_least, check_value, positive
@@ -290,6 +291,7 @@ class Trainer:
         run_info = {
             "run_id": run_id,
             "base_model": self.model_ref,
+            "base_model_source": source_record(self.model_path),
             "method": config.method,
             "mode": trained.mode,
             "hyperparameters": {

@@ -20,6 +20,18 @@ def _row(key: str, value: Any) -> str:
     return f"| {key} | {value if value not in (None, '') else UNKNOWN} |"
 
 
+def _source_rows(source: Any) -> list[str]:
+    """Where the base weights came from, when not from the base model's own files (a GGUF)."""
+    if not isinstance(source, dict) or not source.get("gguf"):
+        return []
+    return [
+        _row(
+            "base weights",
+            f"dequantized from `{source['gguf']}` ({source.get('quantization')}): they keep its rounding",
+        )
+    ]
+
+
 def render_card(
     *, title: str, fmt: str, quantization: str | None, base_model: str, run: dict[str, Any] | None, files: list[str]
 ) -> str:
@@ -36,6 +48,7 @@ def render_card(
         "| --- | --- |",
         _row("run id", run.get("run_id")),
         _row("base model", run.get("base_model") or base_model),
+        *_source_rows(run.get("base_model_source")),
         _row("method", run.get("method")),
         _row("mode", run.get("mode")),
         _row("data hash", run.get("data_hash")),
