@@ -183,6 +183,8 @@ def test_a_stale_heartbeat_marks_a_run_interrupted_even_if_its_pid_lives(tmp_pat
     assert s.reap_dead() == ["stale"]
     assert s.get("stale").status == "interrupted"  # type: ignore[union-attr]
     assert s.get("fresh").status == "running"  # type: ignore[union-attr]
+    s.heartbeat("stale")  # it was only slow: its next heartbeat makes it running again
+    assert s.get("stale").status == "running"  # type: ignore[union-attr]
 
 
 @pytest.fixture

@@ -31,6 +31,10 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
 
 
+def _age(stamp: float | None) -> str:
+    return "never" if stamp is None else f"{time.time() - stamp:.0f} s ago"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -126,9 +130,12 @@ def show_run(
         ("output dir", record.output_dir),
         ("metrics file", record.metrics_path),
         ("parent", record.parent_run_id),
+        ("process", f"pid {record.pid} on {record.host}, heartbeat {_age(record.heartbeat_at)}")
+        if record.status == "running"
+        else None,
         ("error", record.error_message),
     ]
-    for key, value in lines:
+    for key, value in filter(None, lines):
         if value is not None:
             typer.echo(f"{key:<13}{value}")
     for title, values in (("metrics", record.metrics), ("outputs", record.outputs), ("settings", record.config)):

@@ -254,8 +254,13 @@ class RunStore:
             conn.execute(f"UPDATE runs SET {assignments} WHERE run_id = ?", [*values, run_id])
 
     def heartbeat(self, run_id: str) -> None:
-        """Says that `run_id`'s process is still alive."""
-        self.update(run_id, heartbeat_at=time.time())
+        """Says that `run_id`'s process is still alive; a record taken for dead meanwhile is running again."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE runs SET heartbeat_at = ?, status = 'running', ended_at = NULL, error_message = NULL "
+                "WHERE run_id = ? AND status IN ('running', 'interrupted')",
+                (time.time(), run_id),
+            )
 
     def finish(
         self,
