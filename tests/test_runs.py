@@ -219,6 +219,25 @@ def test_a_garbage_history_never_stops_training(garbage_history, data_file, tmp_
     assert any("STATE_RUN_HISTORY_UNAVAILABLE" in r.getMessage() for r in caplog.records)
 
 
+def test_a_locked_history_is_a_warning_for_a_run_and_readers_still_read(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "runs.db"
+    RunStore(path).start("before-the-lock", "train")
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the write lock for longer than the timeout
+    try:
+        with caplog.at_level("WARNING", logger="backpropagate"), record.RunRecording("train", store_path=path) as rec:
+            rec.start("during-the-lock", model="tiny-llama")
+            rec.complete({"final_loss": 1.0}, {})
+        assert any(
+            "STATE_RUN_HISTORY_UNAVAILABLE" in r.getMessage() and "locked" in r.getMessage() for r in caplog.records
+        )
+        assert [r.run_id for r in RunStore(path).records()] == ["before-the-lock"]  # WAL readers are not blocked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_opening_a_v1_history_with_newer_code_migrates_it(tmp_path, monkeypatch):
     path = tmp_path / "runs.db"
     old = RunStore(path)

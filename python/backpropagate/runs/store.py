@@ -28,8 +28,8 @@ from backpropagate.tiny import cache_root
 
 COMMANDS = ("train", "export", "eval", "multi-run")
 STATUSES = ("running", "completed", "failed", "interrupted")
-# Seconds a writer waits for another writer's lock before giving up.
-BUSY_TIMEOUT_S = 30.0
+# Seconds a writer waits for another writer's lock before giving up (transactions take milliseconds).
+BUSY_TIMEOUT_S = 10.0
 # A running record whose heartbeat is older than this belongs to a dead (or frozen) process.
 STALE_AFTER_S = 120.0
 
