@@ -2,8 +2,8 @@
 
 It is the torch rail's loop (`backends/torch_backend.py`) on MLX, sharing its framework-free
 parts: the shuffled row stream and held-out split, the learning-rate schedule, the run
-state, checkpoint folder protocol, metrics and progress bar. A step takes
-`micro_batch * grad_accumulation` packed rows; each micro-batch's loss terms are divided by
+state, checkpoint folder protocol, metrics, progress bar and stop on Ctrl-C. A step takes
+`step_rows` packed rows (micro_batch x grad_accumulation); each micro-batch's loss terms are divided by
 the whole step's counts, so accumulation gives exactly the gradient of the step's mean
 loss, and both rails draw the same loss curve from the same weights. The data position is
 one int (rows consumed) and dropout is seeded from (seed, step), so a resumed run continues
