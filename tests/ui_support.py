@@ -41,6 +41,7 @@ def ui_server(workspace: Path, auth: bool = True, max_upload_bytes: int = 2**20)
         )
     )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    app.state.ui.stopping = lambda: server.should_exit
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

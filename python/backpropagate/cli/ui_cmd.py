@@ -46,4 +46,6 @@ def ui_command(
     ui = create_app(config)
     typer.echo(f"backprop ui: http://{bind}:{port}/ (workspace {config.workspace.resolve()})", err=True)
     # Runs are worker processes of their own: they go on when the server stops, and a new server shows them.
-    uvicorn.run(ui, host=bind, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(uvicorn.Config(ui, host=bind, port=port, log_level="warning", access_log=False))
+    ui.state.ui.stopping = lambda: server.should_exit  # open event streams (run pages) end on Ctrl-C
+    server.run()

@@ -60,6 +60,8 @@ class State:
     chat: Chat
     limiter: security.LoginLimiter
     templates: Jinja2Templates
+    # Whether the server is shutting down (set by whoever runs it): event streams end then.
+    stopping: Callable[[], bool] = lambda: False
 
 
 def state(request: Request) -> State:

@@ -308,7 +308,7 @@ async def run_events(request: Request) -> Response:
             if metrics or logs or update != last:
                 yield f"event: update\ndata: {json.dumps(update)}\n\n"
             last = {**update, "metrics": [], "logs": []}
-            if await request.is_disconnected():
+            if await request.is_disconnected() or shared.stopping():
                 return
             await asyncio.sleep(SSE_INTERVAL_S)
 
