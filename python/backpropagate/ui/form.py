@@ -68,10 +68,15 @@ def form_fields(model: str) -> list[Field]:
                     group=f.metadata.get("group") or panel,
                     default=default,
                     choices=tuple(choices or ()),
-                    placeholder=str(resolved.get(f.name, "")) if default is None else "",
+                    placeholder=_placeholder(resolved.get(f.name)) if default is None else "",
                 )
             )
     return fields
+
+
+def _placeholder(value: Any) -> str:
+    """What an unset field will be: the preset's value, or "unset" (the run decides, e.g. from the data)."""
+    return "unset" if value is None else str(value)
 
 
 def _resolved_defaults(model: str) -> dict[str, Any]:
