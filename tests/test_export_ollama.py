@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +67,8 @@ def go_render(template: str, data: dict[str, Any]) -> str:
             return term == "true"
         if term.startswith('"'):
             return json.loads(term)
+        if term.startswith("$."):
+            return data.get(term[2:])
         if term.startswith("$"):
             return variables[term]
         assert term.startswith("."), term
@@ -75,6 +78,8 @@ def go_render(template: str, data: dict[str, Any]) -> str:
         fn, *args = re.findall(r'"[^"]*"|\S+', expr)
         if fn == "eq":
             return value(args[0], dot) == value(args[1], dot)
+        if fn == "not":
+            return not value(args[0], dot)
         if fn == "or":
             return next((v for v in (value(a, dot) for a in args) if v), value(args[-1], dot))
         assert not args, expr
@@ -98,7 +103,9 @@ def go_render(template: str, data: dict[str, Any]) -> str:
     return run(nodes, data)
 
 
-def ollama_prompt(template: str, default_system: str | None, messages: list[dict[str, str]]) -> str:
+def ollama_prompt(
+    template: str, default_system: str | None, messages: list[dict[str, str]], think: bool | None = None
+) -> str:
     """The prompt Ollama's chat endpoint builds: the Modelfile's SYSTEM stands in when the
     conversation does not start with a system message; `.System` joins every system
     message; consecutive messages of one role are merged (Ollama's `collate`)."""
@@ -111,7 +118,8 @@ def ollama_prompt(template: str, default_system: str | None, messages: list[dict
         else:
             collated.append({"Role": m["role"], "Content": m["content"]})
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return go_render(template, {"System": system, "Messages": collated})
+    data = {"System": system, "Messages": collated, "IsThinkSet": think is not None, "Think": bool(think)}
+    return go_render(template, data)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -136,6 +144,62 @@ def test_translated_template_renders_like_transformers(name: str) -> None:
             assert ollama_prompt(template, fmt.default_system, hf_messages) == want, system
             assert fmt.render(messages, system) == want, system
     assert fmt.stops and all(s in tok.get_vocab() or s in tok.added_tokens_encoder for s in fmt.stops)
+
+
+DATA = Path(__file__).parent / "data" / "chat_templates"
+# family -> (tokenizer folder in shared/, the family's published chat template in tests/data)
+FAMILY_TEMPLATES = {
+    "gemma3": ("llama-3.2-3b-instruct", "gemma3.jinja"),
+    "qwen3": ("qwen2.5-0.5b-instruct", "qwen3.jinja"),
+    "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
+    "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
+}
+
+
+def _with_template(tokenizer: Path, template: Path, out: Path) -> Path:
+    shutil.copytree(tokenizer, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in out.glob("chat_template*"):
+        f.unlink()
+    (out / "chat_template.jinja").write_text(template.read_text())
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TEMPLATES))
+def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
+    """Gemma (system folded into the first user turn), Qwen3 (thinking off through Ollama's
+    `think`), SmolLM3 and Mistral: every conversation renders like transformers, or the
+    difference is one the translation warned about."""
+    from transformers import AutoTokenizer
+
+    from backpropagate.export.ollama import chat_format
+
+    tok_name, template_file = FAMILY_TEMPLATES[family]
+    folder = _with_template(real_tokenizer(tok_name), DATA / template_file, tmp_path / family)
+    fmt = chat_format(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = fmt.go_template()
+    bos = tok.bos_token or ""
+    adds_bos = tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    thinks: list[bool | None] = [None, False] if fmt.no_think else [None]
+    differing = 0
+    for messages in CONVERSATIONS:
+        for system in (None, "", "Answer in one word."):
+            for think in thinks:
+                hf_messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
+                extra = {"enable_thinking": think} if think is not None else {}
+                want = tok.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True, **extra)
+                want = want[len(bos) :] if adds_bos and want.startswith(bos) else want
+                got = ollama_prompt(template, fmt.default_system, hf_messages, think)
+                assert got == fmt.render(messages, system, think)
+                if got != want:
+                    differing += 1
+                    assert any(f"system message {system!r} and think={think}" in w for w in fmt.warnings), (got, want)
+    assert fmt.system_in_first_user == (family == "gemma3")
+    assert (fmt.no_think == "<think>\n\n</think>\n\n") == (family == "qwen3")
+    assert (differing > 0) == (family == "smollm3")
 
 
 class FakeOllama(BaseHTTPRequestHandler):

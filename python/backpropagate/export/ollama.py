@@ -14,10 +14,11 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backpropagate import log
 from backpropagate.errors import DependencyError, InputError
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -36,51 +37,69 @@ class ChatFormat:
     assistant_suffix: str
     default_system: str | None
     stops: list[str]
+    # Gemma: no system turn; the system text opens the first user message, then
+    # `system_suffix`.
+    system_in_first_user: bool = False
+    # Qwen3: what the generation prompt gains when thinking is turned off (Ollama's `think`).
+    no_think: str = ""
+    # Known differences from the model's template (tools, dates), said once as warnings.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def always_system(self) -> bool:
         """The template emits its system block even without a system prompt."""
         return self.default_system == ""
 
-    def render(self, messages: list[dict[str, str]], system: str | None) -> str:
+    def render(self, messages: list[dict[str, str]], system: str | None, think: bool | None = None) -> str:
         """What Ollama makes of the Go template (used to check the translation).
 
         `system` is the conversation's own system message: None when it has none (Ollama
         then puts the Modelfile's SYSTEM, the template's default, in its place), "" for an
         explicit empty one, which the chat template keeps as an empty system block.
+        `think` is Ollama's request flag (None: not set).
         """
         shown = system if system is not None else (self.default_system or None)
-        out = (
-            f"{self.system_prefix}{shown or ''}{self.system_suffix}" if shown is not None or self.always_system else ""
-        )
+        block = f"{self.system_prefix}{shown or ''}{self.system_suffix}"
+        out = block if (shown is not None or self.always_system) and not self.system_in_first_user else ""
+        first = True
         for m in messages:
             pre, suf = (
                 (self.user_prefix, self.user_suffix)
                 if m["role"] == "user"
                 else (self.assistant_prefix, self.assistant_suffix)
             )
+            if m["role"] == "user" and first and self.system_in_first_user and shown is not None:
+                pre += block
+            first = first and m["role"] != "user"
             out += pre + m["content"] + suf
-        return out + self.assistant_prefix
+        return out + self.assistant_prefix + (self.no_think if think is False else "")
 
     def go_template(self) -> str:
         """The template in Ollama's Go-template syntax."""
         esc = _go_text
         # No whitespace-trimming markers: the literal text around them is exact.
-        system = f"{esc(self.system_prefix)}{{{{ .System }}}}{esc(self.system_suffix)}"
+        system = f"{esc(self.system_prefix)}{{{{ $.System }}}}{esc(self.system_suffix)}"
         if not self.always_system:
             # `.System` is "" both without a system message and with an empty one; only a
             # system message among `.Messages` tells them apart.
-            system = (
-                '{{ $sys := false }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $sys = true }}{{ end }}{{ end }}'
-                f"{{{{ if or .System $sys }}}}{system}{{{{ end }}}}"
+            system = f"{{{{ if or $.System $sys }}}}{system}{{{{ end }}}}"
+        user = f"{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}"
+        if self.system_in_first_user:
+            user = (
+                f"{esc(self.user_prefix)}{{{{ if $first }}}}{system}{{{{ $first = false }}}}{{{{ end }}}}"
+                f"{{{{ .Content }}}}{esc(self.user_suffix)}"
             )
+        gen = esc(self.assistant_prefix)
+        if self.no_think:
+            gen += f"{{{{ if $.IsThinkSet }}}}{{{{ if not $.Think }}}}{esc(self.no_think)}{{{{ end }}}}{{{{ end }}}}"
         return (
-            system + "{{ range .Messages }}"
-            f'{{{{ if eq .Role "user" }}}}{esc(self.user_prefix)}{{{{ .Content }}}}{esc(self.user_suffix)}'
+            '{{ $sys := false }}{{ $first := true }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $sys = true }}'
+            "{{ end }}{{ end }}"
+            + ("" if self.system_in_first_user else system)
+            + f'{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{user}'
             f'{{{{ else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{esc(self.assistant_suffix)}"
-            "{{ end }}{{ end }}"
-            f"{esc(self.assistant_prefix)}"
+            "{{ end }}{{ end }}" + gen
         )
 
 
@@ -122,8 +141,8 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         raise InputError("INPUT_CHAT_TEMPLATE_UNSUPPORTED", f"{tokenizer_dir}: the model has no chat template")
     bos = tok.bos_token if getattr(tok, "add_bos_token", False) or _adds_bos(tok) else None
 
-    def render(messages: list[dict[str, str]], gen: bool) -> str:
-        text = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
+    def render(messages: list[dict[str, str]], gen: bool, **extra: Any) -> str:
+        text = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **extra))
         # llama.cpp and Ollama add BOS when tokenizing; the template text must not repeat it.
         return text[len(bos) :] if bos and text.startswith(bos) else text
 
@@ -148,13 +167,24 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         else:
             opener = _common_prefix(system_prefix, assistant_prefix)
             cut = sep.rfind(opener) if opener else -1
-            if cut < 0:
-                raise ValueError("cannot tell the system block from the user prefix")
-            user_prefix = sep[cut:]
+            if cut >= 0:
+                user_prefix = sep[cut:]
+            else:
+                # Mistral: the user prefix is what follows both a system block and an answer.
+                user_prefix = _common_prefix(sep[::-1], between[::-1])[::-1]
+                if not user_prefix:
+                    raise ValueError("cannot tell the system block from the user prefix")
             inner = _strip_suffix(_strip_prefix(lead, system_prefix), sep)
             default_system = inner
-        system_suffix = _strip_suffix(sep, user_prefix) if system_prefix else ""
+        # Gemma has no system turn: the system text opens the first user message.
+        fold = bool(system_prefix) and system_prefix == user_prefix and not sep.endswith(user_prefix)
+        if fold:
+            system_prefix, system_suffix = "", sep
+        else:
+            system_suffix = _strip_suffix(sep, user_prefix) if system_prefix else ""
         assistant_suffix = _strip_suffix(between, user_prefix)
+        no_think = render(convo, True, enable_thinking=False)
+        no_think = no_think[len(full) :] if no_think.startswith(full) else ""
     except ValueError as exc:
         raise InputError(
             "INPUT_CHAT_TEMPLATE_UNSUPPORTED", f"{tokenizer_dir}: chat template is not a per-message format ({exc})"
@@ -172,8 +202,20 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         assistant_suffix,
         default_system,
         stops,
+        system_in_first_user=fold,
+        no_think=no_think,
     )
-    _check(fmt, render, tokenizer_dir)
+    source = str(tok.chat_template)
+    if "tools" in source:
+        fmt.warnings.append(
+            "tool definitions, tool calls and tool results are not carried into the Ollama template "
+            "(messages are); use llama.cpp, which reads the model's own template, for tool calling"
+        )
+    if "strftime_now" in source:
+        fmt.warnings.append("the template writes today's date; the Ollama template keeps the export's date")
+    fmt.warnings += _check(fmt, render, tokenizer_dir)
+    for warning in fmt.warnings:
+        log.get_logger(__name__).warning("Ollama template of %s: %s", tokenizer_dir, warning)
     return fmt
 
 
@@ -182,25 +224,39 @@ def _adds_bos(tok: Any) -> bool:
     return bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
 
 
-def _check(fmt: ChatFormat, render: Any, where: Path) -> None:
-    cases: list[tuple[list[dict[str, str]], str | None]] = [
-        ([{"role": "user", "content": "Hi there"}], None),
-        (
-            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-            None,
-        ),
+def _check(fmt: ChatFormat, render: Any, where: Path) -> list[str]:
+    """Renders test conversations both ways.
+
+    Plain conversations must match exactly (else INPUT_CHAT_TEMPLATE_UNSUPPORTED); a
+    system-message or thinking case that differs is kept in its nearest form and returned
+    as a warning, never silently.
+    """
+    plain: list[list[dict[str, str]]] = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
     ]
-    if fmt.system_prefix:
-        cases += [([{"role": "user", "content": "Q"}], "Be brief."), ([{"role": "user", "content": "Q"}], "")]
-    for messages, system in cases:
+    q = [{"role": "user", "content": "Q"}]
+    cases: list[tuple[list[dict[str, str]], str | None, bool | None]] = [(m, None, None) for m in plain]
+    if fmt.system_prefix or fmt.system_in_first_user:
+        cases += [(q, "Be brief.", None), (q, "", None)]
+    if fmt.no_think:
+        cases += [(plain[1], None, False)]
+    warnings = []
+    for messages, system, think in cases:
         hf_messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
-        expected = render(hf_messages, True)
-        got = fmt.render(messages, system)
-        if got != expected:
+        expected = render(hf_messages, True, **({"enable_thinking": think} if think is not None else {}))
+        got = fmt.render(messages, system, think)
+        if got == expected:
+            continue
+        if system is None and think is None:
             raise InputError(
                 "INPUT_CHAT_TEMPLATE_UNSUPPORTED",
                 f"{where}: translated template renders {got!r} where the model's renders {expected!r}",
             )
+        warnings.append(
+            f"with system message {system!r} and think={think}, Ollama will render {got!r} where the model's template renders {expected!r}"
+        )
+    return warnings
 
 
 def modelfile_text(gguf_name: str, fmt: ChatFormat, system: str | None) -> str:
