@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -33,6 +34,9 @@ def test_train_export_gguf_with_ollama_and_chat(tmp_path, ollama_server, monkeyp
         form |= FLAGS_ON | {"max_seq_length": "128", "grad_accumulation": "1", "lora_r": "4"}
         assert client.post("/train", data=form, headers={"Origin": server.url}).status_code == 303
         assert server.workspace.joinpath("runs/small/ui-run.json").is_file()
+        # A second run trains at the same time, with another rank.
+        other = form | {"name": "other", "lora_r": "2", "steps": "2"}
+        assert client.post("/train", data=other, headers={"Origin": server.url}).status_code == 303
         # A run's name is taken while it exists; a running run cannot be started again.
         res = client.post("/train", data=form, headers={"Origin": server.url})
         assert res.status_code == 409 and "STATE_OUTPUT_EXISTS" in res.text
@@ -47,6 +51,12 @@ def test_train_export_gguf_with_ollama_and_chat(tmp_path, ollama_server, monkeyp
         assert status["summary"]["steps"] == 3 and status["run_id"]
         assert [m["step"] for m in client.get("/runs/small/metrics").json()] == [1, 2, 3]
         assert client.get("/runs/small/loss.png").headers["content-type"] == "image/png"
+
+        other_status = wait_json(client, "/runs/other/state", lambda s: s["state"] != "running")
+        assert other_status["state"] == "finished" and other_status["step"] == 2
+        compare = client.get("/runs/compare", params={"a": "small", "b": "other"}, headers={"Accept": "text/html"}).text
+        assert re.search(r'<tr class="differs"><th>lora_r</th><td>4</td><td>2</td></tr>', compare)
+        assert re.search(r'<tr class=""><th>max_seq_length</th><td>128</td><td>128</td></tr>', compare)
 
         # The Runs page reads the run history (the store behind `backprop runs`), filtered.
         from backpropagate.runs.store import RunStore

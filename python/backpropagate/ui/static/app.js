@@ -155,7 +155,7 @@ function showExport(job) {
 async function compareRuns(names) {
   const series = await Promise.all(names.map(async (n, i) => {
     const ms = await (await fetch(`/runs/${encodeURIComponent(n)}/metrics`, { headers: { Accept: "application/json" } })).json();
-    return { points: ms.map((m) => [m.step, m.loss]), cls: i ? "lr" : "loss" };
+    return { points: ms.map((m) => [m.step, m.loss]), cls: i ? "lr" : "loss" }; // the second run in orange
   }));
   drawChart(document.getElementById("chart"), series);
 }
