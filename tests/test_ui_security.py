@@ -9,6 +9,7 @@ page; listening beyond loopback without a login is refused.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def test_state_changes_need_the_csrf_token_and_this_origin(server):
     assert not (server.workspace / "runs/x").exists()
     # With both, the request goes through (there is no such run to stop).
     res = client.post("/runs/none/stop", headers=good)
-    assert res.status_code == 404 and res.json()["error"]["code"] == "STATE_CHECKPOINT_NOT_FOUND"
+    assert res.status_code == 404 and res.json()["error"]["code"] == "STATE_RUN_NOT_FOUND"
     client.close()
 
 
@@ -287,3 +288,23 @@ def test_backprop_ui_listens_on_loopback_by_default(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert PASSWORD not in err.decode() and f"http://127.0.0.1:{port}/" in err.decode()
+
+
+@pytest.mark.parametrize("model", ["/etc", "~/models/x", "../models/x", "link"])
+def test_model_folders_outside_the_workspace_are_refused(server, tmp_path, model):
+    os.symlink(tmp_path, server.workspace / "link")
+    client, token = logged_in(server)
+    res = client.get("/data", params={"file": "chat.jsonl", "model": model}, headers={"Accept": "text/html"})
+    assert res.status_code == 403 and "INPUT_PATH_OUTSIDE_WORKSPACE" in res.text
+    form = {"csrf": token, "name": "m", "data": "chat.jsonl", "model": model}
+    assert client.post("/train", data=form, headers={"Origin": server.url}).status_code == 403
+    assert not (server.workspace / "runs/m").exists()
+    client.close()
+
+
+def test_a_model_folder_inside_the_workspace_is_used(server, tiny_llama):
+    shutil.copytree(tiny_llama, server.workspace / "models/mine")
+    client, _ = logged_in(server)
+    page = client.get("/data", params={"file": "chat.jsonl", "model": "models/mine"}, headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "ready to train" in page.text and str(server.workspace) not in page.text
+    client.close()

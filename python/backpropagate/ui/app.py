@@ -33,7 +33,7 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "backprop_session"
 SESSION_MAX_AGE_S = 12 * 3600
 # Status of a refused request by error code (anything else is a 400).
-STATUS_BY_CODE = {"INPUT_PATH_OUTSIDE_WORKSPACE": 403, "STATE_OUTPUT_EXISTS": 409, "STATE_CHECKPOINT_NOT_FOUND": 404}
+STATUS_BY_CODE = {"INPUT_PATH_OUTSIDE_WORKSPACE": 403, "STATE_OUTPUT_EXISTS": 409, "STATE_RUN_NOT_FOUND": 404}
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -128,11 +128,15 @@ def ensure_csrf(request: Request) -> str:
     return str(token)
 
 
+def from_this_origin(request: Request) -> bool:
+    """Whether the request's Origin (or Referer) is this server."""
+    headers = request.headers
+    return security.same_origin(headers.get("origin"), headers.get("referer"), request.url.scheme, headers.get("host"))
+
+
 async def csrf_ok(request: Request) -> bool:
     """Whether a state-changing request carries this session's token and comes from this origin."""
-    if not security.same_origin(
-        request.headers.get("origin"), request.headers.get("referer"), request.url.scheme, request.headers.get("host")
-    ):
+    if not from_this_origin(request):
         return False
     given = request.headers.get("x-csrf-token")
     if given is None and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
@@ -159,13 +163,7 @@ def guarded(handler: Handler, page: bool = False) -> Handler:
         ensure_csrf(request)
         if request.method != "GET":
             multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-            origin_ok = security.same_origin(
-                request.headers.get("origin"),
-                request.headers.get("referer"),
-                request.url.scheme,
-                request.headers.get("host"),
-            )
-            if not (origin_ok if multipart else await csrf_ok(request)):
+            if not (from_this_origin(request) if multipart else await csrf_ok(request)):
                 return JSONResponse({"ok": False, "error": {"code": "csrf_failed"}}, status_code=403)
         return await handler(request)
 

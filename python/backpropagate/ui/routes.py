@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +21,7 @@ from backpropagate.errors import BackpropagateError, ConfigError, InputError
 from backpropagate.export import FORMATS
 from backpropagate.presets import PRESETS
 from backpropagate.ui import security
-from backpropagate.ui.app import STATUS_BY_CODE, ensure_csrf, guarded, render, state
+from backpropagate.ui.app import STATUS_BY_CODE, csrf_ok, ensure_csrf, guarded, render, state
 from backpropagate.ui.form import check_options, form_fields, parse_options
 from backpropagate.ui.preview import preview
 from backpropagate.ui.workers import METRICS, RunSpec, gguf_files, gpu_status, log_line, read_lines
@@ -60,11 +61,9 @@ async def login(request: Request) -> Response:
     credential = shared.config.credential
     if credential is None:
         return RedirectResponse("/data", status_code=303)
-    form = await request.form()
-    if not security.same_origin(
-        request.headers.get("origin"), request.headers.get("referer"), request.url.scheme, request.headers.get("host")
-    ) or not security.same_token(str(form.get("csrf") or ""), request.session.get("csrf")):
+    if not await csrf_ok(request):
         return JSONResponse({"ok": False, "error": {"code": "csrf_failed"}}, status_code=403)
+    form = await request.form()
     user = str(form.get("user") or "")
     password = str(form.get("password") or "")
     keys = (f"ip:{request.client.host if request.client else '?'}", f"user:{user}")
@@ -106,7 +105,7 @@ async def data_page(request: Request) -> Response:
     context["max_mb"] = shared.workspace.max_upload_bytes // 2**20
     if file:
         path = shared.workspace.resolve(file)
-        report, samples = await run_in_threadpool(_report, path, model)
+        report, samples = await run_in_threadpool(_report, path, shared.workspace.model_ref(model))
         context.update(report=report, samples=samples, bars=histogram_bars(report["lengths"]))
     return render(request, "data.html", **context)
 
@@ -117,6 +116,7 @@ def _report(path: Any, model: str) -> tuple[dict[str, Any], list[Any]]:
     config = dataclasses.replace(resolve_settings(model, {}).data, cache=False)
     report = validate(path, model, config)
     report["file"] = path.name
+    report["model"] = Path(model).name if Path(model).is_absolute() else model  # no host paths on the page
     samples = preview(path, model, config) if report["rows_valid"] else []
     return report, samples
 
@@ -200,7 +200,7 @@ async def train_start(request: Request) -> Response:
         steps = _optional(form, "steps", int)
         epochs = _optional(form, "epochs", float)
         await run_in_threadpool(check_options, model, options)
-        spec = RunSpec(model=model, data=data, steps=steps, epochs=epochs, options=options)
+        spec = RunSpec(model=shared.workspace.model_ref(model), data=data, steps=steps, epochs=epochs, options=options)
         shared.runs.start(name, spec)
     except BackpropagateError as err:
         error = {"code": err.code, "message": err.message, "hint": err.hint}

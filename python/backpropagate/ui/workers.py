@@ -135,7 +135,7 @@ class RunManager:
         """The spec a run was started with."""
         found = read_json(self.folder(name) / SPEC)
         if found is None:
-            raise StateError("STATE_CHECKPOINT_NOT_FOUND", f"run {name!r}: no such run in the workspace")
+            raise StateError("STATE_RUN_NOT_FOUND", f"run {name!r}: no such run in the workspace's runs/ folder")
         return RunSpec(**found)
 
     def start(self, name: str, spec: RunSpec, resume: bool = False) -> None:

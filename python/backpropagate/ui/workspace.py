@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from backpropagate.errors import InputError
+from backpropagate.presets import find_preset
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 RUNS = "runs"
@@ -64,6 +65,23 @@ class Workspace:
         if real != self.root and self.root not in real.parents:
             raise outside(relative)
         return real
+
+    def model_ref(self, model: str) -> str:
+        """`model` as a worker may be given it: a preset or hub id as is, a folder only inside the workspace.
+
+        Raises:
+            InputError: INPUT_PATH_OUTSIDE_WORKSPACE for an absolute, `~` or `..` path, or a link out.
+        """
+        text = model.strip()
+        if find_preset(text) is not None:
+            return text
+        pure = PurePosixPath(text.replace("\\", "/"))
+        if pure.is_absolute() or text.startswith("~") or ".." in pure.parts:
+            raise outside(model)
+        candidate = self.root / pure
+        if candidate.exists() or candidate.is_symlink():
+            return str(self.resolve(text))
+        return text  # a Hugging Face id
 
     def relative(self, path: Path) -> str:
         """`path` (inside the workspace) as the workspace-relative string pages show."""
