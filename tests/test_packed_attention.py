@@ -137,3 +137,22 @@ def test_shared_prefix_attention_equals_each_sample_alone(device):
     torch.testing.assert_close(out.float(), ref.float(), **tol)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.float(), want.float(), **{k: 2.5 * t for k, t in tol.items()})
+
+
+def test_cpu_per_sample_attention_equals_the_block_diagonal_mask():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 7, 8, 20, 33], dtype=torch.int32)
+    q = torch.randn(1, 6, 33, 16, requires_grad=True)
+    k = torch.randn(1, 2, 33, 16, requires_grad=True)  # grouped-query keys and values
+    v = torch.randn(1, 2, 33, 16, requires_grad=True)
+    grad = torch.randn(1, 33, 6, 16)
+    per_sample = attention._sdpa_per_sample(q, k, v, cu, 0.3)
+    (per_sample * grad).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    masked = attention._sdpa_block_causal(q, k, v, cu, cu, 0.3, None)
+    (masked * grad).sum().backward()
+    torch.testing.assert_close(per_sample, masked)
+    for got, want in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, want)

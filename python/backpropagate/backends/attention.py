@@ -8,7 +8,9 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 
 * CUDA: `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
   samples, no padding, no mask); where it is missing, `flex_attention` with a document mask.
-* CPU: SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
+* CPU: causal SDPA over each sample's slice of the row (no mask, and only the lower
+  triangle of each sample computed); where a shared-token layout or a sliding window is
+  in play, SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
 
 Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA.
 
@@ -110,6 +112,23 @@ def _sdpa_block_causal(
     )
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _sdpa_per_sample(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal SDPA on each sample's own slice of the row, concatenated back: [1, T, heads, dim]."""
+    bounds = _mask_cache.get((cu,), ("bounds",), lambda: cu.tolist())
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+        for s, e in zip(bounds, bounds[1:], strict=False)
+        if e > s
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)
 
 
@@ -252,6 +271,8 @@ def packed_attention_forward(
         max_q = int(kwargs["max_length_q"])
         bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))
         return _varlen(query, key, value, kv_index, bounds, scaling, window), None
+    if not query.is_cuda and kv_index is None and window is None and (cu_k is cu_q or torch.equal(cu_k, cu_q)):
+        return _sdpa_per_sample(query, key, value, cu_q, scaling), None
     if kv_index is not None:
         key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
     if query.is_cuda:
