@@ -21,6 +21,8 @@ from ui_support import EXAMPLE, PASSWORD, USER, ui_server
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 SHOTS = Path(__file__).parent / ".screenshots"
+# Enough steps that Stop lands mid-run even on a fast machine (a step of 128 tokens takes well under a second).
+STEPS = 30
 
 pytestmark = [
     pytest.mark.slow,
@@ -101,7 +103,7 @@ def test_login_upload_validate_train_stop_resume_export_chat(browser, tmp_path):
         find(By.ID, "name").clear()
         find(By.ID, "name").send_keys("e2e")
         for field, value in {
-            "steps": "16",
+            "steps": str(STEPS),
             "f-max_seq_length": "128",
             "f-micro_batch": "1",
             "f-grad_accumulation": "1",
@@ -122,14 +124,14 @@ def test_login_upload_validate_train_stop_resume_export_chat(browser, tmp_path):
         find(By.ID, "stop").click()
         wait_for(lambda: find(By.ID, "state").text == "stopped", 120, "the run to stop")
         stopped_at = chart_points()
-        assert stopped_at < 16
+        assert stopped_at < STEPS
         assert any((server.workspace / "runs/e2e/checkpoints").glob("step-*"))
 
         # Resume continues from the checkpoint to the end; the summary shows.
         find(By.ID, "resume").click()
         wait_for(lambda: find(By.ID, "state").text == "finished", 240, "the resumed run to finish")
-        wait_for(lambda: chart_points() == 16, 30, "every step on the curve")
-        assert "Finished: 16 steps" in find(By.ID, "summary").text
+        wait_for(lambda: chart_points() == STEPS, 30, "every step on the curve")
+        assert f"Finished: {STEPS} steps" in find(By.ID, "summary").text
         shot(browser, "5-finished")
 
         # Export a GGUF with a chosen quantization, with progress, then chat with it.
@@ -155,6 +157,6 @@ def test_login_upload_validate_train_stop_resume_export_chat(browser, tmp_path):
         find(By.CSS_SELECTOR, 'input[name="a"][value="e2e"]').click()
         find(By.CSS_SELECTOR, 'input[name="b"][value="e2e"]').click()
         find(By.ID, "compare").click()
-        wait_for(lambda: chart_points() == 16, 30, "the comparison chart")
+        wait_for(lambda: chart_points() == STEPS, 30, "the comparison chart")
         shot(browser, "8-compare")
     print(f"screenshots in {SHOTS}")

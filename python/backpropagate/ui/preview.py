@@ -22,8 +22,11 @@ def preview(data: Path, model: str, config: DataConfig, samples: int = 3) -> lis
     """The first `samples` samples as lists of `{"text", "trained"}` spans."""
     from tokenizers import Tokenizer
 
+    tokenizer_json = resolve_model(model) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        return []  # nothing to decode the ids with here; the report itself still shows
     out = run_engine(data, model, config, strict=False)
-    tokenizer = Tokenizer.from_file(str(resolve_model(model) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
     ids, labels, offsets = (np.asarray(out[k]) for k in ("input_ids", "labels", "sample_offsets"))
     rendered = []
     for start, end in zip(offsets[:samples], offsets[1 : samples + 1], strict=False):
