@@ -8,6 +8,7 @@ page; listening beyond loopback without a login is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -307,4 +308,17 @@ def test_a_model_folder_inside_the_workspace_is_used(server, tiny_llama):
     client, _ = logged_in(server)
     page = client.get("/data", params={"file": "chat.jsonl", "model": "models/mine"}, headers={"Accept": "text/html"})
     assert page.status_code == 200 and "ready to train" in page.text and str(server.workspace) not in page.text
+    client.close()
+
+
+def test_data_is_escaped_in_pages(server):
+    row = {
+        "messages": [{"role": "user", "content": "<script>alert(1)</script>"}, {"role": "assistant", "content": "<b>x"}]
+    }
+    (server.workspace / "xss.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    client, _ = logged_in(server)
+    page = client.get(
+        "/data", params={"file": "xss.jsonl", "model": "tiny-llama"}, headers={"Accept": "text/html"}
+    ).text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page and "<b>x" not in page
     client.close()
