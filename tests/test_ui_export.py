@@ -51,6 +51,10 @@ def test_train_export_gguf_with_ollama_and_chat(tmp_path, ollama_server, monkeyp
         assert status["summary"]["steps"] == 3 and status["run_id"]
         assert [m["step"] for m in client.get("/runs/small/metrics").json()] == [1, 2, 3]
         assert client.get("/runs/small/loss.png").headers["content-type"] == "image/png"
+        assert (
+            'id="loss-plot" src="/runs/small/loss.png"'
+            in client.get("/runs/small", headers={"Accept": "text/html"}).text
+        )
 
         other_status = wait_json(client, "/runs/other/state", lambda s: s["state"] != "running")
         assert other_status["state"] == "finished" and other_status["step"] == 2
