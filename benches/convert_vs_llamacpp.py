@@ -10,6 +10,14 @@ resident memory. Both outputs are then checked to hold identical tensor data.
 
 llama.cpp's converter comes from the llama-cpp-python sdist on PyPI (downloaded with pip
 into the work folder, not part of this repository); it needs `sentencepiece` and `gguf`.
+
+Quantized types (`--outtypes q4_k_m ...`) compare our one-step export with llama.cpp's
+two-step route: its converter to bf16, then `llama_model_quantize` (through llama-cpp-python,
+when installed) on as many threads as this machine has cores; the quantize step is also
+reported alone. `--merged` adds a rank-16 LoRA adapter on every linear layer and compares
+`backprop export --format merged` with PEFT's `merge_and_unload` + `save_pretrained`.
+
+    python benches/convert_vs_llamacpp.py --work /tmp/bp-bench --outtypes q4_k_m --merged
 """
 
 from __future__ import annotations
@@ -166,6 +174,117 @@ def disk_floor(folder: Path, nbytes: int, direct: bool) -> float:
     return dt
 
 
+QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread = int(sys.argv[3]), int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q4_0": 2, "q5_0": 8, "q3_k_m": 12, "q2_k": 10}
+FTYPES |= {"iq4_nl": 25, "iq4_xs": 30}
+
+PEFT_MERGE = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
+"""
+
+
+def build_adapter(model: Path, out: Path, rank: int = 16) -> Path:
+    """A PEFT LoRA adapter (random factors) on every linear layer of the bench model."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    s, gen = SHAPE, torch.Generator().manual_seed(1)
+    h, kvd = s["hidden"], s["hidden"] // s["heads"] * s["kv"]
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kvd, h), "self_attn.v_proj": (kvd, h)}
+    shapes |= {"self_attn.o_proj": (h, h), "mlp.gate_proj": (s["inter"], h), "mlp.up_proj": (s["inter"], h)}
+    shapes |= {"mlp.down_proj": (h, s["inter"])}
+    factors = {}
+    for i in range(s["layers"]):
+        for module, (rows, cols) in shapes.items():
+            name = f"base_model.model.model.layers.{i}.{module}"
+            factors[f"{name}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) * 0.02
+            factors[f"{name}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.02
+    save_file(factors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": str(model)}
+    config |= {"target_modules": sorted({m.split(".")[-1] for m in shapes}), "task_type": "CAUSAL_LM"}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def same_safetensors(a: Path, b: Path) -> bool:
+    """Both folders hold the same tensor names with identical bytes (compared one at a time)."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                out.update(dict.fromkeys(st.keys(), f))
+        return out
+
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return False
+    for name in ia:
+        with safe_open(str(ia[name]), "pt") as fa, safe_open(str(ib[name]), "pt") as fb:
+            if not fa.get_tensor(name).equal(fb.get_tensor(name)):
+                return False
+    return True
+
+
+def quantized_rows(model: Path, out_dir: Path, converter: Path, env: dict[str, str], outtype: str, verify: bool):
+    """Ours in one step; llama.cpp's converter to bf16, then `llama_model_quantize`."""
+    import xllamacpp
+
+    ours_out, bf16_out, ref_out = (out_dir / f"{n}-{outtype}.gguf" for n in ("ours", "llamacpp-bf16", "llamacpp"))
+    for p in (ours_out, bf16_out, ref_out):
+        p.unlink(missing_ok=True)
+    lib = xllamacpp.xllamacpp.__file__
+    code = (
+        f"from backpropagate import _core; "
+        f"_core.convert_to_gguf({str(model)!r}, {str(ours_out)!r}, {outtype!r}, llama_cpp_lib={lib!r})"
+    )
+    ours = measure(ours_out, [sys.executable, "-c", code])
+    script = str(converter / "convert_hf_to_gguf.py")
+    convert = measure(
+        bf16_out, [sys.executable, script, str(model), "--outtype", "bf16", "--outfile", str(bf16_out)], env=env
+    )
+    quant = None
+    identical = None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama_model_quantize row")
+    else:
+        argv = [sys.executable, "-c", QUANTIZE, str(bf16_out), str(ref_out), str(FTYPES[outtype]), str(os.cpu_count())]
+        quant = measure(ref_out, argv)
+        identical = same_tensors(ours_out, ref_out) if verify else None
+    for p in (ours_out, bf16_out, ref_out):
+        p.unlink(missing_ok=True)
+    return ours, convert, quant, identical
+
+
+def merged_rows(model: Path, work: Path, out_dir: Path, verify: bool):
+    adapter = build_adapter(model, work / "lora-r16")
+    ours_out, ref_out = out_dir / "ours-merged", out_dir / "peft-merged"
+    for p in (ours_out, ref_out):
+        shutil.rmtree(p, ignore_errors=True)
+    code = f"from backpropagate.export import export; export({str(adapter)!r}, 'merged', output={str(ours_out)!r})"
+    ours = measure(Path("-"), [sys.executable, "-c", code])
+    ref = measure(Path("-"), [sys.executable, "-c", PEFT_MERGE, str(model), str(adapter), str(ref_out)])
+    identical = same_safetensors(ours_out, ref_out) if verify else None
+    for p in (ours_out, ref_out):
+        shutil.rmtree(p, ignore_errors=True)
+    return ours, ref, identical
+
+
 def same_tensors(a: Path, b: Path) -> bool:
     import numpy as np
     from gguf import GGUFReader
@@ -184,6 +303,7 @@ def main() -> None:
     ap.add_argument("--outtypes", nargs="+", default=["bf16", "f16"])
     ap.add_argument("--no-verify", action="store_true", help="skip the tensor-by-tensor comparison")
     ap.add_argument("--out-dir", type=Path, help="where the GGUF files go (default: the work folder)")
+    ap.add_argument("--merged", action="store_true", help="also compare merged exports with PEFT's merge")
     args = ap.parse_args()
     work = args.work.resolve()
     model = build_model(work / "qwen2.5-1.5b-shape")
@@ -193,8 +313,11 @@ def main() -> None:
     out_dir = (args.out_dir or work).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     buffered, direct = disk_floor(out_dir, src_bytes, False), disk_floor(out_dir, src_bytes, True)
-    rows = []
-    for outtype in args.outtypes:
+    rows, qrows = [], []
+    for outtype in [t for t in args.outtypes if t in FTYPES]:
+        qrows.append((outtype, *quantized_rows(model, out_dir, converter, env, outtype, not args.no_verify)))
+    mrow = merged_rows(model, work, out_dir, not args.no_verify) if args.merged else None
+    for outtype in [t for t in args.outtypes if t not in FTYPES]:
         ours_out, ref_out = out_dir / f"ours-{outtype}.gguf", out_dir / f"llamacpp-{outtype}.gguf"
         for p in (ours_out, ref_out):
             p.unlink(missing_ok=True)
@@ -224,6 +347,52 @@ def main() -> None:
                 f"| {outtype} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {mbps:.0f} | "
                 f"{r['peak_rss_mb']:.0f} | {speed} | {mem} | {same} |"
             )
+    same_word = {True: "yes", False: "NO", None: "not checked"}
+    if qrows:
+        print(
+            "\n| type | route | time (s) | CPU (s) | peak RSS (MB) | ours faster by | our memory / theirs | same tensors |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for outtype, ours, convert, quant, identical in qrows:
+        two_step = (
+            None
+            if quant is None
+            else {
+                "seconds": convert["seconds"] + quant["seconds"],
+                "cpu_seconds": convert["cpu_seconds"] + quant["cpu_seconds"],
+                "peak_rss_mb": max(convert["peak_rss_mb"], quant["peak_rss_mb"]),
+            }
+        )
+        named = [("backpropagate (one step)", ours), ("llama.cpp convert to bf16", convert)]
+        named += (
+            []
+            if quant is None
+            else [
+                (f"llama_model_quantize ({os.cpu_count()} threads)", quant),
+                ("llama.cpp convert + quantize", two_step),
+            ]
+        )
+        for name, r in named:
+            ratio = "" if r is ours or r is convert else f"{r['seconds'] / ours['seconds']:.2f}x"
+            mem = "" if r is ours or r is convert else f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+            same = same_word[identical] if r is ours else ""
+            print(
+                f"| {outtype} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+                f"{ratio} | {mem} | {same} |"
+            )
+    if mrow is not None:
+        ours, ref, identical = mrow
+        print(
+            "\n| merged (rank-16 LoRA, all linear layers) | time (s) | CPU (s) | peak RSS (MB) | speed-up | memory ratio | same tensors |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        print(
+            f"| backpropagate (streamed) | {ours['seconds']:.1f} | {ours['cpu_seconds']:.1f} | {ours['peak_rss_mb']:.0f} | "
+            f"{ref['seconds'] / ours['seconds']:.2f}x | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f} | {same_word[identical]} |"
+        )
+        print(
+            f"| PEFT merge_and_unload + save_pretrained | {ref['seconds']:.1f} | {ref['cpu_seconds']:.1f} | {ref['peak_rss_mb']:.0f} |  |  |  |"
+        )
 
 
 if __name__ == "__main__":

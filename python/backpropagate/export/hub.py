@@ -90,13 +90,24 @@ def _hub_error(exc: Exception, repo: str) -> DependencyError | InputError:
     return DependencyError("DEP_HUB_UNREACHABLE", f"{repo}: cannot reach the hub ({type(exc).__name__})")
 
 
+def _transport_error() -> type[Exception]:
+    """The HTTP client's network failure (huggingface_hub 2 uses httpx2, earlier ones httpx)."""
+    try:
+        import httpx2
+
+        return httpx2.TransportError
+    except ImportError:
+        import httpx
+
+        return httpx.TransportError
+
+
 def _hub_call(repo: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         return call(*args, **kwargs)
-    except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError, OSError) as exc:
+    except (HfHubHTTPError, OfflineModeIsEnabled, _transport_error()) as exc:
         raise _hub_error(exc, repo) from None
 
 

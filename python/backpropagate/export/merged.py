@@ -70,9 +70,11 @@ def _load(stored: _Stored) -> torch.Tensor:
 
     if stored.dtype not in _DTYPES:
         raise InputError("INPUT_MODEL_LOAD_FAILED", f"{stored.file}: tensor dtype {stored.dtype} cannot be merged")
+    data = bytearray(stored.end - stored.start)
     with stored.file.open("rb") as f:
         f.seek(stored.start)
-        data = bytearray(f.read(stored.end - stored.start))
+        if f.readinto(data) != len(data):
+            raise InputError("INPUT_MODEL_LOAD_FAILED", f"{stored.file}: truncated safetensors file")
     dtype = getattr(torch, _DTYPES[stored.dtype])
     return torch.frombuffer(data, dtype=dtype).reshape(stored.shape) if data else torch.empty(stored.shape, dtype=dtype)
 
@@ -198,7 +200,7 @@ def _stream_merge(src: ExportSource, out_dir: Path, base: dict[str, _Stored], ad
             for name in shard:
                 got, tensor = next(tensors)
                 assert got == name and tuple(tensor.shape) == shapes[name]
-                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
     if len(files) > 1:
         total = sum(2 * math.prod(s) for s in shapes.values())
         weight_map = {n: file for file, shard in zip(files, shards, strict=True) for n in shard}
