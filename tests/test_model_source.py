@@ -118,3 +118,31 @@ def test_cli_reports_a_bad_gguf_with_its_code(tmp_path):
     res = run_cli("validate", str(example_path("chat")), "--model", str(junk))
     assert res.status == 3
     assert "[INPUT_MODEL_LOAD_FAILED]" in res.stderr and "Traceback" not in res.stderr + res.stdout
+
+
+def test_preset_uses_its_bundled_gguf_only_when_the_package_is_installed(monkeypatch, tiny_llama, tmp_path):
+    """A preset names a (package, file) GGUF: found without importing the package; absent, the hub id is used."""
+    import dataclasses
+    import sys
+
+    from backpropagate import presets
+
+    package = tmp_path / "bundled_model_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    _gguf_of(tiny_llama, package / "model.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preset = dataclasses.replace(presets.PRESETS["tiny-llama"], name="bundled-test", model_id="nobody/bundled-test-xyz")
+    with_package = dataclasses.replace(preset, bundled_gguf=("bundled_model_pkg", "model.gguf"))
+    monkeypatch.setitem(presets.PRESETS, "bundled-test", with_package)
+    assert presets.bundled_gguf(with_package) == package / "model.gguf"
+    assert (resolve_model("bundled-test") / "gguf_source.json").is_file()
+    assert "bundled_model_pkg" not in sys.modules
+
+    monkeypatch.setitem(
+        presets.PRESETS, "bundled-test", dataclasses.replace(preset, bundled_gguf=("no_such_pkg_xyz", "m.gguf"))
+    )
+    with pytest.raises(ConfigError) as err:
+        resolve_model("bundled-test")
+    assert err.value.code == "CONFIG_UNKNOWN_MODEL" and "nobody/bundled-test-xyz" in err.value.message
