@@ -228,7 +228,9 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the resident weights, as the peer's does
     with tempfile.TemporaryDirectory(prefix="bp-orpo-") as tmp, memory_budget(args.memory_budget_gib, device):
-        outcome = torch_backend.train(tm, dataset, config, args.warmup + args.steps, Path(tmp), f"bench-{variant}", {})
+        step_rows = torch_backend.rows_per_step(config, dataset.num_rows)
+        total = args.warmup + args.steps
+        outcome = torch_backend.train(tm, dataset, config, total, Path(tmp), f"bench-{variant}", {}, step_rows)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     window = records[-1]["time"] - records[args.warmup - 1]["time"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -163,7 +163,8 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the weights already resident
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         out = Path(tmp)
-        outcome = torch_backend.train(tm, dataset, config, steps, out, f"bench-{variant}", {})
+        step_rows = torch_backend.rows_per_step(config, dataset.num_rows)
+        outcome = torch_backend.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = records[args.warmup :]
     window = measured[-1]["time"] - records[args.warmup - 1]["time"]
