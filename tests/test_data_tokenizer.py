@@ -80,13 +80,17 @@ _PAIRS: dict[str, tuple[DataTokenizer, object]] = {}
 
 
 def load_pairs() -> dict[str, tuple[DataTokenizer, object]]:
-    """Our tokenizer and the library's, per real byte-level tokenizer (loaded once)."""
-    from tokenizers import Tokenizer
+    """Our tokenizer and the library's as transformers builds it, per real byte-level tokenizer (loaded once).
+
+    transformers' tokenizer class may replace parts of tokenizer.json (SmolLM2's `GPT2Tokenizer`
+    drops the single-digit split), so the reference is its backend, not the raw file.
+    """
+    from transformers import AutoTokenizer
 
     if not _PAIRS:
         for name in BYTE_LEVEL:
             folder = real_tokenizer(name)
-            _PAIRS[name] = (DataTokenizer(str(folder)), Tokenizer.from_file(str(folder / "tokenizer.json")))
+            _PAIRS[name] = (DataTokenizer(str(folder)), AutoTokenizer.from_pretrained(folder).backend_tokenizer)
     return _PAIRS
 
 

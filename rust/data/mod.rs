@@ -19,6 +19,7 @@ pub mod scan;
 pub mod stats;
 pub mod template;
 pub mod tokenize;
+pub mod tokenizer_class;
 
 /// Label of tokens that carry no loss (PyTorch's cross-entropy default).
 pub const IGNORE_INDEX: i32 = -100;

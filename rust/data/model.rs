@@ -6,16 +6,18 @@ use std::path::Path;
 use serde_json::Value as Json;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::template::{strftime, uses_clock, ChatTemplate, CHATML_TEMPLATE};
+use super::template::{builtin, strftime, uses_clock, ChatTemplate};
 use super::tokenize::TextTokenizer;
 use crate::{Error, Result};
 
-/// Files read from a model folder, in fingerprint order.
-const FILES: [&str; 4] = [
+/// Files read from a model folder, in fingerprint order (config.json for its
+/// `model_type`, which decides how transformers loads the tokenizer).
+const FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
     "special_tokens_map.json",
+    "config.json",
 ];
 
 /// Special-token fields transformers hands to chat templates.
@@ -33,10 +35,13 @@ const SPECIAL_FIELDS: [&str; 7] = [
 pub struct ModelAssets {
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
-    /// The chat template (the model's own, or ChatML when it has none).
-    pub template: ChatTemplate,
-    /// Whether the ChatML default stands in for a missing template.
-    pub default_template: bool,
+    /// The chat template: the one chosen, else the model's own; None when neither exists.
+    pub template: Option<ChatTemplate>,
+    /// Where the template comes from: `model`, a built-in name, `file`, or `none`.
+    pub template_origin: String,
+    /// Each marker of a chosen built-in template with the number of tokens the model's
+    /// vocabulary makes of it (1: a single token, as it should be).
+    pub template_markers: Vec<(String, usize)>,
     /// Hash of the tokenizer files (part of the dataset cache key).
     pub fingerprint: u128,
 }
@@ -53,13 +58,18 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// Reads the tokenizer files of the model folder `dir`.
-    pub fn read(dir: &Path) -> Result<Self> {
+    /// Reads the tokenizer files of the model folder `dir`; `tokenizer_json` replaces
+    /// its tokenizer.json (one converted from a SentencePiece `tokenizer.model`).
+    pub fn read(dir: &Path, tokenizer_json: Option<&Path>) -> Result<Self> {
         let read = |name: &str| -> Result<Option<Vec<u8>>> {
-            match std::fs::read(dir.join(name)) {
+            let path = match tokenizer_json {
+                Some(p) if name == FILES[0] => p.to_path_buf(),
+                _ => dir.join(name),
+            };
+            match std::fs::read(&path) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::input(dir.join(name), e)),
+                Err(e) => Err(Error::input(path, e)),
             }
         };
         let files: Vec<Option<Vec<u8>>> = FILES.iter().map(|f| read(f)).collect::<Result<_>>()?;
@@ -109,31 +119,61 @@ impl ModelFiles {
 }
 
 impl ModelAssets {
-    /// Reads and builds the tokenizer and template of the model folder `dir`.
-    pub fn load(dir: &Path) -> Result<Self> {
-        Self::build(&ModelFiles::read(dir)?)
+    /// Reads and builds the tokenizer and the model's own template of the folder `dir`.
+    pub fn load(dir: &Path, tokenizer_json: Option<&Path>) -> Result<Self> {
+        Self::build(&ModelFiles::read(dir, tokenizer_json)?, None)
     }
 
-    /// Builds the tokenizer and template from files already read.
-    pub fn build(files: &ModelFiles) -> Result<Self> {
+    /// Builds the tokenizer and template from files already read; `chosen` is the
+    /// user's template (a built-in name or Jinja source), else the model's own is used.
+    pub fn build(files: &ModelFiles, chosen: Option<&str>) -> Result<Self> {
         let dir = &files.dir;
         let origin = dir.display().to_string();
         let tokenizer_json = files.files[0].as_deref().unwrap_or_default();
         let special_map = parse_json(files.files[3].as_deref(), dir, "special_tokens_map.json")?;
         let globals = special_tokens(&files.config, &special_map);
-        let eos = globals
-            .iter()
-            .find(|(k, _)| k == "eos_token")
-            .map(|(_, v)| v.as_str());
-        let tokenizer = TextTokenizer::from_bytes(tokenizer_json, &files.config, eos, &origin)?;
-        let default_template = files.template_source.is_none();
-        let source = files.template_source.as_deref().unwrap_or(CHATML_TEMPLATE);
-        let template = ChatTemplate::new(source, &globals)
+        let model_config = parse_json(files.files[4].as_deref(), dir, "config.json")?;
+        let special = |name: &str| {
+            globals
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let tokenizer = TextTokenizer::from_bytes(
+            tokenizer_json,
+            &files.config,
+            &model_config,
+            (special("bos_token"), special("eos_token")),
+            &origin,
+        )?;
+        let (source, template_origin, markers) = match chosen {
+            Some(name) => match builtin(name) {
+                Some(b) => (Some(b.source), b.name, b.markers),
+                None => (Some(name), "file", &[][..]),
+            },
+            None => match files.template_source.as_deref() {
+                Some(s) => (Some(s), "model", &[][..]),
+                None => (None, "none", &[][..]),
+            },
+        };
+        let template = source
+            .map(|s| ChatTemplate::new(s, &globals))
+            .transpose()
             .map_err(|e| Error::TemplateRender(format!("{origin}: {e}")))?;
+        let template_markers = markers
+            .iter()
+            .map(|m| {
+                Ok((
+                    m.to_string(),
+                    tokenizer.count(m).map_err(Error::TokenizerLoad)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
         Ok(ModelAssets {
             tokenizer,
             template,
-            default_template,
+            template_origin: template_origin.to_string(),
+            template_markers,
             fingerprint: files.fingerprint,
         })
     }

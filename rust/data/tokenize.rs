@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use serde_json::Value as Json;
 
 use super::bpe::FastBpe;
+use super::tokenizer_class::{self, Pipeline};
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{NormalizerWrapper, Tokenizer};
@@ -33,6 +34,11 @@ pub struct TextTokenizer {
     json: Vec<u8>,
     config: Json,
     origin: String,
+    pipeline: Pipeline,
+    /// BOS / EOS transformers adds around a sequence, when it overrides the file's own.
+    bos_eos: Option<(bool, bool)>,
+    bos: Option<String>,
+    eos: Option<String>,
     hf: OnceLock<std::result::Result<Tokenizer, String>>,
     fast: Option<FastBpe>,
     /// Special tokens the post-processor puts around one sequence (for raw text).
@@ -41,35 +47,69 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` bytes with the model's `tokenizer_config.json` (Null when
-    /// absent); `eos` is the end-of-sequence token text, if known.
-    pub fn from_bytes(json: &[u8], config: &Json, eos: Option<&str>, origin: &str) -> Result<Self> {
+    /// Loads `tokenizer.json` bytes the way transformers does for this folder, given its
+    /// `tokenizer_config.json` and `config.json` (Null when absent) and the BOS / EOS token
+    /// texts, if known.
+    pub fn from_bytes(
+        json: &[u8],
+        config: &Json,
+        model_config: &Json,
+        specials: (Option<&str>, Option<&str>),
+        origin: &str,
+    ) -> Result<Self> {
         // Only the post-processor is read here (the rest is skipped, not built).
         let post: PostProcessorOnly = serde_json::from_slice(json).map_err(|e| {
             Error::TokenizerLoad(format!("{origin}: cannot load tokenizer.json: {e}"))
         })?;
-        let llama_class = is_sentencepiece_llama_class(config, json);
-        let fast = if llama_class {
-            None
-        } else {
-            FastBpe::from_bytes(json)
+        let pipeline = tokenizer_class::pipeline(config, model_config, json);
+        let json = tokenizer_class::as_loaded(pipeline, json, config).map_err(|e| {
+            Error::TokenizerLoad(format!("{origin}: cannot load tokenizer.json: {e}"))
+        })?;
+        let fast = match pipeline {
+            Pipeline::SentencePieceLlama => None,
+            _ => FastBpe::from_bytes(&json),
         };
         let mut tok = TextTokenizer {
             json: json.to_vec(),
             config: config.clone(),
             origin: origin.to_string(),
+            pipeline,
+            bos_eos: tokenizer_class::bos_eos(pipeline, config, !post.post_processor.is_null()),
+            bos: specials.0.map(str::to_string),
+            eos: specials.1.map(str::to_string),
             hf: OnceLock::new(),
-            affixes: fast
-                .as_ref()
-                .and_then(|_| sequence_affixes(&post.post_processor)),
+            affixes: None,
             fast,
             eos_id: None,
         };
-        if tok.fast.is_none() {
+        if let Some(fast) = &tok.fast {
+            tok.affixes = match tok.bos_eos {
+                Some(flags) => Some(tok.flag_affixes(flags, |t| fast.token_id(t))),
+                None => sequence_affixes(&post.post_processor),
+            };
+        } else {
             tok.hf().map_err(Error::TokenizerLoad)?;
         }
-        tok.eos_id = eos.and_then(|t| tok.token_id(t));
+        tok.eos_id = specials.1.and_then(|t| tok.token_id(t));
         Ok(tok)
+    }
+
+    /// The BOS / EOS ids transformers adds around one sequence for `(add_bos, add_eos)`
+    /// (a token the vocabulary lacks is left out, as transformers does).
+    fn flag_affixes(
+        &self,
+        (add_bos, add_eos): (bool, bool),
+        id: impl Fn(&str) -> Option<u32>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let pick = |on: bool, token: &Option<String>| {
+            token
+                .as_deref()
+                .filter(|_| on)
+                .and_then(&id)
+                .into_iter()
+                .collect()
+        };
+        (pick(add_bos, &self.bos), pick(add_eos, &self.eos))
     }
 
     /// The `tokenizers` crate's tokenizer, built on first use.
@@ -82,8 +122,12 @@ impl TextTokenizer {
                 let mut hf = Tokenizer::from_bytes(&self.json).map_err(|e| err(&e))?;
                 hf.with_truncation(None).map_err(|e| err(&e))?;
                 hf.with_padding(None);
-                if is_sentencepiece_llama_class(&self.config, &self.json) {
-                    as_transformers_llama_tokenizer(&mut hf, &self.config).map_err(|e| err(&e))?;
+                if self.pipeline == Pipeline::SentencePieceLlama {
+                    as_transformers_llama_pipeline(&mut hf, &self.config).map_err(|e| err(&e))?;
+                }
+                if let Some(flags) = self.bos_eos {
+                    let (prefix, suffix) = self.flag_affixes(flags, |t| hf.token_to_id(t));
+                    with_affixes(&mut hf, &prefix, &suffix).map_err(|e| err(&e))?;
                 }
                 Ok(hf)
             })
@@ -218,24 +262,11 @@ fn sequence_affixes(post_processor: &Json) -> Option<(Vec<u32>, Vec<u32>)> {
     Some(out)
 }
 
-/// Whether transformers loads this tokenizer as its SentencePiece-style `LlamaTokenizer`
-/// (Llama 2, Mistral, Mixtral, Phi-3, ...), which rebuilds the pipeline around the vocab.
-/// Like transformers, a tokenizer.json that is byte-level keeps its own pipeline even when
-/// the config names `LlamaTokenizer` (many Llama 3 derivatives do).
-fn is_sentencepiece_llama_class(config: &Json, tokenizer_json: &[u8]) -> bool {
-    let class = config
-        .get("tokenizer_class")
-        .and_then(Json::as_str)
-        .unwrap_or_default();
-    class.trim_end_matches("Fast") == "LlamaTokenizer"
-        && memchr::memmem::find(tokenizer_json, b"\"ByteLevel\"").is_none()
-}
-
-/// Applies what transformers' `LlamaTokenizer` does on load: no normalizer, a Metaspace
-/// pre-tokenizer whose prefix space goes on every segment (`legacy`) or only the first,
-/// and BOS / EOS from `add_bos_token` / `add_eos_token`. Without this, special tokens in a
-/// rendered template would get a stray prefix space that transformers does not produce.
-fn as_transformers_llama_tokenizer(hf: &mut Tokenizer, config: &Json) -> tokenizers::Result<()> {
+/// Applies what transformers' `LlamaTokenizer` does to the pipeline on load: no
+/// normalizer, and a Metaspace pre-tokenizer whose prefix space goes on every segment
+/// (`legacy`) or only the first. Without this, special tokens in a rendered template would
+/// get a stray prefix space that transformers does not produce.
+fn as_transformers_llama_pipeline(hf: &mut Tokenizer, config: &Json) -> tokenizers::Result<()> {
     let flag =
         |name: &str, default: bool| config.get(name).and_then(Json::as_bool).unwrap_or(default);
     let scheme = match (flag("add_prefix_space", true), flag("legacy", false)) {
@@ -245,35 +276,27 @@ fn as_transformers_llama_tokenizer(hf: &mut Tokenizer, config: &Json) -> tokeniz
     };
     hf.with_normalizer(None::<NormalizerWrapper>)?;
     hf.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', scheme, false)));
-    let token = |name: &str| {
-        config.get(name).and_then(|v| match v {
-            Json::String(s) => Some(s.clone()),
-            Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
-            _ => None,
-        })
-    };
+    Ok(())
+}
+
+/// Replaces the post-processor with one putting `prefix` before and `suffix` after a
+/// sequence (transformers' `update_post_processor`).
+fn with_affixes(hf: &mut Tokenizer, prefix: &[u32], suffix: &[u32]) -> tokenizers::Result<()> {
     let mut single = Vec::new();
     let mut specials = Vec::new();
-    for (flag_name, default, token_name, before) in [
-        ("add_bos_token", true, "bos_token", true),
-        ("add_eos_token", false, "eos_token", false),
-    ] {
-        if let Some(t) = token(token_name).filter(|_| flag(flag_name, default)) {
-            if let Some(id) = hf.token_to_id(&t) {
-                specials.push((t.clone(), id));
-                if before {
-                    single.insert(0, t)
-                } else {
-                    single.push(t)
-                }
-            }
+    for (i, &id) in prefix.iter().chain(suffix).enumerate() {
+        let text = hf
+            .id_to_token(id)
+            .ok_or_else(|| format!("post-processor: no token {id}"))?;
+        if i == prefix.len() {
+            single.push("$A".to_string());
         }
+        single.push(text.clone());
+        specials.push((text, id));
     }
-    let at = single
-        .iter()
-        .position(|t| Some(t) == token("eos_token").as_ref())
-        .filter(|_| flag("add_eos_token", false));
-    single.insert(at.unwrap_or(single.len()), "$A".to_string());
+    if suffix.is_empty() {
+        single.push("$A".to_string());
+    }
     let processor = TemplateProcessing::builder()
         .try_single(single.join(" "))
         .map_err(|e| format!("post-processor: {e}"))?

@@ -1,0 +1,256 @@
+"""Each model family from a complete folder as published: config.json, real tokenizer files, template.
+
+Per family: the engine tokenizes exactly as transformers loads the folder (its per-family
+exceptions included), the assistant mask holds each answer and nothing else, and a tiny
+random model of the family's architecture gives each sample of a packed row the loss it
+has alone. These back the "Model families" table of the README.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate._core import DataTokenizer
+from backpropagate.data import DataConfig, prepare
+from conftest import real_tokenizer
+from test_data_templates import CONVERSATION, MISTRAL_TEMPLATE, labelled_runs
+
+# Family: (shared tokenizer folder, config.json fields as published (tiny sizes), answers the mask keeps).
+FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
+    "llama3": (
+        "llama-3.2-3b-instruct",
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+        ["I am a bot.<|eot_id|>", "It is 4.<|eot_id|>"],
+    ),
+    "mistral": (
+        "mixtral-8x22b-v0.1",
+        {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
+        ["I am a bot.</s>", "It is 4.</s>"],
+    ),
+    "qwen2.5": (
+        "qwen2.5-0.5b-instruct",
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+        ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
+    ),
+    "phi3": (
+        "phi-3-mini",
+        {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "sliding_window": 2047},
+        ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
+    ),
+    "smollm2": (
+        "smollm2-135m-instruct",
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+        ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
+    ),
+}
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+TEXTS = [
+    "Hello",
+    " Hello",
+    "  two leading spaces",
+    "Hello world, this is a test of 12345 things.",
+    "line one\nline two\n\n  indented\tand tabbed\r\nwindows",
+    "\n starts with a newline",
+    "trailing spaces   ",
+    "ünïcödé, 中文, 日本語, 한국어, русский, العربية, 🦙👩‍💻",
+    "e\u0301 vs é, ß, ½, Ⅻ, \u00a0nbsp, \u3000ideographic",
+    "code: def f(x):\n    return x ** 2  # square\n",
+    "<s> a literal bos, </s> eos, <unk> and <|endoftext|> in text",
+    "<|user|>\nHi<|end|>\n<|assistant|>\n Yes",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+    "[INST] What is 2+2? [/INST] 4</s>",
+    "   ",
+    "",
+]
+
+
+def family_folder(family: str, tmp_path: Path) -> Path:
+    """A complete folder: the family's real tokenizer files plus its config.json (Mistral gets its template)."""
+    name, config, _ = FAMILIES[family]
+    folder = tmp_path / family
+    shutil.copytree(real_tokenizer(name), folder)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if family == "mistral":
+        if not MISTRAL_TEMPLATE.exists():
+            pytest.skip("Mistral chat template not available")
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config["chat_template"] = MISTRAL_TEMPLATE.read_text()
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(folder))
+    published = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    (folder / "config.json").write_text(json.dumps({**published, **config, **TINY, "vocab_size": vocab}))
+    return folder
+
+
+def rendered(tok) -> list[str]:
+    """Chat renderings of the family's own template, with and without a generation prompt."""
+    return [
+        tok.apply_chat_template(CONVERSATION[1:], tokenize=False),
+        tok.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True),
+    ]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tokenization_is_transformers(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = family_folder(family, tmp_path)
+    hf = AutoTokenizer.from_pretrained(folder)
+    texts = TEXTS + rendered(hf)
+    for fast in (True, False):
+        ours = DataTokenizer(str(folder), fast=fast)
+        for text in texts:
+            assert ours.encode(text)[0] == hf(text, add_special_tokens=False)["input_ids"], (fast, text)
+            document = hf(text)["input_ids"]
+            if not document or document[-1] != hf.eos_token_id:
+                document.append(hf.eos_token_id)
+            assert ours.encode_document(text) == document, (fast, text)
+
+
+def test_phi3_folder_without_config_is_loaded_as_llama_tokenizer():
+    """Without config.json transformers trusts tokenizer_config's `LlamaTokenizer` (legacy=False): so do we."""
+    from transformers import AutoTokenizer
+
+    folder = real_tokenizer("phi-3-mini")
+    hf = AutoTokenizer.from_pretrained(folder)
+    ours = DataTokenizer(str(folder))
+    assert type(hf).__name__ == "LlamaTokenizer"
+    for text in TEXTS:
+        assert ours.encode(text)[0] == hf(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_phi3_folder_with_config_keeps_tokenizer_json(tmp_path):
+    """With `model_type: phi3` transformers loads tokenizer.json as written: a leading space is its own piece."""
+    ours = DataTokenizer(str(family_folder("phi3", tmp_path)))
+    assert ours.encode(" Hello")[0] == [29871, 15043]
+    assert ours.encode("<|user|>\nHi<|end|>")[0] == [32010, 6324, 32007]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_assistant_mask(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = family_folder(family, tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    expected = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert ds.input_ids.tolist() == list(expected)
+    assert labelled_runs(tok, ds.input_ids, ds.labels) == FAMILIES[family][2]
+
+
+def chat_rows(n: int) -> list[dict]:
+    """Conversations of varied lengths (a packed row holds several)."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(words[: 1 + i % 7]) + f" #{i}?"},
+                {"role": "assistant", "content": " ".join(reversed(words[: 2 + (3 * i) % 8])) + "."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_loss_equals_unpacked_on_tiny_random_model(family, tmp_path):
+    from backpropagate.backends.attention import packed_attention
+    from backpropagate.backends.loading import TrainingModel
+    from backpropagate.backends.losses import DeviceBatch, target_logprobs
+    from backpropagate.backends.torch_backend import forward_hidden
+
+    folder = family_folder(family, tmp_path)
+    model = tiny_random_model(folder).eval()
+    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
+    samples = ds.row_samples(0)
+    assert len(samples) >= 3
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    with torch.no_grad(), packed_attention(tm.model):
+        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
+    packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
+    alone = []
+    with torch.no_grad():
+        for s in samples:
+            lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
+            ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
+            labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+            labels[0, 0] = -100
+            alone.append(float(model(input_ids=ids, labels=labels).loss))
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def tiny_random_model(folder: Path):
+    """A random model of the folder's architecture (its config.json), float32, seeded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(folder)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_kernels_on_and_off_agree(family, tmp_path):
+    """Where the fused kernels patch a family, loss and gradients equal the unpatched model's."""
+    import copy
+
+    from backpropagate.backends import fused
+
+    folder = family_folder(family, tmp_path)
+    ref = tiny_random_model(folder)
+    model = copy.deepcopy(ref)
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    original_rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    try:
+        patched = fused.install(model)
+        assert "cross_entropy" in patched
+        ids = torch.randint(0, ref.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+        a, b = ref(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+        a.loss.backward()
+        b.loss.backward()
+        torch.testing.assert_close(b.loss, a.loss)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    finally:
+        if original_rope is not None:
+            modeling.apply_rotary_pos_emb = original_rope
+
+
+def test_model_type_exceptions_match_installed_transformers():
+    """The engine's list of model types whose tokenizer.json is loaded as written is transformers' own."""
+    import re
+
+    from transformers.models.auto.tokenization_auto import (
+        MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
+        TOKENIZER_MAPPING_NAMES,
+    )
+
+    generic = {"TokenizersBackend", "PythonBackend", "PreTrainedTokenizerFast", "MistralCommonBackend"}
+    expected = set(MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS) | {
+        t for t, cls in TOKENIZER_MAPPING_NAMES.items() if cls and cls.removesuffix("Fast") in generic
+    }
+    source = (Path(__file__).parents[1] / "rust" / "data" / "tokenizer_class.rs").read_text()
+    listed = source.split("TOKENIZER_JSON_AS_WRITTEN")[1].split("];")[0]
+    assert set(re.findall(r'"([^"]+)"', listed)) == expected
