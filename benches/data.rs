@@ -45,8 +45,11 @@ fn template_tokenize_mask(model: &ModelAssets, rows: &[Detected]) -> usize {
             else {
                 unreachable!("chat corpus")
             };
-            let r =
-                render_with_spans(&model.template, messages, *label_from, false).expect("renders");
+            let template = model
+                .template
+                .as_ref()
+                .expect("Llama 3.2 has a chat template");
+            let r = render_with_spans(template, messages, *label_from, false).expect("renders");
             let enc = model.tokenizer.encode(&r.text).expect("encodes");
             black_box(labels_from_spans(&enc.ids, &enc.offsets, &r.spans)).len()
         })
@@ -71,7 +74,7 @@ fn benches(c: &mut Criterion) {
 
     let detected = parse_detect(&data);
     let model = common::llama3_tokenizer()
-        .map(|dir| ModelAssets::load(&dir).expect("Llama 3.2 tokenizer loads"));
+        .map(|dir| ModelAssets::load(&dir, None).expect("Llama 3.2 tokenizer loads"));
     let lengths: Vec<usize> = match &model {
         Some(model) => {
             let tokens = template_tokenize_mask(model, &detected);

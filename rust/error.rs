@@ -48,6 +48,9 @@ pub enum Error {
     /// A tokenizer (or its config) could not be loaded.
     #[error("{0}")]
     TokenizerLoad(String),
+    /// Chat-shaped rows for a model with no chat template (and none chosen).
+    #[error("{0}")]
+    ChatTemplateMissing(String),
     /// A dataset cache entry is unreadable or inconsistent.
     #[error("{0}")]
     CacheCorrupt(String),
@@ -87,6 +90,7 @@ impl Error {
             Error::DatasetEmpty(_) => "INPUT_DATASET_EMPTY",
             Error::TemplateRender(_) => "INPUT_TEMPLATE_RENDER_FAILED",
             Error::TokenizerLoad(_) => "INPUT_TOKENIZER_LOAD_FAILED",
+            Error::ChatTemplateMissing(_) => "INPUT_CHAT_TEMPLATE_MISSING",
             Error::CacheCorrupt(_) => "STATE_CACHE_CORRUPT",
             Error::Model(_) => "INPUT_MODEL_LOAD_FAILED",
             Error::UnsupportedArchitecture(_) => "INPUT_UNSUPPORTED_ARCHITECTURE",

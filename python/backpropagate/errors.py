@@ -68,6 +68,10 @@ CATALOG: dict[str, CodeInfo] = {
     "INPUT_TEMPLATE_RENDER_FAILED": CodeInfo(
         "The model's chat template rejected a row; check roles and their order in that row."
     ),
+    "INPUT_CHAT_TEMPLATE_MISSING": CodeInfo(
+        "The model has no chat template: choose one with --chat-template (chatml, llama3, or a Jinja file) "
+        "(DataConfig.chat_template), or give raw `text` rows."
+    ),
     "INPUT_TOKENIZER_LOAD_FAILED": CodeInfo(
         "The model folder needs a tokenizer.json (and tokenizer_config.json for chat models)."
     ),

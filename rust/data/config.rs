@@ -47,6 +47,10 @@ pub struct Settings {
     /// How many bad rows an error message lists.
     #[serde(default = "default_max_errors")]
     pub max_errors: usize,
+    /// The chat template chosen by the user: a built-in name (`chatml`, `llama3`) or
+    /// Jinja source; None keeps the model's own.
+    #[serde(default)]
+    pub chat_template: Option<String>,
 }
 
 fn default_max_errors() -> usize {
@@ -65,6 +69,7 @@ impl Default for Settings {
             trace_max_tokens: 8192,
             pack: true,
             max_errors: default_max_errors(),
+            chat_template: None,
         }
     }
 }

@@ -102,10 +102,13 @@ pub fn build(
 ) -> Result<Prepared> {
     settings.check()?;
     let records = records_of(name, data)?;
-    let mut acc = Accumulator::new(name, settings, model.default_template);
+    let mut acc = Accumulator::new(name, settings, model);
     for chunk in records.chunks(CHUNK) {
         let detected: Vec<Detection> = chunk.par_iter().map(detect_record).collect();
         acc.kinds.check(chunk, &detected)?;
+        if model.template.is_none() {
+            refuse_chat_rows(name, chunk, &detected)?;
+        }
         let outcomes: Vec<Outcome> = detected
             .into_par_iter()
             .map(|d| match d {
@@ -118,6 +121,24 @@ pub fn build(
         }
     }
     Ok(acc.finish())
+}
+
+/// Refuses the first chat-shaped row (anything but raw `text`) of a model without a chat
+/// template: rendering it in a made-up format would train on markers the model lacks.
+fn refuse_chat_rows(name: &str, chunk: &[Record<'_>], detected: &[Detection]) -> Result<()> {
+    let first = chunk.iter().zip(detected).find_map(|(rec, d)| match d {
+        Ok(det) if det.format != Format::Text => Some((rec.line, det.format)),
+        _ => None,
+    });
+    match first {
+        None => Ok(()),
+        Some((line, format)) => Err(Error::ChatTemplateMissing(format!(
+            "{name}:{line}: this {} row needs a chat template, and the model has none; \
+             choose one with --chat-template chatml|llama3|FILE (DataConfig.chat_template), \
+             or give raw `text` rows",
+            format.name()
+        ))),
+    }
 }
 
 /// The records of file `name` (a broken JSON array is an error for the whole file).
@@ -250,7 +271,11 @@ fn sample_of(spec: &Spec, model: &ModelAssets, all: bool) -> std::result::Result
             messages,
             label_from,
         } => {
-            let rendered = render_with_spans(&model.template, messages, *label_from, all)
+            let template = model
+                .template
+                .as_ref()
+                .ok_or_else(|| RowFail::Template("the model has no chat template".to_string()))?;
+            let rendered = render_with_spans(template, messages, *label_from, all)
                 .map_err(RowFail::Template)?;
             let enc = model
                 .tokenizer
@@ -413,9 +438,10 @@ struct Accumulator<'a> {
 }
 
 impl<'a> Accumulator<'a> {
-    fn new(name: &'a str, settings: &'a Settings, default_template: bool) -> Self {
+    fn new(name: &'a str, settings: &'a Settings, model: &ModelAssets) -> Self {
         let stats = Stats {
-            default_template,
+            chat_template: model.template_origin.clone(),
+            template_markers: model.template_markers.clone(),
             ..Stats::default()
         };
         Accumulator {

@@ -65,8 +65,10 @@ pub struct Stats {
     pub truncated: usize,
     /// Share of row capacity holding tokens.
     pub fill: f64,
-    /// Whether the ChatML default stood in for a missing chat template.
-    pub default_template: bool,
+    /// Where the chat template came from: `model`, a built-in name, `file`, or `none`.
+    pub chat_template: String,
+    /// Each marker of a chosen built-in template with the number of tokens it becomes.
+    pub template_markers: Vec<(String, usize)>,
     /// Trace statistics (when the reasoning-trace filter is on).
     pub trace: Option<TraceStats>,
     /// The first bad rows as `file:line: message`.

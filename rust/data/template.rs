@@ -9,11 +9,47 @@ use serde_json::Value as Json;
 use super::detect::Message;
 use crate::{Error, Result};
 
-/// Used for a model whose tokenizer has no chat template.
+/// ChatML, the built-in template `chatml`.
 pub const CHATML_TEMPLATE: &str = "{%- for message in messages %}\
 {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
 {%- endfor %}\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/// The Llama 3 chat format, the built-in template `llama3`.
+pub const LLAMA3_TEMPLATE: &str = "{{- bos_token if bos_token is defined else '' }}\
+{%- for message in messages %}\
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}\
+{%- endfor %}\
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+
+/// A chat template shipped with the engine, for models without one of their own.
+pub struct BuiltinTemplate {
+    /// Its name (`--chat-template NAME`).
+    pub name: &'static str,
+    /// Its Jinja source.
+    pub source: &'static str,
+    /// The special strings it writes, which should be single tokens of the model.
+    pub markers: &'static [&'static str],
+}
+
+/// The built-in templates.
+pub const BUILTIN_TEMPLATES: [BuiltinTemplate; 2] = [
+    BuiltinTemplate {
+        name: "chatml",
+        source: CHATML_TEMPLATE,
+        markers: &["<|im_start|>", "<|im_end|>"],
+    },
+    BuiltinTemplate {
+        name: "llama3",
+        source: LLAMA3_TEMPLATE,
+        markers: &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    },
+];
+
+/// The built-in template called `name`, if any.
+pub fn builtin(name: &str) -> Option<&'static BuiltinTemplate> {
+    BUILTIN_TEMPLATES.iter().find(|t| t.name == name)
+}
 
 const NAME: &str = "chat";
 

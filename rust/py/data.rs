@@ -46,9 +46,10 @@ fn run_prepare(
     cache_root: Option<&str>,
     data: Option<Vec<u8>>,
     strict: bool,
+    tokenizer_json: Option<&str>,
 ) -> Result<Outcome> {
     let bytes = source_bytes(source, data)?;
-    let files = ModelFiles::read(Path::new(model_dir))?;
+    let files = ModelFiles::read(Path::new(model_dir), tokenizer_json.map(Path::new))?;
     let key = cache_root.map(|root| {
         (
             Path::new(root),
@@ -75,7 +76,7 @@ fn run_prepare(
             }
         }
     }
-    let model = ModelAssets::build(&files)?;
+    let model = ModelAssets::build(&files, settings.chat_template.as_deref())?;
     let prepared = if strict {
         pipeline::prepare(source, &bytes, &model, settings)?
     } else {
@@ -104,9 +105,11 @@ fn run_prepare(
 /// Returns a dict: `kind`, `max_seq_length`, `stats_json`, `cache` ("off", "miss",
 /// "rebuilt" or "hit"), `cache_dir`, and, when built now, the arrays (a cache hit leaves
 /// them on disk for numpy to memory-map) and `refusal`: the (code, message) a strict run
-/// refuses the file with, or None.
+/// refuses the file with, or None. `tokenizer_json` replaces the folder's tokenizer.json
+/// (one converted from a SentencePiece `tokenizer.model`).
 #[pyfunction]
-#[pyo3(signature = (source, model_dir, settings_json, cache_root=None, data=None, strict=true))]
+#[pyo3(signature = (source, model_dir, settings_json, cache_root=None, data=None, strict=true, tokenizer_json=None))]
+#[allow(clippy::too_many_arguments)]
 fn prepare_dataset<'py>(
     py: Python<'py>,
     source: &str,
@@ -115,10 +118,21 @@ fn prepare_dataset<'py>(
     cache_root: Option<&str>,
     data: Option<Vec<u8>>,
     strict: bool,
+    tokenizer_json: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let settings = Settings::from_json(settings_json).map_err(to_py_err)?;
     let outcome = py
-        .detach(|| run_prepare(source, model_dir, &settings, cache_root, data, strict))
+        .detach(|| {
+            run_prepare(
+                source,
+                model_dir,
+                &settings,
+                cache_root,
+                data,
+                strict,
+                tokenizer_json,
+            )
+        })
         .map_err(to_py_err)?;
     let out = PyDict::new(py);
     match outcome {
@@ -269,12 +283,18 @@ struct DataTokenizer {
 
 #[pymethods]
 impl DataTokenizer {
-    /// Loads the tokenizer files of `model_dir`; `fast=False` keeps the `tokenizers` crate.
+    /// Loads the tokenizer files of `model_dir`; `fast=False` keeps the `tokenizers` crate;
+    /// `tokenizer_json` replaces the folder's tokenizer.json.
     #[new]
-    #[pyo3(signature = (model_dir, fast=true))]
-    fn new(py: Python<'_>, model_dir: &str, fast: bool) -> PyResult<Self> {
+    #[pyo3(signature = (model_dir, fast=true, tokenizer_json=None))]
+    fn new(
+        py: Python<'_>,
+        model_dir: &str,
+        fast: bool,
+        tokenizer_json: Option<&str>,
+    ) -> PyResult<Self> {
         let mut model = py
-            .detach(|| ModelAssets::load(Path::new(model_dir)))
+            .detach(|| ModelAssets::load(Path::new(model_dir), tokenizer_json.map(Path::new)))
             .map_err(to_py_err)?;
         if !fast {
             model.tokenizer.disable_fast_bpe().map_err(to_py_err)?;
@@ -297,6 +317,13 @@ impl DataTokenizer {
             enc.ids,
             enc.offsets.into_iter().map(|r| (r.start, r.end)).collect(),
         ))
+    }
+
+    /// Ids of `text` as a raw-text training sample: the tokenizer's own special tokens
+    /// around it (BOS, ...), then EOS.
+    fn encode_document(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        py.detach(|| self.model.tokenizer.encode_document(text))
+            .map_err(|e| to_py_err(Error::TokenizerLoad(e)))
     }
 
     /// Encodes many texts in parallel; returns the id lists.

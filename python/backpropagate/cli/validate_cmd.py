@@ -73,8 +73,9 @@ def render(report: dict[str, Any]) -> str:
             f"{tokens['label_tokens']} carry the loss; {tokens['rows']} packed rows of {tokens['max_seq_length']} "
             f"(fill {tokens['fill']:.0%}); truncated {tokens['truncated']}"
         )
-        if tokens["default_template"]:
-            lines.append("note: the model has no chat template; the ChatML default was used")
+        split = [f"{marker} ({pieces} tokens)" for marker, pieces in tokens["template_markers"] if pieces != 1]
+        if split:
+            lines.append(f"note: chat template {tokens['chat_template']}: {', '.join(split)} are not single tokens")
     if tokens or report["dropped"]:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())) or "none"
         lines.append(f"dropped: {dropped}")

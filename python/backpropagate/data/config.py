@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
 
+from backpropagate.errors import InputError
 from backpropagate.settings import SEQ_LENGTH, at_least, check_fields, invalid, option
+
+# Chat templates the engine ships (rust/data/template.rs).
+BUILTIN_TEMPLATES = ("chatml", "llama3")
 
 
 @dataclass
@@ -40,6 +45,11 @@ class DataConfig:
     pack: bool = option(True, "Pack samples best-fit-decreasing into rows; off gives one sample per row (padded mode).")
     cache: bool = option(True, "Reuse the prepared dataset from the on-disk cache when nothing changed.")
     max_errors: int = option(20, "How many bad rows an error message lists.", bounds=at_least(1))
+    chat_template: str | None = option(
+        None,
+        "Chat template for a model without its own (or to replace it): chatml, llama3, or a Jinja file. "
+        "Unset, chat rows for a model without a template are refused.",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -49,10 +59,32 @@ class DataConfig:
             )
 
     def engine_settings(self) -> str:
-        """The settings the Rust engine reads (all but `cache`), as JSON."""
+        """The settings the Rust engine reads (all but `cache`), as JSON; a template file is sent as its text.
+
+        Raises:
+            InputError: INPUT_FILE_NOT_FOUND / INPUT_FILE_UNREADABLE for a template file
+                that cannot be read.
+        """
         settings = asdict(self)
         del settings["cache"]
+        settings["chat_template"] = template_source(self.chat_template)
         return json.dumps(settings)
+
+
+def template_source(choice: str | None) -> str | None:
+    """What the engine gets for `chat_template`: a built-in name as is, else the named file's text."""
+    if choice is None or choice in BUILTIN_TEMPLATES:
+        return choice
+    path = Path(choice)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(
+            "INPUT_FILE_NOT_FOUND",
+            f"chat_template={choice!r}: no such file (built-in templates: {', '.join(BUILTIN_TEMPLATES)})",
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError("INPUT_FILE_UNREADABLE", f"{path}: cannot read the chat template ({exc})") from exc
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -16,6 +16,7 @@ import numpy as np
 from backpropagate import _core
 from backpropagate.data.config import DataConfig
 from backpropagate.data.dataset import PreparedDataset
+from backpropagate.data.sentencepiece import tokenizer_json_of
 from backpropagate.errors import DependencyError, InputError
 from backpropagate.log import get_logger
 from backpropagate.model_source import resolve_model
@@ -54,15 +55,36 @@ def run_engine(data: str | Path, model: str | Path, config: DataConfig, *, stric
     path = Path(data)
     raw = source_bytes(path)
     model_dir = resolve_model(model)
-    if not (model_dir / "tokenizer.json").is_file():
-        raise InputError("INPUT_TOKENIZER_LOAD_FAILED", f"{model_dir}: no tokenizer.json in this model folder")
+    tokenizer_json = tokenizer_json_of(model_dir)
     cache = str(dataset_cache_dir()) if config.cache and strict else None
-    out: dict[str, Any] = _core.prepare_dataset(str(path), str(model_dir), config.engine_settings(), cache, raw, strict)
+    out: dict[str, Any] = _core.prepare_dataset(
+        str(path), str(model_dir), config.engine_settings(), cache, raw, strict, str(tokenizer_json)
+    )
+    log_template_markers(json.loads(out["stats_json"]))
     if out.get("cache_error"):
         log.warning("dataset cache not written: %s", out["cache_error"])
     if out["cache"] == "rebuilt":
         log.warning("dataset cache entry was corrupt and has been rebuilt")
     return out
+
+
+def log_template_markers(stats: dict[str, Any]) -> None:
+    """Says whether the markers of a chosen built-in template are single tokens of the model.
+
+    Markers the vocabulary lacks are learned as several pieces each: training works, but
+    the model must learn to write each marker piece by piece.
+    """
+    markers = stats.get("template_markers") or []
+    split = [f"{marker} ({pieces} tokens)" for marker, pieces in markers if pieces != 1]
+    name = stats.get("chat_template")
+    if split:
+        log.warning(
+            "chat template %s: %s are not single tokens of this model; each is learned as several pieces",
+            name,
+            ", ".join(split),
+        )
+    elif markers:
+        log.info("chat template %s: its markers %s are single tokens of this model", name, [m for m, _ in markers])
 
 
 def source_bytes(path: Path) -> bytes | None:

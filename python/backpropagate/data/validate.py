@@ -59,7 +59,8 @@ def validate(data: str | Path, model: str | Path | None = None, config: DataConf
             for key in ("rows_used", "dropped", "samples", "tokens", "label_tokens", "rows", "truncated", "fill")
         }
         report["tokens"]["max_seq_length"] = config.max_seq_length
-        report["tokens"]["default_template"] = prepared["default_template"]
+        report["tokens"]["chat_template"] = prepared["chat_template"]
+        report["tokens"]["template_markers"] = prepared["template_markers"]
         if prepared.get("trace") is not None:
             report["traces"]["tokens"] = prepared["trace"]
         # Template failures and token-level drops only show with a model.

@@ -42,10 +42,15 @@ class ExportSource:
 
     @property
     def tokenizer_dir(self) -> Path:
-        """The adapter's own tokenizer files when it saved them, else the model's."""
+        """The adapter's own tokenizer files when it saved them, else the model's.
+
+        A model with only a SentencePiece tokenizer.model gets the folder converted for training.
+        """
+        from backpropagate.data.sentencepiece import tokenizer_folder
+
         if self.adapter_dir is not None and (self.adapter_dir / "tokenizer.json").exists():
             return self.adapter_dir
-        return self.model_dir
+        return tokenizer_folder(self.model_dir)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
