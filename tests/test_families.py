@@ -174,31 +174,8 @@ def chat_rows(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_packed_loss_equals_unpacked_on_tiny_random_model(family, tmp_path):
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.loading import TrainingModel
-    from backpropagate.backends.losses import DeviceBatch, target_logprobs
-    from backpropagate.backends.torch_backend import forward_hidden
-
     folder = family_folder(family, tmp_path)
-    model = tiny_random_model(folder).eval()
-    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
-    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
-    samples = ds.row_samples(0)
-    assert len(samples) >= 3
-    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
-    with torch.no_grad(), packed_attention(tm.model):
-        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
-    packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
-    alone = []
-    with torch.no_grad():
-        for s in samples:
-            lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
-            ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
-            labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
-            labels[0, 0] = -100
-            alone.append(float(model(input_ids=ids, labels=labels).loss))
+    packed, alone = packed_and_alone_losses(tiny_random_model(folder), folder, tmp_path)
     np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -236,6 +213,72 @@ def test_fused_kernels_on_and_off_agree(family, tmp_path):
     finally:
         if original_rope is not None:
             modeling.apply_rotary_pos_emb = original_rope
+
+
+def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[float], list[float]]:
+    """Per-sample losses of one packed row through the packed path, and of each sample alone through transformers."""
+    from backpropagate.backends.attention import packed_attention
+    from backpropagate.backends.loading import TrainingModel
+    from backpropagate.backends.losses import DeviceBatch, target_logprobs
+    from backpropagate.backends.torch_backend import forward_hidden
+
+    tm = TrainingModel(model.eval(), torch.device("cpu"), "full", torch.float32, False, 0)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
+    samples = ds.row_samples(0)
+    assert len(samples) >= 3
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    with torch.no_grad(), packed_attention(tm.model):
+        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
+    packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
+    alone = []
+    with torch.no_grad():
+        for s in samples:
+            lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
+            ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
+            labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+            labels[0, 0] = -100
+            alone.append(float(model(input_ids=ids, labels=labels).loss))
+    return packed, alone
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the packed loss path computes logits from lm_head without Gemma's final_logit_softcapping",
+)
+def test_gemma3_packed_loss_with_sliding_window_and_softcapping(tmp_path):
+    """Gemma 3 text (sliding-window layers every other layer, logit soft-capping) on a tiny random model.
+
+    There are no Gemma tokenizer files here, so Llama 3's tokenizer stands in; the window
+    (8) is shorter than every sample, so the sliding layers matter.
+    """
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    folder = tmp_path / "gemma3"
+    shutil.copytree(real_tokenizer("llama-3.2-3b-instruct"), folder)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    config = Gemma3TextConfig(
+        vocab_size=128256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=512,
+        final_logit_softcapping=0.5,
+        query_pre_attn_scalar=8,
+    )
+    (folder / "config.json").write_text(config.to_json_string())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    packed, alone = packed_and_alone_losses(model, folder, tmp_path)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_model_type_exceptions_match_installed_transformers():
