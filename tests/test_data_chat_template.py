@@ -147,3 +147,9 @@ def test_validate_and_train_refuse_with_the_same_code(tiny_qwen2, tmp_path):
     trained = run_cli("train", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "run"), "--steps", "1")
     assert trained.status == refused.status
     assert "[INPUT_CHAT_TEMPLATE_MISSING]" in trained.stderr + trained.stdout
+    out = tmp_path / "chosen"
+    args = ("--model", str(model), "--data", str(data), "-o", str(out), "--steps", "1", "--no-progress")
+    trained = run_cli("train", *args, "--chat-template", "chatml")
+    assert trained.status == 0, trained.stderr
+    run = json.loads((out / "adapter" / "backpropagate_run.json").read_text())
+    assert run["data_config"]["chat_template"] == "chatml"
