@@ -110,6 +110,21 @@ def test_llama3_template_on_a_llama3_base_model(tmp_path):
     assert labelled_runs(tok, ds.input_ids, ds.labels) == ["I am a bot.<|eot_id|>", "It is 4.<|eot_id|>"]
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_builtin_templates_render_as_transformers_renders_them(name, tmp_path):
+    """The engine's built-in templates give the tokens transformers gives for the same Jinja source."""
+    from backpropagate.data import reference as ref
+
+    folder = without_template("llama-3.2-3b-instruct", tmp_path)
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    ds = prepare(data, folder, DataConfig(cache=False, chat_template=name))
+    reference = ref.ReferenceModel(folder, chat_template=name)
+    assert ds.input_ids.tolist() == reference.encode(reference.render(CONVERSATION, False))[0]
+    with pytest.raises(InputError) as err:
+        ref.ReferenceModel(folder).render(CONVERSATION, False)
+    assert err.value.code == "INPUT_CHAT_TEMPLATE_MISSING"
+
+
 def test_template_file_and_missing_file(tmp_path):
     folder = without_template("qwen2.5-0.5b-instruct", tmp_path)
     template = tmp_path / "mine.jinja"

@@ -20,6 +20,7 @@ import numpy as np
 
 from backpropagate.data.config import DataConfig
 from backpropagate.data.dataset import IGNORE_INDEX
+from backpropagate.errors import InputError
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SHAREGPT_ROLES = {
@@ -41,13 +42,22 @@ SHAREGPT_ROLES = {
 OPEN, CLOSE = "<think>", "</think>"
 # Unicode White_Space: what Rust's `str::trim` strips (Python's `str.strip` differs on a few controls).
 WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-# The template used when a model has none (rust/data/template.rs CHATML_TEMPLATE).
-DEFAULT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# The built-in templates a user may choose (rust/data/template.rs BUILTIN_TEMPLATES).
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "llama3": (
+        "{{- bos_token if bos_token is defined else '' }}"
+        "{%- for message in messages %}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    ),
+}
 SENTINEL = "\ue000\ue001bp-content\ue001\ue000"
 
 Message = dict[str, Any]
@@ -414,17 +424,26 @@ class ReferenceResult:
 class ReferenceModel:
     """A model's template and tokenizer through transformers."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None) -> None:
+        """`chat_template`: a built-in name or Jinja source replacing the model's (None keeps it)."""
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.template = self.tokenizer.chat_template or DEFAULT_TEMPLATE
+        chosen = BUILTIN_TEMPLATES.get(chat_template, chat_template) if chat_template else None
+        self.template: str | None = chosen or self.tokenizer.chat_template
         names = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
         self.specials = {n: getattr(self.tokenizer, n) for n in names if getattr(self.tokenizer, n, None) is not None}
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        """The template's rendering, as transformers renders it."""
+        """The template's rendering, as transformers renders it.
+
+        Raises:
+            InputError: INPUT_CHAT_TEMPLATE_MISSING when the model has none and none was chosen.
+        """
         from transformers.utils.chat_template_utils import render_jinja_template
+
+        if self.template is None:
+            raise InputError("INPUT_CHAT_TEMPLATE_MISSING", "the model has no chat template and none was chosen")
 
         rendered: Any = render_jinja_template(
             conversations=[messages],
