@@ -170,9 +170,11 @@ def test_llama_cpp_vectors_phi3_follow_transformers():
     """Phi-3 is SentencePiece: the general path, loaded the way transformers loads it.
 
     llama.cpp's vectors record the tokenizer.json as written (a prefix space on every
-    text, the `legacy` behaviour); transformers 5 builds Phi-3's `LlamaTokenizer` with
-    `legacy=False` from tokenizer_config.json, which differs only on leading spaces.
-    Training must match what transformers feeds the model, so we follow it.
+    text, the `legacy` behaviour); for this folder without config.json, transformers 5
+    builds a `LlamaTokenizer` with `legacy=False` from tokenizer_config.json, which differs
+    only on leading spaces. Training must match what transformers feeds the model, so we
+    follow it. (With config.json's `model_type: phi3`, transformers keeps tokenizer.json as
+    written, and so do we: see test_families.py.)
     """
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
