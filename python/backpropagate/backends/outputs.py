@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from backpropagate.backends.checkpoint import write_durable
 from backpropagate.backends.loading import TrainingModel
 from backpropagate.export.files import apply_default_modes, fsync_tree, remove_leftovers, replace_dir, temp_path
@@ -32,6 +34,15 @@ TOKENIZER_FILES = (
 )
 
 
+def adapts_embeddings(model: Any) -> bool:
+    """Whether an adapter wraps an embedding layer (peft then saves the embedding weights too).
+
+    An MLX rail's adapter has no torch modules and never adapts embeddings.
+    """
+    modules = getattr(model, "modules", None)
+    return callable(modules) and any(isinstance(getattr(m, "base_layer", None), torch.nn.Embedding) for m in modules())
+
+
 def save_final(
     tm: TrainingModel,
     output_dir: Path,
@@ -46,9 +57,13 @@ def save_final(
     remove_leftovers(output_dir, [final.name])
     partial = temp_path(final)
     shutil.rmtree(partial, ignore_errors=True)
-    if tm.mode != "full":
+    if tm.mode == "full":
+        model.save_pretrained(partial, safe_serialization=True)
+    else:
         model.peft_config["default"].base_model_name_or_path = base_model_ref
-    model.save_pretrained(partial, safe_serialization=True)
+        # Whole embedding matrices are saved only when adapted: peft's "auto" asks the hub whether the
+        # base's vocabulary differs, which training here never changes (and which fails offline).
+        model.save_pretrained(partial, safe_serialization=True, save_embedding_layers=adapts_embeddings(model))
     for name in TOKENIZER_FILES:
         if (base_model_path / name).exists():
             shutil.copyfile(base_model_path / name, partial / name)

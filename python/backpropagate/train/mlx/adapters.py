@@ -86,8 +86,8 @@ class PeftAdapterFolder:
         self.tm = tm
         self.peft_config = {"default": lora_config(tm)}
 
-    def save_pretrained(self, path: Path, safe_serialization: bool = True) -> None:
-        """Writes adapter_config.json and adapter_model.safetensors into `path`."""
+    def save_pretrained(self, path: Path, safe_serialization: bool = True, save_embedding_layers: bool = False) -> None:
+        """Writes adapter_config.json and adapter_model.safetensors into `path` (peft's signature; no embeddings)."""
         path.mkdir(parents=True, exist_ok=True)
         self.peft_config["default"].save_pretrained(str(path))
         save_file(peft_state(self.tm), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
