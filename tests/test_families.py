@@ -303,3 +303,19 @@ def test_model_type_exceptions_match_installed_transformers():
     source = (Path(__file__).parents[1] / "rust" / "data" / "tokenizer_class.rs").read_text()
     listed = source.split("TOKENIZER_JSON_AS_WRITTEN")[1].split("];")[0]
     assert set(re.findall(r'"([^"]+)"', listed)) == expected
+
+
+def test_training_a_soft_capped_family_is_refused_before_loading(tmp_path):
+    """Gemma 2/3 cap their logits; until the loss path does too, training them is refused, not done wrong."""
+    from backpropagate import Trainer
+    from backpropagate.errors import InputError
+
+    folder = tmp_path / "gemma3"
+    folder.mkdir()
+    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}
+    config["text_config"] = {"model_type": "gemma3_text", "final_logit_softcapping": 30.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as err:
+        Trainer(str(folder))
+    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE"
+    assert "final_logit_softcapping" in err.value.message

@@ -11,6 +11,7 @@ meta device before any weight is read.
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,10 +132,33 @@ def check_full_fine_tuning(path: Path, mode: str) -> int:
     return params
 
 
+# Config fields of architectures whose training math the loss path does not reproduce yet.
+UNSUPPORTED_TRAINING = ("final_logit_softcapping", "attn_logit_softcapping")
+
+
 def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
-    """Applies the full fine-tuning size gate before anything is loaded."""
+    """Refuses, before anything is loaded, what would train wrongly or not fit: soft-capped logits, size."""
+    model_config = read_model_config(path)
+    capped = [name for name in UNSUPPORTED_TRAINING if model_config.get(name)]
+    if capped:
+        raise InputError(
+            "INPUT_UNSUPPORTED_ARCHITECTURE",
+            f"{path}: training {model_config.get('model_type', 'this model')} is not supported yet: its "
+            f"{' and '.join(capped)} would be left out of the loss, so the model would learn the wrong thing",
+            hint="Use a model family listed under 'Model families' in the README.",
+        )
     if config.mode == "full":
         check_full_fine_tuning(path, "full")
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """config.json of a model folder (its text tower's part for a multimodal config), {} when absent."""
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    text = data.get("text_config")
+    return {**data, **text} if isinstance(text, dict) else data
 
 
 def load_base_model(path: Path, mode: str, device: torch.device) -> Any:

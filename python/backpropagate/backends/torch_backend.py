@@ -338,15 +338,18 @@ def train(
     output_dir: Path,
     run_id: str,
     fingerprint: dict[str, Any],
-    step_rows: int,
+    step_rows: int | None = None,
 ) -> LoopOutcome:
     """Trains `tm` for `total_steps` optimizer steps of `step_rows` packed rows, writing checkpoints and metrics.
+
+    `step_rows` defaults to `rows_per_step` of the training rows (the trainer passes the figure it recorded).
 
     A SIGINT or SIGTERM stops it after the current step and a checkpoint (`LoopOutcome.stopped_by`).
     """
     objective = objective_for(config, dataset, policy_of(tm))
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
+    step_rows = step_rows or rows_per_step(config, stream.size)
     params = tm.trainable_parameters()
     optimizer = build_optimizer(params, config, tm.device)
     graphs = step_graphs(tm, objective, config, dataset.max_seq_length)
