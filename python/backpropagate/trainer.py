@@ -361,9 +361,7 @@ class Trainer:
         self.config = dataclasses.replace(self.config, output_dir=str(result.output_dir))
         return result
 
-    def evaluate(
-        self, data: str | Path | None = None, prompts: str | Path | None = None, **kwargs: Any
-    ) -> EvalReport:
+    def evaluate(self, data: str | Path | None = None, prompts: str | Path | None = None, **kwargs: Any) -> EvalReport:
         """Held-out loss and perplexity on `data`, scored answers to `prompts`, of the trained adapter.
 
         Args:
