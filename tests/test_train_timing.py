@@ -50,9 +50,10 @@ def test_metrics_tokens_per_s_is_each_steps_own_rate(tiny_llama, dataset, tmp_pa
     # Steps neither overlap nor claim time outside the loop ...
     assert sum(step_s) <= wall["s"]
     # ... and on the CPU a step's record is written as soon as its work is done, so the time between the
-    # first and the last record (1 ms resolution) is steps 2..N plus metrics writes: nearly all step time.
+    # first and the last record is steps 2..N plus metrics writes: nearly all step time (1% and 5 ms
+    # for the records' rounding: times to the millisecond, rates to a tenth of a token per second).
     between = records[-1]["time"] - records[0]["time"]
-    assert 0.5 * between - 0.002 <= sum(step_s[1:]) <= between + 0.002, (sum(step_s[1:]), between)
+    assert 0.5 * between <= sum(step_s[1:]) <= 1.01 * between + 0.005, (sum(step_s[1:]), between)
     # No step is timed as a sliver of itself (a shared machine may still make single steps vary).
     assert max(r["tokens_per_s"] for r in records) <= 10 * median_rate(records)
 
