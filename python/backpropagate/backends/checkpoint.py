@@ -108,17 +108,27 @@ def save_checkpoint(
     scheduler: Any,
     keep: int,
 ) -> Path:
-    """Writes checkpoint `state.step` atomically under `root` and keeps the newest `keep`."""
+    """Writes checkpoint `state.step` of the torch rail atomically under `root` and keeps the newest `keep`."""
+    cpu_weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    files = {WEIGHTS: save_safetensors(cpu_weights), TRAINING: _torch_bytes(training)}
+    return write_checkpoint(root, state, files, keep)
+
+
+def write_checkpoint(root: Path, state: TrainState, files: dict[str, bytes], keep: int) -> Path:
+    """Writes `files` and `state.json` as checkpoint `state.step`: all or nothing, whichever rail made them.
+
+    The folder is filled under `step-NNNNNN.partial`, every file fsynced, then renamed into
+    place; older checkpoints beyond the newest `keep` go only once the new one is durable.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     partial = root / f"{final.name}.partial"
     try:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        cpu_weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        write_durable(partial / WEIGHTS, save_safetensors(cpu_weights))
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        write_durable(partial / TRAINING, _torch_bytes(training))
+        for name, data in files.items():
+            write_durable(partial / name, data)
         write_durable(partial / STATE, json.dumps(asdict(state)).encode())
         fsync_dir(partial)
         if final.exists():  # an earlier run reached this step before a resume from an older one

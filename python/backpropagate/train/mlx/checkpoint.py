@@ -10,10 +10,7 @@ each step's dropout from (seed, step), so resuming replays the same numbers.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +21,13 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from backpropagate.backends.checkpoint import (
-    STATE,
     WEIGHTS,
     TrainState,
     checkpoints,
-    fsync_dir,
     read_state,
-    write_durable,
+    write_checkpoint,
 )
-from backpropagate.errors import RunFailedError, StateError
+from backpropagate.errors import StateError
 from backpropagate.log import get_logger
 
 log = get_logger("train")
@@ -47,28 +42,12 @@ def _host(arrays: dict[str, mx.array]) -> dict[str, np.ndarray]:
 def save_checkpoint(
     root: Path, state: TrainState, trainable: dict[str, mx.array], optimizer_state: dict[str, Any], keep: int
 ) -> Path:
-    """Writes checkpoint `state.step` atomically under `root` and keeps the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:06d}"
-    partial = root / f"{final.name}.partial"
-    try:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        write_durable(partial / WEIGHTS, save_safetensors(_host(trainable)))
-        write_durable(partial / OPTIMIZER, save_safetensors(_host(dict(tree_flatten(optimizer_state)))))
-        write_durable(partial / STATE, json.dumps(asdict(state)).encode())
-        fsync_dir(partial)
-        if final.exists():  # an earlier run reached this step before a resume from an older one
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        fsync_dir(root)
-    except OSError as exc:
-        raise RunFailedError("RUNTIME_IO_FAILED", f"could not write checkpoint {final}: {exc}") from exc
-    for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob("*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return final
+    """Writes checkpoint `state.step` of the MLX rail atomically under `root` and keeps the newest `keep`."""
+    files = {
+        WEIGHTS: save_safetensors(_host(trainable)),
+        OPTIMIZER: save_safetensors(_host(dict(tree_flatten(optimizer_state)))),
+    }
+    return write_checkpoint(root, state, files, keep)
 
 
 @dataclass
