@@ -21,8 +21,9 @@ from ui_support import EXAMPLE, PASSWORD, USER, ui_server
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 SHOTS = Path(__file__).parent / ".screenshots"
-# Enough steps that Stop lands mid-run even on a fast machine (a step of 128 tokens takes well under a second).
-STEPS = 30
+# Enough steps that Stop lands mid-run even on a fast, quiet machine, where a tiny-llama step of
+# 128 tokens takes a few milliseconds (30 steps ended before Stop there).
+STEPS = 300
 
 pytestmark = [
     pytest.mark.slow,
@@ -129,7 +130,7 @@ def test_login_upload_validate_train_stop_resume_export_chat(browser, tmp_path):
 
         # Resume continues from the checkpoint to the end; the summary shows.
         find(By.ID, "resume").click()
-        wait_for(lambda: find(By.ID, "state").text == "finished", 240, "the resumed run to finish")
+        wait_for(lambda: find(By.ID, "state").text == "finished", 480, "the resumed run to finish")
         wait_for(lambda: chart_points() == STEPS, 30, "every step on the curve")
         assert f"Finished: {STEPS} steps" in find(By.ID, "summary").text
         shot(browser, "5-finished")
