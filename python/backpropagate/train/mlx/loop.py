@@ -3,7 +3,7 @@
 It is the torch rail's loop (`backends/torch_backend.py`) on MLX, sharing its framework-free
 parts: the shuffled row stream and held-out split, the learning-rate schedule, the run
 state, checkpoint folder protocol, metrics, progress bar and stop on Ctrl-C. A step takes
-`step_rows` packed rows (micro_batch x grad_accumulation); each micro-batch's loss terms are divided by
+`step_rows` packed rows (micro_batch x grad_accumulation, no row twice); each micro-batch's loss terms are divided by
 the whole step's counts, so accumulation gives exactly the gradient of the step's mean
 loss, and both rails draw the same loss curve from the same weights. The data position is
 one int (rows consumed) and dropout is seeded from (seed, step), so a resumed run continues
@@ -37,6 +37,7 @@ from backpropagate.backends.torch_backend import (
     split_rows,
     warmup_steps,
 )
+from backpropagate.backends.torch_backend import rows_per_step as torch_rows_per_step
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
 from backpropagate.errors import RunFailedError
@@ -121,13 +122,13 @@ def train(
 ) -> LoopOutcome:
     """Trains `tm` for `total_steps` steps of `step_rows` packed rows, writing checkpoints and metrics.
 
-    `step_rows` defaults to micro_batch x grad_accumulation.
+    `step_rows` defaults to the torch rail's rule (`rows_per_step`: no row twice in one step).
     """
     assert config.learning_rate is not None
     objective = MlxObjective(config, dataset, tm.attention_share)
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
-    rows_per_step = step_rows or config.micro_batch * config.grad_accumulation
+    rows_per_step = step_rows or torch_rows_per_step(config, stream.size)
     warmup = warmup_steps(config, total_steps)
     optimizer = optim.AdamW(
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, bias_correction=True, eps=1e-8
