@@ -181,7 +181,7 @@ def saved_model(args: argparse.Namespace) -> Path:
 @contextlib.contextmanager
 def memory_budget(gib: float, device: torch.device) -> Iterator[None]:
     """Makes the auto recompute plan fill `gib` GiB in all, instead of its share of the whole card."""
-    from backpropagate.backends import recompute
+    from backpropagate.train.torch import recompute
 
     saved = recompute.MEMORY_TARGET
     if device.type == "cuda":
@@ -197,7 +197,7 @@ def shared_tokens_per_pair(dataset) -> float:  # type: ignore[no-untyped-def]
     """Mean common-prefix tokens that a pair stores once (what `pair_layout` saves)."""
     import numpy as np
 
-    from backpropagate.backends.preference import pair_layout, pairs_of
+    from backpropagate.train.torch.preference import pair_layout, pairs_of
 
     batch = dataset.batch_of(np.arange(dataset.num_samples))
     chosen, rejected = pairs_of(batch, dataset)
@@ -205,7 +205,8 @@ def shared_tokens_per_pair(dataset) -> float:  # type: ignore[no-untyped-def]
 
 
 def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    from backpropagate.backends import loading, torch_backend
+    from backpropagate.train.torch import loading
+    from backpropagate.train.torch import loop as torch_loop
 
     base = variant.removesuffix("_eager")
     mode = "qlora" if base.startswith("qlora") else "lora"
@@ -228,9 +229,9 @@ def run(variant: str, args: argparse.Namespace, dataset) -> dict:  # type: ignor
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the resident weights, as the peer's does
     with tempfile.TemporaryDirectory(prefix="bp-orpo-") as tmp, memory_budget(args.memory_budget_gib, device):
-        step_rows = torch_backend.rows_per_step(config, dataset.num_rows)
+        step_rows = torch_loop.rows_per_step(config, dataset.num_rows)
         total = args.warmup + args.steps
-        outcome = torch_backend.train(tm, dataset, config, total, Path(tmp), f"bench-{variant}", {}, step_rows)
+        outcome = torch_loop.train(tm, dataset, config, total, Path(tmp), f"bench-{variant}", {}, step_rows)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     window = records[-1]["time"] - records[args.warmup - 1]["time"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -68,16 +68,17 @@ def prepared(corpus: Path):  # type: ignore[no-untyped-def]
 
 def step_rows(dataset, steps: int):  # type: ignore[no-untyped-def]
     """The rows of the first `steps` steps, in the order our loop takes them (one row per step)."""
-    from backpropagate.backends.torch_backend import RowStream, split_rows
+    from backpropagate.train.torch.loop import RowStream, split_rows
 
     return RowStream(dataset, split_rows(dataset, 0.0, 42)[0], 42).take(0, steps)
 
 
 def run_ours(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[no-untyped-def]
     """Tokens/s of each step of the real training loop (its metrics.jsonl)."""
-    from backpropagate.backends import loading, torch_backend
     from backpropagate.config import TrainConfig
     from backpropagate.model_source import resolve_model
+    from backpropagate.train.torch import loading
+    from backpropagate.train.torch import loop as torch_loop
 
     config = TrainConfig(
         mode="lora",
@@ -97,7 +98,7 @@ def run_ours(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
     tm = loading.load_for_training(resolve_model(MODEL), config)
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         steps = args.warmup + args.steps
-        outcome = torch_backend.train(tm, dataset, config, steps, Path(tmp), "bench", {}, step_rows=1)
+        outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "bench", {}, step_rows=1)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     args.features = outcome.features
     return [r["tokens_per_s"] for r in records]

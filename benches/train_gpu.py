@@ -1,7 +1,7 @@
 """GPU training speed of backpropagate's engine, side by side with the peers' baseline.
 
 Random weights in Qwen2.5-7B's shape (speed does not depend on weight values), LoRA r16 on
-every linear layer, the real training loop (`backends.torch_backend.train`) end to end:
+every linear layer, the real training loop (`train.torch.loop.train`) end to end:
 
   dense      4 x 2048-token samples per step (the peers' dense batch), bf16 LoRA
   realistic  long-tailed lengths (lognormal, mean ~350 tokens, up to 2048) packed padding-free
@@ -35,6 +35,8 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# The synthetic datasets of the loop tests (random token ids of realistic lengths).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
@@ -118,8 +120,10 @@ def train_config(args: argparse.Namespace, device: torch.device, mode: str, **ov
 
 
 def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: ignore[type-arg]
-    from backpropagate.backends import loading, synthetic, torch_backend
-    from backpropagate.backends.recompute import RecomputePlan
+    import synthetic_data as synthetic
+    from backpropagate.train.torch import loading
+    from backpropagate.train.torch import loop as torch_loop
+    from backpropagate.train.torch.recompute import RecomputePlan
 
     device = torch.device(args.device)
     seq = args.seqlen
@@ -163,8 +167,8 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the weights already resident
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         out = Path(tmp)
-        step_rows = torch_backend.rows_per_step(config, dataset.num_rows)
-        outcome = torch_backend.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows)
+        step_rows = torch_loop.rows_per_step(config, dataset.num_rows)
+        outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = records[args.warmup :]
     window = measured[-1]["time"] - records[args.warmup - 1]["time"]

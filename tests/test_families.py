@@ -199,7 +199,7 @@ def test_fused_kernels_on_and_off_agree(family, tmp_path):
     """Where the fused kernels patch a family, loss and gradients equal the unpatched model's."""
     import copy
 
-    from backpropagate.backends import fused
+    from backpropagate.train.torch import fused
 
     folder = family_folder(family, tmp_path)
     ref = tiny_random_model(folder)
@@ -223,10 +223,10 @@ def test_fused_kernels_on_and_off_agree(family, tmp_path):
 
 def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[float], list[float]]:
     """Per-sample losses of one packed row through the packed path, and of each sample alone through transformers."""
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.loading import TrainingModel
-    from backpropagate.backends.losses import DeviceBatch, target_logprobs
-    from backpropagate.backends.torch_backend import forward_hidden
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import forward_hidden
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
 
     tm = TrainingModel(model.eval(), torch.device("cpu"), "full", torch.float32, False, 0)
     data = tmp_path / "chat.jsonl"

@@ -2,7 +2,7 @@
 
 import torch
 
-from backpropagate.backends import fused
+from backpropagate.train.torch import fused
 
 
 def test_patched_model_computes_what_the_original_computes(tiny_qwen2, tiny_llama):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from backpropagate.backends import lora_fused
+from backpropagate.train.torch import lora_fused
 
 
 def _peft_model(path, quantized=False, **lora):
@@ -106,7 +106,7 @@ def test_adapter_copies_follow_optimizer_steps(tiny_qwen2):
 def test_nf4_kernel_equals_bitsandbytes_bit_for_bit(shape):
     import bitsandbytes.functional as bnbf
 
-    from backpropagate.backends import nf4
+    from backpropagate.train.torch import nf4
 
     torch.manual_seed(0)
     weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from backpropagate.backends.losses import DeviceBatch, chunk_length, sequence_logprobs, token_logprobs
+from backpropagate.train.torch.losses import DeviceBatch, chunk_length, sequence_logprobs, token_logprobs
 from train_helpers import rule_dataset
 
 

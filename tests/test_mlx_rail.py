@@ -15,8 +15,6 @@ pytest.importorskip("mlx_lm")
 import mlx.core as mx  # noqa: E402
 
 from backpropagate import Trainer  # noqa: E402
-from backpropagate.backends import torch_backend  # noqa: E402
-from backpropagate.backends.loading import load_for_training  # noqa: E402
 from backpropagate.config import TrainConfig  # noqa: E402
 from backpropagate.errors import ConfigError, DependencyError  # noqa: E402
 from backpropagate.train.mlx import loop as mlx_loop  # noqa: E402
@@ -29,6 +27,8 @@ from backpropagate.train.mlx.losses import (  # noqa: E402
     per_sample,
     target_logprobs,
 )
+from backpropagate.train.torch import loop as torch_loop  # noqa: E402
+from backpropagate.train.torch.loading import load_for_training  # noqa: E402
 from backpropagate.trainer import seed_everything  # noqa: E402
 from train_helpers import rule_dataset  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_packed_samples_keep_their_unpacked_loss(tiny_llama, dataset):
     cfg = config()
     tm = mlx_model.load_for_training(tiny_llama, cfg)
     objective = MlxObjective(cfg, dataset, tm.attention_share)
-    batch = torch_backend.micro_batches(dataset, np.arange(3), 3)[0]
+    batch = torch_loop.micro_batches(dataset, np.arange(3), 3)[0]
     packed = objective.layout(batch)
     assert packed.input_ids.shape[0] < len(batch.sample_index)  # samples share lines
     sums, _ = per_sample(target_logprobs(tm.net, packed), packed, packed.num_samples)
@@ -174,8 +174,8 @@ def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs
     """The MLX twins of ORPO and SimPO give the torch rail's loss terms on the same batch and weights."""
     from peft import get_peft_model_state_dict
 
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.losses import objective_for
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.objectives import objective_for
 
     cfg = config(method=method, max_seq_length=256, **knobs)
     seed_everything(cfg.seed)
@@ -186,12 +186,12 @@ def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs
                 param.normal_(0, 0.05)
     mlx_tm = mlx_model.load_for_training(tiny_llama, cfg)
     load_peft_state(mlx_tm, {k: v.detach().numpy() for k, v in get_peft_model_state_dict(torch_tm.model).items()})
-    batch = torch_backend.micro_batches(pairs, np.arange(min(3, pairs.num_rows)), 3)[0]
+    batch = torch_loop.micro_batches(pairs, np.arange(min(3, pairs.num_rows)), 3)[0]
     assert len(batch.sample_index) >= 4  # at least two pairs
-    theirs = objective_for(cfg, pairs, torch_backend.policy_of(torch_tm))
+    theirs = objective_for(cfg, pairs, torch_loop.policy_of(torch_tm))
     with packed_attention(torch_tm.model), torch.no_grad():
         device_batch = theirs.device_batch(batch, torch_tm.device)
-        hidden = torch_backend.forward_hidden(torch_tm, device_batch)
+        hidden = torch_loop.forward_hidden(torch_tm, device_batch)
         want = theirs.loss_sum(hidden, torch_tm.lm_head_weight, device_batch).reshape(-1).numpy()
     ours = MlxObjective(cfg, pairs, mlx_tm.attention_share)
     got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch)))

@@ -142,10 +142,10 @@ def test_merged_adapter_loads_in_peft_and_exports_to_gguf(finished, tiny_llama, 
 
 
 def test_resume_after_sigint_in_run_two_gives_the_same_adapter(finished, tmp_path, monkeypatch):
-    from backpropagate.backends import torch_backend
+    from backpropagate.train.torch import loop as torch_loop
 
     calls = {"n": 0}
-    original = torch_backend.train_step
+    original = torch_loop.train_step
 
     def step_then_interrupt(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -154,7 +154,7 @@ def test_resume_after_sigint_in_run_two_gives_the_same_adapter(finished, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    monkeypatch.setattr(torch_backend, "train_step", step_then_interrupt)
+    monkeypatch.setattr(torch_loop, "train_step", step_then_interrupt)
     out = tmp_path / "out"
     stopped = multi_run(out)
     assert stopped.status == 130 and "[RUNTIME_INTERRUPTED]" in stopped.stderr and "--resume" in stopped.stderr
@@ -162,7 +162,7 @@ def test_resume_after_sigint_in_run_two_gives_the_same_adapter(finished, tmp_pat
     assert [r["status"] for r in plan["runs"]] == ["done", "training"]
     assert json.loads((out / "merged" / "slao.json").read_text())["runs_merged"] == 1
     run1 = (out / "run-01" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(torch_backend, "train_step", original)
+    monkeypatch.setattr(torch_loop, "train_step", original)
     resumed = multi_run(out, "--resume")
     assert resumed.status == 0, resumed.stderr
     assert (out / "run-01" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == run1  # not redone

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from backpropagate.backends import attention
-from backpropagate.backends.attention import block_causal_mask, packed_attention
-from backpropagate.backends.loading import TrainingModel
-from backpropagate.backends.losses import DeviceBatch, target_logprobs
-from backpropagate.backends.torch_backend import forward_hidden
+from backpropagate.train.torch import attention
+from backpropagate.train.torch.attention import block_causal_mask, packed_attention
+from backpropagate.train.torch.loading import TrainingModel
+from backpropagate.train.torch.loop import forward_hidden
+from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
 from train_helpers import rule_dataset
 
 

@@ -11,11 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backpropagate import Trainer
-from backpropagate.backends import torch_backend
-from backpropagate.backends.attention import packed_attention
-from backpropagate.backends.loading import load_for_training
-from backpropagate.backends.losses import normalised_loss, objective_for, sequence_logprobs, step_totals
-from backpropagate.backends.preference import (
+from backpropagate.config import METHOD_LEARNING_RATES, TrainConfig
+from backpropagate.data import IGNORE_INDEX, DataConfig, prepare
+from backpropagate.data.dataset import Batch
+from backpropagate.errors import ConfigError, InputError
+from backpropagate.examples import example_path
+from backpropagate.train.torch import loop as torch_loop
+from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.loading import load_for_training
+from backpropagate.train.torch.loop import forward_hidden, policy_of
+from backpropagate.train.torch.losses import normalised_loss, sequence_logprobs, step_totals
+from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.preference import (
     PairObjective,
     kto_labels,
     kto_weights,
@@ -25,12 +32,6 @@ from backpropagate.backends.preference import (
     pairs_of,
     split_prompt,
 )
-from backpropagate.backends.torch_backend import forward_hidden, policy_of
-from backpropagate.config import METHOD_LEARNING_RATES, TrainConfig
-from backpropagate.data import IGNORE_INDEX, DataConfig, prepare
-from backpropagate.data.dataset import Batch
-from backpropagate.errors import ConfigError, InputError
-from backpropagate.examples import example_path
 from cli_helpers import run_cli
 
 QUIET = dict(progress=False, report_to="none")
@@ -184,7 +185,7 @@ def test_one_step_moves_the_log_odds_towards_chosen(tiny_qwen2, pairs, method, t
     torch.manual_seed(0)
     tm = load_for_training(tiny_qwen2, config)
     before = pair_stats(tm, config, pairs)
-    torch_backend.train(tm, pairs, config, 1, tmp_path, "run", {})
+    torch_loop.train(tm, pairs, config, 1, tmp_path, "run", {})
     after = pair_stats(tm, config, pairs)
     assert after[0] > before[0] and after[1] > before[1], (before, after)
 
@@ -196,8 +197,8 @@ def test_one_kto_step_raises_desirable_rewards_and_lowers_undesirable(tiny_llama
     )
     torch.manual_seed(0)
     tm = load_for_training(tiny_llama, config)
-    torch_backend.train(tm, dataset, config, 1, tmp_path, "run", {})
-    batch = torch_backend.DeviceBatch.from_batch(dataset.batch_of(np.arange(dataset.num_samples)), tm.device)
+    torch_loop.train(tm, dataset, config, 1, tmp_path, "run", {})
+    batch = torch_loop.DeviceBatch.from_batch(dataset.batch_of(np.arange(dataset.num_samples)), tm.device)
     with torch.no_grad(), packed_attention(tm.model):
         policy = sequence_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)[0]
         with tm.model.disable_adapter():

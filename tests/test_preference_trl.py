@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from backpropagate.backends.attention import packed_attention
-from backpropagate.backends.loading import load_for_training
-from backpropagate.backends.losses import normalised_loss, objective_for, step_totals
-from backpropagate.backends.preference import kto_labels, kto_weights, pairs_of, split_prompt
-from backpropagate.backends.torch_backend import forward_hidden, policy_of
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig, prepare
 from backpropagate.examples import example_path
+from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.loading import load_for_training
+from backpropagate.train.torch.loop import forward_hidden, policy_of
+from backpropagate.train.torch.losses import normalised_loss, step_totals
+from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.preference import kto_labels, kto_weights, pairs_of, split_prompt
 
 LORA = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="all-linear", device="cpu", mode="lora")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from backpropagate import Trainer
-from backpropagate.backends import recompute
+from backpropagate.train.torch import recompute
 from train_helpers import rule_dataset
 
 OPTIONS = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=1, learning_rate=1e-3)

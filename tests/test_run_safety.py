@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from backpropagate import Trainer
-from backpropagate.backends import checkpoint, torch_backend
-from backpropagate.backends.interrupt import StopRequest
-from backpropagate.backends.metrics import MetricsLogger
 from backpropagate.errors import StateError
 from backpropagate.examples import __file__ as examples_init
+from backpropagate.train import checkpoint
+from backpropagate.train.interrupt import StopRequest
+from backpropagate.train.metrics import MetricsLogger
+from backpropagate.train.torch import loop as torch_loop
 from cli_helpers import run_cli
 
 EXAMPLES = Path(examples_init).parent
@@ -138,20 +139,20 @@ def test_small_data_never_repeats_a_row_within_a_step(tiny_llama, tmp_path, capl
     small = prepare(EXAMPLES / "chat.jsonl", "tiny-llama", DataConfig(max_seq_length=4096, cache=False))
     assert small.num_rows < 8
     taken: list[np.ndarray] = []
-    real_take = torch_backend.RowStream.take
+    real_take = torch_loop.RowStream.take
 
     def record(self, start, count):
         rows = real_take(self, start, count)
         taken.append(rows)
         return rows
 
-    torch_backend.RowStream.take = record
+    torch_loop.RowStream.take = record
     try:
         result = Trainer(
             "tiny-llama", output_dir=str(tmp_path / "s"), micro_batch=2, grad_accumulation=4, **FAST
         ).train(small, steps=3)
     finally:
-        torch_backend.RowStream.take = real_take
+        torch_loop.RowStream.take = real_take
     assert f"only {small.num_rows} packed training row(s)" in caplog.text and "= 8 rows per step" in caplog.text
     assert all(len(np.unique(rows)) == len(rows) == small.num_rows for rows in taken)
     assert json.loads(result.run_file.read_text())["hyperparameters"]["rows_per_step"] == small.num_rows

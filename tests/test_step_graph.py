@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from backpropagate.backends import step_graph, torch_backend
-from backpropagate.backends.attention import packed_attention
-from backpropagate.backends.loading import load_for_training
-from backpropagate.backends.losses import objective_for, step_totals
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig, prepare
 from backpropagate.examples import example_path
+from backpropagate.train.torch import loop as torch_loop
+from backpropagate.train.torch import step_graph
+from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.loading import load_for_training
+from backpropagate.train.torch.losses import step_totals
+from backpropagate.train.torch.objectives import objective_for
 from train_helpers import rule_dataset
 
 QUIET = dict(progress=False, report_to="none")
@@ -21,7 +23,7 @@ QUIET = dict(progress=False, report_to="none")
 def _step(tm, objective, device_batch, totals):
     tm.model.zero_grad(set_to_none=True)
     with packed_attention(tm.model):
-        loss = torch_backend.forward_backward(tm, objective, device_batch, totals)
+        loss = torch_loop.forward_backward(tm, objective, device_batch, totals)
     return float(loss), {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 
 
@@ -49,7 +51,7 @@ def test_a_padded_batch_gives_the_loss_and_gradients_of_the_batch(tiny_qwen2, me
         for name, p in tm.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    objective = objective_for(config, dataset, torch_backend.policy_of(tm))
+    objective = objective_for(config, dataset, torch_loop.policy_of(tm))
     batch = dataset.batch_of(np.concatenate([dataset.row_samples(r) for r in range(min(dataset.num_rows, 3))]))
     totals = torch.tensor(step_totals(objective, [batch]), dtype=torch.float32)
     device_batch = objective.device_batch(batch, tm.device)
@@ -69,7 +71,7 @@ def test_a_shape_holds_smaller_batches_and_reloads_them_cleanly(tiny_qwen2):
     dataset = prepare(example_path("preference"), tiny_qwen2, DataConfig(max_seq_length=256, cache=False))
     config = TrainConfig(method="orpo", mode="lora", device="cpu", lora_r=8, lora_alpha=16.0, **QUIET)
     tm = load_for_training(tiny_qwen2, config)
-    objective = objective_for(config, dataset, torch_backend.policy_of(tm))
+    objective = objective_for(config, dataset, torch_loop.policy_of(tm))
     batches = [objective.device_batch(dataset.batch_of(dataset.row_samples(r)), tm.device) for r in range(2)]
     large, small = sorted(batches, key=lambda b: b.input_ids.shape[1], reverse=True)
     shape = step_graph.shape_for(large, large.input_ids.shape[1] + 3)
@@ -105,8 +107,8 @@ def test_cuda_graphs_train_like_eager_steps(tiny_qwen2, method, mode, tmp_path, 
     else:
         dataset = prepare(example_path("preference"), tiny_qwen2, DataConfig(max_seq_length=256, cache=False))
     curves, replays, made = {}, {}, []
-    original = torch_backend.step_graphs
-    monkeypatch.setattr(torch_backend, "step_graphs", lambda *a: made.append(original(*a)) or made[-1])
+    original = torch_loop.step_graphs
+    monkeypatch.setattr(torch_loop, "step_graphs", lambda *a: made.append(original(*a)) or made[-1])
     for graphs in (False, True):
         config = TrainConfig(
             method=method,
@@ -123,7 +125,7 @@ def test_cuda_graphs_train_like_eager_steps(tiny_qwen2, method, mode, tmp_path, 
         )
         torch.manual_seed(0)
         tm = load_for_training(tiny_qwen2, config)
-        outcome = torch_backend.train(tm, dataset, config, 8, tmp_path / str(graphs), "run", {})
+        outcome = torch_loop.train(tm, dataset, config, 8, tmp_path / str(graphs), "run", {})
         curves[graphs] = [loss for _, loss in outcome.state.losses]
         replays[graphs] = made[-1].replays if made[-1] is not None else 0
     assert replays[False] == 0 and replays[True] > 0

@@ -1,7 +1,7 @@
 import pytest
 
-from backpropagate.backends.thermal import TemperatureGuard
 from backpropagate.errors import RunFailedError
+from backpropagate.train.thermal import TemperatureGuard
 
 
 class FakeClock:

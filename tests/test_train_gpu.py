@@ -11,7 +11,7 @@ CUDA = torch.device("cuda")
 
 
 def test_varlen_attention_equals_samples_alone_on_cuda():
-    from backpropagate.backends import attention
+    from backpropagate.train.torch import attention
 
     torch.manual_seed(0)
     lengths = [37, 200, 5, 64]
@@ -41,7 +41,7 @@ def test_varlen_attention_equals_samples_alone_on_cuda():
 
 
 def test_flex_attention_fallback_equals_block_causal_sdpa_on_cuda():
-    from backpropagate.backends import attention
+    from backpropagate.train.torch import attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 8, 300, 64, device=CUDA, dtype=torch.bfloat16)
@@ -60,10 +60,10 @@ def test_flex_attention_fallback_equals_block_causal_sdpa_on_cuda():
 def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
     from transformers import AutoModelForCausalLM
 
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.loading import TrainingModel
-    from backpropagate.backends.losses import DeviceBatch, target_logprobs
-    from backpropagate.backends.torch_backend import forward_hidden
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import forward_hidden
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).to(CUDA)
     tm = TrainingModel(model, CUDA, "lora", torch.bfloat16, False, 0)
@@ -79,7 +79,7 @@ def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
 
 
 def test_fused_cross_entropy_on_cuda_matches_full_logits():
-    from backpropagate.backends import fused, losses
+    from backpropagate.train.torch import fused, losses
 
     assert fused.install(torch.nn.Linear(1, 1)) == ["cross_entropy"]  # no decoder family: only the loss
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_fused_cross_entropy_on_cuda_matches_full_logits():
 def test_compiled_kernels_match_eager_modules(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from backpropagate.backends import fused
+    from backpropagate.train.torch import fused
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to(CUDA)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).to(CUDA)

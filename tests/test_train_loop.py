@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from backpropagate import Trainer
-from backpropagate.backends import checkpoint, torch_backend
 from backpropagate.errors import RunFailedError, StateError
+from backpropagate.train import checkpoint
+from backpropagate.train.torch import loop as torch_loop
 from train_helpers import rule_dataset
 
 FAST = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
@@ -73,7 +74,7 @@ def test_resume_after_interruption_continues_the_same_curve(tiny_llama, dataset,
     options = dict(FAST, lora_dropout=0.1, save_every=2)
     full = Trainer("tiny-llama", output_dir=str(tmp_path / "full"), **options).train(dataset, steps=6)
 
-    real_save = torch_backend.save_checkpoint
+    real_save = torch_loop.save_checkpoint
 
     def save_then_die(root, state, *args, **kwargs):
         path = real_save(root, state, *args, **kwargs)
@@ -81,10 +82,10 @@ def test_resume_after_interruption_continues_the_same_curve(tiny_llama, dataset,
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(torch_backend, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(torch_loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), **options).train(dataset, steps=6)
-    monkeypatch.setattr(torch_backend, "save_checkpoint", real_save)
+    monkeypatch.setattr(torch_loop, "save_checkpoint", real_save)
     cut_run_id = checkpoint.read_state(tmp_path / "cut/checkpoints/step-000004").run_id
     resumed = Trainer("tiny-llama", output_dir=str(tmp_path / "cut"), resume=True, **options).train(dataset, steps=6)
     assert [s for s, _ in resumed.losses] == list(range(1, 7))
@@ -108,7 +109,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_llama, dat
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, dataset, tmp_path, monkeypatch):
     options = dict(FAST, micro_batch=4, grad_accumulation=1)
-    real = torch_backend.accumulate_gradients
+    real = torch_loop.accumulate_gradients
     calls = []
 
     def oom_above_one_row_per_batch(tm, objective, batches, graphs):
@@ -117,12 +118,12 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(tm, objective, batches, graphs)
 
-    monkeypatch.setattr(torch_backend, "accumulate_gradients", oom_above_one_row_per_batch)
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", oom_above_one_row_per_batch)
     result = Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **options).train(dataset, steps=3)
     assert calls[:3] == [1, 2, 4]
     run = json.loads(result.run_file.read_text())
     assert run["hyperparameters"]["final_micro_batch"] == 1
-    monkeypatch.setattr(torch_backend, "accumulate_gradients", real)
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", real)
     # One row per micro-batch from the start: the same rows per step, so the same losses.
     plain = Trainer(
         "tiny-llama", output_dir=str(tmp_path / "plain"), **dict(options, micro_batch=1, grad_accumulation=4)
@@ -135,7 +136,7 @@ def test_out_of_memory_at_one_row_is_exhausted(tiny_llama, dataset, tmp_path, mo
     def always_oom(tm, objective, batches, graphs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(torch_backend, "accumulate_gradients", always_oom)
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", always_oom)
     with pytest.raises(RunFailedError) as err:
         Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **FAST).train(dataset, steps=2)
     assert err.value.code == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
@@ -143,7 +144,7 @@ def test_out_of_memory_at_one_row_is_exhausted(tiny_llama, dataset, tmp_path, mo
 
 def test_diverged_loss_stops_the_run_before_a_checkpoint_takes_it(tiny_llama, dataset, tmp_path, monkeypatch):
     """Losses are read a step late; a non-finite one still stops the run, names its step, and is never saved."""
-    real = torch_backend.accumulate_gradients
+    real = torch_loop.accumulate_gradients
     steps = []
 
     def nan_at_step_three(tm, objective, batches, graphs):
@@ -151,7 +152,7 @@ def test_diverged_loss_stops_the_run_before_a_checkpoint_takes_it(tiny_llama, da
         steps.append(len(steps) + 1)
         return (loss * float("nan") if len(steps) == 3 else loss), tokens
 
-    monkeypatch.setattr(torch_backend, "accumulate_gradients", nan_at_step_three)
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", nan_at_step_three)
     trainer = Trainer("tiny-llama", output_dir=str(tmp_path / "nan"), save_every=3, **FAST)
     with pytest.raises(RunFailedError) as err:
         trainer.train(dataset, steps=6)
@@ -262,7 +263,7 @@ def test_full_fine_tuning_is_refused_above_4b_before_loading(tmp_path):
 
 
 def test_lr_schedule_shapes():
-    f = torch_backend.lr_factor
+    f = torch_loop.lr_factor
     assert [round(f(s, 4, 20, "constant"), 3) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert f(4, 4, 20, "cosine") == 1.0 and f(19, 4, 20, "cosine") < 0.02
     assert f(12, 4, 20, "linear") == pytest.approx(0.5)
@@ -289,7 +290,7 @@ def test_dora_and_rslora_train(tiny_qwen2, dataset, tmp_path):
 def test_recompute_plan_switches_layers_and_backs_off(tiny_llama):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from backpropagate.backends.recompute import RecomputePlan, activation_bytes_per_token
+    from backpropagate.train.torch.recompute import RecomputePlan, activation_bytes_per_token
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     plan = RecomputePlan(model, "off")
@@ -303,14 +304,14 @@ def test_recompute_plan_switches_layers_and_backs_off(tiny_llama):
 
 
 def test_out_of_memory_first_recomputes_kept_layers(tiny_llama, dataset, tmp_path, monkeypatch):
-    real = torch_backend.accumulate_gradients
+    real = torch_loop.accumulate_gradients
 
     def oom_while_a_layer_keeps_activations(tm, objective, batches, graphs):
         if tm.recompute.kept:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(tm, objective, batches, graphs)
 
-    monkeypatch.setattr(torch_backend, "accumulate_gradients", oom_while_a_layer_keeps_activations)
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", oom_while_a_layer_keeps_activations)
     result = Trainer("tiny-llama", gradient_checkpointing="off", output_dir=str(tmp_path / "run"), **FAST).train(
         dataset, steps=2
     )
@@ -320,11 +321,11 @@ def test_out_of_memory_first_recomputes_kept_layers(tiny_llama, dataset, tmp_pat
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
 def test_recomputed_layers_give_kept_layers_gradients_and_skip_the_last_projection(name, request, monkeypatch):
-    from backpropagate.backends import recompute
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.loading import load_for_training
-    from backpropagate.backends.losses import DeviceBatch, target_logprobs
     from backpropagate.config import TrainConfig
+    from backpropagate.train.torch import recompute
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import load_for_training
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
 
     config = TrainConfig(mode="lora", device="cpu", lora_r=8, lora_alpha=16.0, progress=False, report_to="none")
     torch.manual_seed(0)
@@ -344,7 +345,7 @@ def test_recomputed_layers_give_kept_layers_gradients_and_skip_the_last_projecti
         tm.recompute.set_kept(kept)
         tm.model.zero_grad(set_to_none=True)
         with packed_attention(tm.model):
-            (-target_logprobs(torch_backend.forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+            (-target_logprobs(torch_loop.forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
         return {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 
     layers = len(tm.recompute.layers)

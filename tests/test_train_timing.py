@@ -7,7 +7,8 @@ import time
 import pytest
 
 from backpropagate import Trainer
-from backpropagate.backends import metrics, torch_backend
+from backpropagate.train import metrics
+from backpropagate.train.torch import loop as torch_loop
 from train_helpers import rule_dataset
 
 OPTIONS = dict(report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-3, save_every=0)
@@ -26,7 +27,7 @@ def median_rate(records: list[dict]) -> float:
 def timed_loop(monkeypatch) -> dict[str, float]:
     """Wall time of the training loop, clocked around it from outside."""
     wall: dict[str, float] = {}
-    real = torch_backend.train
+    real = torch_loop.train
 
     def timed(*args, **kwargs):
         started = time.perf_counter()
@@ -35,7 +36,7 @@ def timed_loop(monkeypatch) -> dict[str, float]:
         finally:
             wall["s"] = time.perf_counter() - started
 
-    monkeypatch.setattr(torch_backend, "train", timed)
+    monkeypatch.setattr(torch_loop, "train", timed)
     return wall
 
 

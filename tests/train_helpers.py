@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backpropagate.backends.synthetic import dataset_from_samples
 from backpropagate.data.dataset import IGNORE_INDEX, PreparedDataset
+from synthetic_data import dataset_from_samples
 
 
 def rule_dataset(

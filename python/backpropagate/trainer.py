@@ -176,7 +176,7 @@ class Trainer:
     parent_run_id: str | None = None
 
     def __init__(self, model: str | Path = "tiny-llama", **options: Any) -> None:
-        from backpropagate.backends.loading import check_fine_tuning_allowed
+        from backpropagate.train.torch.loading import check_fine_tuning_allowed
 
         self.model_name = str(model)
         self.options = dict(options)
@@ -211,12 +211,12 @@ class Trainer:
         Returns:
             The run's `TrainResult`.
         """
-        from backpropagate.backends import torch_backend
-        from backpropagate.backends.checkpoint import resumed_run_id
-        from backpropagate.backends.loading import load_for_training
-        from backpropagate.backends.metrics import plot_losses
-        from backpropagate.backends.outputs import RUN_FILE, save_final
         from backpropagate.train.backend import resolve_backend
+        from backpropagate.train.checkpoint import resumed_run_id
+        from backpropagate.train.metrics import plot_losses
+        from backpropagate.train.outputs import RUN_FILE, save_final
+        from backpropagate.train.torch import loop as torch_loop
+        from backpropagate.train.torch.loading import load_for_training
 
         if steps is not None and epochs is not None:
             raise ConfigError("CONFIG_INVALID_SETTING", "give steps or epochs, not both")
@@ -242,8 +242,8 @@ class Trainer:
         )
         dataset = self._dataset(data)
         check_data_kind(dataset.kind, config.method)
-        train_rows = torch_backend.split_rows(dataset, config.eval_split, config.seed)[0]
-        rows_per_step = torch_backend.rows_per_step(config, len(train_rows))
+        train_rows = torch_loop.split_rows(dataset, config.eval_split, config.seed)[0]
+        rows_per_step = torch_loop.rows_per_step(config, len(train_rows))
         total_steps = steps or max(1, math.ceil((epochs or 1.0) * len(train_rows) / rows_per_step))
         fingerprint = {
             "model": self.model_ref,
@@ -277,7 +277,7 @@ class Trainer:
             )
         else:
             trained = load_for_training(self.model_path, config, Path(init_adapter) if init_adapter else None)
-            outcome = torch_backend.train(
+            outcome = torch_loop.train(
                 trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
             )
         self._trained = trained

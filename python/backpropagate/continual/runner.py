@@ -198,11 +198,11 @@ def heldout_losses(model_path: Path, config: Any, data_config: Any, adapter: Pat
     """Mean loss of the base model with `adapter`'s weights on each held-out file."""
     import numpy as np
 
-    from backpropagate.backends.attention import packed_attention
-    from backpropagate.backends.loading import load_for_training
-    from backpropagate.backends.losses import objective_for
-    from backpropagate.backends.torch_backend import evaluate, policy_of
     from backpropagate.data import prepare
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import load_for_training
+    from backpropagate.train.torch.loop import evaluate, policy_of
+    from backpropagate.train.torch.objectives import objective_for
 
     tm = load_for_training(model_path, config, adapter)
     losses = []
@@ -218,8 +218,8 @@ def heldout_losses(model_path: Path, config: Any, data_config: Any, adapter: Pat
 
 def wait_until_gpu_cool(config: Any) -> None:
     """The temperature guard between runs (inside a run, the loop runs it between steps)."""
-    from backpropagate.backends.loading import resolve_device
-    from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
+    from backpropagate.train.thermal import TemperatureGuard, nvml_reader
+    from backpropagate.train.torch.loading import resolve_device
 
     device = resolve_device(config.device)
     reader = nvml_reader(device.index or 0) if device.type == "cuda" else None
@@ -299,8 +299,8 @@ def save_adapter(
     out: Path, plan: dict[str, Any], model_ref: str, model_path: Path, settings: Any, merge_mode: str
 ) -> None:
     """Writes `OUT/adapter/` from the merged adapter, as `train` writes its adapter folder."""
-    from backpropagate.backends.loading import load_for_training
-    from backpropagate.backends.outputs import save_final
+    from backpropagate.train.outputs import save_final
+    from backpropagate.train.torch.loading import load_for_training
 
     tm = load_for_training(model_path, settings.train, out / "merged" / ADAPTER_FILE)
     base_ref = model_ref if settings.preset and "/" in model_ref else str(model_path)

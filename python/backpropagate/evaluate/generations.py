@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from backpropagate.backends.loading import TrainingModel
 from backpropagate.errors import InputError
 from backpropagate.evaluate.metrics import SCORES
+from backpropagate.train.torch.loading import TrainingModel
 
 
 @dataclass

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from backpropagate.backends import torch_backend
-from backpropagate.backends.loading import TrainingModel
-from backpropagate.backends.losses import SftObjective
 from backpropagate.config import check_data_kind
 from backpropagate.data import DataConfig, prepare
 from backpropagate.data.dataset import IGNORE_INDEX
 from backpropagate.errors import InputError
+from backpropagate.train.torch import loop as torch_loop
+from backpropagate.train.torch.loading import TrainingModel
+from backpropagate.train.torch.losses import SftObjective
 
 # Packed rows per forward pass.
 EVAL_MICRO_BATCH = 4
@@ -42,6 +42,6 @@ def held_out_loss(tm: TrainingModel, data: Path, tokenizer_dir: Path, config: Da
     dataset = prepare(data, tokenizer_dir, config)
     check_data_kind(dataset.kind, "sft")
     rows = np.arange(dataset.num_rows)
-    loss = torch_backend.evaluate(tm, SftObjective(), dataset, rows, EVAL_MICRO_BATCH)
+    loss = torch_loop.evaluate(tm, SftObjective(), dataset, rows, EVAL_MICRO_BATCH)
     tokens = int(np.count_nonzero(np.asarray(dataset.labels) != IGNORE_INDEX))
     return HeldOutLoss(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=tokens, samples=dataset.num_samples)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import warnings
 
-from backpropagate.backends.loading import TrainingModel, compute_dtype_for, load_base_model, resolve_device
 from backpropagate.errors import InputError
 from backpropagate.evaluate.target import EvalTarget
 from backpropagate.log import quiet_bitsandbytes_import
+from backpropagate.train.torch.loading import TrainingModel, compute_dtype_for, load_base_model, resolve_device
 
 
 def load_for_eval(target: EvalTarget, device: str = "auto") -> TrainingModel:

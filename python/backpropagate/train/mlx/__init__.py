@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from backpropagate.errors import DependencyError
 
 if TYPE_CHECKING:
-    from backpropagate.backends.torch_backend import LoopOutcome
     from backpropagate.config import TrainConfig
     from backpropagate.data.dataset import PreparedDataset
     from backpropagate.train.mlx.model import MlxTrainingModel
+    from backpropagate.train.torch.loop import LoopOutcome
 
 INSTALL = "pip install 'backpropagate[mlx]'  (Linux: installs mlx-lm[cpu])"
 

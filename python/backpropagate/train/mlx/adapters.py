@@ -4,7 +4,7 @@ An adapter trained on MLX is saved exactly as peft saves one: `adapter_config.js
 peft `LoraConfig`) and `adapter_model.safetensors` with peft's key names
 (`base_model.model.<layer path>.lora_A.weight` r x in, `lora_B.weight` out x r, DoRA's
 `lora_magnitude_vector`), so `backprop export`, peft and transformers read it whichever
-rail trained it. `save_final` (backends/outputs.py) drives both folder kinds through the
+rail trained it. `save_final` (train/outputs.py) drives both folder kinds through the
 same `save_pretrained` call it makes on a peft model.
 """
 

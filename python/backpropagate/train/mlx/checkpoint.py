@@ -3,7 +3,7 @@
 A checkpoint is `step-NNNNNN/` holding the trainable arrays (`trainable.safetensors`),
 the optimizer state (`optimizer.safetensors`: AdamW moments, step count) and
 `state.json` (the shared `TrainState`). It is written under `.partial`, every file
-fsynced, renamed into place and the parent fsynced (`backends/checkpoint.py`), so a
+fsynced, renamed into place and the parent fsynced (`train/checkpoint.py`), so a
 folder without the suffix is always complete. No random state is stored: the loop seeds
 each step's dropout from (seed, step), so resuming replays the same numbers.
 """
@@ -20,15 +20,15 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from backpropagate.backends.checkpoint import (
+from backpropagate.errors import StateError
+from backpropagate.log import get_logger
+from backpropagate.train.checkpoint import (
     WEIGHTS,
     TrainState,
     checkpoints,
     read_state,
     write_checkpoint,
 )
-from backpropagate.errors import StateError
-from backpropagate.log import get_logger
 
 log = get_logger("train")
 

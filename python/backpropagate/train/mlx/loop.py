@@ -1,6 +1,6 @@
 """The MLX training loop, readable top to bottom in `train`.
 
-It is the torch rail's loop (`backends/torch_backend.py`) on MLX, sharing its framework-free
+It is the torch rail's loop (`backends/torch_loop.py`) on MLX, sharing its framework-free
 parts: the shuffled row stream and held-out split, the learning-rate schedule, the run
 state, checkpoint folder protocol, metrics, progress bar and stop on Ctrl-C. A step takes
 `step_rows` packed rows (micro_batch x grad_accumulation, no row twice); each micro-batch's loss terms are divided by
@@ -24,11 +24,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from backpropagate.backends.checkpoint import TrainState
-from backpropagate.backends.interrupt import StopRequest
-from backpropagate.backends.losses import step_totals
-from backpropagate.backends.metrics import MetricsLogger, ProgressBar
-from backpropagate.backends.torch_backend import (
+from backpropagate.config import TrainConfig
+from backpropagate.data.dataset import Batch, PreparedDataset
+from backpropagate.errors import RunFailedError
+from backpropagate.log import get_logger
+from backpropagate.train.checkpoint import TrainState
+from backpropagate.train.interrupt import StopRequest
+from backpropagate.train.metrics import MetricsLogger, ProgressBar
+from backpropagate.train.mlx.checkpoint import load_latest, save_checkpoint
+from backpropagate.train.mlx.losses import MlxObjective
+from backpropagate.train.mlx.model import MlxTrainingModel, scalar
+from backpropagate.train.torch.loop import (
     LoopOutcome,
     RowStream,
     check_fingerprint,
@@ -37,14 +43,8 @@ from backpropagate.backends.torch_backend import (
     split_rows,
     warmup_steps,
 )
-from backpropagate.backends.torch_backend import rows_per_step as torch_rows_per_step
-from backpropagate.config import TrainConfig
-from backpropagate.data.dataset import Batch, PreparedDataset
-from backpropagate.errors import RunFailedError
-from backpropagate.log import get_logger
-from backpropagate.train.mlx.checkpoint import load_latest, save_checkpoint
-from backpropagate.train.mlx.losses import MlxObjective
-from backpropagate.train.mlx.model import MlxTrainingModel, scalar
+from backpropagate.train.torch.loop import rows_per_step as torch_rows_per_step
+from backpropagate.train.torch.losses import step_totals
 
 log = get_logger("train")
 

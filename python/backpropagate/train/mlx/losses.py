@@ -12,7 +12,7 @@ keeps inside one sample, so the result is that of the restarted positions the to
 
 Each objective returns loss terms that the loop divides by the step's counts, taken from
 the torch rail's own objective (`normaliser`), so both rails average over the same tokens
-and pairs, and the loss definitions are those of `backends/losses.py` and `preference.py`.
+and pairs, and the loss definitions are those of `train/torch/losses.py` and `preference.py`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from backpropagate.backends.losses import Objective, objective_for
-from backpropagate.backends.preference import pairs_of, sample_slices
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import IGNORE_INDEX, Batch, PreparedDataset
 from backpropagate.train.mlx.model import hidden_states, lm_head
+from backpropagate.train.torch.losses import Objective
+from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.preference import pairs_of, sample_slices
 
 
 @dataclass

@@ -126,7 +126,7 @@ class MlxTrainingModel:
 
     @property
     def model(self) -> Any:
-        """What `backends.outputs.save_final` saves: a PEFT adapter folder or a full model folder."""
+        """What `train.outputs.save_final` saves: a PEFT adapter folder or a full model folder."""
         from backpropagate.train.mlx.adapters import FullModelFolder, PeftAdapterFolder
 
         return FullModelFolder(self) if self.mode == "full" else PeftAdapterFolder(self)

@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import torch
 
-from backpropagate.backends import nf4, recompute
+from backpropagate.train.torch import nf4, recompute
 
 # Adapter gradients come out of the matmul in fp32 on CUDA (no bf16 rounding, no cast).
 _MM_TO_FP32 = hasattr(torch.ops.aten.mm, "dtype")

@@ -25,29 +25,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from backpropagate.backends import lora_fused
-from backpropagate.backends.attention import packed_attention
-from backpropagate.backends.checkpoint import TrainState, load_latest, restore, save_checkpoint
-from backpropagate.backends.interrupt import StopRequest
-from backpropagate.backends.loading import TrainingModel
-from backpropagate.backends.losses import (
-    DeviceBatch,
-    Objective,
-    normalised_loss,
-    objective_for,
-    step_totals,
-    to_device,
-)
-from backpropagate.backends.metrics import MetricsLogger, ProgressBar
-from backpropagate.backends.preference import Policy
-from backpropagate.backends.readout import Readout
-from backpropagate.backends.recompute import draws_random_numbers
-from backpropagate.backends.step_graph import StepGraphs, matmul_timer
-from backpropagate.backends.thermal import TemperatureGuard, nvml_reader
 from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
 from backpropagate.errors import ConfigError, DependencyError, RunFailedError
 from backpropagate.log import get_logger
+from backpropagate.train.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from backpropagate.train.interrupt import StopRequest
+from backpropagate.train.metrics import MetricsLogger, ProgressBar
+from backpropagate.train.thermal import TemperatureGuard, nvml_reader
+from backpropagate.train.torch import lora_fused
+from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.loading import TrainingModel
+from backpropagate.train.torch.losses import (
+    DeviceBatch,
+    Objective,
+    normalised_loss,
+    step_totals,
+    to_device,
+)
+from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.preference import Policy
+from backpropagate.train.torch.readout import Readout
+from backpropagate.train.torch.recompute import draws_random_numbers
+from backpropagate.train.torch.step_graph import StepGraphs, matmul_timer
 
 log = get_logger("train")
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backpropagate.backends import lora_fused
-from backpropagate.backends.losses import DeviceBatch
 from backpropagate.log import get_logger
+from backpropagate.train.torch import lora_fused
+from backpropagate.train.torch.losses import DeviceBatch
 
 log = get_logger("graphs")
 

@@ -19,11 +19,11 @@ from typing import Any, cast
 
 import torch
 
-from backpropagate.backends import fused, lora_fused
-from backpropagate.backends.recompute import RecomputePlan
 from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
+from backpropagate.train.torch import fused, lora_fused
+from backpropagate.train.torch.recompute import RecomputePlan
 
 log = get_logger("loading")
 

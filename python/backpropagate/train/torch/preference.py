@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backpropagate.backends.losses import DeviceBatch, sequence_logprobs, target_logprobs, to_device
 from backpropagate.config import TrainConfig, check_data_kind
 from backpropagate.data.dataset import IGNORE_INDEX, Batch, PreparedDataset
 from backpropagate.log import get_logger
+from backpropagate.train.torch.losses import DeviceBatch, sequence_logprobs, target_logprobs, to_device
 
 log = get_logger("preference")
 

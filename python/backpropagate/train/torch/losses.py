@@ -16,18 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from backpropagate.backends.attention import packed_kwargs
 from backpropagate.data.dataset import IGNORE_INDEX, Batch
-
-if TYPE_CHECKING:
-    from backpropagate.backends.preference import Policy
-    from backpropagate.config import TrainConfig
-    from backpropagate.data.dataset import PreparedDataset
+from backpropagate.train.torch.attention import packed_kwargs
 
 # Bytes of fp32 logits one chunk may hold; sets the chunk length for a vocabulary.
 CHUNK_LOGIT_BYTES = 512 * 2**20
@@ -284,12 +279,3 @@ class SftObjective:
     def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
         """Summed negative log-likelihood of the targets."""
         return -batch.weighted(target_logprobs(hidden, lm_head, batch)).sum()
-
-
-def objective_for(config: TrainConfig, dataset: PreparedDataset, policy: Policy | None = None) -> Objective:
-    """The objective of `config.method` on `dataset` (KTO also needs the `policy` to run its reference passes)."""
-    if config.method == "sft":
-        return SftObjective()
-    from backpropagate.backends.preference import preference_objective
-
-    return preference_objective(config, dataset, policy)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backpropagate.backends import losses
 from backpropagate.log import get_logger
+from backpropagate.train.torch import losses
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 

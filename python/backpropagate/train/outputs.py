@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from backpropagate.backends.checkpoint import write_durable
-from backpropagate.backends.loading import TrainingModel
 from backpropagate.export.files import apply_default_modes, fsync_tree, remove_leftovers, replace_dir, temp_path
+from backpropagate.train.checkpoint import write_durable
+from backpropagate.train.torch.loading import TrainingModel
 
 RUN_FILE = "backpropagate_run.json"
 TOKENIZER_FILES = (

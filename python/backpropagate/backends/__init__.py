@@ -1,1 +1,0 @@
-"""Training backends: the PyTorch loop (CUDA and CPU) and the pieces it is built from."""
