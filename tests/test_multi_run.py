@@ -49,6 +49,34 @@ def test_merge_formula_on_known_tensors():
     assert slao.merge_state(merged, new, 4, "simple")["l.lora_B.weight"].equal(new["l.lora_B.weight"])
 
 
+def test_slao_rule_on_hand_made_matrices():
+    """Four runs of a rank-2 adapter, expected values worked out by hand from the paper's rules."""
+    # Init of run 2: QR of A_ft,1^T = [(3,4,0), (6,8,2)] by Gram-Schmidt: q1 = (3,4,0)/5,
+    # (6,8,2) - 10 q1 = (0,0,2), q2 = (0,0,1); R = [[5,10],[0,2]] has a positive diagonal.
+    a1 = torch.tensor([[3.0, 4.0, 0.0], [6.0, 8.0, 2.0]])
+    b1 = torch.tensor([[2.0, -1.0]])
+    init = slao.init_state({"l.lora_A.weight": a1, "l.lora_B.weight": b1}, "slao")
+    torch.testing.assert_close(init["l.lora_A.weight"], torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]))
+    assert init["l.lora_B.weight"].equal(b1)  # B_ft,2^(0) = B_ft,1
+    # A row pointing the other way keeps its sign: q1 = (-3,-4,0)/5 (R_11 = 5 > 0).
+    flipped = slao.orthonormal_rows(torch.tensor([[-3.0, -4.0, 0.0], [6.0, 8.0, 2.0]]))
+    torch.testing.assert_close(flipped, torch.tensor([[-0.6, -0.8, 0.0], [0.0, 0.0, 1.0]]))
+    # Merges: A_merge,i = A_ft,i; B_merge,i = B_merge,i-1 + (B_ft,i - B_merge,i-1) / sqrt(i).
+    b_ft = [b1, torch.tensor([[4.0, 3.0]]), torch.tensor([[1.0, 3.0]]), torch.tensor([[9.0, -5.0]])]
+    expected_b = [
+        [2.0, -1.0],  # B_merge,1 = B_ft,1
+        [3.414213562, 1.828427125],  # 2 + 2/sqrt(2) = 2 + sqrt(2); -1 + 4/sqrt(2) = -1 + 2 sqrt(2)
+        [2.020366712, 2.504835040],  # (2 + sqrt(2)) - (1 + sqrt(2))/sqrt(3); (2 sqrt(2) - 1) + (4 - 2 sqrt(2))/sqrt(3)
+        [5.510183356, -1.247582480],  # (previous + 9) / 2; (previous - 5) / 2
+    ]
+    merged = None
+    for run, (b, want) in enumerate(zip(b_ft, expected_b, strict=True), start=1):
+        a = torch.full((2, 3), float(run))
+        merged = slao.merge_state(merged, {"l.lora_A.weight": a, "l.lora_B.weight": b}, run, "slao")
+        assert merged["l.lora_A.weight"].equal(a)
+        torch.testing.assert_close(merged["l.lora_B.weight"], torch.tensor([want]), atol=1e-6, rtol=0)
+
+
 def test_init_state_keeps_b_and_orthonormalises_a():
     previous = {"l.lora_A.weight": torch.randn(3, 8), "l.lora_B.weight": torch.randn(5, 3)}
     init = slao.init_state(previous, "slao")

@@ -1,25 +1,29 @@
 """SLAO: one LoRA adapter for a sequence of runs, by orthogonal initialisation and continual merging.
 
 "Merge before Forget: A Single LoRA Continual Learning via Continual Merging" (Qiao &
-Mahdavi, arXiv 2512.23017, ICLR 2026). With LoRA's update `B @ A` (A: [r, in], B: [out, r]):
+Mahdavi, arXiv 2512.23017, ICLR 2026), in the paper's notation, with LoRA's update
+`B @ A` (A: [r, in], B: [out, r]), `A_ft,i` / `B_ft,i` run i's fine-tuned factors and
+`A_merge,i` / `B_merge,i` the single adapter after run i:
 
-* Initialisation of run i > 1: B starts from run i-1's fine-tuned B, and A from an
-  orthonormal basis of run i-1's fine-tuned A: `Q, R = qr(A_{i-1}^T)`, `A_0 = Q^T`, so the
-  rows of `A_0` are orthonormal (`A_0 A_0^T = I_r`) and span the row space of `A_{i-1}`.
-  The signs of Q's columns are fixed by making R's diagonal positive, which makes the
-  basis unique and keeps each row on the side of the row of `A_{i-1}` it comes from.
-* Merge after run i: the paper treats the two factors asymmetrically. A varies little
-  across tasks (its rows are an input basis), so the merged A is the new run's fine-tuned A;
-  B carries the task-specific output and is merged with a time-aware weight:
-  `B_merged_i = B_merged_{i-1} + lambda(i) * (B_i - B_merged_{i-1})`, with
-  `lambda(i) = 1 / sqrt(i)` (the paper's choice: task vectors of different tasks are near
-  orthogonal, so a 1/sqrt(i) step keeps the norm of the accumulated update from shrinking
-  like the plain running mean's 1/i would). Run 1's merge is its own adapter (lambda(1) = 1).
-  Sources: the paper's method as its summaries state it (QR initialisation, A from the
-  new run, B merged with a time-aware weight) and its equations as public
-  reimplementations quote them (the update above, lambda(i) = 1/sqrt(i)); its full text
-  could not be checked here. A plain running mean of the B's (lambda(i) = 1/i) would
-  protect early runs more and learn late ones less.
+1. Initialisation of run i > 1 (orthogonal basis extraction):
+   `B_ft,i^(0) = B_ft,i-1` (the previous run's fine-tuned B, not the merged one), and
+   `Q_i R_i = QR(A_ft,i-1^T)`, `A_ft,i^(0) = Q_i^T`, so `A_ft,i^(0) A_ft,i^(0)^T = I_r`.
+   Run 1 starts from the usual LoRA initialisation. R's diagonal is made positive (the
+   unique QR), so each row of `Q_i^T` leans towards the row of `A_ft,i-1` it comes from.
+2. Merge after run i (asymmetric, time-aware):
+   `A_merge,i = A_ft,i` (A is replaced: its rows are an input basis that varies little
+   across tasks) and `B_merge,i = B_merge,i-1 + lambda(i) (B_ft,i - B_merge,i-1)`, with
+   `lambda(i) = 1/sqrt(i)` (i 1-based, so `B_merge,1 = B_ft,1` and run 2 enters with
+   1/sqrt(2) ~ 0.707). The factors are merged, never the product `B A`; the task vector
+   is taken against the merged B, not against a fixed base.
+3. Learning rate: none of the sources below describes a per-run decay, so every run
+   trains at the same rate by default (`lr_decay` = 1; other values are our option).
+
+Sources: the paper's abstract, a summary that quotes its initialisation (QR of
+`A_ft,i-1^T`, `A^(0) = Q^T`, `B^(0) = B_ft,i-1`), and its ICLR reviews, which quote the
+merge (`A_merge^i = A_ft,i`, "time-aware weighted average" of B with `lambda(i) = 1/sqrt(i)`,
+the task vector taken against the merged weights). The full text, and so its equation
+numbers, could not be read here; the rules above are those the three sources agree on.
 
 Tensors other than A and B (DoRA's magnitude vector) are carried like B: copied at
 initialisation and merged with the same weight, since they too scale the output.
