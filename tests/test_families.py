@@ -249,11 +249,6 @@ def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[f
     return packed, alone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the packed loss path computes logits from lm_head without Gemma's final_logit_softcapping",
-)
 def test_gemma3_packed_loss_with_sliding_window_and_softcapping(tmp_path):
     """Gemma 3 text (sliding-window layers every other layer, logit soft-capping) on a tiny random model.
 
@@ -305,17 +300,22 @@ def test_model_type_exceptions_match_installed_transformers():
     assert set(re.findall(r'"([^"]+)"', listed)) == expected
 
 
-def test_training_a_soft_capped_family_is_refused_before_loading(tmp_path):
-    """Gemma 2/3 cap their logits; until the loss path does too, training them is refused, not done wrong."""
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"model_type": "gemma2", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, "attn_logit"),
+        ({"model_type": "gemma3", "text_config": {"use_bidirectional_attention": True}}, "use_bidirectional"),
+    ],
+)
+def test_training_what_packed_attention_cannot_reproduce_is_refused_before_loading(tmp_path, config, field):
+    """Gemma 2 soft-caps attention scores, bidirectional Gemma 3 sees ahead: refused, not trained wrong."""
     from backpropagate import Trainer
     from backpropagate.errors import InputError
 
-    folder = tmp_path / "gemma3"
+    folder = tmp_path / "model"
     folder.mkdir()
-    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}
-    config["text_config"] = {"model_type": "gemma3_text", "final_logit_softcapping": 30.0}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError) as err:
         Trainer(str(folder))
     assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE"
-    assert "final_logit_softcapping" in err.value.message
+    assert field in err.value.message and "final_logit_softcapping" not in err.value.message

@@ -23,6 +23,7 @@ from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
 from backpropagate.train.torch import fused, lora_fused
+from backpropagate.train.torch.losses import LOGIT_SOFTCAP
 from backpropagate.train.torch.recompute import RecomputePlan
 
 log = get_logger("loading")
@@ -71,8 +72,10 @@ class TrainingModel:
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """[V, H] output projection."""
+        """[V, H] output projection, carrying the model's final logit soft-capping for the loss (`LOGIT_SOFTCAP`)."""
         weight: torch.Tensor = self.base.get_output_embeddings().weight
+        softcap = getattr(self.base.config.get_text_config(), "final_logit_softcapping", None)
+        setattr(weight, LOGIT_SOFTCAP, softcap)
         return weight
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -132,19 +135,19 @@ def check_full_fine_tuning(path: Path, mode: str) -> int:
     return params
 
 
-# Config fields of architectures whose training math the loss path does not reproduce yet.
-UNSUPPORTED_TRAINING = ("final_logit_softcapping", "attn_logit_softcapping")
+# Config fields whose attention packed rows do not reproduce yet (Gemma 2 soft-capping, bidirectional Gemma).
+UNSUPPORTED_TRAINING = ("attn_logit_softcapping", "use_bidirectional_attention")
 
 
 def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
-    """Refuses, before anything is loaded, what would train wrongly or not fit: soft-capped logits, size."""
+    """Refuses, before anything is loaded, what would train wrongly or not fit: soft-capped attention, size."""
     model_config = read_model_config(path)
     capped = [name for name in UNSUPPORTED_TRAINING if model_config.get(name)]
     if capped:
         raise InputError(
             "INPUT_UNSUPPORTED_ARCHITECTURE",
             f"{path}: training {model_config.get('model_type', 'this model')} is not supported yet: its "
-            f"{' and '.join(capped)} would be left out of the loss, so the model would learn the wrong thing",
+            f"{' and '.join(capped)} would be left out of packed attention, so the model would learn the wrong thing",
             hint="Use a model family listed under 'Model families' in the README.",
         )
     if config.mode == "full":

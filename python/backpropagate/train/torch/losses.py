@@ -26,6 +26,9 @@ from backpropagate.train.torch.attention import packed_kwargs
 
 # Bytes of fp32 logits one chunk may hold; sets the chunk length for a vocabulary.
 CHUNK_LOGIT_BYTES = 512 * 2**20
+# Attribute of an LM head weight holding the model's final logit soft-capping (set by `TrainingModel`):
+# every objective receives the head as a bare tensor, so the cap travels with it.
+LOGIT_SOFTCAP = "logit_softcap"
 
 
 def chunk_length(vocab_size: int) -> int:
@@ -52,10 +55,25 @@ def _logprob_only(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 KERNELS: dict[str, Callable[..., Any]] = {"logprob_and_grad": _logprob_and_grad, "logprob_only": _logprob_only}
 
 
+def _soft_capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits through `softcap * tanh(logits / softcap)` (Gemma's final soft-capping; 0 = none), and its slope.
+
+    The slope (1 - tanh^2) carries a gradient with respect to the capped logits back to the raw ones.
+    """
+    if not softcap:
+        return logits, None
+    t = torch.tanh(logits.float() / softcap)
+    return (t * softcap).to(logits.dtype), (1 - t * t).to(logits.dtype)
+
+
+def _through_cap(dlogits: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
+    return dlogits if slope is None else dlogits * slope
+
+
 class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, softcap: float
     ) -> torch.Tensor:
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -66,14 +84,14 @@ class _TokenLogProbs(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            logits = hidden[s:e] @ w.t()
+            logits, slope = _soft_capped(hidden[s:e] @ w.t(), softcap)
             if grad_hidden is not None:
                 out[s:e], dlogits = KERNELS["logprob_and_grad"](logits, targets[s:e])
                 del logits
-                torch.mm(dlogits, w, out=grad_hidden[s:e])
+                torch.mm(_through_cap(dlogits, slope), w, out=grad_hidden[s:e])
             else:
                 out[s:e] = KERNELS["logprob_only"](logits, targets[s:e])
-        ctx.chunk = chunk
+        ctx.chunk, ctx.softcap = chunk, softcap
         if grad_hidden is not None:
             ctx.save_for_backward(grad_hidden)
             ctx.recompute = False
@@ -86,23 +104,26 @@ class _TokenLogProbs(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.recompute:
             (grad_hidden,) = ctx.saved_tensors
-            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None
+            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         w = weight.to(hidden.dtype)
         d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             e = min(hidden.shape[0], s + ctx.chunk)
-            _, dlogits = KERNELS["logprob_and_grad"](hidden[s:e] @ w.t(), targets[s:e])
-            dlogits = dlogits * grad_out[s:e, None].to(dlogits.dtype)
+            logits, slope = _soft_capped(hidden[s:e] @ w.t(), ctx.softcap)
+            _, dlogits = KERNELS["logprob_and_grad"](logits, targets[s:e])
+            dlogits = _through_cap(dlogits, slope) * grad_out[s:e, None].to(dlogits.dtype)
             if d_hidden is not None:
                 torch.mm(dlogits, w, out=d_hidden[s:e])
             if d_weight is not None:
                 d_weight.addmm_(dlogits.t().float(), hidden[s:e].float())
-        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0, softcap: float | None = None
+) -> torch.Tensor:
     """Log p(targets[i] | hidden[i]) under the LM head `weight`, without materialising all logits.
 
     Args:
@@ -110,11 +131,15 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         weight: [V, H] LM head weight.
         targets: [N] int64 token ids.
         chunk: Positions per chunk (0 = sized from the vocabulary).
+        softcap: Final logit soft-capping (Gemma 2/3); None reads the head's own (`LOGIT_SOFTCAP`).
 
     Returns:
         [N] fp32 log-probabilities; differentiable in `hidden` and `weight`.
     """
-    out: torch.Tensor = _TokenLogProbs.apply(hidden, weight, targets, chunk or chunk_length(weight.shape[0]))
+    if softcap is None:
+        softcap = getattr(weight, LOGIT_SOFTCAP, None)
+    chunk = chunk or chunk_length(weight.shape[0])
+    out: torch.Tensor = _TokenLogProbs.apply(hidden, weight, targets, chunk, float(softcap or 0.0))
     return out
 
 

@@ -1,0 +1,185 @@
+"""Gemma 3 training through the packed path: what transformers does, sample by sample.
+
+Gemma 3 caps its final logits (c * tanh(logits / c)), alternates sliding-window and
+global attention layers, scales queries by `query_pre_attn_scalar` and its embeddings by
+sqrt(hidden). There are no Gemma tokenizer files here: Llama 3's tokenizer stands in, with
+Gemma's published chat templates from the shared template set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate.data import DataConfig, prepare
+from backpropagate.errors import InputError
+from backpropagate.train.torch.losses import token_logprobs
+from conftest import TOKENIZERS, real_tokenizer
+from test_data_templates import CONVERSATION, labelled_runs
+from test_families import chat_rows, packed_and_alone_losses
+
+TEMPLATES = TOKENIZERS / "chat-templates"
+GEMMA3_TEMPLATE = TEMPLATES / "from-tokenizer_config" / "gemma-3-1b-it.jinja"
+GEMMA2_TEMPLATE = TEMPLATES / "llama.cpp" / "google-gemma-2-2b-it.jinja"
+# Text tower as published for gemma-3-1b-it, at tiny sizes; the window (8) is shorter than every sample.
+TEXT = {
+    "vocab_size": 128256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "max_position_embeddings": 512,
+    "query_pre_attn_scalar": 8,
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    },
+}
+
+
+def gemma_folder(tmp_path: Path, config: dict, template: Path | None = None) -> Path:
+    """Llama 3's tokenizer files, `config` as config.json, and `template` as the chat template if given."""
+    folder = tmp_path / "gemma"
+    shutil.copytree(real_tokenizer("llama-3.2-3b-instruct"), folder)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (folder / "config.json").write_text(json.dumps(config))
+    if template is not None:
+        if not template.exists():
+            pytest.skip(f"{template.name} not available")
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config["chat_template"] = template.read_text()
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder
+
+
+def tiny_gemma(folder: Path):
+    """A seeded float32 random model of the folder's config (the text model, or image + text)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+
+
+MULTIMODAL = {
+    "model_type": "gemma3",
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "text_config": {"model_type": "gemma3_text", **TEXT, "final_logit_softcapping": 30.0},
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    },
+    "mm_tokens_per_image": 4,
+}
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_text_tower_of_the_multimodal_config_packs_like_transformers(tmp_path, softcap):
+    """`gemma3` (Gemma3ForConditionalGeneration): the packed path runs its text tower and caps like it."""
+    config = json.loads(json.dumps(MULTIMODAL))
+    config["text_config"]["final_logit_softcapping"] = softcap
+    folder = gemma_folder(tmp_path, config)
+    model = tiny_gemma(folder)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    packed, alone = packed_and_alone_losses(model, folder, tmp_path)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_gradients_equal_the_sum_of_unpacked_ones(tmp_path):
+    """Full fine-tuning of a capped Gemma 3: a packed row's gradients are the samples' own, summed."""
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import forward_hidden
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
+
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **TEXT}
+    folder = gemma_folder(tmp_path, {**config, "final_logit_softcapping": 2.0})
+    model = tiny_gemma(folder)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
+    samples = ds.row_samples(0)
+    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    with packed_attention(model):
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for s in samples:
+        lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
+        ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
+        labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+        logits = model(input_ids=ids).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_soft_capped_token_logprobs_and_gradients(head_trains):
+    """The chunked loss with a cap: log-softmax of c * tanh(logits / c), and its gradient, in both backward paths."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(29, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = (4 * torch.randn(50, 16, dtype=torch.float64, generator=g)).requires_grad_(head_trains)
+    targets = torch.randint(0, 50, (29,), generator=g)
+    upstream = torch.randn(29, dtype=torch.float64, generator=g)
+    wrt = [hidden, weight] if head_trains else [hidden]
+    logits = 5.0 * torch.tanh(hidden @ weight.t() / 5.0)
+    ref = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), wrt)
+    out = token_logprobs(hidden, weight, targets, chunk=7, softcap=5.0)
+    grads = torch.autograd.grad((out.double() * upstream).sum(), wrt)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    uncapped = token_logprobs(hidden, weight, targets, chunk=7)
+    assert not torch.allclose(uncapped, out), "the cap must change these log-probabilities"
+
+
+def test_gemma3_template_folds_the_system_message_and_masks_answers(tmp_path):
+    """Gemma 3's published template: the system text opens the first user turn; the mask keeps each answer."""
+    from transformers import AutoTokenizer
+
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **TEXT}
+    folder = gemma_folder(tmp_path, config, GEMMA3_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    expected = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert ds.input_ids.tolist() == list(expected)
+    assert "<start_of_turn>user\nBe brief.\n\nHi there" in tok.decode(ds.input_ids)
+    assert labelled_runs(tok, ds.input_ids, ds.labels) == ["I am a bot.<end_of_turn>\n", "It is 4.<end_of_turn>\n"]
+
+
+@pytest.mark.parametrize(
+    ("template", "messages", "reason"),
+    [
+        (GEMMA2_TEMPLATE, CONVERSATION, "System role not supported"),
+        (GEMMA3_TEMPLATE, CONVERSATION[1:2] * 2, "Conversation roles must alternate"),
+    ],
+)
+def test_a_row_the_gemma_template_refuses_is_a_coded_error(tmp_path, template, messages, reason):
+    """Gemma 2 raises on a system message, Gemma 3 on roles out of order: the row is named, no traceback."""
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **TEXT}
+    folder = gemma_folder(tmp_path, config, template)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(InputError) as err:
+        prepare(data, folder, DataConfig(cache=False))
+    assert err.value.code == "INPUT_TEMPLATE_RENDER_FAILED"
+    assert f"{data}:1: {reason}" in err.value.message
