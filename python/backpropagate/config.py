@@ -181,6 +181,13 @@ class TrainConfig:
         "many layers' activations as the card, or on the CPU the available RAM, holds; planned after the first step).",
         choices=CHECKPOINTING,
     )
+    offload_activations: str = option(
+        "auto",
+        "Keep recomputed layers' inputs in pinned host memory between forward and backward (long contexts): on, "
+        "off, or auto (only when the step would not fit the card otherwise, or after running out of memory with "
+        "every layer recomputed; before halving the micro-batch). CUDA; on the CPU it only copies.",
+        choices=CHECKPOINTING,
+    )
     fused_kernels: bool = option(
         True,
         "Fused RMSNorm / SwiGLU / RoPE / cross-entropy kernels on CUDA (compiled once per run).",

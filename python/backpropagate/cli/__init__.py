@@ -44,6 +44,7 @@ def _global_options(
 def _register_commands() -> None:
     # Imported here so each command module can import `app` from this one.
     from backpropagate.cli import (  # noqa: F401
+        estimate_cmd,
         eval_cmd,
         export_cmd,
         generate_cmd,

@@ -31,6 +31,8 @@ def check_supported(config: TrainConfig) -> None:
         problems.append(f"device={config.device!r} (MLX picks its own device: the Apple GPU, else the CPU)")
     if config.gradient_checkpointing == "on":
         problems.append("gradient_checkpointing='on' (not implemented on MLX; use auto or off)")
+    if config.offload_activations == "on":
+        problems.append("offload_activations='on' (not implemented on MLX; use auto or off)")
     if problems:
         raise ConfigError(
             "CONFIG_INVALID_SETTING",

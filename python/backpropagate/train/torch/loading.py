@@ -240,7 +240,7 @@ def prepare_for_training(
             features.append(f"fused_lora[{fused_layers}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
-    recompute = RecomputePlan(model, config.gradient_checkpointing)
+    recompute = RecomputePlan(model, config.gradient_checkpointing, config.offload_activations)
     model.train()
     return TrainingModel(
         model=model,

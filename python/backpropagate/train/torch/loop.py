@@ -153,6 +153,8 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
 def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, row_tokens: int) -> StepGraphs | None:
     """CUDA graphs for the micro-batch step, where every part of it can be captured."""
     obstacle = graph_obstacle(tm, objective, config)
+    if obstacle is None and tm.recompute is not None:
+        obstacle = tm.recompute.graph_obstacle(config.micro_batch * row_tokens)
     if obstacle is not None:
         if tm.device.type == "cuda":
             log.info("cuda graphs: not used (%s)", obstacle)
@@ -198,6 +200,8 @@ def train_step(
 ) -> tuple[torch.Tensor, int]:
     """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors."""
     while True:
+        if tm.recompute is not None and tm.recompute.offload is not None:
+            graphs = None  # the offload's side stream and host copies are not captured in graphs
         try:
             return accumulate_gradients(tm, objective, micro_batches(dataset, rows, state.micro_batch), graphs)
         except OOM_ERRORS:
@@ -371,6 +375,8 @@ def train(
     bar = ProgressBar(total_steps, state.step, config.progress)
     if tm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
+    if tm.recompute is not None:
+        tm.recompute.prepare(tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length)
     started = time.perf_counter()
     elapsed_before = state.elapsed_s
     last_done = started  # when the previous step's work was finished

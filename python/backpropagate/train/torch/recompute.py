@@ -14,6 +14,13 @@ decoder layers of `LAST_PROJECTION_UNUSED` the MLP's down-projection is the last
 saves anything, and its output only feeds the residual sum that the recomputation never
 reaches: that projection skips its matmul while recomputing (`recomputing()`), about a
 quarter of a recomputed layer's matmul work.
+
+When even the recomputed layers' inputs do not fit, they wait in host memory between
+forward and backward (`offload.py`): `offload_activations=on` always, `auto` when the
+estimate of a fully recomputed step (`memory_estimate.py`) exceeds the card before the
+first step, or when a step runs out of memory with no layer left to recompute. Only then
+is the micro-batch halved. Each gated MLP runs in slices of tokens at long lengths
+(`chunked_mlp.py`), so one layer's recomputation never holds its whole intermediate.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any
 import torch
 
 from backpropagate.log import get_logger
+from backpropagate.train.torch import chunked_mlp
+from backpropagate.train.torch.offload import ActivationOffload, offloaded
 
 log = get_logger("recompute")
 
@@ -124,16 +133,24 @@ class RecomputePlan:
     Args:
         model: The (peft-wrapped) transformers model.
         mode: "on" (every layer), "off" (none) or "auto" (planned after the first step).
+        offload: Recomputed layers' inputs in host memory: "on", "off" or "auto" (when short of memory).
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str) -> None:
+    def __init__(self, model: torch.nn.Module, mode: str, offload: str = "off") -> None:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for layer in self.layers:
-            down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-            if type(layer).__name__ in LAST_PROJECTION_UNUSED and down is not None:
-                down.__dict__["bp_output_unused_in_recompute"] = True
+            mlp = getattr(layer, "mlp", None)
+            if mlp is None or not chunked_mlp.is_gated_mlp(mlp):
+                continue
+            chunked_mlp.install(mlp)
+            if type(layer).__name__ in LAST_PROJECTION_UNUSED:
+                mlp.down_proj.__dict__["bp_output_unused_in_recompute"] = True
+                mlp.__dict__["bp_output_unused_in_recompute"] = True
+        self.device = next(model.parameters()).device
+        self.offload_mode = offload
+        self.offload: ActivationOffload | None = None
         # The RNG state is stashed for the recomputation only where a dropout draws from it: stashing
         # costs a device query per layer and cannot be captured in a CUDA graph.
         self.preserve_rng = draws_random_numbers(model)
@@ -141,15 +158,19 @@ class RecomputePlan:
         self.kept = 0
         self.planned = False
         self.set_kept(len(self.layers) if mode == "off" else 0)
+        if offload == "on":
+            self.start_offload()
 
     def set_kept(self, kept: int) -> None:
         """Recompute all layers but the last `kept` (their activations stay in memory)."""
         self.kept = max(0, min(kept, len(self.layers)))
         recomputed = len(self.layers) - self.kept
         recompute = functools.partial(checkpointed, preserve_rng_state=self.preserve_rng)
+        # The last recomputed layer's input is the first that backward needs: it stays on the device.
+        moved = offloaded(recompute, self.offload) if self.offload is not None else recompute
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
-            setattr(layer, "_gradient_checkpointing_func", recompute)  # noqa: B010
+            setattr(layer, "_gradient_checkpointing_func", moved if i < recomputed - 1 else recompute)  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
                     module.__dict__["bp_recomputed"] = i < recomputed
@@ -160,8 +181,40 @@ class RecomputePlan:
         return len(self.layers) - self.kept
 
     def describe(self) -> str:
-        """e.g. `recompute[20/28]`."""
-        return f"recompute[{self.recomputed}/{len(self.layers)}]"
+        """e.g. `recompute[20/28]`, or `recompute[28/28]+offload` when recomputed layers' inputs wait on the host."""
+        return f"recompute[{self.recomputed}/{len(self.layers)}]" + ("+offload" if self.offload else "")
+
+    def start_offload(self) -> None:
+        """Keeps every recomputed layer's input (but the last one's) in host memory between forward and backward."""
+        self.offload = ActivationOffload(self.device)
+        self.set_kept(self.kept)
+
+    def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
+        """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit."""
+        from backpropagate.memory_estimate import recomputed_step_bytes
+
+        if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
+            return
+        budget = memory_budget(self.device)
+        needed = recomputed_step_bytes(config, tokens, dtype, offload=False)
+        if budget is not None and needed > budget:
+            self.start_offload()
+            log.info(
+                "activation memory: %.1f GiB needed at %d tokens, %.1f GiB free: %s",
+                needed / 2**30,
+                tokens,
+                budget / 2**30,
+                self.describe(),
+            )
+
+    def graph_obstacle(self, tokens: int) -> str | None:
+        """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
+        if self.offload_mode == "on" or self.offload is not None:
+            return "activation offload"
+        chunk = min(
+            (getattr(getattr(layer, "mlp", None), "bp_chunk_tokens", tokens) for layer in self.layers), default=tokens
+        )
+        return f"MLP in slices at {tokens} tokens" if tokens > chunk else None
 
     def plan(self, device: torch.device, config: Any, dtype: torch.dtype, tokens: int) -> bool:
         """In auto mode, keeps as many layers as the memory left after a fully recomputed step allows.
@@ -189,9 +242,16 @@ class RecomputePlan:
         return self.kept > 0
 
     def back_off(self) -> bool:
-        """After an out-of-memory error: recompute half of the kept layers again; False when none are kept."""
-        if self.kept == 0:
+        """After an out-of-memory error: recompute half of the kept layers again, else (offload auto) offload.
+
+        Returns:
+            False when neither lever is left (the loop halves the micro-batch).
+        """
+        if self.kept > 0:
+            self.set_kept(self.kept // 2)
+        elif self.offload_mode == "auto" and self.offload is None:
+            self.start_offload()
+        else:
             return False
-        self.set_kept(self.kept // 2)
-        log.warning("out of memory: recomputing more layers, now %s", self.describe())
+        log.warning("out of memory: %s", self.describe())
         return True

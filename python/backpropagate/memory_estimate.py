@@ -1,0 +1,260 @@
+"""Peak training memory on one card, predicted from a model's config.json, and the longest context that fits.
+
+The prediction follows what the PyTorch rail keeps at its peak, the backward of one
+recomputed decoder layer, at batch 1 (one packed row of T tokens), in bf16 (B = 2 bytes):
+
+    peak = weights + adapter + T * (saved + layer + outside) + mlp_slice + loss_chunk + margin
+
+* weights: the decoder's linear layers at 2 B per parameter (lora), 0.578 B in nf4
+  (qlora: 0.5 B of codes, 8-bit block scales per 64 with fp32 scales of those per 256,
+  and the fp32 block scales the fused LoRA op caches, 4 B per 64), or 16 B (full: fp32
+  weight, gradient and two AdamW moments); embeddings, LM head and norms at 2 B (full: 16 B).
+  In qlora a recomputed layer keeps its dequantized weights until its backward: one
+  layer's linear weights at 2 B.
+* adapter: rank-r A and B on every targeted projection (all linear layers by default):
+  fp32 master, gradient and two AdamW moments (16 B per parameter) plus bf16 copies (2 B).
+* saved: each layer's input, H B per token per layer, while the layer waits for its
+  backward. With activation offload only the last layer's input and the one being
+  prefetched stay on the card; the rest (`host_bytes`) waits in pinned host memory.
+* layer: one layer's recomputation and backward, per token: its input, both norm outputs
+  and the residual (4 H), q, k, v before and q, k after rotary embedding, the attention
+  output (3 Hq + 3 Hkv), and in backward the incoming and outgoing gradients, the residual
+  gradient, dq, dk, dv and the attention output's gradient (3 H + 2 Hq + 2 Hkv), in B
+  bytes each; plus fp32 norm and softmax statistics (4 B per norm and per head).
+* outside: the final norm's input and output, the loss's saved gradient of the hidden
+  state and the residual stream's gradient (4 H B), the fp32 log-probability and the
+  token ids, position ids and targets (4 + 3 * 8 B).
+* mlp_slice: the gated MLP runs in slices of `chunked_mlp.CHUNK_TOKENS` tokens: gate, up,
+  their product and activation, and their gradients (6 intermediate-wide tensors) for one
+  slice, and its output.
+* loss_chunk: the LM head's logits for one chunk of `losses.chunk_length` positions:
+  bf16 logits, fp32 copy and softmax gradient, bf16 gradient (12 B per logit).
+* margin: 5% of the total plus 256 MiB for the allocator's fragmentation and rounding.
+
+Without offload, `auto` (the default) offloads only when the step would not fit the card.
+The longest context for a card is the largest T whose peak fits, found by bisection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backpropagate.errors import ConfigError, InputError
+
+MODES = ("lora", "qlora", "full")
+CARDS_GIB = (16, 24, 48, 80)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256) + 4 / 64
+MARGIN_SHARE = 0.05
+MARGIN_BYTES = 256 * 2**20
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate reads from a config.json."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        """From a transformers config object or a config.json dict."""
+
+        def get(key: str, default: Any = None) -> Any:
+            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+        try:
+            hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+            return cls(
+                hidden=hidden,
+                layers=int(get("num_hidden_layers")),
+                heads=heads,
+                kv_heads=int(get("num_key_value_heads") or heads),
+                head_dim=int(get("head_dim") or hidden // heads),
+                intermediate=int(get("intermediate_size") or 4 * hidden),
+                vocab=int(get("vocab_size")),
+                tied=bool(get("tie_word_embeddings", False)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                "INPUT_MODEL_LOAD_FAILED", f"config.json lacks the decoder's sizes (hidden_size, ...): {exc}"
+            ) from exc
+
+    @property
+    def linear_in_out(self) -> list[tuple[int, int]]:
+        """(in, out) of one layer's q, k, v, o, gate, up, down projections."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of a training step, by part, in bytes.
+
+    Attributes:
+        tokens: Tokens in the micro-batch.
+        mode: lora, qlora or full.
+        offload: Whether recomputed layers' inputs wait in host memory.
+        parts: Bytes by part (see the module doc).
+        host_bytes: Pinned host memory the offloaded inputs take.
+        max_context: Longest trainable context per card size (GiB -> tokens), offload as needed.
+    """
+
+    tokens: int
+    mode: str
+    offload: bool
+    parts: dict[str, int]
+    host_bytes: int
+    max_context: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The predicted peak of memory allocated on the card."""
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the peak and GiB figures."""
+        out = asdict(self)
+        out["peak_bytes"] = self.peak_bytes
+        out["peak_gib"] = round(self.peak_bytes / _GIB, 2)
+        return out
+
+
+def _bytes_per_dtype(dtype: Any) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) else int(dtype)
+
+
+def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool) -> dict[str, int]:
+    """Activation memory of a fully recomputed step by part (see the module doc)."""
+    from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
+    from backpropagate.train.torch.losses import chunk_length
+
+    h, b = shape.hidden, dtype_bytes
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    on_card_layers = min(shape.layers, 2) if offload else shape.layers
+    layer = (4 * h + 3 * q + 3 * kv + 3 * h + 2 * q + 2 * kv) * b + 4 * (2 + shape.heads)
+    mlp_tokens = min(tokens, CHUNK_TOKENS)
+    loss_positions = min(tokens, chunk_length(shape.vocab))
+    return {
+        "saved_inputs": on_card_layers * h * b * tokens,
+        "layer_workspace": layer * tokens,
+        "outside_layers": (4 * h * b + 4 + 3 * 8) * tokens,
+        "mlp_slice": mlp_tokens * (6 * shape.intermediate + h) * b,
+        "loss_chunk": loss_positions * shape.vocab * 12,
+    }
+
+
+def recomputed_step_bytes(config: Any, tokens: int, dtype: Any, offload: bool) -> int:
+    """Activation bytes of a fully recomputed step (what the recompute planner holds against free memory)."""
+    return sum(activation_parts(Shape.of(config), tokens, _bytes_per_dtype(dtype), offload).values())
+
+
+def _static_parts(shape: Shape, mode: str, lora_r: int) -> dict[str, int]:
+    linear = sum(i * o for i, o in shape.linear_in_out)
+    other = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
+    if mode == "full":
+        return {"weights": 16 * (linear * shape.layers + other)}
+    per_weight = NF4_BYTES if mode == "qlora" else 2
+    parts = {
+        "weights": int(per_weight * linear * shape.layers + 2 * other),
+        "adapter": 18 * lora_r * sum(i + o for i, o in shape.linear_in_out) * shape.layers,
+    }
+    if mode == "qlora":
+        parts["dequantized_layer"] = 2 * linear
+    return parts
+
+
+def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool) -> MemoryEstimate:
+    parts = _static_parts(shape, mode, lora_r) | activation_parts(shape, tokens, 2, offload)
+    parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
+    host = (shape.layers - 2) * shape.hidden * 2 * tokens if offload else 0
+    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=max(host, 0))
+
+
+def fits(shape: Shape, tokens: int, mode: str, lora_r: int, card_bytes: float, offload: bool | None) -> bool:
+    """Whether a step of `tokens` fits `card_bytes` (offload None: with offload if needed)."""
+    choices = (False, True) if offload is None else (offload,)
+    return any(_estimate(shape, tokens, mode, lora_r, o).peak_bytes <= card_bytes for o in choices)
+
+
+def longest_context(
+    shape: Shape, mode: str, lora_r: int, card_gib: float, offload: bool | None = None, limit: int = 1 << 20
+) -> int:
+    """The most tokens whose step fits a card of `card_gib` GiB (0 when not even one does)."""
+    card = card_gib * _GIB
+    if not fits(shape, 1, mode, lora_r, card, offload):
+        return 0
+    low, high = 1, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(shape, mid, mode, lora_r, card, offload) else (low, mid - 1)
+    return low
+
+
+def read_config(model: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A model's config.json as a dict: from a dict, a folder or file path, a preset or a hub id (no weights)."""
+    if isinstance(model, dict):
+        return model
+    path = Path(model).expanduser()
+    if path.is_file():
+        config_file = path
+    else:
+        from backpropagate.model_source import resolve_model
+
+        config_file = resolve_model(str(model), weights=False) / "config.json"
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError("INPUT_MODEL_LOAD_FAILED", f"{config_file}: cannot read config.json ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError("INPUT_MODEL_LOAD_FAILED", f"{config_file}: config.json is not a JSON object")
+    return dict(data.get("text_config") or data)
+
+
+def estimate_memory(
+    model: str | Path | dict[str, Any],
+    max_seq_length: int,
+    mode: str = "qlora",
+    lora_r: int = 16,
+    card_gib: int | None = None,
+    offload: bool | None = None,
+) -> MemoryEstimate:
+    """Predicts the peak memory of training `model` on one packed row of `max_seq_length` tokens.
+
+    Args:
+        model: A model folder, a config.json file, a preset, a hub id (config only) or a config dict.
+        max_seq_length: Tokens per micro-batch.
+        mode: lora, qlora or full.
+        lora_r: Adapter rank (every linear layer of the decoder targeted).
+        card_gib: The card it should fit; also listed in `max_context`.
+        offload: Activation offload on (True), off (False), or (None) only where the step would
+            not fit `card_gib` otherwise.
+
+    Returns:
+        The estimate by part, and the longest context per card size (offload where needed).
+    """
+    if mode not in MODES:
+        raise ConfigError("CONFIG_INVALID_SETTING", f"mode={mode!r} is invalid: expected one of {', '.join(MODES)}")
+    for name, value in (("max_seq_length", max_seq_length), ("lora_r", lora_r), ("card_gib", card_gib or 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError("CONFIG_INVALID_SETTING", f"{name}={value!r} is invalid: expected an integer at least 1")
+    shape = Shape.of(read_config(model))
+    use_offload = bool(offload)
+    if offload is None and card_gib is not None:
+        use_offload = _estimate(shape, max_seq_length, mode, lora_r, False).peak_bytes > card_gib * _GIB
+    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload)
+    cards = sorted({*CARDS_GIB, *([card_gib] if card_gib else [])})
+    estimate.max_context = {g: longest_context(shape, mode, lora_r, g, offload) for g in cards}
+    return estimate

@@ -1,0 +1,101 @@
+"""Activation offload and the MLP in token slices: the same gradients as the plain run, and the planner's order."""
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate import Trainer
+from backpropagate.train.torch import chunked_mlp
+from backpropagate.train.torch import loop as torch_loop
+from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.loading import load_for_training
+from backpropagate.train.torch.losses import step_totals
+from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.recompute import RecomputePlan
+from backpropagate.trainer import seed_everything
+from train_helpers import rule_dataset
+
+FAST = dict(progress=False, report_to="none", learning_rate=1e-3, lora_r=8, lora_alpha=16.0, max_seq_length=96)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return rule_dataset(vocab=300, samples=40, max_seq_length=96, seed=2)
+
+
+def gradients(path, dataset, chunk=None, **overrides):
+    """Loss and adapter gradients of one micro-batch of 3 packed rows (288 tokens) through the training loop's step."""
+    config = Trainer("tiny-llama", **FAST, **overrides).config
+    seed_everything(config.seed)
+    tm = load_for_training(path, config)
+    if chunk is not None:
+        for layer in tm.recompute.layers:
+            chunked_mlp.install(layer.mlp, chunk)
+    objective = objective_for(config, dataset, torch_loop.policy_of(tm))
+    batch = torch_loop.micro_batches(dataset, np.arange(3), 3)[0]
+    totals = torch.tensor([float(c) for c in step_totals(objective, [batch])])
+    with packed_attention(tm.model):
+        loss = torch_loop.forward_backward(tm, objective, objective.device_batch(batch, tm.device), totals)
+    grads = {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.requires_grad}
+    return float(loss), grads, tm
+
+
+def test_offloaded_inputs_give_identical_gradients(tiny_llama, dataset):
+    loss, plain, _ = gradients(tiny_llama, dataset, gradient_checkpointing="on", offload_activations="off")
+    loss_off, moved, tm = gradients(tiny_llama, dataset, gradient_checkpointing="on", offload_activations="on")
+    assert tm.recompute.describe() == "recompute[2/2]+offload"
+    # The first layer's input went to the host buffer and came back (the last layer's stays in place).
+    assert tm.recompute.offload.offloaded == 1
+    assert tm.recompute.offload.host_bytes == 288 * tm.base.config.hidden_size * 4
+    assert loss_off == loss and plain.keys() == moved.keys() and len(plain) == 28
+    for name in plain:
+        assert torch.equal(plain[name], moved[name]), name
+
+
+@pytest.mark.parametrize("recomputed", ["on", "off"])
+def test_mlp_in_token_slices_matches_one_piece(tiny_llama, dataset, recomputed):
+    """288 tokens in slices of 50 (the last one short): outputs and gradients agree to fp32 rounding."""
+    loss, whole, _ = gradients(tiny_llama, dataset, gradient_checkpointing=recomputed)
+    loss_sliced, sliced, _ = gradients(tiny_llama, dataset, chunk=50, gradient_checkpointing=recomputed)
+    assert loss_sliced == pytest.approx(loss, rel=1e-6)
+    for name in whole:
+        # Weight gradients are summed slice by slice, so only the summation order differs.
+        torch.testing.assert_close(sliced[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in sliced.items() if "mlp" in n)
+
+
+def test_sliced_and_offloaded_training_draws_the_same_curve(tiny_llama, dataset, tmp_path, monkeypatch):
+    """Two optimizer steps through the Trainer: loss curve of offload + 50-token MLP slices == the plain one."""
+    options = dict(FAST, micro_batch=3, grad_accumulation=1, gradient_checkpointing="on")
+    plain = Trainer("tiny-llama", output_dir=str(tmp_path / "a"), offload_activations="off", **options)
+    plain_losses = [loss for _, loss in plain.train(dataset, steps=3).losses]
+    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 50)
+    moved = Trainer("tiny-llama", output_dir=str(tmp_path / "b"), offload_activations="on", **options)
+    result = moved.train(dataset, steps=3)
+    assert "recompute[2/2]+offload" in result.features
+    np.testing.assert_allclose([loss for _, loss in result.losses], plain_losses, rtol=1e-5)
+
+
+def test_planner_recomputes_then_offloads_then_gives_up(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plan = RecomputePlan(model, "off", "auto")
+    assert plan.describe() == "recompute[0/2]" and plan.graph_obstacle(96) is None
+    assert plan.back_off() and plan.describe() == "recompute[1/2]"
+    assert plan.back_off() and plan.describe() == "recompute[2/2]"
+    assert plan.back_off() and plan.describe() == "recompute[2/2]+offload" and plan.offload is not None
+    assert not plan.back_off()  # the loop halves the micro-batch next
+    assert plan.graph_obstacle(96) == "activation offload"
+    never = RecomputePlan(model, "on", "off")
+    assert not never.back_off() and never.offload is None
+    assert (
+        never.graph_obstacle(chunked_mlp.CHUNK_TOKENS + 1) == f"MLP in slices at {chunked_mlp.CHUNK_TOKENS + 1} tokens"
+    )
+
+
+def test_offload_setting_is_checked():
+    from backpropagate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="offload_activations='sometimes' is invalid"):
+        Trainer("tiny-llama", offload_activations="sometimes")
