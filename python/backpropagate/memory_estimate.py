@@ -176,10 +176,10 @@ def _static_parts(shape: Shape, mode: str, lora_r: int) -> dict[str, int]:
     return parts
 
 
-def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool) -> MemoryEstimate:
-    parts = _static_parts(shape, mode, lora_r) | activation_parts(shape, tokens, 2, offload)
+def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, dtype_bytes: int = 2) -> MemoryEstimate:
+    parts = _static_parts(shape, mode, lora_r) | activation_parts(shape, tokens, dtype_bytes, offload)
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    host = (shape.layers - 2) * shape.hidden * 2 * tokens if offload else 0
+    host = (shape.layers - 1) * shape.hidden * dtype_bytes * tokens if offload else 0
     return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=max(host, 0))
 
 
@@ -230,6 +230,7 @@ def estimate_memory(
     lora_r: int = 16,
     card_gib: int | None = None,
     offload: bool | None = None,
+    dtype_bytes: int = 2,
 ) -> MemoryEstimate:
     """Predicts the peak memory of training `model` on one packed row of `max_seq_length` tokens.
 
@@ -241,6 +242,7 @@ def estimate_memory(
         card_gib: The card it should fit; also listed in `max_context`.
         offload: Activation offload on (True), off (False), or (None) only where the step would
             not fit `card_gib` otherwise.
+        dtype_bytes: Bytes per activation element: 2 (bf16, CUDA) or 4 (fp32, the CPU's default).
 
     Returns:
         The estimate by part, and the longest context per card size (offload where needed).
@@ -254,7 +256,7 @@ def estimate_memory(
     use_offload = bool(offload)
     if offload is None and card_gib is not None:
         use_offload = _estimate(shape, max_seq_length, mode, lora_r, False).peak_bytes > card_gib * _GIB
-    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload)
+    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes)
     cards = sorted({*CARDS_GIB, *([card_gib] if card_gib else [])})
     estimate.max_context = {g: longest_context(shape, mode, lora_r, g, offload) for g in cards}
     return estimate

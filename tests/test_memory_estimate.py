@@ -1,0 +1,91 @@
+"""`estimate_memory` / `backprop estimate-memory`: structure of the prediction, and its saved-input term measured."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate.errors import ConfigError, InputError
+from backpropagate.memory_estimate import estimate_memory
+from cli_helpers import run_cli
+
+# Llama 3.1 8B's shape (config.json fields), as the max-context bench builds it.
+LLAMA_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+)
+
+
+def test_peak_grows_with_length_and_orders_the_modes():
+    peaks = [estimate_memory(LLAMA_8B, n, mode="qlora", lora_r=32).peak_bytes for n in (1024, 8192, 65536, 262144)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    by_mode = [estimate_memory(LLAMA_8B, 8192, mode=m, lora_r=32).peak_bytes for m in ("qlora", "lora", "full")]
+    assert by_mode[0] < by_mode[1] < by_mode[2]
+    # nf4 codes plus block scales: about 4.5 GiB for the 8B decoder's linear layers, plus 2 GiB of embeddings and head.
+    assert 5.0 < estimate_memory(LLAMA_8B, 1024, lora_r=32).parts["weights"] / 2**30 < 7.0
+
+
+def test_offload_moves_saved_inputs_to_the_host_and_lengthens_the_context():
+    kept = estimate_memory(LLAMA_8B, 131072, lora_r=32, offload=False)
+    moved = estimate_memory(LLAMA_8B, 131072, lora_r=32, offload=True)
+    assert kept.host_bytes == 0 and moved.host_bytes == 31 * 4096 * 2 * 131072
+    assert kept.peak_bytes - moved.peak_bytes > 0.9 * 30 * 4096 * 2 * 131072
+    # `card_gib` turns offload on only where the step would not fit otherwise.
+    assert not estimate_memory(LLAMA_8B, 8192, lora_r=32, card_gib=16).offload
+    assert estimate_memory(LLAMA_8B, 262144, lora_r=32, card_gib=80).offload
+    contexts = estimate_memory(LLAMA_8B, 4096, lora_r=32, card_gib=40).max_context
+    assert list(contexts) == [16, 24, 40, 48, 80]
+    assert list(contexts.values()) == sorted(contexts.values()) and contexts[16] > 8192
+    fitted = estimate_memory(LLAMA_8B, contexts[24], lora_r=32, card_gib=24)
+    too_long = estimate_memory(LLAMA_8B, contexts[24] + 1, lora_r=32, offload=True)
+    assert fitted.peak_bytes <= 24 * 2**30 < too_long.peak_bytes
+
+
+def test_host_term_matches_what_offload_moves(tiny_llama):
+    """The offloaded layer inputs of a real recomputed forward and backward: the estimate's host term, to the byte."""
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.train.torch.recompute import RecomputePlan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plan = RecomputePlan(model, "on", "on")
+    model.train()
+    tokens = 300
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, tokens)))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert plan.offload is not None and plan.offload.offloaded == model.config.num_hidden_layers - 1
+    predicted = estimate_memory(tiny_llama, tokens, mode="lora", offload=True, dtype_bytes=4)
+    assert predicted.host_bytes == plan.offload.host_bytes > 0
+
+
+def test_reads_a_preset_or_folder_and_refuses_bad_input(tiny_llama, tmp_path):
+    assert estimate_memory("tiny-llama", 512, mode="lora").parts["weights"] > 0
+    assert estimate_memory(tiny_llama / "config.json", 512).tokens == 512
+    with pytest.raises(ConfigError, match="mode='int4'"):
+        estimate_memory(LLAMA_8B, 512, mode="int4")
+    with pytest.raises(ConfigError, match="max_seq_length=0"):
+        estimate_memory(LLAMA_8B, 0)
+    broken = tmp_path / "config.json"
+    broken.write_text('{"hidden_size": 64}')
+    with pytest.raises(InputError, match="lacks the decoder's sizes"):
+        estimate_memory(broken, 512)
+
+
+def test_cli_prints_parts_and_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    shown = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--lora-r", "32")
+    assert shown.status == 0 and "peak" in shown.stdout and "longest context: 16 GiB" in shown.stdout
+    as_json = run_cli(
+        "estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--card-gib", "24", "--json"
+    )
+    data = json.loads(as_json.stdout)
+    assert data["ok"] and data["peak_bytes"] == sum(data["parts"].values()) and "24" in data["max_context"]
+    refused = run_cli("estimate-memory", "--model", str(tmp_path / "nope"), "--max-seq-length", "8", "--json")
+    assert refused.status == 2 and json.loads(refused.stdout)["error"]["code"] == "CONFIG_UNKNOWN_MODEL"
+    bad_mode = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "8", "--mode", "x")
+    assert bad_mode.status == 2 and "[CONFIG_INVALID_SETTING]" in bad_mode.stderr
