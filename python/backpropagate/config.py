@@ -64,6 +64,13 @@ class TrainConfig:
         group="Model",
         choices=BACKENDS,
     )
+    gpus: int = option(
+        1,
+        "Devices to train on, one process each (data parallel through torch.distributed; gradients summed over "
+        "the devices every step, so the global batch is micro_batch x grad_accumulation as on one device).",
+        group="Model",
+        bounds=at_least(1),
+    )
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA", bounds=at_least(1))
     lora_alpha: float | None = option(

@@ -137,6 +137,11 @@ CATALOG: dict[str, CodeInfo] = {
         "The run was stopped by SIGTERM after a checkpoint; `backprop train ... --resume` continues it.",
         retryable=True,
     ),
+    "RUNTIME_DISTRIBUTED_FAILED": CodeInfo(
+        "A training process of a several-device run failed or hung; its own error, named in the message, says why. "
+        "Fix that and rerun with --resume.",
+        retryable=True,
+    ),
     "RUNTIME_UI_AUTH_NOT_ENFORCED": CodeInfo(
         "Listening beyond this machine needs a login: pass --auth user:password or --auth-file FILE, "
         "or keep the default --host 127.0.0.1."

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from backpropagate.continual import MultiRunResult
     from backpropagate.evaluate import EvalReport
     from backpropagate.export import ExportResult, Format
+    from backpropagate.train.distributed import World
 
 
 @dataclass
@@ -210,7 +211,25 @@ class Trainer:
 
         Returns:
             The run's `TrainResult`.
+
+        Under torchrun (`backprop train --gpus N`) every process calls this; rank 0 writes the
+        run's files and the others wait for them (`train/distributed.py`).
         """
+        from backpropagate.train import distributed
+
+        world = distributed.join(self.config.device)
+        with distributed.failures(world):
+            return self._train(world, data, steps, epochs, init_adapter)
+
+    def _train(
+        self,
+        world: World,
+        data: str | Path | PreparedDataset,
+        steps: int | None,
+        epochs: float | None,
+        init_adapter: str | Path | None,
+    ) -> TrainResult:
+        from backpropagate.train import distributed
         from backpropagate.train.backend import resolve_backend
         from backpropagate.train.checkpoint import resumed_run_id
         from backpropagate.train.metrics import plot_losses
@@ -224,27 +243,39 @@ class Trainer:
             check_value("steps", steps, at_least(1))
         if epochs is not None:
             check_value("epochs", epochs, positive())
-        output_dir = run_folder.prepare(
-            run_folder.choose(self.config.output_dir, self.config.resume),
-            resume=self.config.resume,
-            overwrite=self.config.overwrite,
+        output_dir = world.from_main(
+            run_folder.prepare(
+                run_folder.choose(self.config.output_dir, self.config.resume),
+                resume=self.config.resume,
+                overwrite=self.config.overwrite,
+            )
+            if world.is_main
+            else None
         )
-        config = dataclasses.replace(self.config, output_dir=str(output_dir))
+        config = dataclasses.replace(
+            self.config, output_dir=str(output_dir), device=distributed.rank_device(world, self.config.device)
+        )
         previous_run = resumed_run_id(output_dir / "checkpoints") if config.resume else None
-        run_id = log.start_run(previous_run)
-        record.started(
-            run_id,
-            model=self.model_ref,
-            config={**dataclasses.asdict(config), "data_config": dataclasses.asdict(self.data_config)},
-            data=str(data) if not isinstance(data, PreparedDataset) else None,
-            output_dir=str(output_dir),
-            metrics_path=str(output_dir / "metrics.jsonl"),
-        )
+        run_id = log.start_run(world.from_main(previous_run or log.new_run_id()))
+        if world.is_main:
+            record.started(
+                run_id,
+                model=self.model_ref,
+                config={**dataclasses.asdict(config), "data_config": dataclasses.asdict(self.data_config)},
+                data=str(data) if not isinstance(data, PreparedDataset) else None,
+                output_dir=str(output_dir),
+                metrics_path=str(output_dir / "metrics.jsonl"),
+            )
+        if not world.is_main:
+            world.barrier()  # rank 0 prepares the data (and caches it) first; the others then read its cache entry
         dataset = self._dataset(data)
+        if world.is_main:
+            world.barrier()
         check_data_kind(dataset.kind, config.method)
         train_rows = torch_loop.split_rows(dataset, config.eval_split, config.seed)[0]
         rows_per_step = torch_loop.rows_per_step(config, len(train_rows))
         total_steps = steps or max(1, math.ceil((epochs or 1.0) * len(train_rows) / rows_per_step))
+        distributed.check_world(world, self.config, rows_per_step)
         fingerprint = {
             "model": self.model_ref,
             "mode": config.mode,
@@ -278,15 +309,22 @@ class Trainer:
         else:
             trained = load_for_training(self.model_path, config, Path(init_adapter) if init_adapter else None)
             outcome = torch_loop.train(
-                trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
+                trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step, world
             )
         self._trained = trained
         state = outcome.state
         command = cli_command(self.model_name, data_ref, steps, epochs, {**self.options, "output_dir": str(output_dir)})
         if outcome.stopped_by is not None:
             raise stopped_error(outcome.stopped_by, state.step, total_steps, outcome.checkpoint, command)
-        curve = plot_losses(
-            state.losses, state.eval_losses, output_dir / "loss.png", f"{self.model_ref} {trained.mode} {config.method}"
+        curve = (
+            plot_losses(
+                state.losses,
+                state.eval_losses,
+                output_dir / "loss.png",
+                f"{self.model_ref} {trained.mode} {config.method}",
+            )
+            if world.is_main
+            else None
         )
         run_info = {
             "run_id": run_id,
@@ -314,7 +352,11 @@ class Trainer:
             "command": command,
         }
         base_ref = self.model_ref if self.preset and "/" in self.model_ref else str(self.model_path)
-        final_dir = save_final(trained, output_dir, self.model_path, base_ref, run_info, curve)
+        final_dir, curve = world.from_main(  # the others wait here until rank 0 has written the adapter
+            (save_final(trained, output_dir, self.model_path, base_ref, run_info, curve), curve)
+            if world.is_main
+            else None
+        )
         self.result = TrainResult(
             run_id=run_id,
             steps=state.step,

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 # The global --log-format of this invocation: coded errors are printed in the same form.
 _log_format = "text"
+# The arguments of this invocation (`backprop train --gpus N` starts N processes with them).
+_argv: list[str] = []
 
 
 @app.callback()
@@ -73,8 +75,15 @@ def fail_as_json(err: BackpropagateError, **fields: Any) -> NoReturn:
     raise typer.Exit(err.exit_status) from err
 
 
+def invocation() -> list[str]:
+    """The arguments `backprop` was called with (after the program name)."""
+    return list(_argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `backprop` script."""
+    global _argv
+    _argv = list(argv if argv is not None else sys.argv[1:])
     verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     if redaction_enabled(verbose):
         # Both streams: a secret in a path the user typed (--output) is echoed on stdout too.

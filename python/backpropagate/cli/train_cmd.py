@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from backpropagate.cli import app, fail_as_json
+from backpropagate.cli import app, fail_as_json, invocation
 from backpropagate.cli.options import command_with_options, given_options
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig
@@ -42,12 +42,19 @@ def train(
     **options: Any,
 ) -> None:
     """Fine-tune a model on your data: LoRA, QLoRA, DoRA or full fine-tuning."""
+    from backpropagate.train.distributed import launch, launched_world
     from backpropagate.trainer import Trainer
 
     try:
         given = given_options(options, TrainConfig, DataConfig)
+        world = launched_world()
+        if options["gpus"] > 1 and world.size == 1:
+            launch(options["gpus"], options["device"], invocation())  # rank 0 of the processes reports the run
+            return
         trainer = Trainer(model, **given)
         result = trainer.train(data or _example_data(), steps=steps, epochs=epochs)
+        if not world.is_main:
+            return  # rank 0 exports and reports the run
         # The format is validated inside export().
         exported = trainer.export(export, quantization=quantization) if export else None  # type: ignore[arg-type]
     except BackpropagateError as err:

@@ -107,10 +107,25 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
+    rank_rngs: list[dict[str, Any]] | None = None,
+    write: bool = True,
 ) -> Path:
-    """Writes checkpoint `state.step` of the torch rail atomically under `root` and keeps the newest `keep`."""
+    """Writes checkpoint `state.step` of the torch rail atomically under `root` and keeps the newest `keep`.
+
+    `rank_rngs` holds every process's RNG states in rank order (default: this process's).
+    The processes of a data-parallel run hold the same weights and optimizer state, so all
+    but rank 0 pass `write=False` and only learn the folder's path.
+    """
+    if not write:
+        return root / f"step-{state.step:06d}"
     cpu_weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    rngs = rank_rngs or [rng_state()]
+    training = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rngs[0],
+        "rank_rngs": rngs,
+    }
     files = {WEIGHTS: save_safetensors(cpu_weights), TRAINING: _torch_bytes(training)}
     return write_checkpoint(root, state, files, keep)
 
@@ -236,9 +251,17 @@ def load_latest(root: Path) -> LoadedCheckpoint:
 
 
 def restore(
-    loaded: LoadedCheckpoint, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any
+    loaded: LoadedCheckpoint,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
 ) -> TrainState:
-    """Copies a loaded checkpoint into the live parameters, optimizer, scheduler and RNGs."""
+    """Copies a loaded checkpoint into the live parameters, optimizer, scheduler and RNGs.
+
+    Process `rank` takes the RNG states that rank saved; a rank the saving run did not have
+    (a resume on more processes) takes rank 0's.
+    """
     missing = sorted(set(params) - set(loaded.weights))
     if missing:
         raise StateError(
@@ -249,5 +272,6 @@ def restore(
             param.copy_(loaded.weights[name].to(param.device))
     optimizer.load_state_dict(loaded.training["optimizer"])
     scheduler.load_state_dict(loaded.training["scheduler"])
-    set_rng_state(loaded.training["rng"])
+    rngs = loaded.training.get("rank_rngs") or [loaded.training["rng"]]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return loaded.state

@@ -29,7 +29,8 @@ from backpropagate.config import TrainConfig
 from backpropagate.data.dataset import Batch, PreparedDataset
 from backpropagate.errors import ConfigError, DependencyError, RunFailedError
 from backpropagate.log import get_logger
-from backpropagate.train.checkpoint import TrainState, load_latest, restore, save_checkpoint
+from backpropagate.train.checkpoint import TrainState, load_latest, restore, rng_state, save_checkpoint
+from backpropagate.train.distributed import SINGLE, World, row_tokens
 from backpropagate.train.interrupt import StopRequest
 from backpropagate.train.metrics import MetricsLogger, ProgressBar
 from backpropagate.train.thermal import TemperatureGuard, nvml_reader
@@ -40,6 +41,7 @@ from backpropagate.train.torch.losses import (
     DeviceBatch,
     Objective,
     normalised_loss,
+    step_counts,
     step_totals,
     to_device,
 )
@@ -172,10 +174,13 @@ def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, ro
 
 
 def accumulate_gradients(
-    tm: TrainingModel, objective: Objective, batches: list[Batch], graphs: StepGraphs | None
+    tm: TrainingModel, objective: Objective, batches: list[Batch], graphs: StepGraphs | None, totals: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Forward and backward over the micro-batches of one step; returns (mean loss on the device, tokens)."""
-    totals = to_device(np.array(step_totals(objective, batches), dtype=np.float32), torch.float32, tm.device)
+    """Forward and backward over the micro-batches of one step, each normalised by the step's `totals`.
+
+    Returns:
+        (this process's share of the step's mean loss, on the device; its tokens).
+    """
     run = graphs or (lambda batch, t: forward_backward(tm, objective, batch, t))
     loss_sum = torch.zeros((), device=tm.device)
     for batch in batches:
@@ -197,13 +202,21 @@ def train_step(
     state: TrainState,
     optimizer: torch.optim.Optimizer,
     graphs: StepGraphs | None = None,
+    world: World = SINGLE,
 ) -> tuple[torch.Tensor, int]:
-    """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors."""
+    """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors.
+
+    The step's normalising counts are summed over the processes once, before any backward
+    (so a retry on one process never repeats a collective).
+    """
+    batches = micro_batches(dataset, rows, state.micro_batch)
+    counts = to_device(np.array(step_counts(objective, batches), dtype=np.float32), torch.float32, tm.device)
+    totals = world.sum(counts).clamp_(min=1)
     while True:
         if tm.recompute is not None and tm.recompute.offload is not None:
             graphs = None  # the offload's side stream and host copies are not captured in graphs
         try:
-            return accumulate_gradients(tm, objective, micro_batches(dataset, rows, state.micro_batch), graphs)
+            return accumulate_gradients(tm, objective, batches, graphs, totals)
         except OOM_ERRORS:
             pass  # leave the except block so the failed step's tensors can be freed
         if graphs is not None:
@@ -225,20 +238,32 @@ def train_step(
             state.micro_batch,
             math.ceil(len(rows) / state.micro_batch),
         )
+        batches = micro_batches(dataset, rows, state.micro_batch)
 
 
 @torch.no_grad()
-def evaluate(tm: TrainingModel, objective: Objective, dataset: PreparedDataset, rows: np.ndarray, micro: int) -> float:
-    """Mean loss over the held-out rows."""
+def evaluate(
+    tm: TrainingModel,
+    objective: Objective,
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    micro: int,
+    world: World = SINGLE,
+) -> float:
+    """Mean loss over the held-out rows (each process scores its share when there are enough rows)."""
     tm.model.eval()
+    shared = len(rows) >= world.size
     try:
-        batches = micro_batches(dataset, rows, micro)
+        batches = micro_batches(dataset, world.share(dataset, rows) if shared else rows, micro)
         terms = torch.zeros((), device=tm.device)
         for batch in batches:
             device_batch = objective.device_batch(batch, tm.device)
             hidden = forward_hidden(tm, device_batch)
             terms = terms + objective.loss_sum(hidden, tm.lm_head_weight, device_batch).float()
-        return float(normalised_loss(terms, step_totals(objective, batches)).item())
+        if not shared:
+            return float(normalised_loss(terms, step_totals(objective, batches)).item())
+        counts = torch.tensor(step_counts(objective, batches), dtype=torch.float32, device=tm.device)
+        return float(normalised_loss(world.sum(terms), world.sum(counts).clamp_(min=1)).item())
     finally:
         tm.model.train()
 
@@ -343,10 +368,14 @@ def train(
     run_id: str,
     fingerprint: dict[str, Any],
     step_rows: int | None = None,
+    world: World = SINGLE,
 ) -> LoopOutcome:
     """Trains `tm` for `total_steps` optimizer steps of `step_rows` packed rows, writing checkpoints and metrics.
 
     `step_rows` defaults to `rows_per_step` of the training rows (the trainer passes the figure it recorded).
+    In a `world` of several processes each takes its token-balanced share of every step's
+    rows and the gradients are summed over them (`train/distributed.py`); rank 0 alone
+    writes metrics and checkpoints, which hold every rank's RNG state.
 
     A SIGINT or SIGTERM stops it after the current step and a checkpoint (`LoopOutcome.stopped_by`).
     """
@@ -364,15 +393,19 @@ def train(
     if config.resume:
         loaded = load_latest(checkpoint_root)
         check_fingerprint(loaded.state.fingerprint, fingerprint, loaded.path)
-        state = restore(loaded, tm.trainable_state(), optimizer, scheduler)
+        state = restore(loaded, tm.trainable_state(), optimizer, scheduler, world.rank)
         last_checkpoint = loaded.path
         log.info("resumed from %s at step %d (%d rows consumed)", loaded.path, state.step, state.rows_consumed)
     reader = nvml_reader(tm.device.index or 0) if tm.device.type == "cuda" else None
     guard = (
         TemperatureGuard(reader, config.max_gpu_temp, config.gpu_resume_temp, config.max_gpu_pause) if reader else None
     )
-    metrics = MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)}, state.step)
-    bar = ProgressBar(total_steps, state.step, config.progress)
+    metrics = (
+        MetricsLogger(output_dir, run_id, config.report_to, {"mode": tm.mode, **vars(config)}, state.step)
+        if world.is_main
+        else None
+    )
+    bar = ProgressBar(total_steps, state.step, config.progress and world.is_main)
     if tm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tm.device)  # the recompute plan reads this run's peak
     if tm.recompute is not None:
@@ -382,6 +415,7 @@ def train(
     last_done = started  # when the previous step's work was finished
     # (readout, step, tokens, lr, micro-batch, when the step was started)
     pending: tuple[Readout, int, int, float, int, float] | None = None
+    stopping = False  # every process's stop request of the last step, agreed on (one process: its own)
 
     def settle() -> None:
         """Takes the last step's loss and gradient norm off the device: checks, progress bar, metrics.
@@ -405,7 +439,7 @@ def train(
         last_done = readout.done_at
         state.losses.append([step, loss])
         bar.update(step, loss, tokens / step_s)
-        if step % config.log_every == 0 or step == total_steps:
+        if metrics is not None and (step % config.log_every == 0 or step == total_steps):
             metrics.log(
                 step,
                 {
@@ -421,12 +455,17 @@ def train(
 
     try:
         with packed_attention(tm.model), StopRequest() as stop:
-            while state.step < total_steps and not stop.requested:
+            while state.step < total_steps and not stopping:
                 if guard is not None:
                     guard.wait_until_cool()
                 step_started = time.perf_counter()
                 rows = stream.take(state.rows_consumed, step_rows)
-                loss, tokens = train_step(tm, objective, dataset, rows, state, optimizer, graphs)
+                mine = world.share(dataset, rows)
+                loss, tokens = train_step(tm, objective, dataset, mine, state, optimizer, graphs, world)
+                stopping = stop.requested
+                if world.size > 1:
+                    loss, stopping = world.reduce_gradients(params, loss, stopping)
+                    tokens = int(row_tokens(dataset, rows).sum())
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     if config.max_grad_norm > 0
@@ -450,23 +489,33 @@ def train(
                 pending = (readout, state.step, tokens, lr, state.micro_batch, step_started)
                 last = state.step == total_steps
                 evaluate_now = len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last)
-                save_now = (config.save_every and state.step % config.save_every == 0) or last or stop.requested
+                save_now = (config.save_every and state.step % config.save_every == 0) or last or stopping
                 if evaluate_now or save_now or readout.event is None:
                     # A checkpoint holds this step's loss, and a diverged step is never saved; on the
                     # CPU the step's work is already done, so there is nothing to overlap with.
                     settle()
                 state.elapsed_s = elapsed_before + time.perf_counter() - started
                 if evaluate_now:
-                    eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch)
+                    eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch, world)
                     state.eval_losses.append([state.step, eval_loss])
-                    metrics.log(state.step, {"eval_loss": eval_loss})
+                    if metrics is not None:
+                        metrics.log(state.step, {"eval_loss": eval_loss})
                 if save_now:
                     last_checkpoint = save_checkpoint(
-                        checkpoint_root, state, tm.trainable_state(), optimizer, scheduler, config.keep_checkpoints
+                        checkpoint_root,
+                        state,
+                        tm.trainable_state(),
+                        optimizer,
+                        scheduler,
+                        config.keep_checkpoints,
+                        world.gather(rng_state()),
+                        write=world.is_main,
                     )
+                    world.barrier()  # no rank reads a checkpoint (a resume) before it is complete
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     features = tm.features + ([tm.recompute.describe()] if tm.recompute is not None else [])
     if graphs is not None and graphs.entries:
         features.append(f"cuda_graphs[{len(graphs.entries)}]")
@@ -475,5 +524,6 @@ def train(
         duration_s=time.perf_counter() - started,
         checkpoint=last_checkpoint,
         features=features,
-        stopped_by=stop.signal_name if state.step < total_steps else None,  # a finished run is finished
+        # A finished run is finished; a process stopped by another's signal reports SIGTERM.
+        stopped_by=(stop.signal_name or "SIGTERM") if stopping and state.step < total_steps else None,
     )

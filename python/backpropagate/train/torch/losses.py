@@ -272,10 +272,15 @@ class Objective(Protocol):
         ...
 
 
+def step_counts(objective: Objective, batches: list[Batch]) -> tuple[int, ...]:
+    """Each of the objective's counts summed over the micro-batches (what a process adds to the step's totals)."""
+    counts = np.sum([np.atleast_1d(objective.normaliser(b)) for b in batches], axis=0)
+    return tuple(int(c) for c in counts)
+
+
 def step_totals(objective: Objective, batches: list[Batch]) -> tuple[int, ...]:
     """The step's counts: each of the objective's counts summed over the micro-batches (at least 1)."""
-    counts = np.sum([np.atleast_1d(objective.normaliser(b)) for b in batches], axis=0)
-    return tuple(max(1, int(c)) for c in counts)
+    return tuple(max(1, c) for c in step_counts(objective, batches))
 
 
 def normalised_loss(terms: torch.Tensor, totals: tuple[int, ...] | torch.Tensor) -> torch.Tensor:

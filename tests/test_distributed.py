@@ -1,0 +1,153 @@
+"""Data-parallel training on several processes: real tiny-llama runs over gloo on the CPU.
+
+Each rank is a separate Python process (`distributed_worker.py`) started with the
+environment torchrun gives its workers; the single-process runs they are compared with
+run here, through the same `Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from backpropagate import Trainer
+from backpropagate.train.distributed import balanced_shares
+from cli_helpers import run_cli
+from train_helpers import rule_dataset
+
+TESTS = Path(__file__).parent
+DATASET = dict(vocab=300, samples=90, max_seq_length=96, seed=0)
+# Four packed rows a step: two per rank in a world of two, as one micro-batch each.
+OPTIONS = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
+STEPS = 6
+# The same sums in another order (per rank, then across ranks) drift by float32 rounding only.
+LOSS_RTOL = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_world(size: int, tmp: Path, steps: int, timeout: float = 150, **spec: object) -> tuple[list[dict], float]:
+    """Runs `size` worker processes as one world; returns each rank's result and the wall time."""
+    port = free_port()
+    job = {"dataset": DATASET, "steps": steps, **spec}
+    procs = []
+    started = time.monotonic()
+    for rank in range(size):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        )
+        result = tmp / f"rank{rank}.json"
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(TESTS / "distributed_worker.py"), json.dumps(job), str(result)], env=env
+                ),
+                result,
+            )
+        )
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+    return [json.loads(result.read_text()) for _, result in procs], time.monotonic() - started
+
+
+def losses(history: list[list[float]]) -> list[float]:
+    return [loss for _, loss in history]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return rule_dataset(**DATASET)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, dataset, tmp_path_factory):
+    """The uninterrupted single-process run the several-process runs must reproduce."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    return Trainer("tiny-llama", output_dir=str(out), **OPTIONS).train(dataset, steps=STEPS)
+
+
+def test_two_processes_train_like_one_at_the_same_global_batch(one_process, tmp_path):
+    out = tmp_path / "run"
+    ranks, _ = run_world(2, tmp_path, STEPS, options=dict(OPTIONS, output_dir=str(out)))
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank holds the global loss
+    np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process.losses), rtol=LOSS_RTOL)
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # the same update on every rank: identical adapters
+    ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(one_process.adapter_dir / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-3, atol=1e-5)
+    # Rank 0 alone writes metrics: one record per step.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+
+
+def test_resume_across_world_sizes_continues_the_same_curve(one_process, dataset, tmp_path):
+    expected = losses(one_process.losses)
+    # 2 -> 1: two processes train half the run, one process finishes it.
+    two_first = tmp_path / "two-first"
+    run_world(2, tmp_path, STEPS // 2, options=dict(OPTIONS, output_dir=str(two_first)))
+    finished = Trainer("tiny-llama", output_dir=str(two_first), resume=True, **OPTIONS).train(dataset, steps=STEPS)
+    np.testing.assert_allclose(losses(finished.losses), expected, rtol=LOSS_RTOL)
+    # 1 -> 2: one process trains half the run, two processes finish it.
+    one_first = tmp_path / "one-first"
+    Trainer("tiny-llama", output_dir=str(one_first), **OPTIONS).train(dataset, steps=STEPS // 2)
+    ranks, _ = run_world(2, tmp_path, STEPS, options=dict(OPTIONS, output_dir=str(one_first), resume=True))
+    np.testing.assert_allclose(losses(ranks[1]["losses"]), expected, rtol=LOSS_RTOL)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+def test_an_error_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    ranks, wall = run_world(
+        2, tmp_path, STEPS, options=dict(OPTIONS, output_dir=str(tmp_path / "run")), data=str(missing), data_ranks=[1]
+    )
+    assert ranks[1]["code"] == "INPUT_FILE_NOT_FOUND" and ranks[1]["message"].startswith("rank 1 of 2: ")
+    assert ranks[0]["code"] == "RUNTIME_DISTRIBUTED_FAILED"
+    assert "rank 1 failed: [INPUT_FILE_NOT_FOUND]" in ranks[0]["message"]
+    assert wall < 90  # both ended on their own, long before the process group's timeout
+
+
+def test_step_rows_are_shared_by_tokens_not_rows():
+    rng = np.random.default_rng(0)
+    for parts in (2, 3, 4):
+        tokens = np.concatenate([rng.integers(1, 20, 40), rng.integers(500, 2000, 5)])  # many short rows, a few long
+        rng.shuffle(tokens)
+        shares = balanced_shares(tokens, parts)
+        assert sorted(np.concatenate(shares).tolist()) == list(range(len(tokens)))  # each row exactly once
+        assert all((np.diff(share) > 0).all() for share in shares)  # in stream order
+        loads = [int(tokens[share].sum()) for share in shares]
+        assert max(loads) - min(loads) <= tokens.max()
+    # Halves by row count would give one rank 2000 tokens and the other 30.
+    tokens = np.array([1000, 990, 10, 10, 10, 10])
+    assert [int(tokens[share].sum()) for share in balanced_shares(tokens, 2)] == [1020, 1010]
+
+
+def test_more_gpus_than_the_machine_has_are_refused(tiny_llama):
+    result = run_cli("train", "--gpus", "2", "--steps", "1")
+    assert result.status != 0
+    assert "[DEP_GPU_NOT_AVAILABLE]" in result.stderr and "2 CUDA devices" in result.stderr
