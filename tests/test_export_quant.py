@@ -2,7 +2,8 @@
 
 Every quantized tensor our writer emits is compared with what llama.cpp's quantizer
 (`ggml_quantize_chunk` of the installed llama.cpp) makes from the same f32 input, after the
-same Q/K permutation. When llama-cpp-python is installed, whole files are also compared
+same Q/K permutation (Q4_K and Q6_K come from our own kernels, so rows that take the rare
+branches of llama.cpp's search are checked too). When llama-cpp-python is installed, whole files are also compared
 with `llama_model_quantize` run on our f32 GGUF, which checks llama.cpp's per-tensor type
 choices too.
 """
@@ -10,6 +11,7 @@ choices too.
 from __future__ import annotations
 
 import ctypes
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,15 +146,14 @@ def _source_f32(model_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp_path: Path) -> None:
+def _assert_llama_cpp_bytes(model_dir: Path, quant: str, out: Path) -> set[str]:
+    """Exports `model_dir` as `quant` and checks every tensor against llama.cpp's quantizer;
+    returns the quantized types seen."""
     from backpropagate import _core
 
-    out = tmp_path / f"{quant}.gguf"
-    lib_path = xllamacpp.xllamacpp.__file__
-    report = _core.convert_to_gguf(str(wide_llama), str(out), quant, llama_cpp_lib=lib_path)
+    report = _core.convert_to_gguf(str(model_dir), str(out), quant, llama_cpp_lib=xllamacpp.xllamacpp.__file__)
     lib = _ggml()
-    src = _source_f32(wide_llama)
+    src = _source_f32(model_dir)
     reader = gguf.GGUFReader(out)
     seen: set[str] = set()
     for t in reader.tensors:
@@ -165,12 +166,72 @@ def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp
         assert bytes(np.asarray(t.data).tobytes()) == want, t.name
         seen.add(kind)
     assert sum(report["types"].values()) == len(reader.tensors)
+    return seen
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantized_tensors_are_llama_cpp_bytes(quant: str, wide_llama: Path, tmp_path: Path) -> None:
+    seen = _assert_llama_cpp_bytes(wide_llama, quant, tmp_path / f"{quant}.gguf")
     if quant in ("q4_k_m", "q5_k_m"):
         # the mixes give output, some attn_v and some ffn_down more bits
         assert "Q6_K" in seen and len(seen) >= 2
     if quant in ("q3_k_m", "q2_k", "iq4_xs"):
         # low-bit mixes keep more bits where llama.cpp does (attn_v, ffn_down, attn_output)
         assert {"Q4_K", "Q5_K", "Q3_K"} & seen and len(seen) >= 3
+
+
+def _edge_rows(width: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows that take the rare branches of the k-quant searches: flat and all-zero groups,
+    one-signed groups, a lone spike, values whose scales underflow f16, large values, and
+    values on rounding ties."""
+    base = (rng.standard_normal(width) * 0.05).astype(np.float32)
+    mixed = base.copy()
+    mixed[:16] = 0.0
+    mixed[32:64] = 0.25
+    mixed[64:80] = -0.25
+    return np.stack(
+        [
+            np.zeros(width),
+            np.full(width, 0.3),
+            np.full(width, -0.3),
+            np.where(np.arange(width) == 5, 1.0, 0.0),
+            base * 1e-30,
+            base * 1e-8,
+            base * 1e17,
+            -np.abs(base),
+            np.abs(base),
+            np.round(base * 40) / 8,
+            mixed,
+        ]
+    ).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def edge_llama(tmp_path_factory: pytest.TempPathFactory, wide_llama: Path) -> Path:
+    """`wide_llama` in f32 with `_edge_rows` at the top of every matrix."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("edge") / "m"
+    shutil.copytree(wide_llama, out)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, t in load_file(str(wide_llama / "model.safetensors")).items():
+        w = t.to(torch.float32).numpy().copy()
+        if w.ndim == 2:
+            edge = _edge_rows(w.shape[1], rng)
+            w[: len(edge)] = edge
+        tensors[name] = torch.from_numpy(w)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k", "q8_0"])
+def test_edge_rows_are_llama_cpp_bytes(quant: str, edge_llama: Path, tmp_path: Path) -> None:
+    """Q4_K and Q6_K are computed by our own lane-parallel kernels: every branch of
+    llama.cpp's reference search must give the same bytes."""
+    seen = _assert_llama_cpp_bytes(edge_llama, quant, tmp_path / f"{quant}.gguf")
+    assert seen >= ({"Q6_K"} if quant == "q6_k" else {"Q8_0"} if quant == "q8_0" else {"Q4_K", "Q6_K"})
 
 
 @pytest.mark.parametrize("model", ["wide_llama", "wide_tied_qwen2", "tiny_llama"])

@@ -16,7 +16,7 @@ use super::atomic::AtomicFile;
 use super::config::ModelConfig;
 use super::lora::{Adapter, Factors};
 use super::mapping::{llama_cpp_order, map_name, permuted_row};
-use super::quant::{choose_types, encode, Kernels, MixContext};
+use super::quant::{choose_types, encode, needs_kernels, Kernels, MixContext};
 use super::safetensors::{DType, Safetensors};
 use super::tokenizer::{read_json, tokenizer_metadata};
 use super::types::{GgmlType, OutType};
@@ -70,6 +70,8 @@ enum Source {
         hf: String,
         from_adapter: bool,
         permute_heads: Option<usize>,
+        /// Added to each value of a 1-D tensor (Gemma's norms).
+        shift: f32,
     },
     /// Values computed here (rope factors).
     Data(Vec<f32>),
@@ -115,6 +117,7 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
                 hf: hf.to_string(),
                 from_adapter,
                 permute_heads: m.permute_heads,
+                shift: m.shift,
             },
         });
     }
@@ -132,6 +135,7 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
                         hf: "lm_head.weight".into(),
                         from_adapter: true,
                         permute_heads: None,
+                        shift: 0.0,
                     },
                 });
             }
@@ -173,7 +177,7 @@ fn stream_tensor(
     send: &mut dyn FnMut(Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let ty = p.info.ty;
-    let (hf, from_adapter, permute_heads) = match &p.source {
+    let (hf, from_adapter, permute_heads, shift) = match &p.source {
         Source::Data(values) => {
             let mut out = vec![0u8; values.len() * 4];
             encode(GgmlType::F32, values, values.len(), None, &mut out)?;
@@ -183,7 +187,8 @@ fn stream_tensor(
             hf,
             from_adapter,
             permute_heads,
-        } => (hf, *from_adapter, *permute_heads),
+            shift,
+        } => (hf, *from_adapter, *permute_heads, *shift),
     };
     let view = if from_adapter {
         adapter.and_then(|a| a.replacement(hf))
@@ -211,6 +216,9 @@ fn stream_tensor(
             for (o, v) in values.iter_mut().enumerate() {
                 *v = src[permuted_row(o, src.len(), h)];
             }
+        }
+        if shift != 0.0 {
+            values.iter_mut().for_each(|v| *v += shift);
         }
         let mut out = vec![0u8; row_bytes];
         encode(ty, &values, width, kernels, &mut out)?;
@@ -290,7 +298,7 @@ pub fn convert(
     {
         p.info.ty = ty;
     }
-    let kernels = if planned.iter().any(|p| p.info.ty.is_quantized()) {
+    let kernels = if planned.iter().any(|p| needs_kernels(p.info.ty)) {
         let lib = opts.llama_cpp_lib.as_deref().ok_or_else(|| {
             Error::LlamaCppUnavailable(format!(
                 "{:?} needs llama.cpp's quantization kernels; no llama.cpp library was given",

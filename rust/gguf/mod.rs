@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod config;
 pub mod convert;
+pub mod kquants;
 pub mod lora;
 pub mod mapping;
 pub mod quant;

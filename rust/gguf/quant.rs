@@ -1,8 +1,9 @@
 //! Encoding f32 rows into GGUF tensor types, and llama.cpp's per-tensor type choice.
 //!
-//! Block quantizations use llama.cpp's own kernel, `ggml_quantize_chunk`, loaded from an
-//! installed llama.cpp library (the `xllamacpp` wheel ships one), so quantized bytes are
-//! llama.cpp's bytes by construction. The mix rules (which tensor gets which type in
+//! Q4_K and Q6_K, nearly all of a k-quant mix's work, are computed by `kquants` (bit for bit
+//! llama.cpp's reference quantizers, several groups at a time). The other block types use
+//! llama.cpp's own kernel, `ggml_quantize_chunk`, loaded from an installed llama.cpp library
+//! (the `xllamacpp` wheel ships one), so their bytes are llama.cpp's by construction. The mix rules (which tensor gets which type in
 //! `q4_k_m` etc.) follow `llama_tensor_get_type` in llama.cpp's `llama-quant.cpp`.
 
 use std::ffi::c_void;
@@ -11,6 +12,7 @@ use std::path::Path;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
+use super::kquants;
 use super::types::{GgmlType, OutType};
 use crate::{Error, Result};
 
@@ -71,6 +73,11 @@ impl Kernels {
     }
 }
 
+/// Whether encoding `ty` needs llama.cpp's kernels: Q4_K and Q6_K are computed here.
+pub fn needs_kernels(ty: GgmlType) -> bool {
+    ty.is_quantized() && !matches!(ty, GgmlType::Q4K | GgmlType::Q6K)
+}
+
 /// Encodes rows of f32 (each `n_per_row` long) as `ty` into `dst`.
 pub fn encode(
     ty: GgmlType,
@@ -100,6 +107,8 @@ pub fn encode(
                 d.copy_from_slice(&h.to_le_bytes());
             }
         }
+        GgmlType::Q4K => kquants::quantize_q4_k(src, dst),
+        GgmlType::Q6K => kquants::quantize_q6_k(src, dst),
         _ => {
             let k = kernels.ok_or_else(|| {
                 Error::LlamaCppUnavailable(format!(

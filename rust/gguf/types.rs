@@ -61,7 +61,7 @@ impl GgmlType {
         (n % self.block_size() == 0).then(|| n / self.block_size() * self.block_bytes())
     }
 
-    /// Whether the type is a block quantization (needs llama.cpp's kernels).
+    /// Whether the type is a block quantization.
     pub fn is_quantized(self) -> bool {
         self.block_size() > 1
     }
