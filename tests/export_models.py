@@ -31,6 +31,25 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "qwen2.5-0.5b-instruct", {"head_dim": 32}),
     "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),
     "smollm3": ("SmolLM3Config", "llama-3.2-3b-instruct", {"tie_word_embeddings": True}),
+    # Gemma 3 as llama.cpp's gemma3 runs it: five sliding layers then a global one, sliding rope
+    # base 10000, queries scaled by 1/sqrt(head_dim); linear rope scaling on the global layers
+    # and final soft-capping as the 4B+ models have them. The window (8) is shorter than the prompt.
+    "gemma3": (
+        "Gemma3TextConfig",
+        "llama-3.2-3b-instruct",
+        {
+            "num_hidden_layers": 6,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+            "final_logit_softcapping": 3.0,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 
 

@@ -183,3 +183,36 @@ def test_a_row_the_gemma_template_refuses_is_a_coded_error(tmp_path, template, m
         prepare(data, folder, DataConfig(cache=False))
     assert err.value.code == "INPUT_TEMPLATE_RENDER_FAILED"
     assert f"{data}:1: {reason}" in err.value.message
+
+
+def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_path):
+    """LoRA-train a tiny llama.cpp-shaped Gemma 3 through `Trainer`, export it merged to GGUF:
+    llama.cpp's gemma3 gives the next-token top-5 and log-probabilities transformers + peft give."""
+    pytest.importorskip("xllamacpp")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backpropagate import Trainer
+    from backpropagate.export import export
+    from backpropagate.generate import GGUFModel
+    from export_models import build_model
+
+    base = build_model("gemma3", tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
+    options = dict(max_seq_length=128, micro_batch=2, grad_accumulation=1, progress=False, report_to="none")
+    result = Trainer(str(base), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
+    assert result.losses[-1][1] < result.losses[0][1]
+    gguf = export(result.adapter_dir, "gguf", quantization="f32").path
+
+    text = "alpha beta gamma #3? The answer is"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), result.adapter_dir)
+    ids = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    want = torch.topk(logp, 5)
+    llm = GGUFModel(gguf, n_ctx=256)
+    assert llm.tokenize(text) == ids
+    got = llm.top_logprobs(text, 5)
+    assert [t for t, _ in got] == want.indices.tolist()
+    np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-2)

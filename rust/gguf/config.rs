@@ -1,7 +1,8 @@
 //! Model hyperparameters from `config.json`, as the GGUF keys llama.cpp reads.
 //!
-//! transformers 5 files `rope_theta` and rope scaling under `rope_parameters`; older
-//! configs keep `rope_theta` and `rope_scaling` at the top level. Both forms are read.
+//! transformers 5 files `rope_theta` and rope scaling under `rope_parameters` (per layer
+//! type for Gemma 3); older configs keep `rope_theta` and `rope_scaling` at the top level.
+//! Both forms are read. A multimodal config's `text_config` is read as the model's own.
 
 use serde_json::Value as Json;
 
@@ -9,7 +10,7 @@ use super::types::Value;
 use crate::{Error, Result};
 
 /// Architectures the writer supports, by their GGUF name.
-pub const ARCHITECTURES: [&str; 5] = ["llama", "qwen2", "qwen3", "phi3", "smollm3"];
+pub const ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma3"];
 
 /// What the tensor mapping and metadata need to know about a model.
 #[derive(Clone, Debug)]
@@ -43,19 +44,28 @@ fn arch_of(config: &Json) -> Option<&'static str> {
         ("Qwen3ForCausalLM", _) | (_, "qwen3") => "qwen3",
         ("Phi3ForCausalLM", _) | (_, "phi3") => "phi3",
         ("SmolLM3ForCausalLM", _) | (_, "smollm3") => "smollm3",
+        ("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration", _)
+        | (_, "gemma3" | "gemma3_text") => "gemma3",
         _ => return None,
     })
 }
 
 impl ModelConfig {
     /// Reads the parts of `config.json` that shape the export.
-    pub fn from_json(config: Json) -> Result<Self> {
+    pub fn from_json(mut config: Json) -> Result<Self> {
+        if let Some(Json::Object(text)) = config.get("text_config").cloned() {
+            for (k, v) in text {
+                if k != "architectures" && k != "model_type" {
+                    config[k] = v;
+                }
+            }
+        }
         let arch = arch_of(&config).ok_or_else(|| {
             Error::UnsupportedArchitecture(format!(
                 "config.json: architecture {} (model_type {}) cannot be exported to GGUF; supported: {}",
                 config.get("architectures").map(|a| a.to_string()).unwrap_or_default(),
                 config.get("model_type").map(|a| a.to_string()).unwrap_or_default(),
-                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3"
+                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3, Gemma 3"
             ))
         })?;
         let get = |key: &str| -> Result<usize> {
@@ -99,11 +109,16 @@ impl ModelConfig {
         self.raw.get(key).and_then(Json::as_f64)
     }
 
-    /// Rope settings: `rope_parameters` (transformers 5) merged over `rope_scaling`.
+    /// Rope settings: `rope_parameters` (transformers 5; its global layers' part when given
+    /// per layer type) merged over `rope_scaling`.
     pub fn rope(&self) -> Json {
         let mut merged = serde_json::Map::new();
-        for key in ["rope_scaling", "rope_parameters"] {
-            if let Some(Json::Object(o)) = self.raw.get(key) {
+        let parameters = self.raw.get("rope_parameters");
+        let global = parameters
+            .and_then(|p| p.get("full_attention"))
+            .or(parameters);
+        for part in [self.raw.get("rope_scaling"), global] {
+            if let Some(Json::Object(o)) = part {
                 for (k, v) in o {
                     merged.insert(k.clone(), v.clone());
                 }
@@ -140,9 +155,13 @@ impl ModelConfig {
                 }
             }
         }
+        if self.arch == "gemma3" {
+            self.check_gemma3_layout()?;
+        }
         let rope_type = self.rope_type();
         let ok = match self.arch {
             "phi3" => matches!(rope_type.as_str(), "" | "default" | "longrope" | "su"),
+            "gemma3" => matches!(rope_type.as_str(), "" | "default" | "linear"),
             _ => matches!(rope_type.as_str(), "" | "default" | "llama3"),
         };
         if !ok {
@@ -150,6 +169,51 @@ impl ModelConfig {
                 "config.json: rope type {rope_type:?} is not supported for {} in GGUF export",
                 self.arch
             )));
+        }
+        Ok(())
+    }
+
+    /// llama.cpp's gemma3 fixes what the config may vary: every 6th layer global, the others
+    /// sliding with rope base 10000, queries scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads)
+    /// for its 62-layer 27B). A config that differs would export into a different model.
+    fn check_gemma3_layout(&self) -> Result<()> {
+        let refuse = |what: String| {
+            Err(Error::UnsupportedArchitecture(format!(
+                "config.json: {what}; llama.cpp's gemma3 cannot run it"
+            )))
+        };
+        if let Some(types) = self.raw.get("layer_types").and_then(Json::as_array) {
+            for (i, t) in types.iter().enumerate() {
+                let sliding = t.as_str() == Some("sliding_attention");
+                if sliding != (i % 6 < 5) {
+                    return refuse(format!(
+                        "layer_types[{i}] = {t}; llama.cpp's gemma3 makes every 6th layer global, the others sliding"
+                    ));
+                }
+            }
+        }
+        let parameters = self.raw.get("rope_parameters");
+        let local = parameters
+            .and_then(|p| p.get("sliding_attention"))
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| self.raw.get("rope_local_base_freq"))
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0);
+        if local != 10000.0 {
+            return refuse(format!(
+                "sliding layers' rope base {local} (llama.cpp uses 10000)"
+            ));
+        }
+        let scalar = self.f64_field("query_pre_attn_scalar").unwrap_or(256.0);
+        let expected = if self.layers == 62 {
+            (self.hidden / self.heads) as f64
+        } else {
+            self.head_dim as f64
+        };
+        if scalar != expected {
+            return refuse(format!(
+                "query_pre_attn_scalar {scalar} (llama.cpp scales queries by 1/sqrt({expected}))"
+            ));
         }
         Ok(())
     }
@@ -253,6 +317,9 @@ impl ModelConfig {
                 Value::U32(self.head_dim as u32),
             ));
         }
+        if a == "gemma3" {
+            kvs.extend(self.gemma3_metadata(&rope)?);
+        }
         if a == "llama" || a == "smollm3" {
             kvs.push((
                 format!("{a}.vocab_size"),
@@ -261,6 +328,39 @@ impl ModelConfig {
         }
         kvs.push(("general.file_type".into(), Value::U32(file_type)));
         kvs.push(("general.quantization_version".into(), Value::U32(2)));
+        Ok(kvs)
+    }
+
+    /// Gemma 3's window, final soft-capping and the linear rope scaling of its global layers.
+    fn gemma3_metadata(&self, rope: &Json) -> Result<Vec<(String, Value)>> {
+        let window = self
+            .raw
+            .get("sliding_window")
+            .and_then(Json::as_u64)
+            .ok_or_else(|| {
+                Error::Model("config.json: missing integer field \"sliding_window\"".into())
+            })?;
+        let mut kvs = vec![(
+            "gemma3.attention.sliding_window".to_string(),
+            Value::U32(window as u32),
+        )];
+        if let Some(cap) = self.f64_field("final_logit_softcapping") {
+            kvs.push((
+                "gemma3.final_logit_softcapping".into(),
+                Value::F32(cap as f32),
+            ));
+        }
+        if self.rope_type() == "linear" {
+            let factor = rope.get("factor").and_then(Json::as_f64).unwrap_or(1.0);
+            kvs.push((
+                "gemma3.rope.scaling.type".into(),
+                Value::Str("linear".into()),
+            ));
+            kvs.push((
+                "gemma3.rope.scaling.factor".into(),
+                Value::F32(factor as f32),
+            ));
+        }
         Ok(kvs)
     }
 

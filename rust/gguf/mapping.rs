@@ -1,5 +1,6 @@
 //! Hugging Face tensor names to llama.cpp's, with the row permutation of Q/K where the
-//! architecture's llama.cpp implementation expects it (`llama`, `smollm3`).
+//! architecture's llama.cpp implementation expects it (`llama`, `smollm3`), and Gemma's
+//! norm convention (transformers scales by `1 + weight`, llama.cpp by `weight`).
 
 use crate::{Error, Result};
 
@@ -10,9 +11,19 @@ pub struct Mapped {
     pub name: String,
     /// Heads to permute the rows over (rotary halves interleaved), if any.
     pub permute_heads: Option<usize>,
+    /// Added to every value (1 for Gemma's RMSNorm weights, else 0).
+    pub shift: f32,
 }
 
-fn layer_part(rest: &str) -> Option<(&'static str, &str)> {
+/// Gemma 3's four norms per layer, where llama.cpp names them differently from the table.
+const GEMMA_NORMS: [(&str, &str); 4] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
+
+fn layer_part<'a>(arch: &str, rest: &'a str) -> Option<(&'static str, &'a str)> {
     const TABLE: [(&str, &str); 13] = [
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
@@ -32,21 +43,42 @@ fn layer_part(rest: &str) -> Option<(&'static str, &str)> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    TABLE
+    let gemma = if arch == "gemma3" {
+        &GEMMA_NORMS[..]
+    } else {
+        &[]
+    };
+    gemma
         .iter()
+        .chain(TABLE.iter())
         .find(|(hf, _)| *hf == module)
         .map(|(_, gg)| (*gg, kind))
 }
 
 /// Maps one tensor name. `Ok(None)` means the tensor is not part of the GGUF
-/// (rotary caches); unknown names are an error rather than silently dropped weights.
+/// (rotary caches, the image tower of a multimodal Gemma 3); unknown names are an error
+/// rather than silently dropped weights.
 pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<Option<Mapped>> {
+    let shift = if arch == "gemma3" && hf.ends_with("norm.weight") {
+        1.0
+    } else {
+        0.0
+    };
     let plain = |n: &str| {
         Ok(Some(Mapped {
             name: n.to_string(),
             permute_heads: None,
+            shift,
         }))
     };
+    if hf.starts_with("model.vision_tower.") || hf.starts_with("model.multi_modal_projector.") {
+        return Ok(None);
+    }
+    // A multimodal config's text tower is the plain text model under another prefix.
+    let text = hf
+        .strip_prefix("model.language_model.")
+        .map(|r| format!("model.{r}"));
+    let hf = text.as_deref().unwrap_or(hf);
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight"),
         "model.norm.weight" => return plain("output_norm.weight"),
@@ -64,7 +96,7 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
     let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
     let layer: usize = layer.parse().map_err(|_| unknown())?;
-    let (part, kind) = layer_part(rest).ok_or_else(unknown)?;
+    let (part, kind) = layer_part(arch, rest).ok_or_else(unknown)?;
     let permuted = matches!(arch, "llama" | "smollm3");
     let permute_heads = match part {
         "attn_q" if permuted => Some(heads),
@@ -74,6 +106,7 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
     Ok(Some(Mapped {
         name: format!("blk.{layer}.{part}.{kind}"),
         permute_heads,
+        shift,
     }))
 }
 
@@ -111,7 +144,8 @@ mod tests {
             m,
             Mapped {
                 name: "blk.3.attn_k.weight".into(),
-                permute_heads: Some(2)
+                permute_heads: Some(2),
+                shift: 0.0
             }
         );
         let q = map_name("qwen2", "model.layers.0.self_attn.q_proj.bias", 8, 2)
@@ -121,7 +155,8 @@ mod tests {
             q,
             Mapped {
                 name: "blk.0.attn_q.bias".into(),
-                permute_heads: None
+                permute_heads: None,
+                shift: 0.0
             }
         );
         let phi = map_name("phi3", "model.layers.1.mlp.gate_up_proj.weight", 8, 8)
@@ -139,6 +174,33 @@ mod tests {
         let err =
             map_name("llama", "model.layers.0.block_sparse_moe.gate.weight", 8, 8).unwrap_err();
         assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+    }
+
+    #[test]
+    fn gemma3_norms_are_renamed_and_shifted() {
+        let map = |hf: &str| map_name("gemma3", hf, 4, 1).unwrap();
+        let ffn = map("model.layers.2.pre_feedforward_layernorm.weight").unwrap();
+        assert_eq!(
+            (ffn.name.as_str(), ffn.shift),
+            ("blk.2.ffn_norm.weight", 1.0)
+        );
+        let post = map("model.language_model.layers.0.post_attention_layernorm.weight").unwrap();
+        assert_eq!(post.name, "blk.0.post_attention_norm.weight");
+        assert_eq!(
+            map("model.layers.1.self_attn.k_norm.weight").unwrap().shift,
+            1.0
+        );
+        assert_eq!(map("model.language_model.norm.weight").unwrap().shift, 1.0);
+        let q = map("model.layers.1.self_attn.q_proj.weight").unwrap();
+        assert_eq!((q.permute_heads, q.shift), (None, 0.0));
+        assert!(map("model.vision_tower.vision_model.post_layernorm.weight").is_none());
+        let llama = map_name(
+            "llama",
+            "model.layers.0.post_attention_layernorm.weight",
+            4,
+            1,
+        );
+        assert_eq!(llama.unwrap().unwrap().name, "blk.0.ffn_norm.weight");
     }
 
     #[test]
