@@ -206,7 +206,9 @@ def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_
     gguf = export(result.adapter_dir, "gguf", quantization="f32").path
 
     text = "alpha beta gamma #3? The answer is"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), result.adapter_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), result.adapter_dir
+    )
     ids = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
@@ -216,3 +218,14 @@ def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_
     got = llm.top_logprobs(text, 5)
     assert [t for t, _ in got] == want.indices.tolist()
     np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-2)
+
+
+@pytest.mark.parametrize("size", ["1b", "4b", "12b"])
+def test_presets_name_the_published_instruct_models(size):
+    """`gemma-3-4b` and `google/gemma-3-4b-it` are the same preset; 12B gets the 7B+ context and rate."""
+    from backpropagate.presets import find_preset
+
+    preset = find_preset(f"gemma-3-{size}")
+    assert preset is not None and preset.model_id == f"google/gemma-3-{size}-it"
+    assert find_preset(preset.model_id.upper()) == preset
+    assert (preset.max_seq_length, preset.learning_rate) == ((2048, 1e-4) if size == "12b" else (4096, 2e-4))

