@@ -112,7 +112,7 @@ def sequence(
     model: str, options: dict[str, Any], files: list[Path], out: Path, steps: int, **multi: Any
 ) -> dict[str, float]:
     """Task 1's held-out loss after run 1 and after the last run, and task 2's after the last run."""
-    from backpropagate import Trainer
+    from backpropagate.trainer import Trainer
 
     result = Trainer(model, **options, output_dir=str(out)).multi_run(files, steps=steps, **multi)
     check_disjoint(out, json.loads((out / "multi_run.json").read_text()))
@@ -122,10 +122,10 @@ def sequence(
 
 def joint(model: str, options: dict[str, Any], work: Path, reference: Path, steps: int) -> dict[str, float]:
     """Held-out losses of one run on both tasks' training rows (the multi-run `reference`'s rows and held-out sets)."""
-    from backpropagate import Trainer
     from backpropagate.config import resolve_settings
     from backpropagate.continual.runner import heldout_losses
     from backpropagate.model_source import resolve_model
+    from backpropagate.trainer import Trainer
 
     plan = json.loads((reference / "multi_run.json").read_text())
     data = work / "joint.train.jsonl"
@@ -182,7 +182,7 @@ def main() -> None:
         "overwrite": True,
     }
     args.work.mkdir(parents=True, exist_ok=True)
-    files = []
+    files: list[str | Path] = []
     for name, rows in (("arithmetic", arithmetic_rows(args.rows, 0)), ("capitals", capital_rows(args.rows, 1))):
         path = args.work / f"task-{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
