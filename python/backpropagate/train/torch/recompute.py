@@ -120,8 +120,10 @@ def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def memory_budget(device: torch.device) -> float | None:
     """Bytes that kept activations may take on `device` on top of what the first step used; None where unknown."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device)
+        free, total = torch.cuda.mem_get_info(device)
+        usable: float = free + torch.cuda.memory_reserved(device)
+        # A cap set with `torch.cuda.set_per_process_memory_fraction` bounds what the allocator hands out.
+        usable = min(usable, torch.cuda.get_per_process_memory_fraction(device) * total)
         return MEMORY_TARGET * usable - torch.cuda.max_memory_allocated(device)
     available = available_ram()
     return None if available is None else RAM_TARGET * available

@@ -1,0 +1,456 @@
+"""The longest context that trains on one card: ours against transformers + peft + bitsandbytes.
+
+Llama 3.1 8B's shape with random weights (memory does not depend on weight values), QLoRA
+(nf4, double quantization) with rank 32 on every linear layer, batch 1, one sequence per
+step. For each card cap (`torch.cuda.set_per_process_memory_fraction`) and each system, the
+search doubles the length from `--start` until a trial fails, then bisects to `--precision`
+(5%). A trial trains two optimizer steps in a row (forward, backward, optimizer step) in a
+fresh subprocess (an out-of-memory error cannot poison the next trial) under a time limit;
+it reports tokens/s of its second step and the peak memory allocated.
+
+  ours  the real training loop (`train.torch.loop.train`) with its defaults on CUDA:
+        recompute planner, activation offload `auto`, MLP in token slices, chunked loss
+  peer  transformers + peft + bitsandbytes nf4 (peft's kbit preparation), gradient
+        checkpointing (non-reentrant), SDPA attention, the model's own loss
+
+Caps are searched from small to large and what a trial showed is reused: a length that
+trained under a smaller cap trains under a larger one, and one that ran out of memory under
+a larger cap does so under a smaller one. `--budget-s` bounds the whole run; each search
+gets an equal share of what is left, and a search cut short reports "≥ X". Ours also trains
+4 x 2048 tokens per step once (`--reference-rows`), the speed its long-context tokens/s are
+compared with. Every found length is set against `estimate-memory`'s prediction.
+
+Each trial and each search result is appended as a JSON line to
+benches/results/max_context_<card>.jsonl (and to $OUT/ when set); one table is printed at the end.
+
+  PYTHONPATH=$PWD/python:/tmp/site python benches/max_context_gpu.py            # on the GPU
+  python benches/max_context_gpu.py --shape tiny --max-trials 3                  # smoke test (CPU)
+
+The random 4-bit model is built on the meta device and each linear layer is quantized on
+the device from a random bf16 matrix, one at a time, so no 16 GB host copy is ever made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=10000.0,
+    ),
+}
+LORA_R = 32
+RESULT = "RESULT "
+# Lengths are multiples of this (bisection steps too).
+GRAIN = 256
+
+
+def make_config(shape: str) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 21, tie_word_embeddings=False)
+
+
+def random_nf4_model(shape: str, device: Any) -> Any:
+    """A causal LM of `shape` with random weights, its decoder's linear layers in bitsandbytes nf4."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    gen = torch.Generator(device).manual_seed(0)
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                dense = torch.randn(child.out_features, child.in_features, generator=gen, device=device)
+                dense = (dense * 0.02).to(torch.bfloat16)
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    device="meta",
+                )
+                packed: Any = bnb.nn.Params4bit(
+                    dense, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+                )
+                quantized.weight = packed.to(device)  # quantizes on the way
+                setattr(parent, name, quantized)
+                del dense
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            if "norm" in type(module).__name__.lower():
+                value = torch.ones(param.shape, dtype=torch.bfloat16, device=device)
+            else:
+                value = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+    with torch.device(device):  # its inverse frequencies are computed, not loaded
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    model.lm_head.weight.requires_grad_(False)
+    return model
+
+
+def cap_memory(cap_gib: float, device: Any) -> None:
+    """Lets this process's allocator hand out at most `cap_gib` GiB (CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or getattr(exc, "code", "") == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
+
+
+def trial_ours(shape: str, length: int, rows: int, device: Any) -> dict[str, Any]:
+    """Two steps of the real training loop on one packed row of `length` tokens (`rows` samples in it)."""
+    import torch
+
+    # One compiled kernel for every length: a fresh process per trial would otherwise compile each length anew.
+    torch._dynamo.config.assume_static_by_default = False
+    sys.path.insert(0, str(ROOT / "tests"))
+    import synthetic_data
+    from backpropagate.config import TrainConfig
+    from backpropagate.train.torch import loading
+    from backpropagate.train.torch import loop as torch_loop
+
+    config = TrainConfig(
+        mode="qlora",
+        device=str(device),
+        lora_r=LORA_R,
+        lora_alpha=LORA_R,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        learning_rate=1e-4,
+        micro_batch=1,
+        grad_accumulation=1,
+        warmup_steps=0,
+        save_every=0,
+        progress=False,
+        report_to="none",
+    ).validate()
+    model = random_nf4_model(shape, device)
+    params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    tm = loading.prepare_for_training(model, config, "qlora", device, params)
+    dataset = synthetic_data.random_dataset([length // rows] * (2 * rows), SHAPES[shape]["vocab_size"], length)
+    with tempfile.TemporaryDirectory(prefix="bp-maxctx-") as tmp:
+        outcome = torch_loop.train(tm, dataset, config, 2, Path(tmp), "max-context", {}, 1)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return {"tokens_per_s": records[-1]["tokens_per_s"], "features": outcome.features}
+
+
+def trial_peer(shape: str, length: int, rows: int, device: Any) -> dict[str, Any]:
+    """Two steps of a standard transformers + peft QLoRA recipe on `length` tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = random_nf4_model(shape, device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # fp32 norms, head
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (rows, length // rows), device=device)
+    step_s = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - started
+    return {"tokens_per_s": round(length / step_s, 1), "features": ["transformers+peft+bnb", "sdpa", "ckpt"]}
+
+
+def trial_main(args: argparse.Namespace) -> int:
+    """Child process: one trial, its outcome as the last stdout line."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cap_memory(args.cap, device)
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"ok": True}
+    try:
+        run = trial_ours if args.trial == "ours" else trial_peer
+        outcome.update(run(args.shape, args.length, args.rows, device))
+    except Exception as exc:  # an out-of-memory error is the answer; anything else ends the search
+        outcome = {"ok": False, "oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    outcome["wall_s"] = round(time.perf_counter() - started, 1)
+    if device.type == "cuda":
+        outcome["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    print(RESULT + json.dumps(outcome), flush=True)
+    return 0
+
+
+@dataclass
+class Trials:
+    """Runs trials in subprocesses within a global time and count budget; remembers what each showed."""
+
+    args: argparse.Namespace
+    card: str
+    deadline: float
+    done: list[dict[str, Any]] = field(default_factory=list)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def exhausted(self) -> bool:
+        return self.left() < 5 or (self.args.max_trials > 0 and self.count >= self.args.max_trials)
+
+    @property
+    def count(self) -> int:
+        return sum(1 for t in self.done if not t.get("reused"))
+
+    def known(self, which: str, cap: float, length: int, rows: int) -> dict[str, Any] | None:
+        """A result implied by an earlier trial (monotonic in the cap), if any."""
+        for t in self.done:
+            if t["which"] != which or t["length"] != length or t["rows"] != rows or t.get("reused"):
+                continue
+            if (t["ok"] and t["cap_gib"] <= cap) or (t.get("oom") and t["cap_gib"] >= cap):
+                return {**t, "cap_gib": cap, "reused": True}
+        return None
+
+    def run(self, which: str, cap: float, length: int, rows: int, limit_s: float) -> dict[str, Any]:
+        known = self.known(which, cap, length, rows)
+        if known is not None:
+            self.done.append(known)
+            return known
+        command = [sys.executable, str(Path(__file__).resolve()), "--trial", which, "--shape", self.args.shape]
+        command += ["--cap", str(cap), "--length", str(length), "--rows", str(rows)]
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+        timeout = max(1.0, min(limit_s, self.args.trial_timeout_s, self.left()))
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+            if lines:
+                outcome = json.loads(lines[-1][len(RESULT) :])
+            else:
+                outcome = {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+        except subprocess.TimeoutExpired:
+            outcome = {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
+        record = {"kind": "trial", "which": which, "shape": self.args.shape, "card": self.card, "cap_gib": cap}
+        record.update({"length": length, "rows": rows, **outcome})
+        if record["ok"] and which == "ours":
+            record["estimate_gib"] = estimated_gib(self.args.shape, length, record.get("features", []))
+        self.done.append(record)
+        emit(record, self.args, self.card)
+        print(
+            f"  {which:<4} cap {cap:>4} GiB  {length:>8} tokens: "
+            + (
+                f"ok, {record['tokens_per_s']} tok/s, peak {record.get('peak_gib')} GiB"
+                if record["ok"]
+                else record["error"][:160]
+            ),
+            flush=True,
+        )
+        return record
+
+
+def estimated_gib(shape: str, length: int, features: list[str]) -> float:
+    from backpropagate.memory_estimate import estimate_memory
+
+    offload = any("+offload" in f for f in features)
+    estimate = estimate_memory(SHAPES[shape], length, mode="qlora", lora_r=LORA_R, offload=offload)
+    return round(estimate.peak_bytes / 2**30, 2)
+
+
+def search(trials: Trials, which: str, cap: float, share_s: float, share_trials: int) -> dict[str, Any]:
+    """Doubling from --start, then bisection to --precision; the longest length that trained, and how sure.
+
+    It stops after `share_s` seconds or `share_trials` trials (0 = no limit), whichever comes first.
+    """
+    until = time.monotonic() + share_s
+    last_trial = trials.count + share_trials if share_trials else None
+
+    def out_of_budget() -> bool:
+        return (
+            trials.exhausted() or time.monotonic() >= until or (last_trial is not None and trials.count >= last_trial)
+        )
+
+    best: dict[str, Any] | None = None
+    failed_at: int | None = None
+    stopped = ""
+    length = trials.args.start
+    while failed_at is None:
+        if out_of_budget():
+            stopped = "budget"
+            break
+        result = trials.run(which, cap, length, 1, until - time.monotonic())
+        if result["ok"]:
+            best, length = result, length * 2
+        elif result.get("oom"):
+            failed_at = length
+        else:
+            stopped = "timeout" if result.get("timeout") else "error"
+            break
+    while failed_at is not None and best is not None and not stopped:
+        low = best["length"]
+        if failed_at - low <= max(GRAIN, trials.args.precision * low):
+            break
+        if out_of_budget():
+            stopped = "budget"
+            break
+        mid = (low + failed_at) // 2 // GRAIN * GRAIN
+        result = trials.run(which, cap, mid, 1, until - time.monotonic())
+        if result["ok"]:
+            best = result
+        elif result.get("oom"):
+            failed_at = mid
+        else:
+            stopped = "timeout" if result.get("timeout") else "error"
+    found = {
+        "kind": "search",
+        "which": which,
+        "shape": trials.args.shape,
+        "card": trials.card,
+        "cap_gib": cap,
+        "max_length": best["length"] if best else 0,
+        "at_least": bool(stopped) or failed_at is None,
+        "stopped": stopped or None,
+        "failed_at": failed_at,
+        "tokens_per_s": best.get("tokens_per_s") if best else None,
+        "peak_gib": best.get("peak_gib") if best else None,
+        "estimate_gib": best.get("estimate_gib") if best else None,
+        "features": best.get("features") if best else None,
+    }
+    emit(found, trials.args, trials.card)
+    return found
+
+
+def card_name() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((n for n in ("h200", "h100", "a100", "l40s", "4090") if n in name), name.split()[-1])
+
+
+def emit(record: dict[str, Any], args: argparse.Namespace, card: str) -> None:
+    """Appends `record` to the results file (and to $OUT/ when set)."""
+    line = json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"max_context_{card}.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+def table(found: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
+    """One row per (cap, system): longest length, its speed and memory, the estimate, ours / peer."""
+    ref_tps = reference["tokens_per_s"] if reference and reference.get("ok") else None
+    lines = [
+        f"reference (ours, 4 x 2048 tokens per step): {ref_tps or 'n/a'} tok/s",
+        f"{'cap':>5} {'system':<6} {'max tokens':>12} {'tok/s':>9} {'vs ref':>7} {'peak GiB':>9} "
+        f"{'est GiB':>8} {'est err':>8} {'x peer':>7}",
+    ]
+    peer = {f["cap_gib"]: f for f in found if f["which"] == "peer"}
+    for f in found:
+        length = ("≥ " if f["at_least"] else "") + f"{f['max_length']:,}"
+        tps = f["tokens_per_s"]
+        vs_ref = f"{tps / ref_tps:.2f}" if tps and ref_tps and f["which"] == "ours" else "-"
+        est, peak = f.get("estimate_gib"), f.get("peak_gib")
+        err = f"{(est - peak) / peak:+.0%}" if est and peak else "-"
+        other = peer.get(f["cap_gib"])
+        ratio = (
+            f"{f['max_length'] / other['max_length']:.1f}"
+            if f["which"] == "ours" and other and other["max_length"]
+            else "-"
+        )
+        lines.append(
+            f"{f['cap_gib']:>5} {f['which']:<6} {length:>12} {tps or '-':>9} {vs_ref:>7} {peak or '-':>9} "
+            f"{est or '-':>8} {err:>8} {ratio:>7}"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    p.add_argument("--caps", default="16,24,80", help="Card sizes in GiB, comma-separated.")
+    p.add_argument("--which", default="peer,ours", help="Systems to search: ours, peer or both.")
+    p.add_argument("--budget-s", type=float, default=540.0, help="Wall-clock budget of the whole run.")
+    p.add_argument("--trial-timeout-s", type=float, default=240.0, help="Longest a single trial may run.")
+    p.add_argument("--max-trials", type=int, default=0, help="Stop after this many trials (0 = no limit).")
+    p.add_argument("--start", type=int, default=4096, help="First length of each search.")
+    p.add_argument("--precision", type=float, default=0.05, help="Bisection stops within this share.")
+    p.add_argument("--reference-rows", type=int, default=4, help="Ours' speed reference: rows of 2048 (0 = none).")
+    p.add_argument("--results-dir", default=str(ROOT / "benches" / "results"), help="Where the JSON lines go.")
+    # A single trial, run by the search in a child process.
+    p.add_argument("--trial", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--cap", type=float, default=80.0, help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, default=4096, help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.which.split(",")) - {"ours", "peer"}
+    if unknown:
+        p.error(f"--which: unknown system(s) {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.trial:
+        return trial_main(args)
+    started = time.monotonic()
+    trials = Trials(args, card_name(), started + args.budget_s)
+    caps = sorted(float(c) if "." in c else int(c) for c in args.caps.split(","))
+    systems = [w for w in ("peer", "ours") if w in args.which.split(",")]
+    print(f"max context: {args.shape} QLoRA r{LORA_R}, caps {caps} GiB, {', '.join(systems)}", flush=True)
+    reference = None
+    if "ours" in systems and args.reference_rows > 0 and not trials.exhausted():
+        length = 2048 * args.reference_rows
+        reference = trials.run("ours", max(caps), length, args.reference_rows, args.trial_timeout_s)
+    searches = [(which, cap) for which in systems for cap in caps]
+    found = []
+    for i, (which, cap) in enumerate(searches):
+        share = max(0.0, trials.left()) / (len(searches) - i)
+        share_trials = max(1, (args.max_trials - trials.count) // (len(searches) - i)) if args.max_trials else 0
+        found.append(search(trials, which, cap, share, share_trials))
+    print(table(found, reference), flush=True)
+    print(f"{trials.count} trials in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

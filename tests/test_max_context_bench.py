@@ -1,0 +1,26 @@
+"""The max-context bench end to end on the tiny shape (CPU): trials in subprocesses, budget, results, table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benches" / "max_context_gpu.py"
+
+
+def test_tiny_search_under_a_two_trial_budget(tmp_path):
+    command = [sys.executable, str(BENCH), "--shape", "tiny", "--caps", "16", "--which", "ours,peer"]
+    command += ["--max-trials", "2", "--start", "256", "--reference-rows", "0", "--results-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "max_context_cpu.jsonl").read_text().splitlines()]
+    trials = [r for r in lines if r["kind"] == "trial"]
+    searches = {r["which"]: r for r in lines if r["kind"] == "search"}
+    # One trial each (the budget's share), both trained two steps at the start length.
+    assert [(t["which"], t["length"], t["ok"]) for t in trials] == [("peer", 256, True), ("ours", 256, True)]
+    assert all(t["tokens_per_s"] > 0 for t in trials)
+    assert trials[1]["estimate_gib"] > 0 and "fused_lora[14]" in trials[1]["features"]
+    for which in ("peer", "ours"):
+        assert searches[which]["max_length"] == 256 and searches[which]["at_least"]
+        assert searches[which]["stopped"] == "budget"
+    assert "≥ 256" in done.stdout and "2 trials in" in done.stdout
