@@ -109,7 +109,7 @@ def check_disjoint(out: Path, plan: dict[str, Any]) -> None:
 
 
 def sequence(
-    model: str, options: dict[str, Any], files: list[Path], out: Path, steps: int, **multi: Any
+    model: str, options: dict[str, Any], files: list[str | Path], out: Path, steps: int, **multi: Any
 ) -> dict[str, float]:
     """Task 1's held-out loss after run 1 and after the last run, and task 2's after the last run."""
     from backpropagate.trainer import Trainer
