@@ -15,8 +15,8 @@ checkpointed layer sees exactly that one tensor:
   copy back, and start the copy back of the layer below, which backward reaches next, so
   each transfer overlaps a layer's recomputation and backward.
 
-Host buffers are pooled by size and reused by the next micro-batch (pinning memory costs
-more than the copy). On the CPU the same path runs with plain buffers and no streams: the
+Host buffers are pooled by size and reused by the next micro-batch (page-locking memory
+costs more than the copy). On the CPU the same path runs with plain buffers and no streams: the
 "offload" is a copy to another buffer and back, which is what the gradient tests check.
 """
 
@@ -30,28 +30,55 @@ from typing import Any
 
 import torch
 
+from backpropagate.log import get_logger
+
+log = get_logger("offload")
+
 
 class _HostPool:
-    """Host byte buffers by size, pinned on CUDA hosts, reused across micro-batches."""
+    """Host byte buffers by size, page-locked on CUDA hosts, reused across micro-batches.
+
+    Buffers are allocated pageable and registered with CUDA (`cudaHostRegister`) rather than
+    taken from PyTorch's pinned allocator, which rounds each block up to a power of two: a
+    2.3 GB layer input would hold 4 GB of locked host memory.
+    """
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned
         self.free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.owned: list[torch.Tensor] = []
+        self.registered: list[int] = []
         self.bytes_held = 0
+        weakref.finalize(self, _unregister, self.registered)
 
     def take(self, nbytes: int) -> torch.Tensor:
         if self.free[nbytes]:
             return self.free[nbytes].pop()
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if self.pinned:
+            if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0:
+                self.registered.append(buffer.data_ptr())
+            else:  # copies from pageable memory still work, synchronously
+                log.warning("could not page-lock %.1f GiB of host memory for activation offload", nbytes / 2**30)
+        self.owned.append(buffer)  # a registered buffer is freed only after `clear` unregisters it
         self.bytes_held += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return buffer
 
     def give(self, buffer: torch.Tensor) -> None:
         self.free[buffer.numel()].append(buffer)
 
     def clear(self) -> None:
-        """Frees the pooled buffers (after the run, or before halving the micro-batch)."""
+        """Frees the pooled buffers (before the micro-batch is halved: other sizes follow)."""
+        _unregister(self.registered)
         self.free.clear()
+        self.owned.clear()
         self.bytes_held = 0
+
+
+def _unregister(pointers: list[int]) -> None:
+    for pointer in pointers:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    pointers.clear()
 
 
 class _Offloaded:

@@ -254,6 +254,8 @@ class RecomputePlan:
         elif self.offload_mode == "auto" and self.offload is None:
             self.start_offload()
         else:
+            if self.offload is not None:
+                self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
             return False
         log.warning("out of memory: %s", self.describe())
         return True
