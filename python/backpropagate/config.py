@@ -23,6 +23,7 @@ PREFERENCE_METHODS = ("orpo", "simpo", "kto")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 CHECKPOINTING = ("auto", "on", "off")
+PRECISIONS = ("auto", "bf16", "fp32")
 REPORT_TO = ("auto", "none", "tensorboard", "wandb", "tensorboard,wandb")
 
 # Used when neither the user nor a preset sets them.
@@ -56,6 +57,14 @@ class TrainConfig:
         choices=METHODS,
     )
     device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
+    precision: str = option(
+        "auto",
+        "Dtype the frozen base weights and activations compute in: bf16, fp32, or auto (bf16 on CUDA, fp32 on the "
+        "CPU). Adapter weights, gradients and optimizer state stay fp32 either way; mode=full keeps fp32 weights "
+        "and runs bf16 under autocast. bf16 on the CPU pays off on CPUs with avx512_bf16 or AMX.",
+        group="Model",
+        choices=PRECISIONS,
+    )
     backend: str = option(
         "auto",
         "Where the run trains: torch (PyTorch on CUDA or CPU) or mlx (Apple's MLX with mlx-lm: the Apple GPU, or the "

@@ -29,6 +29,8 @@ def check_supported(config: TrainConfig) -> None:
         problems.append(f"optimizer={config.optimizer!r} (bitsandbytes is CUDA/torch only; use adamw)")
     if config.device not in ("auto", "cpu"):
         problems.append(f"device={config.device!r} (MLX picks its own device: the Apple GPU, else the CPU)")
+    if config.precision != "auto":
+        problems.append(f"precision={config.precision!r} (MLX trains in the model's own dtype)")
     if config.gradient_checkpointing == "on":
         problems.append("gradient_checkpointing='on' (not implemented on MLX; use auto or off)")
     if config.offload_activations == "on":

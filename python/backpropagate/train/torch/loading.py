@@ -1,10 +1,10 @@
 """Loading a model for training: device, precision, 4-bit quantization, adapters, fast paths.
 
-bf16 on CUDA and fp32 on CPU; QLoRA (4-bit nf4 with double quantization) by default on
+bf16 on CUDA and fp32 on CPU unless `precision` says otherwise; QLoRA (4-bit nf4 with double quantization) by default on
 CUDA. Unlike peft's `prepare_model_for_kbit_training`, norms and the LM head stay in the
 compute dtype: upcasting them to fp32 costs speed and memory and buys nothing once the
 loss is computed in fp32 chunk by chunk. Full fine-tuning keeps fp32 master weights and
-runs under bf16 autocast on CUDA; it is refused above `FULL_FT_MAX_PARAMS`, counted on the
+runs under bf16 autocast when the compute dtype is bf16; it is refused above `FULL_FT_MAX_PARAMS`, counted on the
 meta device before any weight is read.
 """
 
@@ -41,7 +41,7 @@ class TrainingModel:
         device: Where it runs.
         mode: lora, qlora or full.
         compute_dtype: dtype of activations.
-        autocast: Whether forward runs under bf16 autocast (full fine-tuning on CUDA).
+        autocast: Whether forward runs under bf16 autocast (full fine-tuning in bf16).
         num_params: Parameters of the base model.
         recompute: Which layers recompute their activations in backward.
         features: Fast paths in use (for the log and the benchmark table).
@@ -164,11 +164,11 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return {**data, **text} if isinstance(text, dict) else data
 
 
-def load_base_model(path: Path, mode: str, device: torch.device) -> Any:
+def load_base_model(path: Path, mode: str, device: torch.device, precision: str = "auto") -> Any:
     """Reads the weights in the precision `mode` trains with."""
     from transformers import AutoModelForCausalLM
 
-    compute = compute_dtype_for(device)
+    compute = compute_dtype_for(device, precision)
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     if mode == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -194,9 +194,11 @@ def load_base_model(path: Path, mode: str, device: torch.device) -> Any:
     return model
 
 
-def compute_dtype_for(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def compute_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype `precision` names; `auto` is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -242,12 +244,13 @@ def prepare_for_training(
         features += fused.install(model)
     recompute = RecomputePlan(model, config.gradient_checkpointing, config.offload_activations)
     model.train()
+    compute = compute_dtype_for(device, config.precision)
     return TrainingModel(
         model=model,
         device=device,
         mode=mode,
-        compute_dtype=compute_dtype_for(device),
-        autocast=mode == "full" and device.type == "cuda",
+        compute_dtype=compute,
+        autocast=mode == "full" and compute == torch.bfloat16,
         num_params=num_params,
         recompute=recompute,
         features=features,
@@ -290,16 +293,17 @@ def load_for_training(path: Path, config: TrainConfig, init_adapter: Path | None
     device = resolve_device(config.device)
     mode = resolve_mode(config.mode, device)
     num_params = check_full_fine_tuning(path, mode)
-    model = load_base_model(path, mode, device)
+    model = load_base_model(path, mode, device, config.precision)
     trained = prepare_for_training(model, config, mode, device, num_params)
     if init_adapter is not None:
         load_adapter_weights(trained, init_adapter)
     log.info(
-        "model %s: %s parameters, mode=%s, device=%s, %s",
+        "model %s: %s parameters, mode=%s, device=%s, %s compute, %s",
         path,
         f"{num_params / 1e9:.2f}B" if num_params >= 1e8 else f"{num_params / 1e6:.2f}M",
         mode,
         device,
+        str(trained.compute_dtype).removeprefix("torch."),
         ", ".join(trained.features + ([trained.recompute.describe()] if trained.recompute else [])),
     )
     return trained

@@ -107,7 +107,7 @@ def micro_batches(dataset: PreparedDataset, rows: np.ndarray, rows_per_batch: in
 
 def forward_hidden(tm: TrainingModel, batch: DeviceBatch) -> torch.Tensor:
     """Final hidden states [1, T, H] of a packed micro-batch (the LM head is left to the objective)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if tm.autocast else nullcontext()
+    autocast = torch.autocast(tm.device.type, dtype=torch.bfloat16) if tm.autocast else nullcontext()
     with autocast:
         out = tm.decoder(
             input_ids=batch.input_ids,
