@@ -133,9 +133,12 @@ def cap_memory(cap_gib: float, device: Any) -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Out of card memory, or of host memory (offloaded activations live there)."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or getattr(exc, "code", "") == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
+    if isinstance(exc, torch.OutOfMemoryError) or getattr(exc, "code", "") == "RUNTIME_OOM_RECOVERY_EXHAUSTED":
+        return True
+    return isinstance(exc, (MemoryError, RuntimeError)) and "can't allocate memory" in str(exc)
 
 
 def trial_ours(shape: str, length: int, rows: int, device: Any) -> dict[str, Any]:
@@ -264,6 +267,8 @@ class Trials:
             lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
             if lines:
                 outcome = json.loads(lines[-1][len(RESULT) :])
+            elif proc.returncode == -9:  # the kernel's OOM killer: host memory ran out
+                outcome = {"ok": False, "oom": True, "error": "killed (host memory exhausted)"}
             else:
                 outcome = {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
         except subprocess.TimeoutExpired:
