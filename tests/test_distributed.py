@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,8 +27,17 @@ from train_helpers import rule_dataset
 
 TESTS = Path(__file__).parent
 DATASET = dict(vocab=300, samples=90, max_seq_length=96, seed=0)
-# Four packed rows a step: two per rank in a world of two, as one micro-batch each.
-OPTIONS = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
+# Four packed rows a step: two per rank in a world of two, as one micro-batch each. A constant
+# learning rate, so that a run of 3 steps resumed to 6 is the run of 6 (a schedule spans the steps asked for).
+OPTIONS = dict(
+    progress=False,
+    report_to="none",
+    micro_batch=2,
+    grad_accumulation=2,
+    learning_rate=1e-2,
+    schedule="constant",
+    warmup_steps=0,
+)
 STEPS = 6
 # The same sums in another order (per rank, then across ranks) drift by float32 rounding only.
 LOSS_RTOL = 1e-4
@@ -85,14 +95,31 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def one_process(tiny_llama, dataset, tmp_path_factory):
-    """The uninterrupted single-process run the several-process runs must reproduce."""
+    """The uninterrupted single-process run the several-process runs must reproduce (checkpoints at 3 and 6)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    return Trainer("tiny-llama", output_dir=str(out), **OPTIONS).train(dataset, steps=STEPS)
+    return Trainer("tiny-llama", output_dir=str(out), save_every=STEPS // 2, **OPTIONS).train(dataset, steps=STEPS)
 
 
-def test_two_processes_train_like_one_at_the_same_global_batch(one_process, tmp_path):
-    out = tmp_path / "run"
-    ranks, _ = run_world(2, tmp_path, STEPS, options=dict(OPTIONS, output_dir=str(out)))
+@pytest.fixture(scope="module")
+def two_processes(tiny_llama, tmp_path_factory):
+    """The same run on two processes: (output folder, each rank's result)."""
+    tmp = tmp_path_factory.mktemp("two")
+    out = tmp / "run"
+    ranks, _ = run_world(2, tmp, STEPS, options=dict(OPTIONS, output_dir=str(out), save_every=STEPS // 2))
+    return out, ranks
+
+
+def cut_after_half(run: Path, tmp: Path) -> Path:
+    """A copy of a finished run as a kill right after its middle checkpoint would have left it."""
+    cut = tmp / f"{run.parent.name}-cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:06d}")
+    shutil.rmtree(cut / "adapter")
+    return cut
+
+
+def test_two_processes_train_like_one_at_the_same_global_batch(one_process, two_processes):
+    out, ranks = two_processes
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank holds the global loss
     np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process.losses), rtol=LOSS_RTOL)
     assert ranks[0]["digest"] == ranks[1]["digest"]  # the same update on every rank: identical adapters
@@ -106,16 +133,14 @@ def test_two_processes_train_like_one_at_the_same_global_batch(one_process, tmp_
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
 
 
-def test_resume_across_world_sizes_continues_the_same_curve(one_process, dataset, tmp_path):
+def test_resume_across_world_sizes_continues_the_same_curve(one_process, two_processes, dataset, tmp_path):
     expected = losses(one_process.losses)
-    # 2 -> 1: two processes train half the run, one process finishes it.
-    two_first = tmp_path / "two-first"
-    run_world(2, tmp_path, STEPS // 2, options=dict(OPTIONS, output_dir=str(two_first)))
+    # 2 -> 1: one process finishes what two processes checkpointed at half the run.
+    two_first = cut_after_half(two_processes[0], tmp_path)
     finished = Trainer("tiny-llama", output_dir=str(two_first), resume=True, **OPTIONS).train(dataset, steps=STEPS)
     np.testing.assert_allclose(losses(finished.losses), expected, rtol=LOSS_RTOL)
-    # 1 -> 2: one process trains half the run, two processes finish it.
-    one_first = tmp_path / "one-first"
-    Trainer("tiny-llama", output_dir=str(one_first), **OPTIONS).train(dataset, steps=STEPS // 2)
+    # 1 -> 2: two processes finish what one process checkpointed at half the run.
+    one_first = cut_after_half(one_process.output_dir, tmp_path)
     ranks, _ = run_world(2, tmp_path, STEPS, options=dict(OPTIONS, output_dir=str(one_first), resume=True))
     np.testing.assert_allclose(losses(ranks[1]["losses"]), expected, rtol=LOSS_RTOL)
     assert ranks[0]["digest"] == ranks[1]["digest"]
