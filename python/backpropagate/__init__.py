@@ -17,13 +17,14 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["BackpropagateError", "TrainConfig", "TrainResult", "Trainer", "__version__"]
+__all__ = ["BackpropagateError", "TrainConfig", "TrainResult", "Trainer", "__version__", "estimate_memory"]
 
 # Heavy modules (torch, transformers) load only when the training API is first touched.
 _LAZY = {
     "Trainer": "backpropagate.trainer",
     "TrainResult": "backpropagate.trainer",
     "TrainConfig": "backpropagate.config",
+    "estimate_memory": "backpropagate.memory_estimate",
 }
 
 
