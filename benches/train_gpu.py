@@ -20,6 +20,12 @@ peers, after them, so both use the same card and the peers' random 7B folder is 
 Each variant prints one JSON line and appends it to $OUT/results.jsonl (or /tmp); at the end
 a table compares every variant with the peers' lines found in that file, as ratios.
 `--quick` runs a tiny shape for a few steps (works on CPU too) to check the script itself.
+
+`--gpus N` then runs the same variants data-parallel on N devices (N processes started through
+torch.distributed.run, each on its own card with `--rows` rows per step, so the global step is
+N times larger), and reports their tokens/s (all devices together), the scaling over one
+device and every device's peak memory. `--gpus 2 --device cpu --quick` runs two CPU processes
+over gloo, which checks the multi-process path on any machine.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +46,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
+
+from backpropagate.train.distributed import SINGLE, World, join, launched_world, rank_device  # noqa: E402
 
 SHAPES = {
     # name: (arch, hidden, intermediate, layers, heads, kv_heads, vocab, tied)
@@ -98,7 +107,7 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def train_config(args: argparse.Namespace, device: torch.device, mode: str, **overrides):  # type: ignore[no-untyped-def]
+def train_config(args: argparse.Namespace, device: torch.device, mode: str, world: World, **overrides):  # type: ignore[no-untyped-def]
     from backpropagate.config import TrainConfig
 
     base = dict(
@@ -109,7 +118,7 @@ def train_config(args: argparse.Namespace, device: torch.device, mode: str, **ov
         lora_dropout=0.0,
         learning_rate=1e-4,
         micro_batch=args.rows,
-        grad_accumulation=1,
+        grad_accumulation=world.size,  # `rows` rows per device and step
         warmup_steps=0,
         save_every=0,
         progress=False,
@@ -119,13 +128,14 @@ def train_config(args: argparse.Namespace, device: torch.device, mode: str, **ov
     return TrainConfig(**base).validate()
 
 
-def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: ignore[type-arg]
+def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SINGLE) -> dict | None:  # type: ignore[type-arg]
+    """One variant on this process's device; in a world of several, the row of rank 0 (None on the others)."""
     import synthetic_data as synthetic
     from backpropagate.train.torch import loading
     from backpropagate.train.torch import loop as torch_loop
     from backpropagate.train.torch.recompute import RecomputePlan
 
-    device = torch.device(args.device)
+    device = torch.device(rank_device(world, args.device))
     seq = args.seqlen
     steps = args.warmup + args.steps
     kind = variant.split("_")[0]
@@ -138,12 +148,15 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         overrides["gradient_checkpointing"] = "auto"
     if variant.endswith("_eager"):
         overrides["fused_kernels"] = False
-    config = train_config(args, device, mode, **overrides)
+    config = train_config(args, device, mode, world, **overrides)
     t0 = time.perf_counter()
     if mode == "qlora":
         cache.pop("model", None)
         release()
-        folder = saved_random_model(args.shape, Path(args.qlora_folder), device)
+        folder = Path(args.qlora_folder)
+        if world.is_main:  # the other processes load the folder rank 0 writes
+            saved_random_model(args.shape, folder, device)
+        world.barrier()
         t0 = time.perf_counter()
         tm = loading.load_for_training(folder, config)
     else:
@@ -158,17 +171,21 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         tm.recompute = RecomputePlan(tm.model, config.gradient_checkpointing)
     load_s = time.perf_counter() - t0
     vocab = SHAPES[args.shape][6]
+    rows = args.rows * world.size
     if kind == "realistic":
-        lengths = synthetic.realistic_lengths(args.rows * steps * seq // 300, seq, seed=0)
+        lengths = synthetic.realistic_lengths(rows * steps * seq // 300, seq, seed=0)
     else:
-        lengths = [seq] * (args.rows * steps)
+        lengths = [seq] * (rows * steps)
     dataset = synthetic.random_dataset(lengths, vocab, seq, seed=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the weights already resident
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         out = Path(tmp)
         step_rows = torch_loop.rows_per_step(config, dataset.num_rows)
-        outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows)
+        outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows, world)
+        peaks = world.gather(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
+        if not world.is_main:
+            return None
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = records[args.warmup :]
     window = measured[-1]["time"] - records[args.warmup - 1]["time"]
@@ -177,7 +194,6 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
     params = tm.num_params
     share = tm.recompute.recomputed / max(1, len(tm.recompute.layers)) if tm.recompute else 0.0
     flops_per_token = (4 + 2 * share) * params  # forward 2N, input grads 2N, recompute 2N (the peers' formula)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if mode == "qlora":
         del tm
         release()
@@ -185,15 +201,17 @@ def run(variant: str, args: argparse.Namespace, cache: dict) -> dict:  # type: i
         "variant": f"bp_{variant}",
         "shape": args.shape,
         "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "devices": world.size,
         "mode": mode,
-        "rows_per_step": args.rows,
+        "rows_per_step": rows,
         "seqlen": seq,
         "params": params,
         "load_s": round(load_s, 1),
         "tokens_per_s": round(tps, 1),
         "useful_tokens_per_step": round(tokens / len(measured)),
-        "peak_mem_gib": round(peak, 2),
-        "mfu_vs_989": round(tps * flops_per_token / PEAK_BF16_FLOPS, 3),
+        "peak_mem_gib": round(max(peaks), 2),
+        "peak_mem_gib_per_device": [round(p, 2) for p in peaks],
+        "mfu_vs_989": round(tps * flops_per_token / PEAK_BF16_FLOPS / world.size, 3),  # per device
         "loss": round(outcome.state.losses[-1][1], 3),
         "features": outcome.features,
         "torch": torch.__version__,
@@ -223,6 +241,18 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
             continue
         kind = row["variant"][3:].split("_")[0]
         notes = []
+        if row.get("devices", 1) > 1:
+            one = next(
+                (r for r in rows if r["variant"] == row["variant"].rsplit("_x", 1)[0] and "error" not in r), None
+            )
+            if one is not None:
+                notes.append(f"{row['tokens_per_s'] / one['tokens_per_s']:.2f}x one device")
+            notes.append(f"peak GiB per device {row['peak_mem_gib_per_device']}")
+            lines.append(
+                f"{row['variant']:<20} {row['tokens_per_s']:>10,.0f} {row['peak_mem_gib']:>9.2f} "
+                f"{row['mfu_vs_989']:>6.3f}  {'; '.join(notes)}"
+            )
+            continue
         for peer, target in TARGETS.get(kind, []):
             if peer in peers:
                 ratio = row["tokens_per_s"] / peers[peer]["tokens_per_s"]
@@ -245,16 +275,61 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
     return "\n".join(lines)
 
 
+def run_variants(args: argparse.Namespace, world: World) -> list[dict]:  # type: ignore[type-arg]
+    """Every variant in turn on this world; rank 0 prints each row and appends it to $OUT/results.jsonl."""
+    rows = []
+    cache: dict = {}  # type: ignore[type-arg]
+    for variant in args.variants:
+        try:
+            row = run(variant, args, cache, world)
+        except Exception as exc:  # one failing variant must not lose the others
+            row = {
+                "variant": f"bp_{variant}",
+                "error": f"{type(exc).__name__}: {exc}",
+                "tb": traceback.format_exc()[-3000:],
+            }
+            print(row["tb"], file=sys.stderr, flush=True)
+            if world.size > 1:
+                raise  # the other ranks are waiting in a collective: stop them all
+        release()
+        if row is None:
+            continue
+        if world.size > 1:
+            row["variant"] += f"_x{world.size}"
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        OUT.mkdir(parents=True, exist_ok=True)
+        with open(OUT / "results.jsonl", "a") as f:
+            f.write(line + "\n")
+    return rows
+
+
+def run_on_devices(args: argparse.Namespace, argv: list[str]) -> list[dict]:  # type: ignore[type-arg]
+    """The variants again on `args.gpus` devices, one process each (torch.distributed.run); rank 0's rows."""
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as rows_file:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
+        command += [__file__, *argv, "--rows-file", rows_file.name]
+        status = subprocess.run(command, check=False).returncode
+        rows = [json.loads(line) for line in rows_file.read().splitlines()]
+    if status != 0:
+        rows.append({"variant": f"bp_x{args.gpus}", "error": f"the {args.gpus} processes exited with {status}"})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=["dense", "dense_auto", "realistic", "qlora"])
     parser.add_argument("--quick", action="store_true", help="tiny shape, few steps: checks the script")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
-    parser.add_argument("--rows", type=int, default=4, help="packed rows per step")
+    parser.add_argument("--rows", type=int, default=4, help="packed rows per step (per device)")
     parser.add_argument("--seqlen", type=int, default=2048, help="row length in tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--qlora-folder", default="/tmp/rand-qwen2.5-7b", help="random 7B folder (shared with peers)")
+    parser.add_argument("--gpus", type=int, default=1, help="then run the variants data-parallel on N devices")
+    parser.add_argument("--rows-file", help=argparse.SUPPRESS)  # where the ranks of --gpus leave rank 0's rows
     args = parser.parse_args(argv)
     args.shape = "qwen2.5-7b"
     if args.quick:
@@ -263,25 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     from backpropagate import log
 
     log.configure()
-    rows = []
-    cache: dict = {}  # type: ignore[type-arg]
-    for variant in args.variants:
-        try:
-            row = run(variant, args, cache)
-        except Exception as exc:  # one failing variant must not lose the others
-            row = {
-                "variant": f"bp_{variant}",
-                "error": f"{type(exc).__name__}: {exc}",
-                "tb": traceback.format_exc()[-3000:],
-            }
-            print(row["tb"], file=sys.stderr, flush=True)
-        release()
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(line + "\n")
+    world = launched_world()
+    if world.size > 1:  # one of the processes --gpus started
+        rows = run_variants(args, join(args.device))
+        if world.is_main:
+            Path(args.rows_file).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return 0
+    rows = run_variants(args, world)
+    if args.gpus > 1:
+        rows += run_on_devices(args, argv)
     print(table(rows), flush=True)
     return 0 if all("error" not in r for r in rows) else 1
 
