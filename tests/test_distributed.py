@@ -176,3 +176,17 @@ def test_more_gpus_than_the_machine_has_are_refused(tiny_llama):
     result = run_cli("train", "--gpus", "2", "--steps", "1")
     assert result.status != 0
     assert "[DEP_GPU_NOT_AVAILABLE]" in result.stderr and "2 CUDA devices" in result.stderr
+
+
+def test_gpus_on_the_cpu_starts_the_processes_and_rank_0_reports(tiny_llama, tmp_path):
+    """`backprop train --gpus 2 --device cpu`: torch.distributed.run, `python -m backpropagate`, gloo."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "backpropagate", "train", "--gpus", "2", "--device", "cpu", "--steps", "2"]
+    command += ["--micro-batch", "1", "--grad-accumulation", "2", "--no-progress", "--report-to", "none"]
+    done = subprocess.run([*command, "--output", str(out), "--json"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)  # one summary: rank 0's
+    assert summary["steps"] == 2 and summary["adapter_dir"] == str(out / "adapter")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]

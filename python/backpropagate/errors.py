@@ -139,7 +139,7 @@ CATALOG: dict[str, CodeInfo] = {
     ),
     "RUNTIME_DISTRIBUTED_FAILED": CodeInfo(
         "A training process of a several-device run failed or hung; its own error, named in the message, says why. "
-        "Fix that and rerun with --resume.",
+        "Fix that and run again (--resume continues from the last checkpoint).",
         retryable=True,
     ),
     "RUNTIME_UI_AUTH_NOT_ENFORCED": CodeInfo(
