@@ -22,6 +22,7 @@ costs more than the copy). On the CPU the same path runs with plain buffers and 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -84,11 +85,11 @@ def _unregister(pointers: list[int]) -> None:
 class _Offloaded:
     """One saved tensor in host memory, and its way back to the device."""
 
-    def __init__(self, offload: ActivationOffload, tensor: torch.Tensor, below: _Offloaded | None) -> None:
+    def __init__(self, offload: ActivationOffload, tensor: torch.Tensor, below: _Offloaded | _Kept | None) -> None:
         self.offload = offload
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
         # The layer below runs its backward right after this one: it is the next to prefetch.
-        self.below = None if below is None else weakref.ref(below)
+        self.below: weakref.ref[_Offloaded | _Kept] | None = None if below is None else weakref.ref(below)
         self.host: torch.Tensor | None = offload.pool.take(tensor.numel() * tensor.element_size())
         self.back: torch.Tensor | None = None
         self.arrived: torch.cuda.Event | None = None
@@ -130,6 +131,23 @@ class _Offloaded:
         return back
 
 
+class _Kept:
+    """A saved tensor left on the device (the last layer's input: backward needs it first).
+
+    Unpacking it starts the copy back of the layer below, as an offloaded one does.
+    """
+
+    def __init__(self, tensor: torch.Tensor, below: _Offloaded | _Kept | None) -> None:
+        self.tensor = tensor
+        self.below: weakref.ref[_Offloaded | _Kept] | None = None if below is None else weakref.ref(below)
+
+    def prefetch(self) -> None:
+        """Nothing to fetch."""
+
+    def restore(self) -> torch.Tensor:
+        return self.tensor
+
+
 class ActivationOffload:
     """Saved-tensor hooks that keep checkpointed layers' inputs in host memory between forward and backward.
 
@@ -141,16 +159,16 @@ class ActivationOffload:
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = _HostPool(pinned=cuda)
-        self._last: weakref.ref[_Offloaded] | None = None
+        self._last: weakref.ref[_Offloaded | _Kept] | None = None
         self.offloaded = 0
 
-    def _pack(self, tensor: torch.Tensor) -> Any:
+    def _pack(self, tensor: torch.Tensor, keep: bool) -> Any:
         if not tensor.is_floating_point():
             return tensor
         below = None if self._last is None else self._last()
-        handle = _Offloaded(self, tensor, below)
+        handle = _Kept(tensor, below) if keep else _Offloaded(self, tensor, below)
         self._last = weakref.ref(handle)
-        self.offloaded += 1
+        self.offloaded += not keep
         return handle
 
     @staticmethod
@@ -164,9 +182,9 @@ class ActivationOffload:
         return tensor
 
     @contextmanager
-    def hooks(self) -> Iterator[None]:
-        """Offloads what autograd saves inside (a checkpointed layer's inputs)."""
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+    def hooks(self, keep: bool = False) -> Iterator[None]:
+        """Offloads what autograd saves inside (a checkpointed layer's inputs); `keep` leaves it on the device."""
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, keep=keep), self._unpack):
             yield
 
     @property
@@ -175,11 +193,11 @@ class ActivationOffload:
         return self.pool.bytes_held
 
 
-def offloaded(checkpoint: Callable[..., Any], offload: ActivationOffload) -> Callable[..., Any]:
-    """`checkpoint(forward, *args)` with the checkpoint's saved inputs kept in host memory by `offload`."""
+def offloaded(checkpoint: Callable[..., Any], offload: ActivationOffload, keep: bool = False) -> Callable[..., Any]:
+    """`checkpoint(forward, *args)` with the checkpoint's saved inputs in host memory (`keep`: on the device)."""
 
     def run(forward: Any, *args: Any, **kwargs: Any) -> Any:
-        with offload.hooks():
+        with offload.hooks(keep):
             return checkpoint(forward, *args, **kwargs)
 
     return run

@@ -167,12 +167,15 @@ class RecomputePlan:
         """Recompute all layers but the last `kept` (their activations stay in memory)."""
         self.kept = max(0, min(kept, len(self.layers)))
         recomputed = len(self.layers) - self.kept
-        recompute = functools.partial(checkpointed, preserve_rng_state=self.preserve_rng)
-        # The last recomputed layer's input is the first that backward needs: it stays on the device.
-        moved = offloaded(recompute, self.offload) if self.offload is not None else recompute
+        recompute: Any = functools.partial(checkpointed, preserve_rng_state=self.preserve_rng)
+        moved = last = recompute
+        if self.offload is not None:
+            moved = offloaded(recompute, self.offload)
+            # The last recomputed layer's input is the first that backward needs: it stays on the device.
+            last = offloaded(recompute, self.offload, keep=True)
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
-            setattr(layer, "_gradient_checkpointing_func", moved if i < recomputed - 1 else recompute)  # noqa: B010
+            setattr(layer, "_gradient_checkpointing_func", moved if i < recomputed - 1 else last)  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
                     module.__dict__["bp_recomputed"] = i < recomputed
