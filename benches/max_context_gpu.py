@@ -316,15 +316,21 @@ def search(trials: Trials, which: str, cap: float, share_s: float, share_trials:
     failed_at: int | None = None
     stopped = ""
     length = trials.args.start
-    while failed_at is None:
+    # Doubling up while trials train; if even the start does not fit, halving down instead.
+    while True:
         if out_of_budget():
             stopped = "budget"
             break
         result = trials.run(which, cap, length, 1, until - time.monotonic())
         if result["ok"]:
             best, length = result, length * 2
+            if failed_at is not None:
+                break
         elif result.get("oom"):
             failed_at = length
+            if best is not None or length <= GRAIN:
+                break
+            length = max(GRAIN, length // 2 // GRAIN * GRAIN)
         else:
             stopped = "timeout" if result.get("timeout") else "error"
             break
