@@ -51,6 +51,10 @@ PRESETS: dict[str, Preset] = {
         Preset("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.2, 16, 32, 2e-4, 2048),
         Preset("phi-4-mini", "microsoft/Phi-4-mini-instruct", 3.8, 16, 32, 2e-4, 4096),
         Preset("qwen3-4b", "Qwen/Qwen3-4B", 4.0, 16, 32, 2e-4, 4096),
+        # Qwen3.5: image + text models; training uses the text tower (3 of 4 layers linear attention).
+        Preset("qwen3.5-0.8b", "Qwen/Qwen3.5-0.8B", 0.8, 16, 32, 2e-4, 4096),
+        Preset("qwen3.5-2b", "Qwen/Qwen3.5-2B", 2.0, 16, 32, 2e-4, 4096),
+        Preset("qwen3.5-4b", "Qwen/Qwen3.5-4B", 4.0, 16, 32, 2e-4, 4096),
         Preset("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.1, 16, 32, 2e-4, 4096),
         # Gemma 3: 4B and 12B are image + text models; training and export use the text tower.
         Preset("gemma-3-1b", "google/gemma-3-1b-it", 1.0, 16, 32, 2e-4, 4096),

@@ -289,7 +289,12 @@ def register() -> None:
 
 @contextmanager
 def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Switches `model` (and its sub-configs) to packed attention for the duration of training."""
+    """Switches `model` (and its sub-configs) to packed attention for the duration of training.
+
+    Linear-attention layers (Qwen3.5) run sample by sample meanwhile (`linear_attention`).
+    """
+    from backpropagate.train.torch.linear_attention import per_sample_linear_attention
+
     register()
     configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
     unique = list({id(c): c for c in configs}.values())
@@ -297,7 +302,8 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     for c in unique:
         c._attn_implementation = PACKED_ATTENTION
     try:
-        yield
+        with per_sample_linear_attention(model):
+            yield
     finally:
         for c, name in zip(unique, saved, strict=True):
             c._attn_implementation = name

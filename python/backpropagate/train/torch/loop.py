@@ -36,6 +36,7 @@ from backpropagate.train.metrics import MetricsLogger, ProgressBar
 from backpropagate.train.thermal import TemperatureGuard, nvml_reader
 from backpropagate.train.torch import lora_fused
 from backpropagate.train.torch.attention import packed_attention
+from backpropagate.train.torch.linear_attention import linear_attention_layers
 from backpropagate.train.torch.loading import TrainingModel
 from backpropagate.train.torch.losses import (
     DeviceBatch,
@@ -149,6 +150,8 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
         return f"method={objective.name}"
     if draws_random_numbers(tm.model):
         return "dropout is on"
+    if linear_attention_layers(tm.model):
+        return "linear-attention layers run sample by sample"
     return None
 
 

@@ -1,0 +1,174 @@
+"""Qwen3.5 training through the packed path: Gated DeltaNet layers restart at every sample.
+
+Three of every four layers are linear attention (a recurrent state and a short causal
+convolution), the fourth gated full attention. A packed row must give each sample what it
+gets alone, so no state may cross a sample boundary. There are no Qwen3.5 tokenizer files
+here: Qwen2.5's (the same byte-level BPE family) stand in, in a `qwen3_5` folder, with the
+published Qwen3.5 chat template from the shared template set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate._core import DataTokenizer
+from backpropagate.data import DataConfig, prepare
+from conftest import TOKENIZERS, real_tokenizer
+from test_data_templates import CONVERSATION, labelled_runs
+from test_families import TEXTS, chat_rows, packed_and_alone_losses, tiny_random_model
+
+TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "Qwen3.5-4B.jinja"
+# The text tower as published (model_type qwen3_5_text), at tiny sizes: layers 0-2 linear, 3 full.
+TEXT = {
+    "model_type": "qwen3_5_text",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "max_position_embeddings": 512,
+}
+# The published form: an image + text model whose text tower is trained.
+VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+
+
+def qwen35_folder(tmp_path: Path, multimodal: bool, template: bool = False) -> Path:
+    """Qwen2.5's tokenizer files with a tiny Qwen3.5 config.json (and the Qwen3.5 template if asked)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "qwen3.5"
+    shutil.copytree(real_tokenizer("qwen2.5-0.5b-instruct"), folder)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    text = {**TEXT, "vocab_size": len(AutoTokenizer.from_pretrained(folder))}
+    config = (
+        {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": text}
+        | {"vision_config": VISION, "tie_word_embeddings": True}
+        if multimodal
+        else {**text, "architectures": ["Qwen3_5ForCausalLM"], "tie_word_embeddings": True}
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    if template:
+        if not TEMPLATE.exists():
+            pytest.skip("Qwen3.5 chat template not available")
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config["chat_template"] = TEMPLATE.read_text()
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "image+text"])
+def test_packed_loss_equals_unpacked(tmp_path, multimodal):
+    folder = qwen35_folder(tmp_path, multimodal)
+    model = tiny_random_model(folder)
+    assert sum(type(m).__name__ == "Qwen3_5GatedDeltaNet" for m in model.modules()) == 3
+    packed, alone = packed_and_alone_losses(model, folder, tmp_path)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_gradients_equal_the_sum_of_unpacked_ones(tmp_path):
+    """Full fine-tuning: a packed row's gradients (recurrent and conv weights included) are the samples' own, summed."""
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import forward_hidden
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
+
+    folder = qwen35_folder(tmp_path, multimodal=False)
+    model = tiny_random_model(folder)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
+    samples = ds.row_samples(0)
+    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    with packed_attention(model):
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for s in samples:
+        lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
+        ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
+        labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+        logits = model(input_ids=ids).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").backward()
+    assert any(".linear_attn.conv1d." in name for name in packed)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_prompt_gives_the_loss_and_gradients_of_two_sequences(tmp_path):
+    """ORPO's shared prompt (stored once, keys gathered by `kv_index`): the recurrent layers see
+    each answer after its whole prompt, so loss and LoRA gradients equal the pair stored twice."""
+    from backpropagate.config import TrainConfig
+    from backpropagate.examples import example_path
+    from backpropagate.train.torch.loading import load_for_training
+    from test_preference import LORA, loss_and_grads
+
+    folder = qwen35_folder(tmp_path, multimodal=False)
+    tiny_random_model(folder).save_pretrained(folder)
+    pairs = prepare(example_path("preference"), folder, DataConfig(max_seq_length=256, cache=False))
+    batch = pairs.batch_of(np.concatenate([pairs.row_samples(r) for r in range(pairs.num_rows)]))
+    torch.manual_seed(0)
+    tm = load_for_training(folder, TrainConfig(method="orpo", **LORA))
+    with torch.no_grad():
+        for name, p in tm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    shared = loss_and_grads(tm, TrainConfig(method="orpo", **LORA), pairs, batch)
+    apart = loss_and_grads(tm, TrainConfig(method="orpo", shared_prompt=False, **LORA), pairs, batch)
+    assert shared[0] == pytest.approx(apart[0], rel=1e-5)
+    assert any("linear_attn" in name for name in shared[1])
+    for name, grad in shared[1].items():
+        torch.testing.assert_close(grad, apart[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_tokenization_and_assistant_mask_with_the_qwen35_template(tmp_path):
+    """A `qwen3_5` folder tokenizes as transformers loads it; the Qwen3.5 template's mask keeps each answer."""
+    from transformers import AutoTokenizer
+
+    folder = qwen35_folder(tmp_path, multimodal=True, template=True)
+    hf = AutoTokenizer.from_pretrained(folder)
+    ours = DataTokenizer(str(folder))
+    for text in TEXTS:
+        assert ours.encode(text)[0] == hf(text, add_special_tokens=False)["input_ids"], text
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False))
+    expected = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert ds.input_ids.tolist() == list(expected)
+    # The generation prompt ends in "<think>\n": the last answer closes the empty thought itself.
+    runs = labelled_runs(hf, ds.input_ids, ds.labels)
+    assert runs == ["I am a bot.<|im_end|>\n", "</think>\n\nIt is 4.<|im_end|>\n"]
+
+
+def test_cuda_graphs_are_not_captured_over_per_sample_layers(tmp_path):
+    """The per-sample split reads the boundaries on the host, which a captured graph cannot replay."""
+    from backpropagate.config import TrainConfig
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import graph_obstacle
+    from backpropagate.train.torch.losses import SftObjective
+
+    model = tiny_random_model(qwen35_folder(tmp_path, multimodal=False))
+    tm = TrainingModel(model, torch.device("cuda"), "lora", torch.bfloat16, False, 0)
+    reason = graph_obstacle(tm, SftObjective(), TrainConfig(cuda_graphs=True, lora_dropout=0.0))
+    assert reason == "linear-attention layers run sample by sample"
+
+
+@pytest.mark.parametrize("size", ["0.8b", "2b", "4b"])
+def test_presets(size):
+    from backpropagate.presets import find_preset
+
+    preset = find_preset(f"qwen3.5-{size}")
+    assert preset is not None and preset.model_id == f"Qwen/Qwen3.5-{size.upper()}"
+    assert find_preset(preset.model_id) == preset
