@@ -25,8 +25,16 @@ fn nearest_int(v: f32) -> i32 {
     ((v + 12_582_912.0).to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
 }
 
+/// `nearest_int(v)` clamped to `[lo, hi]`, as a float (exact: the levels are small).
+#[inline(always)]
+fn level(v: f32, lo: i32, hi: i32) -> f32 {
+    nearest_int(v).max(lo).min(hi) as f32
+}
+
 /// ggml's `make_qkx2_quants` (no MAD) for 8 groups of 32 at once: group `k` is lane `k`
-/// of `x[i]` and `w[i]`. Writes the levels to `levels` and returns `(scale, -min)` per lane.
+/// of `x[i]` and `w[i]`. Writes the levels (as floats) to `levels` and returns
+/// `(scale, -min)` per lane. Uses AVX2 registers explicitly where the CPU has them: the
+/// compiler keeps this search's sums in scalar registers otherwise.
 #[inline(always)]
 fn make_qkx2(
     x: &[[f32; 8]; 32],
@@ -35,7 +43,26 @@ fn make_qkx2(
     rmin: f32,
     rdelta: f32,
     nstep: i32,
-    levels: &mut [[u8; 8]; 32],
+    levels: &mut [[f32; 8]; 32],
+) -> ([f32; 8], [f32; 8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { avx2::make_qkx2(x, w, nmax, rmin, rdelta, nstep, levels) };
+    }
+    make_qkx2_lanes(x, w, nmax, rmin, rdelta, nstep, levels)
+}
+
+/// `make_qkx2` on plain arrays, one lane at a time as far as the compiler is concerned.
+#[inline(always)]
+fn make_qkx2_lanes(
+    x: &[[f32; 8]; 32],
+    w: &[[f32; 8]; 32],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    levels: &mut [[f32; 8]; 32],
 ) -> ([f32; 8], [f32; 8]) {
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = w[0];
@@ -62,13 +89,13 @@ fn make_qkx2(
     }
     for i in 0..32 {
         for k in 0..8 {
-            let l = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
-            levels[i][k] = l as u8;
-            let diff = scale[k] * l as f32 + min[k] - x[i][k];
+            let l = level(iscale[k] * (x[i][k] - min[k]), 0, nmax);
+            levels[i][k] = l;
+            let diff = scale[k] * l + min[k] - x[i][k];
             best_error[k] += w[i][k] * (diff * diff);
         }
     }
-    let mut aux = [[0u8; 8]; 32];
+    let mut aux = [[0f32; 8]; 32];
     for is in 0..=nstep {
         let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         for k in 0..8 {
@@ -76,11 +103,11 @@ fn make_qkx2(
         }
         for i in 0..32 {
             for k in 0..8 {
-                let l = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
-                aux[i][k] = l as u8;
-                let wl = w[i][k] * l as f32;
+                let l = level(iscale[k] * (x[i][k] - min[k]), 0, nmax);
+                aux[i][k] = l;
+                let wl = w[i][k] * l;
                 sum_l[k] += wl;
-                sum_l2[k] += wl * l as f32;
+                sum_l2[k] += wl * l;
                 sum_xl[k] += wl * x[i][k];
             }
         }
@@ -96,7 +123,7 @@ fn make_qkx2(
         let mut cur_error = [0f32; 8];
         for i in 0..32 {
             for k in 0..8 {
-                let diff = this_scale[k] * aux[i][k] as f32 + this_min[k] - x[i][k];
+                let diff = this_scale[k] * aux[i][k] + this_min[k] - x[i][k];
                 cur_error[k] += w[i][k] * (diff * diff);
             }
         }
@@ -121,11 +148,121 @@ fn make_qkx2(
         if flat[k] {
             scale[k] = 0.0;
             for row in levels.iter_mut() {
-                row[k] = 0;
+                row[k] = 0.0;
             }
         }
     }
     (scale, neg_min)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! `make_qkx2` on AVX2 registers: the same operations in the same order, per lane.
+
+    use std::arch::x86_64::*;
+
+    /// `nearest_int` clamped to `[0, hi]`, as floats.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn level(v: __m256, hi: __m256i) -> __m256 {
+        let t = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12_582_912.0)));
+        let l = _mm256_sub_epi32(
+            _mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x0040_0000),
+        );
+        _mm256_cvtepi32_ps(_mm256_min_epi32(
+            _mm256_max_epi32(l, _mm256_setzero_si256()),
+            hi,
+        ))
+    }
+
+    /// See `super::make_qkx2`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn make_qkx2(
+        x: &[[f32; 8]; 32],
+        w: &[[f32; 8]; 32],
+        nmax: i32,
+        rmin: f32,
+        rdelta: f32,
+        nstep: i32,
+        levels: &mut [[f32; 8]; 32],
+    ) -> ([f32; 8], [f32; 8]) {
+        let ld = |a: &[f32; 8]| unsafe { _mm256_loadu_ps(a.as_ptr()) };
+        let zero = _mm256_setzero_ps();
+        let hi = _mm256_set1_epi32(nmax);
+        let (mut min, mut max) = (ld(&x[0]), ld(&x[0]));
+        let mut sum_w = ld(&w[0]);
+        let mut sum_x = _mm256_mul_ps(sum_w, ld(&x[0]));
+        for i in 1..32 {
+            let (v, wi) = (ld(&x[i]), ld(&w[i]));
+            min = _mm256_blendv_ps(min, v, _mm256_cmp_ps::<_CMP_LT_OQ>(v, min));
+            max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(v, max));
+            sum_w = _mm256_add_ps(sum_w, wi);
+            sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(wi, v));
+        }
+        min = _mm256_blendv_ps(min, zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min, zero));
+        let flat = _mm256_cmp_ps::<_CMP_EQ_OQ>(max, min);
+        let iscale = _mm256_div_ps(_mm256_set1_ps(nmax as f32), _mm256_sub_ps(max, min));
+        let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+        let mut best = zero;
+        let mut lv = [zero; 32];
+        for i in 0..32 {
+            let v = ld(&x[i]);
+            let l = level(_mm256_mul_ps(iscale, _mm256_sub_ps(v, min)), hi);
+            lv[i] = l;
+            let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, l), min), v);
+            best = _mm256_add_ps(best, _mm256_mul_ps(ld(&w[i]), _mm256_mul_ps(diff, diff)));
+        }
+        let mut aux = [zero; 32];
+        for is in 0..=nstep {
+            let top = _mm256_set1_ps(rmin + rdelta * is as f32 + nmax as f32);
+            let iscale = _mm256_div_ps(top, _mm256_sub_ps(max, min));
+            let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
+            for i in 0..32 {
+                let v = ld(&x[i]);
+                let l = level(_mm256_mul_ps(iscale, _mm256_sub_ps(v, min)), hi);
+                aux[i] = l;
+                let wl = _mm256_mul_ps(ld(&w[i]), l);
+                sum_l = _mm256_add_ps(sum_l, wl);
+                sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, l));
+                sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, v));
+            }
+            let d = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+            let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
+            let s = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l));
+            let m = _mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl));
+            let (s, m) = (_mm256_div_ps(s, d), _mm256_div_ps(m, d));
+            let clamp = _mm256_cmp_ps::<_CMP_GT_OQ>(m, zero);
+            let this_min = _mm256_blendv_ps(m, zero, clamp);
+            let this_scale = _mm256_blendv_ps(s, _mm256_div_ps(sum_xl, sum_l2), clamp);
+            let mut cur = zero;
+            for i in 0..32 {
+                let diff = _mm256_sub_ps(
+                    _mm256_add_ps(_mm256_mul_ps(this_scale, aux[i]), this_min),
+                    ld(&x[i]),
+                );
+                cur = _mm256_add_ps(cur, _mm256_mul_ps(ld(&w[i]), _mm256_mul_ps(diff, diff)));
+            }
+            let better = _mm256_andnot_ps(
+                flat,
+                _mm256_and_ps(positive, _mm256_cmp_ps::<_CMP_LT_OQ>(cur, best)),
+            );
+            best = _mm256_blendv_ps(best, cur, better);
+            scale = _mm256_blendv_ps(scale, this_scale, better);
+            min = _mm256_blendv_ps(min, this_min, better);
+            for i in 0..32 {
+                lv[i] = _mm256_blendv_ps(lv[i], aux[i], better);
+            }
+        }
+        for (out, l) in levels.iter_mut().zip(lv) {
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_blendv_ps(l, zero, flat));
+        }
+        let (mut scale_out, mut neg_min) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(scale_out.as_mut_ptr(), _mm256_blendv_ps(scale, zero, flat));
+        let negated = _mm256_xor_ps(min, _mm256_set1_ps(-0.0));
+        _mm256_storeu_ps(neg_min.as_mut_ptr(), negated);
+        (scale_out, neg_min)
+    }
 }
 
 /// ggml's `make_qx_quants` with `rmse_type` 1 and no weights, for 16 groups of 16 at once
@@ -225,7 +362,7 @@ fn q4_k_block(x: &[f32], out: &mut [u8]) {
             wr[k] = av_x[k] + xr[k].abs();
         }
     }
-    let mut lt = [[0u8; 8]; 32];
+    let mut lt = [[0f32; 8]; 32];
     let (scales, mins) = make_qkx2(&xt, &w, 15, -1.0, 0.1, 20, &mut lt);
 
     let (mut max_scale, mut max_min) = (0f32, 0f32);
@@ -262,7 +399,7 @@ fn q4_k_block(x: &[f32], out: &mut [u8]) {
     let mut levels = [0u8; QK_K];
     for (i, row) in lt.iter().enumerate() {
         for (j, &l) in row.iter().enumerate() {
-            levels[32 * j + i] = l;
+            levels[32 * j + i] = l as u8;
         }
     }
     for j in 0..8 {
@@ -361,46 +498,69 @@ fn q6_k_block(x: &[f32], out: &mut [u8]) {
     rest[16..18].copy_from_slice(&d.to_le_bytes());
 }
 
-/// Applies `block` to every super-block, compiled for AVX2 when the CPU has it (wider
-/// registers for the same lane-wise operations; results do not depend on the path).
-fn blocks(src: &[f32], dst: &mut [u8], bytes: usize, block: impl Fn(&[f32], &mut [u8]) + Copy) {
-    assert_eq!(src.len() % QK_K, 0, "rows are whole super-blocks");
-    assert_eq!(
-        dst.len(),
-        src.len() / QK_K * bytes,
-        "destination sized for the blocks"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { blocks_avx2(src, dst, bytes, block) };
+/// A block type computed here: bytes per super-block and how one is quantized.
+trait KQuant {
+    const BYTES: usize;
+    fn block(x: &[f32], out: &mut [u8]);
+}
+
+struct Q4K;
+struct Q6K;
+
+impl KQuant for Q4K {
+    const BYTES: usize = Q4K_BYTES;
+    #[inline(always)]
+    fn block(x: &[f32], out: &mut [u8]) {
+        q4_k_block(x, out);
     }
-    for (x, out) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(bytes)) {
-        block(x, out);
+}
+
+impl KQuant for Q6K {
+    const BYTES: usize = Q6K_BYTES;
+    #[inline(always)]
+    fn block(x: &[f32], out: &mut [u8]) {
+        q6_k_block(x, out);
+    }
+}
+
+#[inline(always)]
+fn each_block<Q: KQuant>(src: &[f32], dst: &mut [u8]) {
+    for (x, out) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(Q::BYTES)) {
+        Q::block(x, out);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn blocks_avx2(
-    src: &[f32],
-    dst: &mut [u8],
-    bytes: usize,
-    block: impl Fn(&[f32], &mut [u8]) + Copy,
-) {
-    for (x, out) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(bytes)) {
-        block(x, out);
+unsafe fn each_block_avx2<Q: KQuant>(src: &[f32], dst: &mut [u8]) {
+    each_block::<Q>(src, dst);
+}
+
+/// Quantizes every super-block, compiled for AVX2 when the CPU has it (wider registers
+/// for the same lane-wise operations; the bytes do not depend on the path).
+fn blocks<Q: KQuant>(src: &[f32], dst: &mut [u8]) {
+    assert_eq!(src.len() % QK_K, 0, "rows are whole super-blocks");
+    assert_eq!(
+        dst.len(),
+        src.len() / QK_K * Q::BYTES,
+        "destination sized for the blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { each_block_avx2::<Q>(src, dst) };
     }
+    each_block::<Q>(src, dst);
 }
 
 /// Quantizes `src` (whole super-blocks) to Q4_K blocks in `dst`.
 pub fn quantize_q4_k(src: &[f32], dst: &mut [u8]) {
-    blocks(src, dst, Q4K_BYTES, q4_k_block);
+    blocks::<Q4K>(src, dst);
 }
 
 /// Quantizes `src` (whole super-blocks) to Q6_K blocks in `dst`.
 pub fn quantize_q6_k(src: &[f32], dst: &mut [u8]) {
-    blocks(src, dst, Q6K_BYTES, q6_k_block);
+    blocks::<Q6K>(src, dst);
 }
 
 #[cfg(test)]
@@ -413,6 +573,58 @@ mod tests {
             .map(nearest_int)
             .to_vec();
         assert_eq!(got, vec![2, 4, -2, 0, -8]);
+    }
+
+    /// Groups of 32 that take every branch of the search: random, flat, all zero,
+    /// one-signed, a lone spike, tiny and large values.
+    fn groups(seed: u64) -> [[f32; 8]; 32] {
+        let mut s = seed;
+        let mut x = [[0f32; 8]; 32];
+        for (i, row) in x.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let r = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+                *v = match k {
+                    0 | 1 => r,
+                    2 => 0.3,
+                    3 => 0.0,
+                    4 => r.abs(),
+                    5 => -r.abs(),
+                    6 => f32::from(i == 5),
+                    _ => r * if seed % 2 == 0 { 1e-30 } else { 1e17 },
+                };
+            }
+        }
+        x
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_search_equals_the_lane_by_lane_search() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for seed in 1..40u64 {
+            let x = groups(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut w = [[0f32; 8]; 32];
+            for (wr, xr) in w.iter_mut().zip(&x) {
+                for k in 0..8 {
+                    wr[k] = 0.01 + xr[k].abs();
+                }
+            }
+            for (nmax, rmin, nstep) in [(15, -1.0, 20), (31, -0.5, 15)] {
+                let (mut a, mut b) = ([[0f32; 8]; 32], [[0f32; 8]; 32]);
+                let plain = make_qkx2_lanes(&x, &w, nmax, rmin, 0.1, nstep, &mut a);
+                // SAFETY: AVX2 was detected above.
+                let wide = unsafe { avx2::make_qkx2(&x, &w, nmax, rmin, 0.1, nstep, &mut b) };
+                let bits = |v: [f32; 8]| v.map(f32::to_bits);
+                assert_eq!(bits(plain.0), bits(wide.0), "scales, seed {seed}");
+                assert_eq!(bits(plain.1), bits(wide.1), "mins, seed {seed}");
+                assert_eq!(a, b, "levels, seed {seed}");
+            }
+        }
     }
 
     #[test]
