@@ -99,3 +99,20 @@ def test_offload_setting_is_checked():
 
     with pytest.raises(ConfigError, match="offload_activations='sometimes' is invalid"):
         Trainer("tiny-llama", offload_activations="sometimes")
+
+
+def test_long_packed_attention_never_forms_the_score_matrix():
+    """16k tokens in two samples on the CPU: the flash kernel runs, no allocation near [T, T] scores (1 GiB)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from backpropagate.train.torch.attention import packed_attention_forward, packed_kwargs
+
+    tokens, heads, dim = 16384, 2, 16
+    q, k, v = (torch.randn(1, h, tokens, dim) for h in (heads, 1, 1))
+    cu = torch.tensor([0, 6000, tokens], dtype=torch.int32)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out, _ = packed_attention_forward(torch.nn.Module(), q, k, v, None, **packed_kwargs(cu, 10384))
+    events = prof.key_averages()
+    assert out.shape == (1, tokens, heads, dim)
+    assert any("flash_attention" in e.key for e in events)
+    assert max(e.cpu_memory_usage for e in events if e.key.startswith("aten::")) < tokens * tokens
