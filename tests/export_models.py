@@ -31,6 +31,26 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "qwen2.5-0.5b-instruct", {"head_dim": 32}),
     "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),
     "smollm3": ("SmolLM3Config", "llama-3.2-3b-instruct", {"tie_word_embeddings": True}),
+    # Phi-4-mini: phi3 with a quarter of each head left unrotated, tied embeddings and long-rope
+    # factors (one per rotated pair); Phi-3's tokenizer stands in for its o200k vocabulary.
+    "phi4-mini": (
+        "Phi3Config",
+        "phi-3-mini",
+        {
+            "vocab_size": 32064,
+            "pad_token_id": 32000,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 131072,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 4096,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            },
+        },
+    ),
     # Gemma 3 as llama.cpp's gemma3 runs it: five sliding layers then a global one, sliding rope
     # base 10000, queries scaled by 1/sqrt(head_dim); linear rope scaling on the global layers
     # and final soft-capping as the 4B+ models have them. The window (8) is shorter than the prompt.

@@ -49,6 +49,19 @@ FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
         {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "sliding_window": 2047},
         ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
     ),
+    # Phi-4-mini's shape (a quarter of each head unrotated, tied embeddings); its o200k tokenizer
+    # files are not here, so Phi-3's stand in.
+    "phi4-mini": (
+        "phi-3-mini",
+        {
+            "model_type": "phi3",
+            "architectures": ["Phi3ForCausalLM"],
+            "partial_rotary_factor": 0.75,
+            "tie_word_embeddings": True,
+            "sliding_window": 262144,
+        },
+        ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
+    ),
     "smollm2": (
         "smollm2-135m-instruct",
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},

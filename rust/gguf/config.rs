@@ -277,9 +277,11 @@ impl ModelConfig {
             ));
         }
         if a == "phi3" {
+            // Published Phi-4-mini configs keep it at the top level, transformers 5 in rope_parameters.
             let partial = rope
                 .get("partial_rotary_factor")
                 .and_then(Json::as_f64)
+                .or_else(|| self.f64_field("partial_rotary_factor"))
                 .unwrap_or(1.0);
             let rope_dims = (partial * self.hidden as f64) as usize / self.heads;
             kvs.push((
@@ -476,6 +478,57 @@ mod tests {
         assert_eq!(t[0].1.len(), 8);
         assert_eq!(t[0].1[0], 1.0);
         assert_eq!(*t[0].1.last().unwrap(), 8.0);
+    }
+
+    #[test]
+    fn phi4_mini_rotary_dimensions_from_either_place() {
+        let phi = |extra: Json| {
+            let mut c = llama(extra);
+            c["model_type"] = json!("phi3");
+            c["architectures"] = json!(["Phi3ForCausalLM"]);
+            let kvs = ModelConfig::from_json(c).unwrap().metadata("x", 1).unwrap();
+            kvs.into_iter()
+                .find(|(k, _)| k == "phi3.rope.dimension_count")
+                .unwrap()
+                .1
+        };
+        assert_eq!(phi(json!({"partial_rotary_factor": 0.75})), Value::U32(12));
+        let nested =
+            json!({"rope_parameters": {"partial_rotary_factor": 0.75, "rope_type": "default"}});
+        assert_eq!(phi(nested), Value::U32(12));
+        assert_eq!(phi(json!({})), Value::U32(16));
+    }
+
+    #[test]
+    fn gemma3_layouts_llama_cpp_cannot_run_are_refused() {
+        let gemma = |extra: Json| {
+            let mut c = llama(json!({"model_type": "gemma3_text", "head_dim": 16,
+                "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6}));
+            c["architectures"] = json!(["Gemma3ForCausalLM"]);
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            ModelConfig::from_json(c)
+        };
+        let kvs = gemma(json!({"final_logit_softcapping": 30.0}))
+            .unwrap()
+            .metadata("x", 1)
+            .unwrap();
+        let get = |key: &str| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        assert_eq!(get("gemma3.attention.sliding_window"), Some(Value::U32(8)));
+        assert_eq!(
+            get("gemma3.final_logit_softcapping"),
+            Some(Value::F32(30.0))
+        );
+        for bad in [
+            json!({"query_pre_attn_scalar": 32}),
+            json!({"layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                "full_attention", "sliding_attention", "full_attention"]}),
+            json!({"rope_local_base_freq": 50000.0}),
+        ] {
+            let err = gemma(bad).unwrap_err();
+            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+        }
     }
 
     #[test]
