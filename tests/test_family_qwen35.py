@@ -172,3 +172,16 @@ def test_presets(size):
     preset = find_preset(f"qwen3.5-{size}")
     assert preset is not None and preset.model_id == f"Qwen/Qwen3.5-{size.upper()}"
     assert find_preset(preset.model_id) == preset
+
+
+def test_gguf_export_is_refused_with_a_coded_error(tmp_path):
+    """The writer does not map llama.cpp's qwen35 yet: the export says so before writing anything."""
+    from backpropagate.errors import InputError
+    from backpropagate.export import export
+
+    folder = qwen35_folder(tmp_path, multimodal=True)
+    tiny_random_model(folder).save_pretrained(folder)
+    with pytest.raises(InputError) as err:
+        export(folder, "gguf", quantization="f32")
+    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and "qwen3_5" in err.value.message
+    assert not (tmp_path / "qwen3.5-gguf").exists() or not any((tmp_path / "qwen3.5-gguf").iterdir())
