@@ -37,7 +37,7 @@ def main() -> None:
     trainer = Trainer("tiny-llama", **spec["options"])
     try:
         result = trainer.train(data, steps=spec["steps"])
-        out = {"losses": result.losses, "digest": weights_digest(trainer), "adapter_dir": str(result.adapter_dir)}
+        out = {"losses": result.losses, "eval_losses": result.eval_losses, "digest": weights_digest(trainer)}
     except BackpropagateError as err:
         out = {"code": err.code, "message": err.message}
     Path(sys.argv[2]).write_text(json.dumps(out))

@@ -37,6 +37,7 @@ OPTIONS = dict(
     learning_rate=1e-2,
     schedule="constant",
     warmup_steps=0,
+    eval_split=0.1,  # held-out rows scored in shares by the processes
 )
 STEPS = 6
 # The same sums in another order (per rank, then across ranks) drift by float32 rounding only.
@@ -122,15 +123,18 @@ def test_two_processes_train_like_one_at_the_same_global_batch(one_process, two_
     out, ranks = two_processes
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank holds the global loss
     np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process.losses), rtol=LOSS_RTOL)
+    assert ranks[0]["eval_losses"] == ranks[1]["eval_losses"]
+    np.testing.assert_allclose(losses(ranks[0]["eval_losses"]), losses(one_process.eval_losses), rtol=LOSS_RTOL)
     assert ranks[0]["digest"] == ranks[1]["digest"]  # the same update on every rank: identical adapters
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     theirs = load_file(str(one_process.adapter_dir / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-3, atol=1e-5)
-    # Rank 0 alone writes metrics: one record per step.
+    # Rank 0 alone writes metrics: one record per step, and one of the evaluation.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records] == [*range(1, STEPS + 1), STEPS]
+    assert "eval_loss" in records[-1]
 
 
 def test_resume_across_world_sizes_continues_the_same_curve(one_process, two_processes, dataset, tmp_path):
