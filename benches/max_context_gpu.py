@@ -292,11 +292,12 @@ class Trials:
 
 
 def estimated_gib(shape: str, length: int, features: list[str]) -> float:
+    """`estimate-memory`'s peak for the trial's setting, less its allocator margin (the trial reports allocated bytes)."""
     from backpropagate.memory_estimate import estimate_memory
 
     offload = any("+offload" in f for f in features)
     estimate = estimate_memory(SHAPES[shape], length, mode="qlora", lora_r=LORA_R, offload=offload)
-    return round(estimate.peak_bytes / 2**30, 2)
+    return round((estimate.peak_bytes - estimate.parts["margin"]) / 2**30, 2)
 
 
 def search(trials: Trials, which: str, cap: float, share_s: float, share_trials: int) -> dict[str, Any]:
@@ -387,8 +388,11 @@ def emit(record: dict[str, Any], args: argparse.Namespace, card: str) -> None:
             f.write(line + "\n")
 
 
-def table(found: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
-    """One row per (cap, system): longest length, its speed and memory, the estimate, ours / peer."""
+def table(found: list[dict[str, Any]], reference: dict[str, Any] | None, done: list[dict[str, Any]]) -> str:
+    """One row per (cap, system): longest length, its speed and memory, the estimate, ours / peer.
+
+    Then per cap, ours' speed at the longest length it trained that the peer also reached.
+    """
     ref_tps = reference["tokens_per_s"] if reference and reference.get("ok") else None
     lines = [
         f"reference (ours, 4 x 2048 tokens per step): {ref_tps or 'n/a'} tok/s",
@@ -412,6 +416,15 @@ def table(found: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
             f"{f['cap_gib']:>5} {f['which']:<6} {length:>12} {tps or '-':>9} {vs_ref:>7} {peak or '-':>9} "
             f"{est or '-':>8} {err:>8} {ratio:>7}"
         )
+    for cap, other in peer.items():
+        shared = [t for t in done if t["which"] == "ours" and t["ok"] and t["rows"] == 1]
+        shared = [t for t in shared if t["cap_gib"] == cap and t["length"] <= other["max_length"]]
+        if shared and ref_tps:
+            t = max(shared, key=lambda t: t["length"])
+            lines.append(
+                f"cap {cap} GiB: ours at {t['length']:,} tokens (peer's longest {other['max_length']:,}): "
+                f"{t['tokens_per_s']} tok/s, {t['tokens_per_s'] / ref_tps:.2f} x its 4 x 2048 speed"
+            )
     return "\n".join(lines)
 
 
@@ -458,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         share = max(0.0, trials.left()) / (len(searches) - i)
         share_trials = max(1, (args.max_trials - trials.count) // (len(searches) - i)) if args.max_trials else 0
         found.append(search(trials, which, cap, share, share_trials))
-    print(table(found, reference), flush=True)
+    print(table(found, reference, trials.done), flush=True)
     print(f"{trials.count} trials in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 
