@@ -22,6 +22,7 @@ import torch
 from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
+from backpropagate.train.backend import resolve_backend
 from backpropagate.train.torch import fused, lora_fused
 from backpropagate.train.torch.losses import LOGIT_SOFTCAP
 from backpropagate.train.torch.recompute import RecomputePlan
@@ -137,6 +138,8 @@ def check_full_fine_tuning(path: Path, mode: str) -> int:
 
 # Config fields whose attention packed rows do not reproduce yet (Gemma 2 soft-capping, bidirectional Gemma).
 UNSUPPORTED_TRAINING = ("attn_logit_softcapping", "use_bidirectional_attention")
+# Families only the torch rail trains exactly (Gemma 3's capping and windows, Qwen3.5's linear attention).
+TORCH_RAIL_ONLY = ("gemma3", "gemma3_text", "qwen3_5", "qwen3_5_text")
 
 
 def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
@@ -149,6 +152,14 @@ def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
             f"{path}: training {model_config.get('model_type', 'this model')} is not supported yet: its "
             f"{' and '.join(capped)} would be left out of packed attention, so the model would learn the wrong thing",
             hint="Use a model family listed under 'Model families' in the README.",
+        )
+    model_type = model_config.get("model_type")
+    if model_type in TORCH_RAIL_ONLY and resolve_backend(config.backend) == "mlx":
+        raise InputError(
+            "INPUT_UNSUPPORTED_ARCHITECTURE",
+            f"{path}: training {model_type} on the MLX rail is not supported yet: its loss and packed rows "
+            "do not reproduce this family's soft-capping, sliding windows or linear-attention layers",
+            hint="Train it with backend='torch'.",
         )
     if config.mode == "full":
         check_full_fine_tuning(path, "full")
