@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from backpropagate import Trainer
+from backpropagate.train import checkpoint
 from backpropagate.train.distributed import balanced_shares
 from cli_helpers import run_cli
 from train_helpers import rule_dataset
@@ -50,8 +53,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_world(size: int, tmp: Path, steps: int, timeout: float = 150, **spec: object) -> tuple[list[dict], float]:
-    """Runs `size` worker processes as one world; returns each rank's result and the wall time."""
+def run_world(
+    size: int,
+    tmp: Path,
+    steps: int,
+    timeout: float = 150,
+    meanwhile: Callable[[list[subprocess.Popen]], None] | None = None,
+    **spec: object,
+) -> tuple[list[dict], float]:
+    """Runs `size` worker processes as one world (`meanwhile` gets them once started); returns each rank's result and the wall time."""
     port = free_port()
     job = {"dataset": DATASET, "steps": steps, **spec}
     procs = []
@@ -77,6 +87,8 @@ def run_world(size: int, tmp: Path, steps: int, timeout: float = 150, **spec: ob
             )
         )
     try:
+        if meanwhile is not None:
+            meanwhile([proc for proc, _ in procs])
         for proc, _ in procs:
             proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
     finally:
@@ -159,6 +171,33 @@ def test_an_error_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
     assert ranks[0]["code"] == "RUNTIME_DISTRIBUTED_FAILED"
     assert "rank 1 failed: [INPUT_FILE_NOT_FOUND]" in ranks[0]["message"]
     assert wall < 90  # both ended on their own, long before the process group's timeout
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+
+    def terminate_rank_1_once_training(procs: list[subprocess.Popen]) -> None:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline, "the run never started its steps"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
+    ranks, _ = run_world(
+        2,
+        tmp_path,
+        500,
+        options=dict(OPTIONS, output_dir=str(out), save_every=0),
+        meanwhile=terminate_rank_1_once_training,
+    )
+    assert [rank["code"] for rank in ranks] == ["RUNTIME_TERMINATED", "RUNTIME_TERMINATED"]
+    (saved,) = checkpoint.checkpoints(out / "checkpoints")  # one checkpoint, of the step both stopped after
+    step = checkpoint.read_state(saved).step
+    assert (
+        1 <= step < 500
+        and f"after step {step} of 500" in ranks[0]["message"]
+        and f"after step {step} " in ranks[1]["message"]
+    )
 
 
 def test_step_rows_are_shared_by_tokens_not_rows():

@@ -17,6 +17,7 @@ hangs (rather than dies) cannot hold the rest forever.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -51,11 +52,13 @@ class World:
         rank: Global rank of this process.
         size: Number of processes.
         local_rank: Rank on this host (the CUDA device index it trains on).
+        control: A gloo group for agreements the host makes (None: the default group is gloo).
     """
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    control: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -68,6 +71,15 @@ class World:
             with self.collective():
                 dist.all_reduce(tensor)
         return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank, agreed on the host (it never waits for a GPU)."""
+        if self.size == 1:
+            return flag
+        votes = torch.tensor([float(flag)])
+        with self.collective():
+            dist.all_reduce(votes, group=self.control)
+        return bool(votes.item() > 0)
 
     def barrier(self) -> None:
         """Waits until every rank gets here."""
@@ -109,29 +121,21 @@ class World:
             return rows
         return rows[balanced_shares(row_tokens(dataset, rows), self.size)[self.rank]]
 
-    def reduce_gradients(
-        self, params: Sequence[torch.Tensor], loss: torch.Tensor, stop: bool
-    ) -> tuple[torch.Tensor, bool]:
-        """Sums the gradients of `params` and `loss` over the ranks in one collective.
+    def reduce_gradients(self, params: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Sums the gradients of `params` and `loss` over the ranks in one collective; returns the summed loss.
 
         A parameter without a gradient (none of its inputs on this rank) counts as zeros.
-        The same collective carries each rank's `stop` request, so all ranks stop after the
-        same step (a signal reaches the processes at slightly different times).
-
-        Returns:
-            (the summed loss, whether any rank asked to stop).
         """
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
-        flags = loss.new_tensor([float(stop)], dtype=torch.float32)
-        flat = self.sum(torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float(), flags]))
+        flat = self.sum(torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()]))
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-        return flat[-2].to(loss.dtype), bool(flat[-1].item() > 0)
+        return flat[-1].to(loss.dtype)
 
 
 SINGLE = World()
@@ -166,6 +170,10 @@ def launched_world() -> World:
     return World(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# The world this process joined (the process group is one per process).
+_joined: list[World] = []
+
+
 def join(device: str) -> World:
     """Joins the process group torchrun set up (once per process); NCCL between GPUs, gloo on the CPU.
 
@@ -173,13 +181,17 @@ def join(device: str) -> World:
         device: The run's `device` setting; with CUDA each rank takes the card of its local rank.
     """
     world = launched_world()
-    if world.size == 1 or dist.is_initialized():
+    if world.size == 1:
         return world
+    if _joined:
+        return _joined[0]
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     atexit.register(dist.destroy_process_group)
+    world = dataclasses.replace(world, control=dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None)
+    _joined.append(world)
     if not world.is_main:
         get_logger().setLevel(logging.WARNING)  # progress is logged by rank 0; warnings come from any rank
     return world

@@ -465,10 +465,10 @@ def train(
                 rows = stream.take(state.rows_consumed, step_rows)
                 mine = world.share(dataset, rows)
                 loss, tokens = train_step(tm, objective, dataset, mine, state, optimizer, graphs, world)
-                stopping = stop.requested
                 if world.size > 1:
-                    loss, stopping = world.reduce_gradients(params, loss, stopping)
+                    loss = world.reduce_gradients(params, loss)
                     tokens = int(row_tokens(dataset, rows).sum())
+                stopping = world.any(stop.requested)  # all processes stop after the same step
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     if config.max_grad_norm > 0
