@@ -454,6 +454,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    sys.path.append(str(ROOT / "python"))  # a source tree without an install (PYTHONPATH comes first)
     if args.trial:
         return trial_main(args)
     started = time.monotonic()
