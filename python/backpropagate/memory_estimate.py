@@ -68,6 +68,9 @@ class Shape:
     @classmethod
     def of(cls, config: Any) -> Shape:
         """From a transformers config object or a config.json dict."""
+        text = config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)
+        if text is not None:  # a multimodal model's language part
+            config = text
 
         def get(key: str, default: Any = None) -> Any:
             return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)

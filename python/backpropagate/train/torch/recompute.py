@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from backpropagate.errors import InputError
 from backpropagate.log import get_logger
 from backpropagate.train.torch import chunked_mlp
 from backpropagate.train.torch.offload import ActivationOffload, offloaded
@@ -201,7 +202,11 @@ class RecomputePlan:
         if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
             return
         budget = memory_budget(self.device)
-        needed = recomputed_step_bytes(config, tokens, dtype, offload=False)
+        try:
+            needed = recomputed_step_bytes(config, tokens, dtype, offload=False)
+        except InputError as exc:  # a config without the usual sizes: out-of-memory recovery still offloads
+            log.info("activation memory not estimated before the first step (%s)", exc)
+            return
         if budget is not None and needed > budget:
             self.start_offload()
             log.info(
