@@ -21,11 +21,13 @@ Variants (each in its own process, so neither inherits the other's allocator or 
 
 The machine is shared, so every round runs all variants back to back (the order rotates
 between rounds), each reports the median of its measured steps after warm-up, and ratios
-are taken within a round before the median over rounds. Prints a table and appends one
-JSON line to benches/results/train_cpu.jsonl.
+are taken within a round before the median over rounds. Every variant also reports the loss
+of each step: on the same rows, the bf16 and peer curves are printed against ours in fp32.
+Prints a table and appends one JSON line to benches/results/train_cpu.jsonl.
 
   python benches/train_cpu.py                       # 3 rounds of ours, ours_bf16, peer, peer_bf16
   python benches/train_cpu.py --rounds 1 --steps 2  # quick look
+  python benches/train_cpu.py --rounds 1 --warmup 0 --steps 50 --variants ours,ours_bf16,peer  # loss curves
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def step_rows(dataset, steps: int):  # type: ignore[no-untyped-def]
     return RowStream(dataset, split_rows(dataset, 0.0, 42)[0], 42).take(0, steps)
 
 
-def run_ours(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[no-untyped-def]
-    """Tokens/s of each step of the real training loop (its metrics.jsonl)."""
+def run_ours(args: argparse.Namespace, dataset) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Tokens/s and loss of each step of the real training loop (its metrics.jsonl)."""
     from backpropagate.config import TrainConfig
     from backpropagate.model_source import resolve_model
     from backpropagate.train.torch import loading
@@ -112,11 +114,11 @@ def run_ours(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
         outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "bench", {}, step_rows=1)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     args.features = outcome.features
-    return [r["tokens_per_s"] for r in records]
+    return [{"tokens_per_s": r["tokens_per_s"], "loss": r["loss"]} for r in records]
 
 
-def run_peer(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[no-untyped-def]
-    """Tokens/s of each step of a plain transformers + peft loop on the same rows."""
+def run_peer(args: argparse.Namespace, dataset) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Tokens/s and loss of each step of a plain transformers + peft loop on the same rows."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -135,7 +137,7 @@ def run_peer(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     bf16 = args.variant == "peer_bf16"
-    rates = []
+    steps = []
     for row in step_rows(dataset, args.warmup + args.steps):
         batch = dataset.batch_of(dataset.row_samples(int(row)))
         started = time.perf_counter()
@@ -150,10 +152,10 @@ def run_peer(args: argparse.Namespace, dataset) -> list[float]:  # type: ignore[
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(out.loss)
-        rates.append(batch.num_tokens / (time.perf_counter() - started))
+        loss = float(out.loss)
+        steps.append({"tokens_per_s": batch.num_tokens / (time.perf_counter() - started), "loss": loss})
     args.features = {"peer_ckpt": ["gradient_checkpointing"], "peer_bf16": ["bf16_autocast"]}.get(args.variant, [])
-    return rates
+    return steps
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -161,8 +163,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     dataset = prepared(Path(args.corpus))
-    rates = (run_ours if args.variant.startswith("ours") else run_peer)(args, dataset)
-    measured = rates[args.warmup :]
+    steps = (run_ours if args.variant.startswith("ours") else run_peer)(args, dataset)
+    measured = [s["tokens_per_s"] for s in steps[args.warmup :]]
     print(
         json.dumps(
             {
@@ -171,6 +173,7 @@ def worker(args: argparse.Namespace) -> None:
                 "steps_tokens_per_s": [round(r, 1) for r in measured],
                 "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "features": args.features,
+                "losses": [round(s["loss"], 4) for s in steps],
             }
         )
     )
@@ -220,6 +223,7 @@ def main() -> None:
             "rounds_tokens_per_s": [rd[v]["tokens_per_s"] for rd in rounds],
             "peak_rss_gib": max(rd[v]["peak_rss_gib"] for rd in rounds),
             "features": rounds[-1][v]["features"],
+            "losses": rounds[-1][v]["losses"],
         }
         for v in variants
     }
@@ -253,6 +257,12 @@ def main() -> None:
         print(f"{v:<10} {row['tokens_per_s']:>8.1f} {row['peak_rss_gib']:>13.2f}  {row['rounds_tokens_per_s']}")
     for pair, ratio in ratios.items():
         print(f"{pair}: {ratio:.2f}x (median of per-round ratios)")
+    for v in variants:
+        if v != "ours" and "ours" in variants:
+            diff = max(abs(a - b) for a, b in zip(summary[v]["losses"], summary["ours"]["losses"], strict=True))
+            print(
+                f"{v} loss vs ours (fp32), same rows: max |difference| over {len(summary[v]['losses'])} steps {diff:.4f}"
+            )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
