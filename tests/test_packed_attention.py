@@ -156,3 +156,10 @@ def test_cpu_per_sample_attention_equals_the_block_diagonal_mask():
     torch.testing.assert_close(per_sample, masked)
     for got, want in zip(grads, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(got, want)
+    halves = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    in_bf16 = attention._sdpa_per_sample(*halves, cu, 0.3)
+    (in_bf16 * grad.bfloat16()).sum().backward()
+    assert in_bf16.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in halves)
+    torch.testing.assert_close(in_bf16.float(), masked, atol=0.05, rtol=0.02)
+    for got, want in zip(halves, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got.grad.float(), want, atol=0.1, rtol=0.05)
