@@ -116,3 +116,22 @@ def test_long_packed_attention_never_forms_the_score_matrix():
     assert out.shape == (1, tokens, heads, dim)
     assert any("flash_attention" in e.key for e in events)
     assert max(e.cpu_memory_usage for e in events if e.key.startswith("aten::")) < tokens * tokens
+
+
+def test_out_of_memory_with_every_layer_recomputed_turns_offload_on(tiny_llama, dataset, tmp_path, monkeypatch):
+    """The loop's recovery: recompute, then offload, and only then halve the micro-batch."""
+    real = torch_loop.accumulate_gradients
+    failures = []
+
+    def fails_once_without_offload(tm, *args, **kwargs):
+        if tm.recompute.offload is None:
+            failures.append(tm.recompute.describe())
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(tm, *args, **kwargs)
+
+    monkeypatch.setattr(torch_loop, "accumulate_gradients", fails_once_without_offload)
+    options = dict(FAST, micro_batch=2, grad_accumulation=1, gradient_checkpointing="off")
+    result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), **options).train(dataset, steps=2)
+    # Kept layers went back to recomputing first (2 -> 1 -> 0 kept), then the inputs moved to the host.
+    assert failures == ["recompute[0/2]", "recompute[1/2]", "recompute[2/2]"]
+    assert "recompute[2/2]+offload" in result.features and len(result.losses) == 2
