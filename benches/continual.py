@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--holdout", type=float, default=0.2)
+    parser.add_argument(
+        "--seed", type=int, default=42, help="training seed (LoRA init, row order); the tasks stay fixed"
+    )
     parser.add_argument("--replay", type=float, default=0.0, help="also run slao and simple with this replay share")
     parser.add_argument("--max-seq-length", type=int, default=128, help="packed row length; 2 rows per step")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-continual"))
@@ -172,6 +175,7 @@ def main() -> None:
 
     options = {
         "lora_r": args.lora_r,
+        "seed": args.seed,
         "learning_rate": args.learning_rate,
         "max_seq_length": args.max_seq_length,
         "micro_batch": 2,
