@@ -12,12 +12,16 @@ llama.cpp's converter comes from the llama-cpp-python sdist on PyPI (downloaded 
 into the work folder, not part of this repository); it needs `sentencepiece` and `gguf`.
 
 Quantized types (`--outtypes q4_k_m ...`) compare our one-step export with llama.cpp's
-two-step route: its converter to bf16, then `llama_model_quantize` (through llama-cpp-python,
-when installed) on as many threads as this machine has cores; the quantize step is also
-reported alone. `--merged` adds a rank-16 LoRA adapter on every linear layer and compares
+two-step route: its converter to bf16, then its `llama-quantize` tool (`llama_model_quantize`),
+both on `--threads` threads (default: every core); the quantize step is also reported alone.
+`llama-quantize` is built from the same sdist's sources into the work folder (CMake from PyPI
+when none is installed, `-DGGML_NATIVE=OFF`, only that target: about 30 minutes on 2 loaded
+cores, once). `--record` appends the quantized rows, the machine and its load average to
+benches/results/convert_quant.jsonl. `--merged` adds a rank-16 LoRA adapter on every linear layer and compares
 `backprop export --format merged` with PEFT's `merge_and_unload` + `save_pretrained`.
 
     python benches/convert_vs_llamacpp.py --work /tmp/bp-bench --outtypes q4_k_m --merged
+    nice python benches/convert_vs_llamacpp.py --work /tmp/bp-bench --outtypes q4_k_m q8_0 --threads 2 --record
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
+
+from train_cpu import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BACKPROPAGATE_SHARED", REPO.parent / "shared"))
+RESULTS = REPO / "benches" / "results" / "convert_quant.jsonl"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # Qwen2.5-1.5B
 SHAPE = dict(hidden=1536, inter=8960, layers=28, heads=12, kv=2, vocab=151936)
@@ -126,21 +134,50 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def llama_cpp_converter(work: Path) -> Path:
-    root = work / "llama.cpp"
-    if (root / "convert_hf_to_gguf.py").exists():
-        return root
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python"]
-    subprocess.check_call([*cmd, LLAMA_CPP_PYTHON, "-d", str(work)])
-    sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+def extract_llama_cpp(work: Path, root: Path, wanted: tuple[str, ...]) -> None:
+    """Extracts the `wanted` paths of llama.cpp's sources vendored in the llama-cpp-python
+    sdist (downloaded into `work` once) into `root`."""
+    sdist = next(work.glob("llama_cpp_python-*.tar.gz"), None)
+    if sdist is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python"]
+        subprocess.check_call([*cmd, LLAMA_CPP_PYTHON, "-d", str(work)])
+        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(sdist) as tar:
         prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         members = [m for m in tar.getmembers() if m.name.startswith(tuple(prefix + w for w in wanted))]
         for m in members:
             m.name = m.name[len(prefix) :]
         tar.extractall(root, members=members, filter="data")
+
+
+def llama_cpp_converter(work: Path) -> Path:
+    root = work / "llama.cpp"
+    if not (root / "convert_hf_to_gguf.py").exists():
+        extract_llama_cpp(work, root, ("convert_hf_to_gguf.py", "conversion/", "gguf-py/"))
     return root
+
+
+def llama_quantize_tool(work: Path) -> Path:
+    """llama.cpp's `llama-quantize`, built once from the sdist's sources into `work/tools`."""
+    root = work / "tools" / "llama.cpp"
+    binary = root / "build" / "bin" / "llama-quantize"
+    if binary.exists():
+        return binary
+    extract_llama_cpp(work, root, ("",))
+    env = dict(os.environ)
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        target = work / "tools" / "cmake"
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), "cmake"])
+        cmake, env["PYTHONPATH"] = str(target / "bin" / "cmake"), str(target)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    flags += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+    print(f"building llama-quantize in {root} (once; long on few cores)")
+    subprocess.check_call(["nice", cmake, "-S", str(root), "-B", str(root / "build"), *flags], env=env)
+    jobs = str(os.cpu_count() or 1)
+    build = ["nice", cmake, "--build", str(root / "build"), "--target", "llama-quantize", "-j", jobs]
+    subprocess.check_call(build, env=env)
+    return binary
 
 
 def measure(output: Path, argv: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
@@ -174,14 +211,8 @@ def disk_floor(folder: Path, nbytes: int, direct: bool) -> float:
     return dt
 
 
-QUANTIZE = """
-import sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype, params.nthread = int(sys.argv[3]), int(sys.argv[4])
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
-"""
-FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q4_0": 2, "q5_0": 8, "q3_k_m": 12, "q2_k": 10}
-FTYPES |= {"iq4_nl": 25, "iq4_xs": 30}
+# output types that llama.cpp reaches with `llama-quantize` (named as it names them)
+QUANTIZED = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q5_0", "q3_k_m", "q2_k", "iq4_nl", "iq4_xs")
 
 PEFT_MERGE = """
 import sys, torch
@@ -239,8 +270,17 @@ def same_safetensors(a: Path, b: Path) -> bool:
     return True
 
 
-def quantized_rows(model: Path, out_dir: Path, converter: Path, env: dict[str, str], outtype: str, verify: bool):
-    """Ours in one step; llama.cpp's converter to bf16, then `llama_model_quantize`."""
+def quantized_rows(
+    model: Path,
+    out_dir: Path,
+    converter: Path,
+    quantize: Path,
+    env: dict[str, str],
+    outtype: str,
+    threads: int,
+    verify: bool,
+):
+    """Ours in one step; llama.cpp's converter to bf16, then `llama-quantize`."""
     import xllamacpp
 
     ours_out, bf16_out, ref_out = (out_dir / f"{n}-{outtype}.gguf" for n in ("ours", "llamacpp-bf16", "llamacpp"))
@@ -251,21 +291,13 @@ def quantized_rows(model: Path, out_dir: Path, converter: Path, env: dict[str, s
         f"from backpropagate import _core; "
         f"_core.convert_to_gguf({str(model)!r}, {str(ours_out)!r}, {outtype!r}, llama_cpp_lib={lib!r})"
     )
-    ours = measure(ours_out, [sys.executable, "-c", code])
+    ours = measure(ours_out, [sys.executable, "-c", code], env={**os.environ, "RAYON_NUM_THREADS": str(threads)})
     script = str(converter / "convert_hf_to_gguf.py")
     convert = measure(
         bf16_out, [sys.executable, script, str(model), "--outtype", "bf16", "--outfile", str(bf16_out)], env=env
     )
-    quant = None
-    identical = None
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python is not installed: no llama_model_quantize row")
-    else:
-        argv = [sys.executable, "-c", QUANTIZE, str(bf16_out), str(ref_out), str(FTYPES[outtype]), str(os.cpu_count())]
-        quant = measure(ref_out, argv)
-        identical = same_tensors(ours_out, ref_out) if verify else None
+    quant = measure(ref_out, [str(quantize), str(bf16_out), str(ref_out), outtype.upper(), str(threads)])
+    identical = same_tensors(ours_out, ref_out) if verify else None
     for p in (ours_out, bf16_out, ref_out):
         p.unlink(missing_ok=True)
     return ours, convert, quant, identical
@@ -304,7 +336,10 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true", help="skip the tensor-by-tensor comparison")
     ap.add_argument("--out-dir", type=Path, help="where the GGUF files go (default: the work folder)")
     ap.add_argument("--merged", action="store_true", help="also compare merged exports with PEFT's merge")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both quantizers")
+    ap.add_argument("--record", action="store_true", help=f"append the quantized rows to {RESULTS.name}")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     work = args.work.resolve()
     model = build_model(work / "qwen2.5-1.5b-shape")
     src_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -314,10 +349,13 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     buffered, direct = disk_floor(out_dir, src_bytes, False), disk_floor(out_dir, src_bytes, True)
     rows, qrows = [], []
-    for outtype in [t for t in args.outtypes if t in FTYPES]:
-        qrows.append((outtype, *quantized_rows(model, out_dir, converter, env, outtype, not args.no_verify)))
+    quantize = llama_quantize_tool(work) if any(t in QUANTIZED for t in args.outtypes) else None
+    for outtype in [t for t in args.outtypes if t in QUANTIZED]:
+        assert quantize is not None
+        rows_of = quantized_rows(model, out_dir, converter, quantize, env, outtype, args.threads, not args.no_verify)
+        qrows.append((outtype, *rows_of))
     mrow = merged_rows(model, work, out_dir, not args.no_verify) if args.merged else None
-    for outtype in [t for t in args.outtypes if t not in FTYPES]:
+    for outtype in [t for t in args.outtypes if t not in QUANTIZED]:
         ours_out, ref_out = out_dir / f"ours-{outtype}.gguf", out_dir / f"llamacpp-{outtype}.gguf"
         for p in (ours_out, ref_out):
             p.unlink(missing_ok=True)
@@ -335,8 +373,9 @@ def main() -> None:
         f"output folder: {out_dir}; writing and fsyncing as many bytes there takes {buffered:.1f} s "
         f"through the page cache, {direct:.1f} s with O_DIRECT\n"
     )
-    print("| type | tool | time (s) | CPU (s) | MB/s | peak RSS (MB) | speed-up | memory ratio | same tensors |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    if rows:
+        print("| type | tool | time (s) | CPU (s) | MB/s | peak RSS (MB) | speed-up | memory ratio | same tensors |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for outtype, ours, ref, identical in rows:
         for name, r in (("backpropagate", ours), ("llama.cpp convert_hf_to_gguf.py", ref)):
             mbps = src_bytes / 1e6 / r["seconds"]
@@ -353,25 +392,15 @@ def main() -> None:
             "\n| type | route | time (s) | CPU (s) | peak RSS (MB) | ours faster by | our memory / theirs | same tensors |"
         )
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    records = []
     for outtype, ours, convert, quant, identical in qrows:
-        two_step = (
-            None
-            if quant is None
-            else {
-                "seconds": convert["seconds"] + quant["seconds"],
-                "cpu_seconds": convert["cpu_seconds"] + quant["cpu_seconds"],
-                "peak_rss_mb": max(convert["peak_rss_mb"], quant["peak_rss_mb"]),
-            }
-        )
-        named = [("backpropagate (one step)", ours), ("llama.cpp convert to bf16", convert)]
-        named += (
-            []
-            if quant is None
-            else [
-                (f"llama_model_quantize ({os.cpu_count()} threads)", quant),
-                ("llama.cpp convert + quantize", two_step),
-            ]
-        )
+        two_step = {
+            "seconds": convert["seconds"] + quant["seconds"],
+            "cpu_seconds": convert["cpu_seconds"] + quant["cpu_seconds"],
+            "peak_rss_mb": max(convert["peak_rss_mb"], quant["peak_rss_mb"]),
+        }
+        named = [(f"backpropagate (one step, {args.threads} threads)", ours), ("llama.cpp convert to bf16", convert)]
+        named += [(f"llama-quantize ({args.threads} threads)", quant), ("llama.cpp convert + quantize", two_step)]
         for name, r in named:
             ratio = "" if r is ours or r is convert else f"{r['seconds'] / ours['seconds']:.2f}x"
             mem = "" if r is ours or r is convert else f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
@@ -380,6 +409,34 @@ def main() -> None:
                 f"| {outtype} | {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                 f"{ratio} | {mem} | {same} |"
             )
+        records.append(
+            {
+                "outtype": outtype,
+                "ours": ours,
+                "llama_convert_bf16": convert,
+                "llama_quantize": quant,
+                "llama_two_step": two_step,
+                "speedup_vs_two_step": round(two_step["seconds"] / ours["seconds"], 2),
+                "speedup_vs_quantize": round(quant["seconds"] / ours["seconds"], 2),
+                "memory_vs_two_step": round(ours["peak_rss_mb"] / two_step["peak_rss_mb"], 3),
+                "memory_vs_quantize": round(ours["peak_rss_mb"] / quant["peak_rss_mb"], 3),
+                "same_tensors": identical,
+            }
+        )
+    if args.record and records:
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv),
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            "source_gb": round(src_bytes / 1e9, 2),
+            "rows": records,
+        }
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
     if mrow is not None:
         ours, ref, identical = mrow
         print(
