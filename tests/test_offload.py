@@ -135,3 +135,20 @@ def test_out_of_memory_with_every_layer_recomputed_turns_offload_on(tiny_llama, 
     # Kept layers went back to recomputing first (2 -> 1 -> 0 kept), then the inputs moved to the host.
     assert failures == ["recompute[0/2]", "recompute[1/2]", "recompute[2/2]"]
     assert "recompute[2/2]+offload" in result.features and len(result.losses) == 2
+
+
+def test_mlp_slices_in_evaluation_too(tiny_llama):
+    """Under no_grad (evaluation) a long input also runs slice by slice, with the same output."""
+    from transformers import AutoModelForCausalLM
+
+    mlp = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers[0].mlp
+    chunked_mlp.install(mlp, 50)
+    whole = mlp.bp_unchunked_forward
+    calls = []
+    mlp.__dict__["bp_unchunked_forward"] = lambda x: calls.append(x.shape[-2]) or whole(x)
+    x = torch.randn(1, 288, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        sliced = mlp(x)
+        expected = whole(x)
+    assert calls == [50] * 5 + [38]
+    torch.testing.assert_close(sliced, expected, rtol=1e-6, atol=1e-7)

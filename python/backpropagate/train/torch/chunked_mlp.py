@@ -38,10 +38,7 @@ class _ChunkedMLP(torch.autograd.Function):
         ctx.save_for_backward(x)
         if mlp.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
             return torch.zeros_like(x)  # nothing reads it (recompute.py)
-        out = torch.empty_like(x)
-        for s in range(0, x.shape[-2], chunk):
-            out[..., s : s + chunk, :] = mlp.bp_unchunked_forward(x[..., s : s + chunk, :])
-        return out
+        return _sliced(mlp, x, chunk)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -59,10 +56,20 @@ class _ChunkedMLP(torch.autograd.Function):
         return (dx, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
+def _sliced(mlp: Any, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The MLP's output, computed `chunk` tokens at a time (no graph: under no_grad or inside a Function)."""
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[-2], chunk):
+        out[..., s : s + chunk, :] = mlp.bp_unchunked_forward(x[..., s : s + chunk, :])
+    return out
+
+
 def _chunked_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    if x.shape[-2] <= self.bp_chunk_tokens or not torch.is_grad_enabled():
+    if x.shape[-2] <= self.bp_chunk_tokens:
         out: torch.Tensor = self.bp_unchunked_forward(x)
         return out
+    if not torch.is_grad_enabled():  # evaluation at long lengths
+        return _sliced(self, x, self.bp_chunk_tokens)
     # Trainable weights are inputs, so the output needs a gradient even where `x` does not.
     params = [p for p in self.parameters() if p.requires_grad]
     out = _ChunkedMLP.apply(x, self, self.bp_chunk_tokens, *params)
