@@ -119,7 +119,7 @@ CATALOG: dict[str, CodeInfo] = {
     # RUNTIME_*: the run itself failed.
     "RUNTIME_IO_FAILED": CodeInfo("Check free disk space and permissions of the output folder.", retryable=True),
     "RUNTIME_OOM_RECOVERY_EXHAUSTED": CodeInfo(
-        "Even micro-batch 1 ran out of memory: lower max_seq_length, use QLoRA, or enable gradient checkpointing."
+        "Even micro-batch 1 ran out of memory: lower max_seq_length, use QLoRA, or enable gradient checkpointing; `backprop estimate-memory` shows the longest context that fits."
     ),
     "RUNTIME_FULL_FT_MODEL_TOO_LARGE": CodeInfo(
         "Full fine-tuning is limited to models of about 4B parameters; use mode='lora' or 'qlora', or a smaller preset."
