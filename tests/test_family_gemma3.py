@@ -87,9 +87,10 @@ MULTIMODAL = {
 }
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("softcap", [None, 0.5])
 def test_text_tower_of_the_multimodal_config_packs_like_transformers(tmp_path, softcap):
-    """`gemma3` (Gemma3ForConditionalGeneration): the packed path runs its text tower and caps like it."""
+    """`gemma3` (Gemma3ForConditionalGeneration): the packed path runs its text tower, and like
+    transformers' image + text model applies no final soft-capping (published configs set none)."""
     config = json.loads(json.dumps(MULTIMODAL))
     config["text_config"]["final_logit_softcapping"] = softcap
     folder = gemma_folder(tmp_path, config)
@@ -229,3 +230,34 @@ def test_presets_name_the_published_instruct_models(size):
     assert preset is not None and preset.model_id == f"google/gemma-3-{size}-it"
     assert find_preset(preset.model_id.upper()) == preset
     assert (preset.max_seq_length, preset.learning_rate) == ((2048, 1e-4) if size == "12b" else (4096, 2e-4))
+
+
+def test_image_text_model_exports_its_text_tower_to_llama_cpp(tmp_path):
+    """gemma-3-4b/12b are `Gemma3ForConditionalGeneration`: the GGUF holds the text tower
+    (`model.language_model.*`, image tower left out) and predicts what transformers does."""
+    pytest.importorskip("xllamacpp")
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
+
+    from backpropagate import _core
+    from backpropagate.generate import GGUFModel
+    from export_models import build_model
+    from test_export_gguf import PROMPT, _hf_top5
+
+    text_dir = build_model("gemma3", tmp_path / "text")
+    text = AutoConfig.from_pretrained(text_dir).to_dict()
+    config = Gemma3Config(text_config=text, vision_config=MULTIMODAL["vision_config"], mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.model.language_model.load_state_dict(AutoModelForCausalLM.from_pretrained(text_dir).model.state_dict())
+    folder = tmp_path / "image-text"
+    model.save_pretrained(folder)
+    for f in text_dir.glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    gguf = tmp_path / "gemma3.gguf"
+    _core.convert_to_gguf(str(folder), str(gguf), "f32")
+    want_ids, want_logp, ids = _hf_top5(folder, PROMPT)
+    llm = GGUFModel(gguf, n_ctx=256)
+    assert llm.tokenize(PROMPT) == ids
+    got = llm.top_logprobs(PROMPT, 5)
+    assert [t for t, _ in got] == want_ids
+    np.testing.assert_allclose([v for _, v in got], want_logp, atol=1e-2)

@@ -346,7 +346,10 @@ impl ModelConfig {
             "gemma3.attention.sliding_window".to_string(),
             Value::U32(window as u32),
         )];
-        if let Some(cap) = self.f64_field("final_logit_softcapping") {
+        // transformers' Gemma3ForConditionalGeneration caps nothing (published Gemma 3 configs
+        // set no cap), so the text tower of an image + text config is exported uncapped too.
+        let cap = self.f64_field("final_logit_softcapping");
+        if let Some(cap) = cap.filter(|_| self.raw.get("text_config").is_none()) {
             kvs.push((
                 "gemma3.final_logit_softcapping".into(),
                 Value::F32(cap as f32),

@@ -71,13 +71,20 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
             shift,
         }))
     };
-    if hf.starts_with("model.vision_tower.") || hf.starts_with("model.multi_modal_projector.") {
+    let image = ["vision_tower.", "multi_modal_projector."];
+    if image
+        .iter()
+        .any(|p| hf.starts_with(p) || hf.strip_prefix("model.").is_some_and(|r| r.starts_with(p)))
+    {
         return Ok(None);
     }
-    // A multimodal config's text tower is the plain text model under another prefix.
-    let text = hf
-        .strip_prefix("model.language_model.")
-        .map(|r| format!("model.{r}"));
+    // A multimodal model's text tower is the plain text model under another prefix: its
+    // published checkpoints write `language_model.model.`, transformers 5 `model.language_model.`.
+    let text = ["model.language_model.", "language_model.model."]
+        .iter()
+        .find_map(|p| hf.strip_prefix(p))
+        .map(|r| format!("model.{r}"))
+        .or_else(|| hf.strip_prefix("language_model.").map(str::to_string));
     let hf = text.as_deref().unwrap_or(hf);
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight"),
@@ -194,6 +201,13 @@ mod tests {
         let q = map("model.layers.1.self_attn.q_proj.weight").unwrap();
         assert_eq!((q.permute_heads, q.shift), (None, 0.0));
         assert!(map("model.vision_tower.vision_model.post_layernorm.weight").is_none());
+        assert!(map("multi_modal_projector.mm_soft_emb_norm.weight").is_none());
+        let published = map("language_model.model.layers.3.post_feedforward_layernorm.weight");
+        assert_eq!(published.unwrap().name, "blk.3.post_ffw_norm.weight");
+        assert_eq!(
+            map("language_model.lm_head.weight").unwrap().name,
+            "output.weight"
+        );
         let llama = map_name(
             "llama",
             "model.layers.0.post_attention_layernorm.weight",

@@ -75,7 +75,8 @@ class TrainingModel:
     def lm_head_weight(self) -> torch.Tensor:
         """[V, H] output projection, carrying the model's final logit soft-capping for the loss (`LOGIT_SOFTCAP`)."""
         weight: torch.Tensor = self.base.get_output_embeddings().weight
-        softcap = getattr(self.base.config.get_text_config(), "final_logit_softcapping", None)
+        # As transformers: Gemma3ForCausalLM caps, Gemma3ForConditionalGeneration (the image + text model) does not.
+        softcap = getattr(self.base.config, "final_logit_softcapping", None)
         setattr(weight, LOGIT_SOFTCAP, softcap)
         return weight
 
