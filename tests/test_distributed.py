@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,8 +24,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from backpropagate import Trainer
+from backpropagate.config import TrainConfig
+from backpropagate.errors import ConfigError
 from backpropagate.train import checkpoint
-from backpropagate.train.distributed import balanced_shares
+from backpropagate.train.distributed import World, balanced_shares, check_world
 from cli_helpers import run_cli
 from train_helpers import rule_dataset
 
@@ -131,6 +134,7 @@ def cut_after_half(run: Path, tmp: Path) -> Path:
     return cut
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_at_the_same_global_batch(one_process, two_processes):
     out, ranks = two_processes
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank holds the global loss
@@ -149,6 +153,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(one_process, two_
     assert "eval_loss" in records[-1]
 
 
+@pytest.mark.slow
 def test_resume_across_world_sizes_continues_the_same_curve(one_process, two_processes, dataset, tmp_path):
     expected = losses(one_process.losses)
     # 2 -> 1: one process finishes what two processes checkpointed at half the run.
@@ -162,6 +167,7 @@ def test_resume_across_world_sizes_continues_the_same_curve(one_process, two_pro
     assert ranks[0]["digest"] == ranks[1]["digest"]
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
     missing = tmp_path / "missing.jsonl"
     ranks, wall = run_world(
@@ -173,6 +179,7 @@ def test_an_error_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
     assert wall < 90  # both ended on their own, long before the process group's timeout
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_llama, tmp_path):
     out = tmp_path / "run"
 
@@ -215,12 +222,29 @@ def test_step_rows_are_shared_by_tokens_not_rows():
     assert [int(tokens[share].sum()) for share in balanced_shares(tokens, 2)] == [1020, 1010]
 
 
+@pytest.mark.parametrize(
+    ("world", "options", "rows", "refused"),
+    [
+        (World(0, 1), dict(gpus=2), 4, "gpus=2 needs 2 processes"),
+        (World(1, 2), dict(gpus=4), 4, "gpus=4 needs 4 processes"),
+        (World(0, 2), {}, 1, "a step of 1 packed row(s) cannot feed 2 processes"),
+        (World(0, 2), dict(device="cuda:1"), 4, "device='cuda:1' is invalid"),
+    ],
+)
+def test_worlds_that_cannot_train_are_refused_before_loading(world, options, rows, refused):
+    config = TrainConfig(**options)
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_world(world, config, rows)
+    check_world(World(0, 2), TrainConfig(gpus=2), 2)  # one row per process is enough
+
+
 def test_more_gpus_than_the_machine_has_are_refused(tiny_llama):
     result = run_cli("train", "--gpus", "2", "--steps", "1")
     assert result.status != 0
     assert "[DEP_GPU_NOT_AVAILABLE]" in result.stderr and "2 CUDA devices" in result.stderr
 
 
+@pytest.mark.slow
 def test_gpus_on_the_cpu_starts_the_processes_and_rank_0_reports(tiny_llama, tmp_path):
     """`backprop train --gpus 2 --device cpu`: torch.distributed.run, `python -m backpropagate`, gloo."""
     out = tmp_path / "run"
