@@ -20,6 +20,10 @@ gets an equal share of what is left, and a search cut short reports "≥ X". Our
 4 x 2048 tokens per step once (`--reference-rows`), the speed its long-context tokens/s are
 compared with. Every found length is set against `estimate-memory`'s prediction.
 
+With several GPUs (`--gpus`, default all visible) the searches run at once, one queue of them
+per GPU (CUDA_VISIBLE_DEVICES per trial): on 8 GPUs every search and the reference get the
+whole budget. Timings from concurrent trials share the host (CPU, PCIe, host memory).
+
 Each trial and each search result is appended as a JSON line to
 benches/results/max_context_<card>.jsonl (and to $OUT/ when set); one table is printed at the end.
 
@@ -38,6 +42,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +71,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LORA_R = 32
 RESULT = "RESULT "
+_WRITING = threading.Lock()
 # Lengths are multiples of this (bisection steps too).
 GRAIN = 256
 
@@ -252,7 +258,8 @@ class Trials:
                 return {**t, "cap_gib": cap, "reused": True}
         return None
 
-    def run(self, which: str, cap: float, length: int, rows: int, limit_s: float) -> dict[str, Any]:
+    def run(self, which: str, cap: float, length: int, rows: int, limit_s: float, gpu: int | None) -> dict[str, Any]:
+        """One trial on GPU `gpu` (None: as the environment has it) in a child process, or what is known of it."""
         known = self.known(which, cap, length, rows)
         if known is not None:
             self.done.append(known)
@@ -261,6 +268,8 @@ class Trials:
         command += ["--cap", str(cap), "--length", str(length), "--rows", str(rows)]
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         timeout = max(1.0, min(limit_s, self.args.trial_timeout_s, self.left()))
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -274,7 +283,7 @@ class Trials:
         except subprocess.TimeoutExpired:
             outcome = {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
         record = {"kind": "trial", "which": which, "shape": self.args.shape, "card": self.card, "cap_gib": cap}
-        record.update({"length": length, "rows": rows, **outcome})
+        record.update({"length": length, "rows": rows, "gpu": gpu, **outcome})
         if record["ok"] and which == "ours":
             record["estimate_gib"] = estimated_gib(self.args.shape, length, record.get("features", []))
         self.done.append(record)
@@ -300,7 +309,9 @@ def estimated_gib(shape: str, length: int, features: list[str]) -> float:
     return round((estimate.peak_bytes - estimate.parts["margin"]) / 2**30, 2)
 
 
-def search(trials: Trials, which: str, cap: float, share_s: float, share_trials: int) -> dict[str, Any]:
+def search(
+    trials: Trials, which: str, cap: float, share_s: float, share_trials: int, gpu: int | None
+) -> dict[str, Any]:
     """Doubling from --start, then bisection to --precision; the longest length that trained, and how sure.
 
     It stops after `share_s` seconds or `share_trials` trials (0 = no limit), whichever comes first.
@@ -322,7 +333,7 @@ def search(trials: Trials, which: str, cap: float, share_s: float, share_trials:
         if out_of_budget():
             stopped = "budget"
             break
-        result = trials.run(which, cap, length, 1, until - time.monotonic())
+        result = trials.run(which, cap, length, 1, until - time.monotonic(), gpu)
         if result["ok"]:
             best, length = result, length * 2
             if failed_at is not None:
@@ -343,7 +354,7 @@ def search(trials: Trials, which: str, cap: float, share_s: float, share_trials:
             stopped = "budget"
             break
         mid = (low + failed_at) // 2 // GRAIN * GRAIN
-        result = trials.run(which, cap, mid, 1, until - time.monotonic())
+        result = trials.run(which, cap, mid, 1, until - time.monotonic(), gpu)
         if result["ok"]:
             best = result
         elif result.get("oom"):
@@ -369,6 +380,15 @@ def search(trials: Trials, which: str, cap: float, share_s: float, share_trials:
     return found
 
 
+def gpu_count(args: argparse.Namespace) -> int:
+    """GPUs to spread the searches over: --gpus, else all visible ones (1 on a CPU machine)."""
+    if args.gpus:
+        return int(args.gpus)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def card_name() -> str:
     import torch
 
@@ -382,10 +402,11 @@ def emit(record: dict[str, Any], args: argparse.Namespace, card: str) -> None:
     """Appends `record` to the results file (and to $OUT/ when set)."""
     line = json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"max_context_{card}.jsonl", "a") as f:
-            f.write(line + "\n")
+    with _WRITING:  # searches on several GPUs write from several threads
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"max_context_{card}.jsonl", "a") as f:
+                f.write(line + "\n")
 
 
 def table(found: list[dict[str, Any]], reference: dict[str, Any] | None, done: list[dict[str, Any]]) -> str:
@@ -439,6 +460,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start", type=int, default=4096, help="First length of each search.")
     p.add_argument("--precision", type=float, default=0.05, help="Bisection stops within this share.")
     p.add_argument("--reference-rows", type=int, default=4, help="Ours' speed reference: rows of 2048 (0 = none).")
+    p.add_argument("--gpus", type=int, default=0, help="Run searches on this many GPUs at once (0 = all).")
     p.add_argument("--results-dir", default=str(ROOT / "benches" / "results"), help="Where the JSON lines go.")
     # A single trial, run by the search in a child process.
     p.add_argument("--trial", choices=("ours", "peer"), help=argparse.SUPPRESS)
@@ -462,16 +484,38 @@ def main(argv: list[str] | None = None) -> int:
     caps = sorted(float(c) if "." in c else int(c) for c in args.caps.split(","))
     systems = [w for w in ("peer", "ours") if w in args.which.split(",")]
     print(f"max context: {args.shape} QLoRA r{LORA_R}, caps {caps} GiB, {', '.join(systems)}", flush=True)
-    reference = None
-    if "ours" in systems and args.reference_rows > 0 and not trials.exhausted():
-        length = 2048 * args.reference_rows
-        reference = trials.run("ours", max(caps), length, args.reference_rows, args.trial_timeout_s)
-    searches = [(which, cap) for which in systems for cap in caps]
-    found = []
-    for i, (which, cap) in enumerate(searches):
-        share = max(0.0, trials.left()) / (len(searches) - i)
-        share_trials = max(1, (args.max_trials - trials.count) // (len(searches) - i)) if args.max_trials else 0
-        found.append(search(trials, which, cap, share, share_trials))
+    searches: list[tuple[str, Any]] = [(which, cap) for which in systems for cap in caps]
+    reference_item = ("reference", max(caps)) if "ours" in systems and args.reference_rows > 0 else None
+    gpus = gpu_count(args)
+    # Consecutive searches share a GPU (so a system's caps reuse each other's trials); the reference
+    # runs first on the queue of ours' largest cap, or on a GPU of its own when there are enough.
+    queues: list[list[tuple[str, Any]]] = [[] for _ in range(max(1, min(gpus, len(searches) + 1)))]
+    own = reference_item is not None and len(queues) > len(searches)
+    spread = len(queues) - own
+    for i, item in enumerate(searches):
+        queues[i * spread // len(searches)].append(item)
+    if reference_item is not None:
+        queues[-1].insert(len(queues[-1]) if own else 0, reference_item)
+    results: dict[tuple[str, Any], dict[str, Any]] = {}
+
+    def work(queue: list[tuple[str, Any]], gpu: int | None) -> None:
+        for i, (which, cap) in enumerate(queue):
+            left = len(queue) - i
+            if which == "reference":
+                length = 2048 * args.reference_rows
+                results[(which, cap)] = trials.run("ours", cap, length, args.reference_rows, trials.left(), gpu)
+                continue
+            share = max(0.0, trials.left()) / left
+            share_trials = max(1, (args.max_trials - trials.count) // left) if args.max_trials else 0
+            results[(which, cap)] = search(trials, which, cap, share, share_trials, gpu)
+
+    threads = [threading.Thread(target=work, args=(queue, i if gpus > 1 else None)) for i, queue in enumerate(queues)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reference = results.pop(reference_item, None) if reference_item else None
+    found = [results[item] for item in searches if item in results]
     print(table(found, reference, trials.done), flush=True)
     print(f"{trials.count} trials in {time.monotonic() - started:.0f} s", flush=True)
     return 0
