@@ -207,6 +207,31 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_llama, t
     )
 
 
+BUCKETS_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from backpropagate.train import distributed
+distributed.BUCKET_ELEMENTS = 5  # several buckets, one tensor larger than a bucket
+world = distributed.join("cpu")
+params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 7, 2, 4)]
+for i, p in enumerate(params[:-1]):  # the last has no gradient on this rank
+    p.grad = torch.full_like(p, (world.rank + 1) * (i + 1))
+loss = world.reduce_gradients(params, torch.tensor(world.rank + 0.5))
+sums = [p.grad.tolist() for p in params]
+assert sums == [[3.0 * (i + 1)] * p.numel() for i, p in enumerate(params[:-1])] + [[0.0] * 4], sums
+assert loss.item() == 2.0, loss
+"""
+
+
+def test_gradients_and_loss_are_summed_over_ranks_in_buckets(tmp_path):
+    port = free_port()
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUCKETS_SCRIPT], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        for r in range(2)
+    ]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+
+
 def test_step_rows_are_shared_by_tokens_not_rows():
     rng = np.random.default_rng(0)
     for parts in (2, 3, 4):

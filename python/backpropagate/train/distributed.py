@@ -6,7 +6,7 @@ count (`balanced_shares`), so no rank waits on a longer share. The step's normal
 counts are summed over the ranks before any backward, so every rank's loss terms are
 divided by the global count; the gradients are then summed once per step, after all of a
 rank's micro-batches (ranks may hold different numbers of them, which rules out DDP's
-one-reduction-per-backward hooks), in one flat bucket that also carries the loss. Every
+one-reduction-per-backward hooks), in flat buckets that also carry the loss. Every
 rank therefore applies the same update to the same weights: rank 0 alone writes logs,
 metrics, checkpoints and the final adapter. A failing rank leaves its coded error in the
 rendezvous store and exits; the others, whose next collective then breaks, stop with
@@ -40,6 +40,8 @@ log = get_logger("distributed")
 
 # How long a collective may wait for a rank that neither answers nor exits.
 TIMEOUT = timedelta(minutes=30)
+# Gradient elements summed per collective (256 MiB of fp32).
+BUCKET_ELEMENTS = 64 * 2**20
 # Store key under which a failing rank leaves its error for the others.
 FAILURE_KEY = "backpropagate/failure"
 
@@ -122,19 +124,30 @@ class World:
         return rows[balanced_shares(row_tokens(dataset, rows), self.size)[self.rank]]
 
     def reduce_gradients(self, params: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-        """Sums the gradients of `params` and `loss` over the ranks in one collective; returns the summed loss.
+        """Sums the gradients of `params` and `loss` over the ranks; returns the summed loss.
 
-        A parameter without a gradient (none of its inputs on this rank) counts as zeros.
+        The gradients travel in flat fp32 buckets of at most `BUCKET_ELEMENTS` (the loss in
+        the last), so a full fine-tune never holds a second copy of all its gradients. A
+        parameter without a gradient (none of its inputs on this rank) counts as zeros.
         """
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = self.sum(torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()]))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        tensors = [p.grad for p in params if p.grad is not None] + [loss.detach().reshape(1)]
+        buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if buckets[-1] and size + t.numel() > BUCKET_ELEMENTS:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += t.numel()
+        for bucket in buckets:
+            flat = self.sum(torch.cat([t.reshape(-1).float() for t in bucket]))
+            offset = 0
+            for t in bucket[:-1] if bucket is buckets[-1] else bucket:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
         return flat[-1].to(loss.dtype)
 
 
