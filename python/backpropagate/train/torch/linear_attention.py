@@ -1,11 +1,12 @@
 """Linear-attention layers (Qwen3.5's Gated DeltaNet) over packed rows: each sample on its own.
 
 A linear-attention layer carries a recurrent state, and a short causal convolution, from
-token to token; in a packed row both would flow from one sample into the next. The torch
-implementation in transformers takes no sample boundaries (it ignores `cu_seqlens`), so
-while packed attention is on, each sample's slice of the row runs through the layer alone
-(its state starts from zero, as in the sample by itself) and the outputs are concatenated.
-Exact; one layer call per sample, so slower than a varlen kernel would be.
+token to token; in a packed row both would flow from one sample into the next. transformers'
+torch implementation takes no sample boundaries (given `cu_seqlens` without the
+flash-linear-attention kernels, it refuses the row), so while packed attention is on, each
+sample's slice of the row runs through the layer alone (its state starts from zero, as in
+the sample by itself) and the outputs are concatenated. Exact; one layer call per sample,
+so slower than a varlen kernel would be.
 
 With a shared-token layout (a preference pair's prompt stored once), a sample's stored
 tokens are only its tail: the whole sample is gathered by `kv_index`, run, and its tail kept.
