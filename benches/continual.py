@@ -25,8 +25,8 @@ decay, replay). Forgetting = task 1's held-out loss after the last run minus aft
 task-2 loss within 5% of simple's. `--replay 0.2` repeats slao and simple with that share of
 task-1 rows replayed in run 2. Appends one line to benches/results/continual.jsonl.
 
-    OMP_NUM_THREADS=1 python benches/continual.py --steps 8 --rows 60     # smollm2-135m on the CPU
-    python benches/continual.py --model tiny-llama --steps 40 --rows 80 --learning-rate 2e-3
+    OMP_NUM_THREADS=1 python benches/continual.py --steps 12 --rows 60 --replay 0.2   # smollm2-135m on the CPU
+    python benches/continual.py --model tiny-llama --steps 40 --rows 60 --learning-rate 2e-3 --replay 0.2
 
 On a CPU shared with other jobs, set OMP_NUM_THREADS=1: torch's threads spin against the
 other processes' and a step took 10x longer here without it.
@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rows", type=int, default=60, help="rows per task (a share --holdout of them held out)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per task")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per task")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--holdout", type=float, default=0.2)
