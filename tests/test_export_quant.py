@@ -3,15 +3,19 @@
 Every quantized tensor our writer emits is compared with what llama.cpp's quantizer
 (`ggml_quantize_chunk` of the installed llama.cpp) makes from the same f32 input, after the
 same Q/K permutation (Q4_K and Q6_K come from our own kernels, so rows that take the rare
-branches of llama.cpp's search are checked too). When llama-cpp-python is installed, whole files are also compared
-with `llama_model_quantize` run on our f32 GGUF, which checks llama.cpp's per-tensor type
-choices too.
+branches of llama.cpp's search are checked too). Whole files are also compared with
+`llama_model_quantize` run on our f32 GGUF, which checks llama.cpp's per-tensor type choices
+too: through llama-cpp-python when installed, else through the `llama-quantize` tool named by
+$LLAMA_QUANTIZE or found on PATH (`benches/convert_vs_llamacpp.py` builds one).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -234,24 +238,40 @@ def test_edge_rows_are_llama_cpp_bytes(quant: str, edge_llama: Path, tmp_path: P
     assert seen >= ({"Q6_K"} if quant == "q6_k" else {"Q8_0"} if quant == "q8_0" else {"Q4_K", "Q6_K"})
 
 
+def _llama_model_quantize() -> Callable[[Path, Path, str], None]:
+    """llama.cpp's `llama_model_quantize` on 2 threads, from llama-cpp-python or the
+    `llama-quantize` tool; skips the test when neither is there."""
+    tool = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    if tool:
+
+        def run_tool(src: Path, dst: Path, quant: str) -> None:
+            subprocess.run([tool, str(src), str(dst), quant.upper(), "2"], check=True, capture_output=True)
+
+        return run_tool
+    llama_cpp = pytest.importorskip("llama_cpp", reason="neither llama-cpp-python nor llama-quantize is installed")
+
+    def run(src: Path, dst: Path, quant: str) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = FTYPES[quant], 2
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+
+    return run
+
+
 @pytest.mark.parametrize("model", ["wide_llama", "wide_tied_qwen2", "tiny_llama"])
 def test_whole_files_match_llama_model_quantize(model: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Types chosen per tensor and their bytes equal llama.cpp's `llama_model_quantize`
     (a separate llama.cpp build) run on our f32 GGUF: k-quant rows, tied embeddings, and
     rows too narrow for k-quants (fallbacks)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    quantize = _llama_model_quantize()
     from backpropagate import _core
 
     model_dir: Path = request.getfixturevalue(model)
     f32 = tmp_path / "f32.gguf"
     _core.convert_to_gguf(str(model_dir), str(f32), "f32")
-    for quant, ftype in FTYPES.items():
+    for quant in FTYPES:
         ref = tmp_path / f"ref-{quant}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), params)
-        assert rc == 0
+        quantize(f32, ref, quant)
         ours = tmp_path / f"ours-{quant}.gguf"
         _core.convert_to_gguf(str(model_dir), str(ours), quant, llama_cpp_lib=xllamacpp.xllamacpp.__file__)
         a = {t.name: t for t in gguf.GGUFReader(ref).tensors}
