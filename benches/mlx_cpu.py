@@ -141,7 +141,8 @@ def worker_theirs(model: Path, data: Path, args: argparse.Namespace, out: Path) 
 def run_side(side: str, model: Path, data: Path, args: argparse.Namespace, compile_setting: str) -> dict:
     """One training run in a fresh subprocess under one MLX compile setting."""
     command = [sys.executable, __file__, "--worker", side, "--model", str(model), "--data", str(data)]
-    command += ["--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length)]
+    length = args.row_length if side == "ours" and args.row_length else args.max_seq_length
+    command += ["--batch-size", str(args.batch_size), "--max-seq-length", str(length)]
     env = {k: v for k, v in os.environ.items() if k != "MLX_DISABLE_COMPILE"}
     if COMPILE_ENV[compile_setting]:
         env["MLX_DISABLE_COMPILE"] = COMPILE_ENV[compile_setting]
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, help="use the first N example conversations (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="mlx-lm's sequences per step")
     parser.add_argument("--max-seq-length", type=int, default=512, help="our packed row length; mlx-lm's cap")
+    parser.add_argument("--row-length", type=int, help="our packed row length instead (e.g. mlx-lm's tokens per step)")
     parser.add_argument("--compile", default="default,off", help="MLX compile settings to run: default, off")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
@@ -189,7 +191,14 @@ def main() -> None:
     settings = [s.strip() for s in args.compile.split(",") if s.strip()]
     if not settings or any(s not in COMPILE_ENV for s in settings):
         parser.error(f"--compile takes a comma list of {', '.join(COMPILE_ENV)}")
-    report: dict = {"model": args.model, "settings": {k: v for k, v in vars(args).items() if k not in HIDDEN}}
+    from importlib.metadata import version
+
+    report: dict = {
+        "model": args.model,
+        "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start",
+        "versions": {name: version(name) for name in ("mlx", "mlx-lm")},
+        "settings": {k: v for k, v in vars(args).items() if k not in HIDDEN},
+    }
     results = {s: {"ours": [], "theirs": []} for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
