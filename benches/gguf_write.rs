@@ -1,8 +1,9 @@
 //! GGUF writing throughput (MB/s of source weights), on a synthetic bf16 model in
-//! Qwen2's layout: bf16 copied through, converted to f16, and with a LoRA merged in.
+//! Qwen2's layout: bf16 copied through, converted to f16, with a LoRA merged in, and
+//! quantized to `q4_k_m` (Q4_K and Q6_K only, which need no llama.cpp library).
 //!
-//! `cargo bench --bench gguf_write`. Runs without Python; the quantized types need
-//! llama.cpp's library and are measured by `benches/convert_vs_llamacpp.py`.
+//! `cargo bench --bench gguf_write`. Runs without Python; the comparison with llama.cpp's
+//! own tools is `benches/convert_vs_llamacpp.py`.
 
 use std::fs;
 use std::io::Write;
@@ -146,6 +147,7 @@ fn bench(c: &mut Criterion) {
         ("bf16_copy", OutType::BF16, false),
         ("bf16_to_f16", OutType::F16, false),
         ("bf16_lora_merge", OutType::BF16, true),
+        ("q4_k_m", OutType::Q4KM, false),
     ] {
         let opts = ConvertOptions {
             model_dir: model.clone(),
