@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from backpropagate import Trainer
 from backpropagate.errors import BackpropagateError
@@ -21,9 +22,11 @@ from train_helpers import rule_dataset
 
 
 def weights_digest(trainer: Trainer) -> str:
-    """A digest of the trained weights, in name order."""
+    """A digest of the trained weights, in name order (a sharded tensor gathered whole: every rank must call it)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(trainer._trained.trainable_state().items()):
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -80,6 +80,13 @@ class TrainConfig:
         group="Model",
         bounds=at_least(1),
     )
+    fsdp: bool = option(
+        False,
+        "Shard the model over the processes of a --gpus run (FSDP2 fully_shard per decoder layer), so each device "
+        "holds 1/N of the weights, gradients and optimizer state: for a model that does not fit one device. "
+        "Modes lora and full, backend torch; CUDA graphs are off under it.",
+        group="Model",
+    )
     # LoRA
     lora_r: int | None = option(None, "LoRA rank (default: the preset's, else 16).", group="LoRA", bounds=at_least(1))
     lora_alpha: float | None = option(

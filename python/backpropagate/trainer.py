@@ -353,7 +353,18 @@ class Trainer:
         }
         base_ref = self.model_ref if self.preset and "/" in self.model_ref else str(self.model_path)
         final_dir, curve = world.from_main(  # the others wait here until rank 0 has written the adapter
-            (save_final(trained, output_dir, self.model_path, base_ref, run_info, curve), curve)
+            (
+                save_final(
+                    trained,
+                    output_dir,
+                    self.model_path,
+                    base_ref,
+                    run_info,
+                    curve,
+                    outcome.final_weights,
+                ),
+                curve,
+            )
             if world.is_main
             else None
         )

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,19 +110,21 @@ def save_checkpoint(
     keep: int,
     rank_rngs: list[dict[str, Any]] | None = None,
     write: bool = True,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Writes checkpoint `state.step` of the torch rail atomically under `root` and keeps the newest `keep`.
 
     `rank_rngs` holds every process's RNG states in rank order (default: this process's).
     The processes of a data-parallel run hold the same weights and optimizer state, so all
-    but rank 0 pass `write=False` and only learn the folder's path.
+    but rank 0 pass `write=False` and only learn the folder's path. A sharded (FSDP) run
+    passes its weights and `optimizer_state` gathered whole, in `optimizer.state_dict()`'s form.
     """
     if not write:
         return root / f"step-{state.step:06d}"
     cpu_weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     rngs = rank_rngs or [rng_state()]
     training = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rngs[0],
         "rank_rngs": rngs,
@@ -256,21 +259,26 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    load: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None,
 ) -> TrainState:
     """Copies a loaded checkpoint into the live parameters, optimizer, scheduler and RNGs.
 
     Process `rank` takes the RNG states that rank saved; a rank the saving run did not have
-    (a resume on more processes) takes rank 0's.
+    (a resume on more processes) takes rank 0's. `load` (a sharded run's) takes the
+    trainable weights and optimizer state in place of copying them into `params` and `optimizer`.
     """
     missing = sorted(set(params) - set(loaded.weights))
     if missing:
         raise StateError(
             "STATE_CHECKPOINT_INVALID", f"{loaded.path} lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}"
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(loaded.weights[name].to(param.device))
-    optimizer.load_state_dict(loaded.training["optimizer"])
+    if load is not None:
+        load({name: loaded.weights[name] for name in params}, loaded.training["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(loaded.weights[name].to(param.device))
+        optimizer.load_state_dict(loaded.training["optimizer"])
     scheduler.load_state_dict(loaded.training["scheduler"])
     rngs = loaded.training.get("rank_rngs") or [loaded.training["rng"]]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])

@@ -117,6 +117,10 @@ class World:
                 "RUNTIME_DISTRIBUTED_FAILED", f"rank {self.rank} of {self.size} stopped: {_peer_note() or exc}"
             ) from exc
 
+    def most(self, count: int) -> int:
+        """The largest `count` of any rank."""
+        return max(self.gather(count))
+
     def share(self, dataset: PreparedDataset, rows: np.ndarray) -> np.ndarray:
         """This rank's part of `rows` (all of them in one process), balanced by tokens."""
         if self.size == 1:
@@ -244,7 +248,11 @@ def launch(gpus: int, device: str, argv: list[str]) -> None:
 
 
 def check_world(world: World, config: TrainConfig, rows_per_step: int) -> None:
-    """Refuses a world that does not match `config.gpus`, the MLX rail, or steps too small to give every rank a row."""
+    """Refuses a world that cannot train the run's settings before the model loads.
+
+    That is one that does not match `config.gpus`, the MLX rail, steps too small to give
+    every rank a row, or `fsdp` with one process or a mode it cannot shard.
+    """
     from backpropagate.train.backend import resolve_backend
 
     if config.gpus > 1 and world.size != config.gpus:
@@ -255,11 +263,23 @@ def check_world(world: World, config: TrainConfig, rows_per_step: int) -> None:
             f"`torchrun --nproc-per-node {config.gpus} -m backpropagate train`",
         )
     if world.size == 1:
+        if config.fsdp:
+            raise ConfigError(
+                "CONFIG_INVALID_SETTING",
+                "fsdp=True shards the model over several processes but this run has one: train with --gpus 2 or "
+                "more, or without --fsdp",
+            )
         return
     if config.device not in ("auto", "cuda", "cpu"):
         raise invalid("device", config.device, "auto, cuda or cpu when training on several devices (one each)")
     if resolve_backend(config.backend) != "torch":
         raise invalid("backend", config.backend, "torch when training on several devices")
+    if config.fsdp and config.mode not in ("lora", "full"):
+        raise invalid(
+            "mode",
+            config.mode,
+            "lora or full with fsdp=True (QLoRA's 4-bit weights are not sharded; auto would be QLoRA on CUDA)",
+        )
     if rows_per_step < world.size:
         raise ConfigError(
             "CONFIG_INVALID_SETTING",

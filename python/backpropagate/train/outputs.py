@@ -50,20 +50,25 @@ def save_final(
     base_model_ref: str,
     run_info: dict[str, Any],
     loss_curve: Path | None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes `adapter/` (adapter modes) or `model/` (full fine-tuning) under `output_dir` and returns it."""
+    """Writes `adapter/` (adapter modes) or `model/` (full fine-tuning) under `output_dir` and returns it.
+
+    `state_dict` holds the weights of a model sharded over processes, gathered whole.
+    """
     model: Any = tm.model
+    whole = {"state_dict": state_dict} if state_dict is not None else {}
     final = output_dir / ("model" if tm.mode == "full" else "adapter")
     remove_leftovers(output_dir, [final.name])
     partial = temp_path(final)
     shutil.rmtree(partial, ignore_errors=True)
     if tm.mode == "full":
-        model.save_pretrained(partial, safe_serialization=True)
+        model.save_pretrained(partial, safe_serialization=True, **whole)
     else:
         model.peft_config["default"].base_model_name_or_path = base_model_ref
         # Whole embedding matrices are saved only when adapted: peft's "auto" asks the hub whether the
         # base's vocabulary differs, which training here never changes (and which fails offline).
-        model.save_pretrained(partial, safe_serialization=True, save_embedding_layers=adapts_embeddings(model))
+        model.save_pretrained(partial, safe_serialization=True, save_embedding_layers=adapts_embeddings(model), **whole)
     for name in TOKENIZER_FILES:
         if (base_model_path / name).exists():
             shutil.copyfile(base_model_path / name, partial / name)

@@ -34,7 +34,7 @@ from backpropagate.train.distributed import SINGLE, World, row_tokens
 from backpropagate.train.interrupt import StopRequest
 from backpropagate.train.metrics import MetricsLogger, ProgressBar
 from backpropagate.train.thermal import TemperatureGuard, nvml_reader
-from backpropagate.train.torch import lora_fused
+from backpropagate.train.torch import fsdp, lora_fused
 from backpropagate.train.torch.attention import packed_attention
 from backpropagate.train.torch.linear_attention import linear_attention_layers
 from backpropagate.train.torch.loading import TrainingModel
@@ -126,13 +126,16 @@ def policy_of(tm: TrainingModel) -> Policy:
     return Policy(forward=lambda batch: forward_hidden(tm, batch), reference=disable)
 
 
-def forward_backward(tm: TrainingModel, objective: Objective, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
-    """One micro-batch: forward, loss normalised by the step's `totals`, backward; returns the loss.
+def forward_backward(
+    tm: TrainingModel, objective: Objective, batch: DeviceBatch, totals: torch.Tensor, weight: float = 1.0
+) -> torch.Tensor:
+    """One micro-batch: forward, loss normalised by the step's `totals` (times `weight`), backward; returns the loss.
 
-    It never waits for the GPU, so it can be captured as a CUDA graph.
+    It never waits for the GPU, so it can be captured as a CUDA graph. A `weight` of 0 makes
+    a padding pass: the collectives of a sharded model's forward and backward, no gradient.
     """
     hidden = forward_hidden(tm, batch)
-    loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, batch), totals)
+    loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, batch), totals) * weight
     del hidden  # backward needs only what autograd saved
     loss.backward()
     return loss.detach()
@@ -142,6 +145,8 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
     """Why the micro-batch step cannot run as a CUDA graph, or None when it can."""
     if not config.cuda_graphs:
         return "cuda_graphs=False"
+    if config.fsdp:
+        return "fsdp=True"
     if tm.device.type != "cuda":
         return "not on CUDA"
     if tm.mode not in ("lora", "qlora"):
@@ -177,17 +182,31 @@ def step_graphs(tm: TrainingModel, objective: Objective, config: TrainConfig, ro
 
 
 def accumulate_gradients(
-    tm: TrainingModel, objective: Objective, batches: list[Batch], graphs: StepGraphs | None, totals: torch.Tensor
+    tm: TrainingModel,
+    objective: Objective,
+    batches: list[Batch],
+    graphs: StepGraphs | None,
+    totals: torch.Tensor,
+    passes: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward over the micro-batches of one step, each normalised by the step's `totals`.
+
+    A sharded model runs `passes` (every rank's largest count of micro-batches): the
+    missing ones as padding passes over the first micro-batch, so every rank joins the same
+    collectives; only the last pass reduce-scatters the gradients.
 
     Returns:
         (this process's share of the step's mean loss, on the device; its tokens).
     """
     run = graphs or (lambda batch, t: forward_backward(tm, objective, batch, t))
     loss_sum = torch.zeros((), device=tm.device)
-    for batch in batches:
-        loss_sum += run(objective.device_batch(batch, tm.device), totals)
+    for i in range(passes or len(batches)):
+        if passes is not None:
+            fsdp.sync_gradients(tm, i == passes - 1)
+        if i < len(batches):
+            loss_sum += run(objective.device_batch(batches[i], tm.device), totals)
+        else:
+            forward_backward(tm, objective, objective.device_batch(batches[0], tm.device), totals, weight=0.0)
     return loss_sum, sum(b.num_tokens for b in batches)
 
 
@@ -206,20 +225,23 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     graphs: StepGraphs | None = None,
     world: World = SINGLE,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Accumulates the gradient of one step, halving the micro-batch on out-of-memory errors.
 
     The step's normalising counts are summed over the processes once, before any backward
-    (so a retry on one process never repeats a collective).
+    (so a retry on one process never repeats a collective). A `sharded` model runs as many
+    forward and backward passes on every rank (`accumulate_gradients`).
     """
     batches = micro_batches(dataset, rows, state.micro_batch)
     counts = to_device(np.array(step_counts(objective, batches), dtype=np.float32), torch.float32, tm.device)
     totals = world.sum(counts).clamp_(min=1)
+    passes = world.most(len(batches)) if sharded else None
     while True:
         if tm.recompute is not None and tm.recompute.offload is not None:
             graphs = None  # the offload's side stream and host copies are not captured in graphs
         try:
-            return accumulate_gradients(tm, objective, batches, graphs, totals)
+            return accumulate_gradients(tm, objective, batches, graphs, totals, passes)
         except OOM_ERRORS:
             pass  # leave the except block so the failed step's tensors can be freed
         if graphs is not None:
@@ -252,17 +274,22 @@ def evaluate(
     rows: np.ndarray,
     micro: int,
     world: World = SINGLE,
+    sharded: bool = False,
 ) -> float:
-    """Mean loss over the held-out rows (each process scores its share when there are enough rows)."""
+    """Mean loss over the held-out rows (each process scores its share when there are enough rows).
+
+    A `sharded` model runs as many forwards on every rank (the extra ones score nothing).
+    """
     tm.model.eval()
     shared = len(rows) >= world.size
     try:
         batches = micro_batches(dataset, world.share(dataset, rows) if shared else rows, micro)
         terms = torch.zeros((), device=tm.device)
-        for batch in batches:
-            device_batch = objective.device_batch(batch, tm.device)
+        for i in range(world.most(len(batches)) if sharded else len(batches)):
+            device_batch = objective.device_batch(batches[min(i, len(batches) - 1)], tm.device)
             hidden = forward_hidden(tm, device_batch)
-            terms = terms + objective.loss_sum(hidden, tm.lm_head_weight, device_batch).float()
+            if i < len(batches):
+                terms = terms + objective.loss_sum(hidden, tm.lm_head_weight, device_batch).float()
         if not shared:
             return float(normalised_loss(terms, step_totals(objective, batches)).item())
         counts = torch.tensor(step_counts(objective, batches), dtype=torch.float32, device=tm.device)
@@ -272,13 +299,19 @@ def evaluate(
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+    params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device, mixed: bool = False
 ) -> torch.optim.Optimizer:
-    """Fused AdamW, or bitsandbytes' (paged) 8-bit AdamW."""
+    """Fused AdamW, or bitsandbytes' (paged) 8-bit AdamW.
+
+    `mixed` parameters (FSDP shards and whole tensors) cannot share a fused or foreach
+    kernel: AdamW then updates them one tensor at a time.
+    """
     assert config.learning_rate is not None
     if config.optimizer == "adamw":
         # One fused kernel per tensor on CUDA and CPU (the CPU's foreach path runs a dozen small ops per tensor).
         extra: dict[str, Any] = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+        if mixed:
+            extra = {"foreach": False}
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
     try:
         import bitsandbytes as bnb
@@ -337,6 +370,7 @@ class LoopOutcome:
         checkpoint: The newest checkpoint written.
         features: Fast paths that were used.
         stopped_by: The signal (SIGINT, SIGTERM) that stopped the run early, after its checkpoint.
+        final_weights: A sharded run's trainable weights gathered whole (rank 0; empty on the others).
     """
 
     state: TrainState
@@ -344,6 +378,7 @@ class LoopOutcome:
     checkpoint: Path | None
     features: list[str]
     stopped_by: str | None = None
+    final_weights: dict[str, torch.Tensor] | None = None
 
 
 def rows_per_step(config: TrainConfig, train_rows: int) -> int:
@@ -386,8 +421,11 @@ def train(
     train_rows, eval_rows = split_rows(dataset, config.eval_split, config.seed)
     stream = RowStream(dataset, train_rows, config.seed)
     step_rows = step_rows or rows_per_step(config, stream.size)
+    sharded = config.fsdp and world.size > 1
+    if sharded:
+        fsdp.shard(tm)
     params = tm.trainable_parameters()
-    optimizer = build_optimizer(params, config, tm.device)
+    optimizer = build_optimizer(params, config, tm.device, mixed=sharded and bool(fsdp.unsharded(params)))
     graphs = step_graphs(tm, objective, config, dataset.max_seq_length)
     scheduler = build_scheduler(optimizer, config, total_steps)
     state = TrainState(run_id=run_id, micro_batch=config.micro_batch, fingerprint=fingerprint)
@@ -396,7 +434,14 @@ def train(
     if config.resume:
         loaded = load_latest(checkpoint_root)
         check_fingerprint(loaded.state.fingerprint, fingerprint, loaded.path)
-        state = restore(loaded, tm.trainable_state(), optimizer, scheduler, world.rank)
+        state = restore(
+            loaded,
+            tm.trainable_state(),
+            optimizer,
+            scheduler,
+            world.rank,
+            (lambda weights, optim: fsdp.load_full_state(tm, optimizer, weights, optim)) if sharded else None,
+        )
         last_checkpoint = loaded.path
         log.info("resumed from %s at step %d (%d rows consumed)", loaded.path, state.step, state.rows_consumed)
     reader = nvml_reader(tm.device.index or 0) if tm.device.type == "cuda" else None
@@ -464,16 +509,17 @@ def train(
                 step_started = time.perf_counter()
                 rows = stream.take(state.rows_consumed, step_rows)
                 mine = world.share(dataset, rows)
-                loss, tokens = train_step(tm, objective, dataset, mine, state, optimizer, graphs, world)
+                loss, tokens = train_step(tm, objective, dataset, mine, state, optimizer, graphs, world, sharded)
                 if world.size > 1:
-                    loss = world.reduce_gradients(params, loss)
+                    loss = world.reduce_gradients(fsdp.unsharded(params) if sharded else params, loss)
                     tokens = int(row_tokens(dataset, rows).sum())
                 stopping = world.any(stop.requested)  # all processes stop after the same step
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    if config.max_grad_norm > 0
-                    else torch.full((), float("nan"), device=loss.device)
-                )
+                if config.max_grad_norm <= 0:
+                    grad_norm = torch.full((), float("nan"), device=loss.device)
+                elif sharded:
+                    grad_norm = fsdp.clip_gradients(params, config.max_grad_norm, world)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 lora_fused.adapters_updated()
@@ -484,6 +530,8 @@ def train(
                 planned = tm.recompute is not None and tm.recompute.plan(
                     tm.device, tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length
                 )
+                if sharded and tm.recompute is not None and state.step == 0:
+                    planned = fsdp.agree_recompute(tm.recompute, world) or planned
                 if planned and graphs is not None:
                     graphs.reset()  # graphs baked the previous plan in
                 state.step += 1
@@ -499,20 +547,24 @@ def train(
                     settle()
                 state.elapsed_s = elapsed_before + time.perf_counter() - started
                 if evaluate_now:
-                    eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch, world)
+                    eval_loss = evaluate(tm, objective, dataset, eval_rows, state.micro_batch, world, sharded)
                     state.eval_losses.append([state.step, eval_loss])
                     if metrics is not None:
                         metrics.log(state.step, {"eval_loss": eval_loss})
                 if save_now:
+                    weights, optimizer_state = (
+                        fsdp.full_state(tm, optimizer) if sharded else (tm.trainable_state(), None)
+                    )
                     last_checkpoint = save_checkpoint(
                         checkpoint_root,
                         state,
-                        tm.trainable_state(),
+                        weights,
                         optimizer,
                         scheduler,
                         config.keep_checkpoints,
                         world.gather(rng_state()),
                         write=world.is_main,
+                        optimizer_state=optimizer_state,
                     )
                     world.barrier()  # no rank reads a checkpoint (a resume) before it is complete
     finally:
@@ -529,4 +581,5 @@ def train(
         features=features,
         # A finished run is finished; a process stopped by another's signal reports SIGTERM.
         stopped_by=(stop.signal_name or "SIGTERM") if stopping and state.step < total_steps else None,
+        final_weights=fsdp.full_weights(tm) if sharded else None,
     )
