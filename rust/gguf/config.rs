@@ -10,7 +10,9 @@ use super::types::Value;
 use crate::{Error, Result};
 
 /// Architectures the writer supports, by their GGUF name.
-pub const ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma3"];
+pub const ARCHITECTURES: [&str; 7] = [
+    "llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma3", "qwen35",
+];
 
 /// What the tensor mapping and metadata need to know about a model.
 #[derive(Clone, Debug)]
@@ -24,7 +26,18 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub vocab_size: usize,
     pub tied_embeddings: bool,
+    /// Gated DeltaNet head layout of Qwen3.5's linear-attention layers.
+    pub linear: Option<LinearHeads>,
     raw: Json,
+}
+
+/// Head counts and sizes of a Gated DeltaNet layer (`linear_*` config fields).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearHeads {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    /// Key and value head size (llama.cpp's qwen35 requires them equal).
+    pub head_dim: usize,
 }
 
 fn arch_of(config: &Json) -> Option<&'static str> {
@@ -46,6 +59,8 @@ fn arch_of(config: &Json) -> Option<&'static str> {
         ("SmolLM3ForCausalLM", _) | (_, "smollm3") => "smollm3",
         ("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration", _)
         | (_, "gemma3" | "gemma3_text") => "gemma3",
+        ("Qwen3_5ForCausalLM" | "Qwen3_5ForConditionalGeneration", _)
+        | (_, "qwen3_5" | "qwen3_5_text") => "qwen35",
         _ => return None,
     })
 }
@@ -65,7 +80,7 @@ impl ModelConfig {
                 "config.json: architecture {} (model_type {}) cannot be exported to GGUF; supported: {}",
                 config.get("architectures").map(|a| a.to_string()).unwrap_or_default(),
                 config.get("model_type").map(|a| a.to_string()).unwrap_or_default(),
-                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3, Gemma 3"
+                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3, Gemma 3, Qwen3.5"
             ))
         })?;
         let get = |key: &str| -> Result<usize> {
@@ -82,8 +97,25 @@ impl ModelConfig {
             .get("head_dim")
             .and_then(Json::as_u64)
             .map_or(hidden / heads, |v| v as usize);
+        let linear = if arch == "qwen35" {
+            let (k_dim, v_dim) = (get("linear_key_head_dim")?, get("linear_value_head_dim")?);
+            if k_dim != v_dim {
+                return Err(Error::UnsupportedArchitecture(format!(
+                    "config.json: linear_key_head_dim {k_dim} differs from linear_value_head_dim \
+                     {v_dim}; llama.cpp's qwen35 gives keys and values one head size"
+                )));
+            }
+            Some(LinearHeads {
+                k_heads: get("linear_num_key_heads")?,
+                v_heads: get("linear_num_value_heads")?,
+                head_dim: k_dim,
+            })
+        } else {
+            None
+        };
         let me = Self {
             arch,
+            linear,
             hidden,
             layers: get("num_hidden_layers")?,
             heads,
@@ -158,10 +190,22 @@ impl ModelConfig {
         if self.arch == "gemma3" {
             self.check_gemma3_layout()?;
         }
+        if let Some(linear) = self.linear {
+            self.full_attention_interval()?;
+            self.check_rope_sections()?;
+            if linear.k_heads == 0 || linear.v_heads % linear.k_heads != 0 {
+                return Err(Error::UnsupportedArchitecture(format!(
+                    "config.json: linear_num_value_heads {} is not a multiple of linear_num_key_heads {}; \
+                     llama.cpp's qwen35 shares each key head among whole groups of value heads",
+                    linear.v_heads, linear.k_heads
+                )));
+            }
+        }
         let rope_type = self.rope_type();
         let ok = match self.arch {
             "phi3" => matches!(rope_type.as_str(), "" | "default" | "longrope" | "su"),
             "gemma3" => matches!(rope_type.as_str(), "" | "default" | "linear"),
+            "qwen35" => matches!(rope_type.as_str(), "" | "default"),
             _ => matches!(rope_type.as_str(), "" | "default" | "llama3"),
         };
         if !ok {
@@ -216,6 +260,124 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Qwen3.5's period of full-attention layers. llama.cpp's qwen35 makes every `n`th layer
+    /// full attention and the others linear, so `layer_types` must follow one period.
+    fn full_attention_interval(&self) -> Result<usize> {
+        let types = self.raw.get("layer_types").and_then(Json::as_array);
+        let full = |t: &Json| t.as_str() == Some("full_attention");
+        let interval = match types {
+            Some(types) => types
+                .iter()
+                .position(full)
+                .map_or(self.layers + 1, |i| i + 1),
+            None => self
+                .raw
+                .get("full_attention_interval")
+                .and_then(Json::as_u64)
+                .map_or(4, |v| v as usize),
+        };
+        for (i, t) in types.into_iter().flatten().enumerate() {
+            if full(t) != ((i + 1) % interval == 0) {
+                return Err(Error::UnsupportedArchitecture(format!(
+                    "config.json: layer_types[{i}] = {t}; llama.cpp's qwen35 makes exactly every \
+                     {interval}th layer full attention, the others linear"
+                )));
+            }
+        }
+        Ok(interval)
+    }
+
+    /// Rotated dimensions per head: Qwen3.5 rotates a quarter of each head unless told otherwise.
+    fn rope_dims(&self, rope: &Json) -> usize {
+        let partial = match self.arch {
+            "qwen35" => rope
+                .get("partial_rotary_factor")
+                .and_then(Json::as_f64)
+                .or_else(|| self.f64_field("partial_rotary_factor"))
+                .unwrap_or(0.25),
+            _ => 1.0,
+        };
+        (self.head_dim as f64 * partial) as usize
+    }
+
+    /// Qwen3.5's rope sections (transformers' default `[11, 11, 10]`), padded to llama.cpp's four.
+    fn rope_sections(&self, rope: &Json) -> Vec<i32> {
+        let mut sections: Vec<i32> = rope
+            .get("mrope_section")
+            .and_then(Json::as_array)
+            .map(|s| {
+                s.iter()
+                    .filter_map(Json::as_i64)
+                    .map(|v| v as i32)
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![11, 11, 10]);
+        sections.resize(4, 0);
+        sections
+    }
+
+    /// llama.cpp's interleaved multi-section rope takes rotary pair `p`'s position from
+    /// section `p % 3` while `p < 3 * sections[p % 3]`, else from a fourth position that text
+    /// tokens leave at 0; and it asserts that the sections fit in a head. Text then rotates
+    /// as transformers rotates it only when the sections cover every pair.
+    fn check_rope_sections(&self) -> Result<()> {
+        let rope = self.rope();
+        let sections = self.rope_sections(&rope);
+        let pairs = self.rope_dims(&rope) / 2;
+        let uncovered = (0..pairs).find(|p| *p as i32 >= 3 * sections[p % 3]);
+        let total: i32 = sections.iter().sum();
+        if uncovered.is_some() || total as usize > self.head_dim {
+            return Err(Error::UnsupportedArchitecture(format!(
+                "config.json: rope sections {sections:?} do not fit the {pairs} rotated pairs of a \
+                 {}-wide head (set rope_parameters.mrope_section); llama.cpp's qwen35 would \
+                 rotate text differently",
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Qwen3.5's Gated DeltaNet sizes and its rope sections.
+    fn qwen35_metadata(&self, rope: &Json, linear: LinearHeads) -> Result<Vec<(String, Value)>> {
+        let int = |key: &str| -> Result<u32> {
+            self.raw
+                .get(key)
+                .and_then(Json::as_u64)
+                .map(|v| v as u32)
+                .ok_or_else(|| Error::Model(format!("config.json: missing integer field {key:?}")))
+        };
+        Ok(vec![
+            (
+                "qwen35.ssm.conv_kernel".into(),
+                Value::U32(int("linear_conv_kernel_dim")?),
+            ),
+            (
+                "qwen35.ssm.state_size".into(),
+                Value::U32(linear.head_dim as u32),
+            ),
+            (
+                "qwen35.ssm.group_count".into(),
+                Value::U32(linear.k_heads as u32),
+            ),
+            (
+                "qwen35.ssm.time_step_rank".into(),
+                Value::U32(linear.v_heads as u32),
+            ),
+            (
+                "qwen35.ssm.inner_size".into(),
+                Value::U32((linear.head_dim * linear.v_heads) as u32),
+            ),
+            (
+                "qwen35.full_attention_interval".into(),
+                Value::U32(self.full_attention_interval()? as u32),
+            ),
+            (
+                "qwen35.rope.dimension_sections".into(),
+                Value::ArrI32(self.rope_sections(rope)),
+            ),
+        ])
     }
 
     /// The `{arch}.*` and `general.*` keys llama.cpp needs, with its exact value types.
@@ -316,11 +478,14 @@ impl ModelConfig {
         } else {
             kvs.push((
                 format!("{a}.rope.dimension_count"),
-                Value::U32(self.head_dim as u32),
+                Value::U32(self.rope_dims(&rope) as u32),
             ));
         }
         if a == "gemma3" {
             kvs.extend(self.gemma3_metadata(&rope)?);
+        }
+        if let Some(linear) = self.linear {
+            kvs.extend(self.qwen35_metadata(&rope, linear)?);
         }
         if a == "llama" || a == "smollm3" {
             kvs.push((

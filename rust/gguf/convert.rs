@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::atomic::AtomicFile;
 use super::config::ModelConfig;
 use super::lora::{Adapter, Factors};
-use super::mapping::{llama_cpp_order, map_name, permuted_row};
+use super::mapping::{llama_cpp_order, map_name, permuted_row, Axis, HeadReorder};
 use super::quant::{choose_types, encode, needs_kernels, Kernels, MixContext};
 use super::safetensors::{DType, Safetensors};
 use super::tokenizer::{read_json, tokenizer_metadata};
@@ -70,8 +70,12 @@ enum Source {
         hf: String,
         from_adapter: bool,
         permute_heads: Option<usize>,
-        /// Added to each value of a 1-D tensor (Gemma's norms).
+        /// Added to each value of a 1-D tensor (Gemma's and Qwen3.5's norms).
         shift: f32,
+        /// Each value written as `-exp(value)` (Qwen3.5's `A_log`).
+        neg_exp: bool,
+        /// Qwen3.5's value heads moved to llama.cpp's order.
+        reorder: Option<HeadReorder>,
     },
     /// Values computed here (rope factors).
     Data(Vec<f32>),
@@ -86,7 +90,7 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
     let mut planned = Vec::new();
     let mut adapted = std::collections::BTreeSet::new();
     for hf in base.names() {
-        let Some(m) = map_name(cfg.arch, hf, cfg.heads, cfg.kv_heads)? else {
+        let Some(m) = map_name(cfg.arch, hf, cfg.heads, cfg.kv_heads, cfg.linear)? else {
             continue;
         };
         let from_adapter = adapter.is_some_and(|a| a.replaces(hf));
@@ -106,7 +110,10 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
                 }
             }
         }
-        let ne: Vec<u64> = view.shape.iter().rev().map(|&d| d as u64).collect();
+        let mut ne: Vec<u64> = view.shape.iter().rev().map(|&d| d as u64).collect();
+        if ne.len() > 2 {
+            ne.retain(|&d| d != 1); // Qwen3.5's conv1d kernel [channels, 1, width], as squeezed
+        }
         planned.push(Planned {
             info: TensorInfo {
                 name: m.name,
@@ -118,6 +125,8 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
                 from_adapter,
                 permute_heads: m.permute_heads,
                 shift: m.shift,
+                neg_exp: m.neg_exp,
+                reorder: m.reorder,
             },
         });
     }
@@ -136,6 +145,8 @@ fn plan(cfg: &ModelConfig, base: &Safetensors, adapter: Option<&Adapter>) -> Res
                         from_adapter: true,
                         permute_heads: None,
                         shift: 0.0,
+                        neg_exp: false,
+                        reorder: None,
                     },
                 });
             }
@@ -177,7 +188,7 @@ fn stream_tensor(
     send: &mut dyn FnMut(Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let ty = p.info.ty;
-    let (hf, from_adapter, permute_heads, shift) = match &p.source {
+    let (hf, from_adapter, permute_heads, shift, neg_exp, reorder) = match &p.source {
         Source::Data(values) => {
             let mut out = vec![0u8; values.len() * 4];
             encode(GgmlType::F32, values, values.len(), None, &mut out)?;
@@ -188,8 +199,19 @@ fn stream_tensor(
             from_adapter,
             permute_heads,
             shift,
-        } => (hf, *from_adapter, *permute_heads, *shift),
+            neg_exp,
+            reorder,
+        } => (
+            hf,
+            *from_adapter,
+            *permute_heads,
+            *shift,
+            *neg_exp,
+            *reorder,
+        ),
     };
+    let row_order = reorder.filter(|r| r.axis == Axis::Rows);
+    let column_order = reorder.filter(|r| r.axis == Axis::Columns);
     let view = if from_adapter {
         adapter.and_then(|a| a.replacement(hf))
     } else {
@@ -211,14 +233,22 @@ fn stream_tensor(
 
     if one_d {
         let mut values = view.to_f32();
+        let src = values.clone();
         if let Some(h) = permute_heads {
-            let src = values.clone();
             for (o, v) in values.iter_mut().enumerate() {
                 *v = src[permuted_row(o, src.len(), h)];
             }
         }
+        if let Some(r) = row_order {
+            for (o, v) in values.iter_mut().enumerate() {
+                *v = src[r.source(o)];
+            }
+        }
         if shift != 0.0 {
             values.iter_mut().for_each(|v| *v += shift);
+        }
+        if neg_exp {
+            values.iter_mut().for_each(|v| *v = -v.exp());
         }
         let mut out = vec![0u8; row_bytes];
         encode(ty, &values, width, kernels, &mut out)?;
@@ -226,8 +256,14 @@ fn stream_tensor(
     }
 
     let chunk_rows = (CHUNK_ELEMS / width).max(1);
-    let passthrough = factors.is_none() && permute_heads.is_none() && dtype_matches(view.dtype, ty);
-    let src_row = |o: usize| permute_heads.map_or(o, |h| permuted_row(o, rows, h));
+    let reordered = permute_heads.is_some() || row_order.is_some();
+    let passthrough =
+        factors.is_none() && !reordered && column_order.is_none() && dtype_matches(view.dtype, ty);
+    let src_row = |o: usize| match (permute_heads, row_order) {
+        (Some(h), _) => permuted_row(o, rows, h),
+        (_, Some(r)) => r.source(o),
+        _ => o,
+    };
     let mut start = 0;
     while start < rows {
         let end = (start + chunk_rows).min(rows);
@@ -241,28 +277,38 @@ fn stream_tensor(
             let rows_per_job = (JOB_ELEMS / width).max(1);
             out.par_chunks_mut(rows_per_job * row_bytes)
                 .enumerate()
-                .try_for_each_init(Vec::new, |f, (j, dst)| {
-                    let first = start + j * rows_per_job;
-                    f.resize(dst.len() / row_bytes * width, 0f32);
-                    for (i, row) in f.chunks_exact_mut(width).enumerate() {
-                        let r = src_row(first + i);
-                        view.row_f32(r, row);
-                        if let Some(fx) = &factors {
-                            fx.merge_row(r, row);
+                .try_for_each_init(
+                    || (Vec::new(), Vec::new()),
+                    |(f, merged), (j, dst)| {
+                        let first = start + j * rows_per_job;
+                        f.resize(dst.len() / row_bytes * width, 0f32);
+                        for (i, row) in f.chunks_exact_mut(width).enumerate() {
+                            let r = src_row(first + i);
+                            view.row_f32(r, row);
+                            if let Some(fx) = &factors {
+                                fx.merge_row(r, row);
+                            }
+                            if let Some(c) = column_order {
+                                merged.clear();
+                                merged.extend_from_slice(row);
+                                for (o, v) in row.iter_mut().enumerate() {
+                                    *v = merged[c.source(o)];
+                                }
+                            }
                         }
-                    }
-                    encode(ty, f, width, kernels, dst)
-                })?;
+                        encode(ty, f, width, kernels, dst)
+                    },
+                )?;
             out
         };
         send(out)?;
-        if permute_heads.is_none() {
+        if !reordered {
             let w = width * view.dtype.size();
             view.release(start * w, end * w);
         }
         start = end;
     }
-    if permute_heads.is_some() {
+    if reordered {
         view.release(0, view.data.len());
     }
     Ok(())

@@ -1,7 +1,10 @@
 //! Hugging Face tensor names to llama.cpp's, with the row permutation of Q/K where the
 //! architecture's llama.cpp implementation expects it (`llama`, `smollm3`), and Gemma's
-//! norm convention (transformers scales by `1 + weight`, llama.cpp by `weight`).
+//! norm convention (transformers scales by `1 + weight`, llama.cpp by `weight`), shared by
+//! Qwen3.5, whose linear-attention layers also store `A` as its log and group value heads by
+//! key head where llama.cpp tiles them.
 
+use super::config::LinearHeads;
 use crate::{Error, Result};
 
 /// How one GGUF tensor is produced from a Hugging Face tensor.
@@ -11,8 +14,89 @@ pub struct Mapped {
     pub name: String,
     /// Heads to permute the rows over (rotary halves interleaved), if any.
     pub permute_heads: Option<usize>,
-    /// Added to every value (1 for Gemma's RMSNorm weights, else 0).
+    /// Added to every value (1 for Gemma's and Qwen3.5's RMSNorm weights, else 0).
     pub shift: f32,
+    /// Each value `x` written as `-exp(x)` (Qwen3.5's `A_log` to llama.cpp's `ssm_a`).
+    pub neg_exp: bool,
+    /// Value heads to move from grouped to tiled order, if any.
+    pub reorder: Option<HeadReorder>,
+}
+
+/// Which axis of a 2-D tensor a [`HeadReorder`] permutes (elements for a 1-D tensor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Axis {
+    Rows,
+    Columns,
+}
+
+/// Qwen3.5's value heads, stored grouped by key head (`[k0v0, k0v1, k1v0, k1v1]`), as
+/// llama.cpp's qwen35 broadcasts them: tiled (`[k0v0, k1v0, k0v1, k1v1]`). Indices before
+/// `offset` (the query and key parts of the fused projection) stay in place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadReorder {
+    pub axis: Axis,
+    pub offset: usize,
+    pub k_heads: usize,
+    pub v_per_k: usize,
+    /// Indices per value head (1 for per-head scalars such as `A_log`).
+    pub head_dim: usize,
+}
+
+impl HeadReorder {
+    /// Source index of output index `out`.
+    pub fn source(&self, out: usize) -> usize {
+        let Some(o) = out.checked_sub(self.offset) else {
+            return out;
+        };
+        let (d, k) = (self.head_dim, self.k_heads);
+        let (j, g, i) = (o / (k * d), o / d % k, o % d);
+        self.offset + g * self.v_per_k * d + j * d + i
+    }
+}
+
+/// Qwen3.5's linear-attention tensors and its post-attention norm, by name after the layer number.
+fn qwen35_part(rest: &str) -> Option<&'static str> {
+    Some(match rest {
+        "linear_attn.A_log" => "ssm_a",
+        "linear_attn.dt_bias" => "ssm_dt.bias",
+        "linear_attn.conv1d.weight" => "ssm_conv1d.weight",
+        "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
+        "linear_attn.in_proj_z.weight" => "attn_gate.weight",
+        "linear_attn.in_proj_a.weight" => "ssm_alpha.weight",
+        "linear_attn.in_proj_b.weight" => "ssm_beta.weight",
+        "linear_attn.norm.weight" => "ssm_norm.weight",
+        "linear_attn.out_proj.weight" => "ssm_out.weight",
+        "post_attention_layernorm.weight" => "post_attention_norm.weight",
+        _ => return None,
+    })
+}
+
+/// The value-head reorder of one Qwen3.5 tensor (llama.cpp's converter's), when key and
+/// value head counts differ.
+fn qwen35_reorder(rest: &str, linear: LinearHeads) -> Option<HeadReorder> {
+    if linear.k_heads == linear.v_heads {
+        return None;
+    }
+    let key_dims = linear.k_heads * linear.head_dim;
+    let (axis, offset, head_dim) = match rest {
+        "linear_attn.in_proj_qkv.weight" | "linear_attn.conv1d.weight" => {
+            (Axis::Rows, 2 * key_dims, linear.head_dim)
+        }
+        "linear_attn.in_proj_z.weight" => (Axis::Rows, 0, linear.head_dim),
+        "linear_attn.in_proj_a.weight"
+        | "linear_attn.in_proj_b.weight"
+        | "linear_attn.A_log"
+        | "linear_attn.dt_bias" => (Axis::Rows, 0, 1),
+        "linear_attn.out_proj.weight" => (Axis::Columns, 0, linear.head_dim),
+        _ => return None,
+    };
+    Some(HeadReorder {
+        axis,
+        offset,
+        k_heads: linear.k_heads,
+        v_per_k: linear.v_heads / linear.k_heads,
+        head_dim,
+    })
 }
 
 /// Gemma 3's four norms per layer, where llama.cpp names them differently from the table.
@@ -56,10 +140,21 @@ fn layer_part<'a>(arch: &str, rest: &'a str) -> Option<(&'static str, &'a str)> 
 }
 
 /// Maps one tensor name. `Ok(None)` means the tensor is not part of the GGUF
-/// (rotary caches, the image tower of a multimodal Gemma 3); unknown names are an error
-/// rather than silently dropped weights.
-pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<Option<Mapped>> {
-    let shift = if arch == "gemma3" && hf.ends_with("norm.weight") {
+/// (rotary caches, the image tower of a multimodal Gemma 3 or Qwen3.5, Qwen3.5's
+/// multi-token-prediction head); unknown names are an error rather than silently dropped weights.
+pub fn map_name(
+    arch: &str,
+    hf: &str,
+    heads: usize,
+    kv_heads: usize,
+    linear: Option<LinearHeads>,
+) -> Result<Option<Mapped>> {
+    let one_plus = match arch {
+        "gemma3" => true,
+        "qwen35" => !hf.ends_with("linear_attn.norm.weight"), // the gated norm scales by weight
+        _ => false,
+    };
+    let shift = if one_plus && hf.ends_with("norm.weight") {
         1.0
     } else {
         0.0
@@ -69,9 +164,11 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
             name: n.to_string(),
             permute_heads: None,
             shift,
+            neg_exp: false,
+            reorder: None,
         }))
     };
-    let image = ["vision_tower.", "multi_modal_projector."];
+    let image = ["vision_tower.", "multi_modal_projector.", "visual.", "mtp."];
     if image
         .iter()
         .any(|p| hf.starts_with(p) || hf.strip_prefix("model.").is_some_and(|r| r.starts_with(p)))
@@ -103,6 +200,15 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
     let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
     let layer: usize = layer.parse().map_err(|_| unknown())?;
+    if let Some(part) = linear.and_then(|_| qwen35_part(rest)) {
+        return Ok(Some(Mapped {
+            name: format!("blk.{layer}.{part}"),
+            permute_heads: None,
+            shift,
+            neg_exp: rest == "linear_attn.A_log",
+            reorder: linear.and_then(|l| qwen35_reorder(rest, l)),
+        }));
+    }
     let (part, kind) = layer_part(arch, rest).ok_or_else(unknown)?;
     let permuted = matches!(arch, "llama" | "smollm3");
     let permute_heads = match part {
@@ -114,6 +220,8 @@ pub fn map_name(arch: &str, hf: &str, heads: usize, kv_heads: usize) -> Result<O
         name: format!("blk.{layer}.{part}.{kind}"),
         permute_heads,
         shift,
+        neg_exp: false,
+        reorder: None,
     }))
 }
 
@@ -144,18 +252,26 @@ mod tests {
 
     #[test]
     fn names_map_per_architecture() {
-        let m = map_name("llama", "model.layers.3.self_attn.k_proj.weight", 8, 2)
-            .unwrap()
-            .unwrap();
+        let m = map_name(
+            "llama",
+            "model.layers.3.self_attn.k_proj.weight",
+            8,
+            2,
+            None,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             m,
             Mapped {
                 name: "blk.3.attn_k.weight".into(),
                 permute_heads: Some(2),
-                shift: 0.0
+                shift: 0.0,
+                neg_exp: false,
+                reorder: None
             }
         );
-        let q = map_name("qwen2", "model.layers.0.self_attn.q_proj.bias", 8, 2)
+        let q = map_name("qwen2", "model.layers.0.self_attn.q_proj.bias", 8, 2, None)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -163,10 +279,12 @@ mod tests {
             Mapped {
                 name: "blk.0.attn_q.bias".into(),
                 permute_heads: None,
-                shift: 0.0
+                shift: 0.0,
+                neg_exp: false,
+                reorder: None
             }
         );
-        let phi = map_name("phi3", "model.layers.1.mlp.gate_up_proj.weight", 8, 8)
+        let phi = map_name("phi3", "model.layers.1.mlp.gate_up_proj.weight", 8, 8, None)
             .unwrap()
             .unwrap();
         assert_eq!(phi.name, "blk.1.ffn_up.weight");
@@ -174,18 +292,25 @@ mod tests {
             "llama",
             "model.layers.0.self_attn.rotary_emb.inv_freq",
             8,
-            8
+            8,
+            None
         )
         .unwrap()
         .is_none());
-        let err =
-            map_name("llama", "model.layers.0.block_sparse_moe.gate.weight", 8, 8).unwrap_err();
+        let err = map_name(
+            "llama",
+            "model.layers.0.block_sparse_moe.gate.weight",
+            8,
+            8,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
     }
 
     #[test]
     fn gemma3_norms_are_renamed_and_shifted() {
-        let map = |hf: &str| map_name("gemma3", hf, 4, 1).unwrap();
+        let map = |hf: &str| map_name("gemma3", hf, 4, 1, None).unwrap();
         let ffn = map("model.layers.2.pre_feedforward_layernorm.weight").unwrap();
         assert_eq!(
             (ffn.name.as_str(), ffn.shift),
@@ -213,8 +338,68 @@ mod tests {
             "model.layers.0.post_attention_layernorm.weight",
             4,
             1,
+            None,
         );
         assert_eq!(llama.unwrap().unwrap().name, "blk.0.ffn_norm.weight");
+    }
+
+    #[test]
+    fn qwen35_linear_attention_is_renamed_and_value_heads_tiled() {
+        let linear = LinearHeads {
+            k_heads: 2,
+            v_heads: 4,
+            head_dim: 3,
+        };
+        let map = |hf: &str| map_name("qwen35", hf, 4, 2, Some(linear)).unwrap();
+        let a = map("model.language_model.layers.0.linear_attn.A_log").unwrap();
+        assert_eq!((a.name.as_str(), a.neg_exp), ("blk.0.ssm_a", true));
+        // numpy: a.reshape(k_heads, v_per_k).swapaxes(0, 1).reshape(-1)
+        let order: Vec<usize> = (0..4).map(|o| a.reorder.unwrap().source(o)).collect();
+        assert_eq!(order, vec![0, 2, 1, 3]);
+        let qkv = map("model.layers.1.linear_attn.in_proj_qkv.weight").unwrap();
+        let r = qkv.reorder.unwrap();
+        assert_eq!(
+            (qkv.name.as_str(), r.axis),
+            ("blk.1.attn_qkv.weight", Axis::Rows)
+        );
+        assert_eq!(r.source(5), 5); // query and key rows stay
+        assert_eq!(r.source(12 + 3), 12 + 6); // tiled head 1 is key head 1's first value head
+        let out = map("model.layers.2.linear_attn.out_proj.weight").unwrap();
+        assert_eq!(out.reorder.unwrap().axis, Axis::Columns);
+        let gated = map("model.layers.2.linear_attn.norm.weight").unwrap();
+        assert_eq!(
+            (gated.name.as_str(), gated.shift),
+            ("blk.2.ssm_norm.weight", 0.0)
+        );
+        let post = map("model.layers.3.post_attention_layernorm.weight").unwrap();
+        assert_eq!(
+            (post.name.as_str(), post.shift),
+            ("blk.3.post_attention_norm.weight", 1.0)
+        );
+        assert_eq!(
+            map("model.layers.3.self_attn.q_norm.weight").unwrap().shift,
+            1.0
+        );
+        assert_eq!(
+            map("model.layers.3.self_attn.q_proj.weight")
+                .unwrap()
+                .reorder,
+            None
+        );
+        assert!(map("model.visual.blocks.0.attn.qkv.weight").is_none());
+        assert!(map("mtp.layers.0.mlp.up_proj.weight").is_none());
+        let same = LinearHeads {
+            v_heads: 2,
+            ..linear
+        };
+        let dt = map_name(
+            "qwen35",
+            "model.layers.0.linear_attn.dt_bias",
+            4,
+            2,
+            Some(same),
+        );
+        assert_eq!(dt.unwrap().unwrap().reorder, None);
     }
 
     #[test]

@@ -151,7 +151,11 @@ fn category(name: &str) -> Category {
 
 /// Whether llama.cpp quantizes this tensor at all (`tensor_allows_quantization`).
 fn allows_quantization(name: &str, n_dims: usize) -> bool {
-    n_dims >= 2 && name.ends_with("weight") && !name.contains("_norm.weight")
+    // Recurrent layers' small conv kernels stay f32, as llama.cpp's converter and quantizer keep them.
+    n_dims >= 2
+        && name.ends_with("weight")
+        && !name.contains("_norm.weight")
+        && !name.contains("ssm_conv1d.")
 }
 
 fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
