@@ -125,12 +125,12 @@ def two_processes(tiny_llama, tmp_path_factory):
     return out, ranks
 
 
-def cut_after_half(run: Path, tmp: Path) -> Path:
+def cut_after_half(run: Path, tmp: Path, final: str = "adapter") -> Path:
     """A copy of a finished run as a kill right after its middle checkpoint would have left it."""
     cut = tmp / f"{run.parent.name}-cut"
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:06d}")
-    shutil.rmtree(cut / "adapter")
+    shutil.rmtree(cut / final)
     return cut
 
 
@@ -207,6 +207,88 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_llama, t
     )
 
 
+# FSDP needs the mode spelled out (auto would be QLoRA on CUDA).
+FSDP_LORA = dict(OPTIONS, fsdp=True, mode="lora")
+# Three packed rows a step: one rank runs two micro-batches, the other one and a padding pass.
+FULL = dict(OPTIONS, mode="full", micro_batch=1, grad_accumulation=3)
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora(tiny_llama, tmp_path_factory):
+    """The LoRA run of `one_process` on two processes with the model sharded: (output folder, each rank's result)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = tmp / "run"
+    ranks, _ = run_world(2, tmp, STEPS, options=dict(FSDP_LORA, output_dir=str(out), save_every=STEPS // 2))
+    return out, ranks
+
+
+@pytest.fixture(scope="module")
+def one_process_full(tiny_llama, dataset, tmp_path_factory):
+    """A single-process full fine-tune (checkpoints at 3 and 6), the reference of the sharded ones."""
+    out = tmp_path_factory.mktemp("one-full") / "run"
+    return Trainer("tiny-llama", output_dir=str(out), save_every=STEPS // 2, **FULL).train(dataset, steps=STEPS)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_trains_like_one_process(one_process, fsdp_lora):
+    out, ranks = fsdp_lora
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process.losses), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(losses(ranks[0]["eval_losses"]), losses(one_process.eval_losses), rtol=LOSS_RTOL)
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # the shards gathered: one adapter
+    ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(one_process.adapter_dir / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_is_the_one_format_and_resumes_in_one_process(one_process, fsdp_lora, dataset, tmp_path):
+    sharded, whole = (
+        checkpoint.load(fsdp_lora[0] / "checkpoints" / "step-000003"),
+        checkpoint.load(one_process.output_dir / "checkpoints" / "step-000003"),
+    )
+    assert sharded.weights.keys() == whole.weights.keys()
+    for name, tensor in sharded.weights.items():
+        assert tensor.shape == whole.weights[name].shape  # whole tensors, not rank 0's shard
+    optim, reference = sharded.training["optimizer"], whole.training["optimizer"]
+    assert optim["state"].keys() == reference["state"].keys()
+    assert [g["params"] for g in optim["param_groups"]] == [g["params"] for g in reference["param_groups"]]
+    for i, moments in optim["state"].items():
+        assert moments["exp_avg"].shape == reference["state"][i]["exp_avg"].shape
+    cut = cut_after_half(fsdp_lora[0], tmp_path)
+    finished = Trainer("tiny-llama", output_dir=str(cut), resume=True, **dict(OPTIONS, mode="lora")).train(
+        dataset, steps=STEPS
+    )
+    np.testing.assert_allclose(losses(finished.losses), losses(one_process.losses), rtol=LOSS_RTOL)
+
+
+def full_model_close(ours: Path, theirs: Path) -> None:
+    mine, reference = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    assert mine.keys() == reference.keys()
+    for name in mine:
+        np.testing.assert_allclose(mine[name], reference[name], rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_trains_like_one_process(one_process_full, tmp_path):
+    out = tmp_path / "run"
+    ranks, _ = run_world(2, tmp_path, STEPS, options=dict(FULL, fsdp=True, output_dir=str(out)))
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process_full.losses), rtol=LOSS_RTOL)
+    full_model_close(out / "model", one_process_full.adapter_dir)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_one_process_checkpoint(one_process_full, tmp_path):
+    """The whole weights and optimizer state of a checkpoint, sharded into the processes, continue the curve."""
+    cut = cut_after_half(one_process_full.output_dir, tmp_path, final="model")
+    ranks, _ = run_world(2, tmp_path, STEPS, options=dict(FULL, fsdp=True, output_dir=str(cut), resume=True))
+    np.testing.assert_allclose(losses(ranks[0]["losses"]), losses(one_process_full.losses), rtol=LOSS_RTOL)
+    full_model_close(cut / "model", one_process_full.adapter_dir)
+
+
 BUCKETS_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from backpropagate.train import distributed
@@ -254,6 +336,9 @@ def test_step_rows_are_shared_by_tokens_not_rows():
         (World(1, 2), dict(gpus=4), 4, "gpus=4 needs 4 processes"),
         (World(0, 2), {}, 1, "a step of 1 packed row(s) cannot feed 2 processes"),
         (World(0, 2), dict(device="cuda:1"), 4, "device='cuda:1' is invalid"),
+        (World(0, 1), dict(fsdp=True, mode="lora"), 4, "fsdp=True shards the model over several processes"),
+        (World(0, 2), dict(fsdp=True), 4, "mode='auto' is invalid: expected lora or full with fsdp=True"),
+        (World(0, 2), dict(fsdp=True, mode="qlora"), 4, "mode='qlora' is invalid: expected lora or full"),
     ],
 )
 def test_worlds_that_cannot_train_are_refused_before_loading(world, options, rows, refused):

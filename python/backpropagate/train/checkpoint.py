@@ -37,6 +37,9 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 WEIGHTS = "trainable.safetensors"
 TRAINING = "training_state.pt"
 STATE = "state.json"
+# How this process's optimizer runs (one fused kernel, foreach, per tensor): its own choice, kept on resume
+# (a sharded run's whole and sharded tensors cannot share one kernel; a single process's can).
+KERNEL_FLAGS = ("fused", "foreach")
 
 
 @dataclass
@@ -272,6 +275,7 @@ def restore(
         raise StateError(
             "STATE_CHECKPOINT_INVALID", f"{loaded.path} lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}"
         )
+    kernels = [{k: g[k] for k in KERNEL_FLAGS if k in g} for g in optimizer.param_groups]
     if load is not None:
         load({name: loaded.weights[name] for name in params}, loaded.training["optimizer"])
     else:
@@ -279,6 +283,8 @@ def restore(
             for name, param in params.items():
                 param.copy_(loaded.weights[name].to(param.device))
         optimizer.load_state_dict(loaded.training["optimizer"])
+    for group, flags in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(flags)
     scheduler.load_state_dict(loaded.training["scheduler"])
     rngs = loaded.training.get("rank_rngs") or [loaded.training["rng"]]
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])

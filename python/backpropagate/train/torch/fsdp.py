@@ -35,9 +35,15 @@ def shard(tm: TrainingModel) -> None:
     )
     decoder = tm.decoder
     head = tm.base.get_output_embeddings().weight
+    units = [*decoder.layers, decoder]
     for layer in decoder.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(decoder, mp_policy=policy, ignored_params={p for p in decoder.parameters() if p is head})
+    for unit in units:
+        # A plain sum (gloo has no pre-scaled one), not FSDP's mean: every rank's loss is already
+        # divided by the step's global count.
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
 
 
 def is_sharded(tm: TrainingModel) -> bool:
