@@ -25,6 +25,7 @@ from test_families import TEXTS, chat_rows, packed_and_alone_losses, tiny_random
 
 TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "Qwen3.5-4B.jinja"
 # The text tower as published (model_type qwen3_5_text), at tiny sizes: layers 0-2 linear, 3 full.
+# The rope sections ([11, 11, 10] for the published 256-wide heads) cover the 2 rotated pairs.
 TEXT = {
     "model_type": "qwen3_5_text",
     "hidden_size": 32,
@@ -38,6 +39,13 @@ TEXT = {
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
     "max_position_embeddings": 512,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [1, 1, 0],
+        "mrope_interleaved": True,
+    },
 }
 # The published form: an image + text model whose text tower is trained.
 VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
@@ -174,14 +182,91 @@ def test_presets(size):
     assert find_preset(preset.model_id) == preset
 
 
-def test_gguf_export_is_refused_with_a_coded_error(tmp_path):
-    """The writer does not map llama.cpp's qwen35 yet: the export says so before writing anything."""
+PROMPTS = ["alpha beta gamma #3? The answer is", "The quick brown fox jumps over the lazy dog.", "12345 + 678 ="]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Qwen3.5 with weights large enough for distinct top-5s, LoRA-trained on every linear layer."""
+    from backpropagate import Trainer
+
+    tmp_path = tmp_path_factory.mktemp("qwen35-trained")
+    folder = qwen35_folder(tmp_path, multimodal=False)
+    model = tiny_random_model(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.mul_(10)
+    model.save_pretrained(folder)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
+    options = dict(max_seq_length=128, micro_batch=2, grad_accumulation=1, progress=False, report_to="none")
+    result = Trainer(str(folder), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
+    assert result.losses[-1][1] < result.losses[0][1]
+    return folder, Path(result.adapter_dir)
+
+
+@pytest.mark.parametrize(("quantization", "atol"), [("f16", 2e-2), ("q8_0", 0.3)])
+def test_trained_adapter_exports_to_llama_cpp_qwen35_with_transformers_top5(trained, quantization, atol):
+    """The merged GGUF (value heads tiled, A as -exp(A_log), 1 + weight norms) gives llama.cpp's
+    qwen35 the next-token log-probabilities and greedy text that transformers + peft give. In f16
+    the top-5 is the same list. q8_0 rounds weights and activations of these 32-wide layers by
+    up to 0.25 nats (a Qwen3 of the same width by 0.18) and so reorders candidates closer than
+    that: there transformers' top token is among llama.cpp's five, which score as transformers
+    scores them within that rounding."""
+    pytest.importorskip("xllamacpp")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backpropagate.export import export
+    from backpropagate.generate import GGUFModel
+
+    base, adapter = trained
+    targets = set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"])
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_a", "out_proj"} <= targets
+    gguf = export(adapter, "gguf", quantization=quantization).path
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    tok = AutoTokenizer.from_pretrained(base)
+    llm = GGUFModel(gguf, n_ctx=256)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
+        assert llm.tokenize(text) == ids
+        got = llm.top_logprobs(text, 5)
+        want = torch.topk(logp, 5).indices.tolist()
+        assert [t for t, _ in got] == want if quantization == "f16" else want[0] in dict(got), text
+        np.testing.assert_allclose([v for _, v in got], logp[[t for t, _ in got]].numpy(), atol=atol)
+        if quantization == "f16":
+            assert llm.complete(text, max_tokens=8).text == tok.decode(greedy), text
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"rope_parameters": {**TEXT["rope_parameters"], "mrope_section": [11, 11, 10]}}, "rope sections"),
+        ({"layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"]}, "types[3]"),
+        ({"linear_value_head_dim": 16}, "linear_value_head_dim 16"),
+    ],
+    ids=["rope-sections", "layer-types", "head-sizes"],
+)
+def test_layouts_llama_cpp_cannot_run_are_refused_with_a_coded_error(tmp_path, change, reason):
+    """Published Qwen3.5 layouts export; one llama.cpp's qwen35 would run differently is refused
+    before anything is written (here: sections wider than a 16-wide head, full attention on
+    layer 2 but not 4, key and value heads of two sizes)."""
     from backpropagate.errors import InputError
     from backpropagate.export import export
 
     folder = qwen35_folder(tmp_path, multimodal=True)
     tiny_random_model(folder).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    text.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError) as err:
         export(folder, "gguf", quantization="f32")
-    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and "qwen3_5" in err.value.message
-    assert not (tmp_path / "qwen3.5-gguf").exists() or not any((tmp_path / "qwen3.5-gguf").iterdir())
+    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and reason in err.value.message
+    assert not any(tmp_path.rglob("*.gguf"))
