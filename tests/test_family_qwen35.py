@@ -270,3 +270,40 @@ def test_layouts_llama_cpp_cannot_run_are_refused_with_a_coded_error(tmp_path, c
         export(folder, "gguf", quantization="f32")
     assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and reason in err.value.message
     assert not any(tmp_path.rglob("*.gguf"))
+
+
+def test_image_text_model_exports_its_text_tower_to_llama_cpp(tmp_path):
+    """The published Qwen3.5 checkpoints are `Qwen3_5ForConditionalGeneration`: the GGUF holds the
+    text tower (`model.language_model.*`, `model.visual.*` left out) and predicts what it does."""
+    pytest.importorskip("xllamacpp")
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from backpropagate import _core
+    from backpropagate.generate import GGUFModel
+
+    folder = qwen35_folder(tmp_path, multimodal=True)
+    config = Qwen3_5Config.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = Qwen3_5ForConditionalGeneration(config).float()
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.mul_(10)
+    model.save_pretrained(folder)
+    prefixes = {".".join(name.split(".")[:2]) for name in load_file(folder / "model.safetensors")}
+    assert {"model.visual", "model.language_model"} <= prefixes
+    gguf = tmp_path / "qwen35.gguf"
+    _core.convert_to_gguf(str(folder), str(gguf), "f32")
+    llm = GGUFModel(gguf, n_ctx=256)
+    tok = AutoTokenizer.from_pretrained(folder)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+        want = torch.topk(logp, 5)
+        got = llm.top_logprobs(text, 5)
+        assert [t for t, _ in got] == want.indices.tolist(), text
+        np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-3)
