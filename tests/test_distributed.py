@@ -354,6 +354,12 @@ def test_more_gpus_than_the_machine_has_are_refused(tiny_llama):
     assert "[DEP_GPU_NOT_AVAILABLE]" in result.stderr and "2 CUDA devices" in result.stderr
 
 
+def test_fsdp_in_one_process_is_refused_with_its_code(tiny_llama, tmp_path):
+    result = run_cli("train", "--fsdp", "--mode", "lora", "--steps", "1", "--output", str(tmp_path / "run"))
+    assert result.status != 0
+    assert "[CONFIG_INVALID_SETTING]: fsdp=True shards the model over several processes" in result.stderr
+
+
 @pytest.mark.slow
 def test_gpus_on_the_cpu_starts_the_processes_and_rank_0_reports(tiny_llama, tmp_path):
     """`backprop train --gpus 2 --device cpu`: torch.distributed.run, `python -m backpropagate`, gloo."""

@@ -70,6 +70,17 @@ def test_local_config_without_weights_is_refused_at_trainer(tmp_path: Path, tiny
     assert err.value.code == "RUNTIME_FULL_FT_MODEL_TOO_LARGE" and "6.7B parameters" in err.value.message
 
 
+def test_full_fine_tuning_sharded_over_devices_is_sized_per_device(tmp_path: Path, tiny_llama: Path) -> None:
+    from backpropagate import Trainer
+    from backpropagate.errors import RunFailedError
+
+    folder = write_config_folder(tmp_path / "big-7b", tiny_llama)
+    Trainer(folder, mode="full", gpus=2, fsdp=True)  # 6.7B over two devices: 3.4B each
+    with pytest.raises(RunFailedError) as err:
+        Trainer(folder, mode="full", gpus=2)  # every device would hold the whole model
+    assert "stops at 4.5B (4.5B per device, sharded with --gpus N --fsdp)" in err.value.message
+
+
 def test_hub_model_is_sized_from_its_config_before_weights(hub_cache: Path) -> None:
     from backpropagate import Trainer
     from backpropagate.errors import RunFailedError

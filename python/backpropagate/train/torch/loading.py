@@ -123,15 +123,22 @@ def count_parameters(path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_full_fine_tuning(path: Path, mode: str) -> int:
-    """Refuses full fine-tuning of models above ~4B parameters; returns the parameter count."""
+def shards(config: TrainConfig) -> int:
+    """Devices the model's weights, gradients and optimizer state are spread over (`fsdp`), else 1."""
+    return config.gpus if config.fsdp else 1
+
+
+def check_full_fine_tuning(path: Path, mode: str, over: int = 1) -> int:
+    """Refuses full fine-tuning of models above ~4B parameters per device it is sharded `over`; returns the count."""
     params = count_parameters(path)
-    if mode == "full" and params > FULL_FT_MAX_PARAMS:
+    limit = FULL_FT_MAX_PARAMS * over
+    if mode == "full" and params > limit:
         raise RunFailedError(
             "RUNTIME_FULL_FT_MODEL_TOO_LARGE",
             f"mode='full' on {path} ({params / 1e9:.1f}B parameters) needs about {params * 16 / 2**30:.0f} GiB "
             f"for weights, gradients and optimizer state; full fine-tuning stops at "
-            f"{FULL_FT_MAX_PARAMS / 1e9:.1f}B. Use mode='lora' or mode='qlora' (the default on CUDA), "
+            f"{limit / 1e9:.1f}B ({FULL_FT_MAX_PARAMS / 1e9:.1f}B per device, sharded with --gpus N --fsdp). "
+            f"Use mode='lora' or mode='qlora' (the default on CUDA), "
             f"or a smaller preset such as llama-3.2-1b or qwen2.5-3b.",
         )
     return params
@@ -163,7 +170,7 @@ def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
             hint="Train it with backend='torch'.",
         )
     if config.mode == "full":
-        check_full_fine_tuning(path, "full")
+        check_full_fine_tuning(path, "full", shards(config))
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
@@ -304,7 +311,7 @@ def load_for_training(path: Path, config: TrainConfig, init_adapter: Path | None
     """Everything between a model folder and a model the loop can train (from `init_adapter`'s weights if given)."""
     device = resolve_device(config.device)
     mode = resolve_mode(config.mode, device)
-    num_params = check_full_fine_tuning(path, mode)
+    num_params = check_full_fine_tuning(path, mode, shards(config))
     model = load_base_model(path, mode, device, config.precision)
     trained = prepare_for_training(model, config, mode, device, num_params)
     if init_adapter is not None:
