@@ -700,6 +700,33 @@ mod tests {
     }
 
     #[test]
+    fn qwen35_metadata_describes_its_linear_attention() {
+        let mut c = llama(json!({"model_type": "qwen3_5_text", "head_dim": 256,
+            "num_hidden_layers": 8, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+            "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10]}}));
+        c["architectures"] = json!(["Qwen3_5ForCausalLM"]);
+        let kvs = ModelConfig::from_json(c.clone())
+            .unwrap()
+            .metadata("x", 1)
+            .unwrap();
+        let get = |key: &str| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        assert_eq!(get("qwen35.rope.dimension_count"), Some(Value::U32(64)));
+        assert_eq!(
+            get("qwen35.rope.dimension_sections"),
+            Some(Value::ArrI32(vec![11, 11, 10, 0]))
+        );
+        assert_eq!(get("qwen35.ssm.inner_size"), Some(Value::U32(4096)));
+        assert_eq!(get("qwen35.ssm.group_count"), Some(Value::U32(16)));
+        assert_eq!(get("qwen35.ssm.time_step_rank"), Some(Value::U32(32)));
+        assert_eq!(get("qwen35.full_attention_interval"), Some(Value::U32(4)));
+        c["linear_num_value_heads"] = json!(24);
+        let err = ModelConfig::from_json(c).unwrap_err();
+        assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+    }
+
+    #[test]
     fn unknown_architecture_is_refused() {
         let mut cfg = llama(json!({}));
         cfg["architectures"] = json!(["GPTNeoXForCausalLM"]);
