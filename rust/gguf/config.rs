@@ -193,6 +193,12 @@ impl ModelConfig {
         if let Some(linear) = self.linear {
             self.full_attention_interval()?;
             self.check_rope_sections()?;
+            if self.raw.get("attention_bias").and_then(Json::as_bool) == Some(true) {
+                return Err(Error::UnsupportedArchitecture(
+                    "config.json: attention_bias is true; llama.cpp's qwen35 has no attention biases"
+                        .into(),
+                ));
+            }
             if linear.k_heads == 0 || linear.v_heads % linear.k_heads != 0 {
                 return Err(Error::UnsupportedArchitecture(format!(
                     "config.json: linear_num_value_heads {} is not a multiple of linear_num_key_heads {}; \
@@ -721,9 +727,15 @@ mod tests {
         assert_eq!(get("qwen35.ssm.group_count"), Some(Value::U32(16)));
         assert_eq!(get("qwen35.ssm.time_step_rank"), Some(Value::U32(32)));
         assert_eq!(get("qwen35.full_attention_interval"), Some(Value::U32(4)));
-        c["linear_num_value_heads"] = json!(24);
-        let err = ModelConfig::from_json(c).unwrap_err();
-        assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+        for (key, bad) in [
+            ("linear_num_value_heads", json!(24)),
+            ("attention_bias", json!(true)),
+        ] {
+            let mut c = c.clone();
+            c[key] = bad;
+            let err = ModelConfig::from_json(c).unwrap_err();
+            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+        }
     }
 
     #[test]
