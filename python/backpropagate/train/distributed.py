@@ -11,7 +11,8 @@ rank therefore applies the same update to the same weights: rank 0 alone writes 
 metrics, checkpoints and the final adapter. A failing rank leaves its coded error in the
 rendezvous store and exits; the others, whose next collective then breaks, stop with
 RUNTIME_DISTRIBUTED_FAILED naming it. `init_process_group` gets a timeout, so a rank that
-hangs (rather than dies) cannot hold the rest forever.
+hangs (rather than dies) cannot hold the rest forever. With `fsdp=True` the model itself is
+sharded over the ranks instead of copied (`train/torch/fsdp.py`).
 """
 
 from __future__ import annotations

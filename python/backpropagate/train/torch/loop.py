@@ -231,7 +231,8 @@ def train_step(
 
     The step's normalising counts are summed over the processes once, before any backward
     (so a retry on one process never repeats a collective). A `sharded` model runs as many
-    forward and backward passes on every rank (`accumulate_gradients`).
+    forward and backward passes on every rank (`accumulate_gradients`), and stops on an
+    out-of-memory error: a retry on one rank alone would break the pairing of the collectives.
     """
     batches = micro_batches(dataset, rows, state.micro_batch)
     counts = to_device(np.array(step_counts(objective, batches), dtype=np.float32), torch.float32, tm.device)
@@ -248,6 +249,13 @@ def train_step(
             graphs.reset()
         optimizer.zero_grad(set_to_none=True)
         release_memory(tm.device)
+        if sharded:
+            raise RunFailedError(
+                "RUNTIME_OOM_RECOVERY_EXHAUSTED",
+                f"step {state.step + 1} ran out of memory with fsdp=True, where one process cannot recompute more "
+                "or halve its micro-batch alone (the others wait in the same collectives): lower micro_batch or "
+                "max_seq_length, or shard over more devices",
+            )
         if tm.recompute is not None and tm.recompute.back_off():
             continue
         if state.micro_batch <= 1:
