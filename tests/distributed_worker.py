@@ -37,7 +37,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     data = spec["data"] if rank in spec.get("data_ranks", []) else rule_dataset(**spec["dataset"])
-    trainer = Trainer("tiny-llama", **spec["options"])
+    trainer = Trainer(spec.get("model", "tiny-llama"), **spec["options"])
     try:
         result = trainer.train(data, steps=spec["steps"])
         out = {"losses": result.losses, "eval_losses": result.eval_losses, "digest": weights_digest(trainer)}

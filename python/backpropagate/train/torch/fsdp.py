@@ -119,11 +119,11 @@ def full_state(tm: TrainingModel, optimizer: torch.optim.Optimizer) -> tuple[dic
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    weights = full_weights(tm)
+    index = {name: i for i, name in enumerate(tm.trainable_state())}
+    weights = {name: tensor for name, tensor in full_weights(tm).items() if name in index}  # a tied weight once
     by_name: Any = get_optimizer_state_dict(tm.model, optimizer, options=_options())
     if not weights:
         return {}, {}
-    index = {name: i for i, name in enumerate(tm.trainable_state())}
     return weights, {
         "state": {index[name]: value for name, value in by_name["state"].items()},
         "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]],
