@@ -112,11 +112,11 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
     real = torch_loop.accumulate_gradients
     calls = []
 
-    def oom_above_one_row_per_batch(tm, objective, batches, graphs, totals):
+    def oom_above_one_row_per_batch(tm, objective, batches, graphs, totals, passes):
         calls.append(len(batches))
         if len(batches) < 4:  # more than one packed row per micro-batch
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(tm, objective, batches, graphs, totals)
+        return real(tm, objective, batches, graphs, totals, passes)
 
     monkeypatch.setattr(torch_loop, "accumulate_gradients", oom_above_one_row_per_batch)
     result = Trainer("tiny-llama", output_dir=str(tmp_path / "oom"), **options).train(dataset, steps=3)
@@ -135,7 +135,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_curve(tiny_llama, da
 
 
 def test_out_of_memory_at_one_row_is_exhausted(tiny_llama, dataset, tmp_path, monkeypatch):
-    def always_oom(tm, objective, batches, graphs, totals):
+    def always_oom(tm, objective, batches, graphs, totals, passes):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(torch_loop, "accumulate_gradients", always_oom)
@@ -149,8 +149,8 @@ def test_diverged_loss_stops_the_run_before_a_checkpoint_takes_it(tiny_llama, da
     real = torch_loop.accumulate_gradients
     steps = []
 
-    def nan_at_step_three(tm, objective, batches, graphs, totals):
-        loss, tokens = real(tm, objective, batches, graphs, totals)
+    def nan_at_step_three(tm, objective, batches, graphs, totals, passes):
+        loss, tokens = real(tm, objective, batches, graphs, totals, passes)
         steps.append(len(steps) + 1)
         return (loss * float("nan") if len(steps) == 3 else loss), tokens
 
@@ -321,10 +321,10 @@ def test_recompute_plan_switches_layers_and_backs_off(tiny_llama):
 def test_out_of_memory_first_recomputes_kept_layers(tiny_llama, dataset, tmp_path, monkeypatch):
     real = torch_loop.accumulate_gradients
 
-    def oom_while_a_layer_keeps_activations(tm, objective, batches, graphs, totals):
+    def oom_while_a_layer_keeps_activations(tm, objective, batches, graphs, totals, passes):
         if tm.recompute.kept:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(tm, objective, batches, graphs, totals)
+        return real(tm, objective, batches, graphs, totals, passes)
 
     monkeypatch.setattr(torch_loop, "accumulate_gradients", oom_while_a_layer_keeps_activations)
     result = Trainer("tiny-llama", gradient_checkpointing="off", output_dir=str(tmp_path / "run"), **FAST).train(
