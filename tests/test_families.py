@@ -262,6 +262,32 @@ def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[f
     return packed, alone
 
 
+def packed_and_alone_grads(model, folder: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Parameter gradients of the summed target NLL of one packed row (packed path), and of its samples alone (transformers)."""
+    from backpropagate.train.torch.attention import packed_attention
+    from backpropagate.train.torch.loading import TrainingModel
+    from backpropagate.train.torch.loop import forward_hidden
+    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
+    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
+    samples = ds.row_samples(0)
+    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    with packed_attention(model):
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for s in samples:
+        lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
+        ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
+        labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+        logits = model(input_ids=ids).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").backward()
+    return packed, {n: p.grad for n, p in model.named_parameters()}
+
+
 def test_gemma3_packed_loss_with_sliding_window_and_softcapping(tmp_path):
     """Gemma 3 text (sliding-window layers every other layer, logit soft-capping) on a tiny random model.
 

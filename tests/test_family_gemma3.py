@@ -21,7 +21,7 @@ from backpropagate.errors import InputError
 from backpropagate.train.torch.losses import token_logprobs
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
-from test_families import chat_rows, packed_and_alone_losses
+from test_families import chat_rows, packed_and_alone_grads, packed_and_alone_losses
 
 TEMPLATES = TOKENIZERS / "chat-templates"
 GEMMA3_TEMPLATE = TEMPLATES / "from-tokenizer_config" / "gemma-3-1b-it.jinja"
@@ -102,32 +102,12 @@ def test_text_tower_of_the_multimodal_config_packs_like_transformers(tmp_path, s
 
 def test_packed_gradients_equal_the_sum_of_unpacked_ones(tmp_path):
     """Full fine-tuning of a capped Gemma 3: a packed row's gradients are the samples' own, summed."""
-    from backpropagate.train.torch.attention import packed_attention
-    from backpropagate.train.torch.loading import TrainingModel
-    from backpropagate.train.torch.loop import forward_hidden
-    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
-
     config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **TEXT}
     folder = gemma_folder(tmp_path, {**config, "final_logit_softcapping": 2.0})
     model = tiny_gemma(folder)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
-    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
-    samples = ds.row_samples(0)
-    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
-    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
-    with packed_attention(model):
-        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
-    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    for s in samples:
-        lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
-        ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
-        labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
-        logits = model(input_ids=ids).logits[0, :-1]
-        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    packed, alone = packed_and_alone_grads(model, folder, tmp_path)
+    for name, grad in alone.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("head_trains", [False, True])

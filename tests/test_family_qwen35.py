@@ -21,7 +21,7 @@ from backpropagate._core import DataTokenizer
 from backpropagate.data import DataConfig, prepare
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
-from test_families import TEXTS, chat_rows, packed_and_alone_losses, tiny_random_model
+from test_families import TEXTS, chat_rows, packed_and_alone_grads, packed_and_alone_losses, tiny_random_model
 
 TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "Qwen3.5-4B.jinja"
 # The text tower as published (model_type qwen3_5_text), at tiny sizes: layers 0-2 linear, 3 full.
@@ -87,32 +87,12 @@ def test_packed_loss_equals_unpacked(tmp_path, multimodal):
 
 def test_packed_gradients_equal_the_sum_of_unpacked_ones(tmp_path):
     """Full fine-tuning: a packed row's gradients (recurrent and conv weights included) are the samples' own, summed."""
-    from backpropagate.train.torch.attention import packed_attention
-    from backpropagate.train.torch.loading import TrainingModel
-    from backpropagate.train.torch.loop import forward_hidden
-    from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
-
     folder = qwen35_folder(tmp_path, multimodal=False)
     model = tiny_random_model(folder)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
-    ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
-    samples = ds.row_samples(0)
-    tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
-    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
-    with packed_attention(model):
-        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
-    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    for s in samples:
-        lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
-        ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
-        labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
-        logits = model(input_ids=ids).logits[0, :-1]
-        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").backward()
+    packed, alone = packed_and_alone_grads(model, folder, tmp_path)
     assert any(".linear_attn.conv1d." in name for name in packed)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(packed[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name, grad in alone.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_shared_prompt_gives_the_loss_and_gradients_of_two_sequences(tmp_path):
