@@ -6,6 +6,7 @@ next tokens with close log-probabilities."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,24 +44,32 @@ def _hf_top5(model_dir: Path, text: str) -> tuple[list[int], np.ndarray, list[in
     return top.indices.tolist(), top.values.numpy(), ids
 
 
+def assert_top5_like_transformers(gguf: Path, model_dir: Path, text: str = PROMPT) -> Any:
+    """llama.cpp on `gguf` tokenizes `text` as transformers does on `model_dir` and predicts its next-token top-5.
+
+    Returns the loaded llama.cpp model for further checks.
+    """
+    from backpropagate.generate import GGUFModel
+
+    want_ids, want_logp, hf_ids = _hf_top5(model_dir, text)
+    llm = GGUFModel(gguf, n_ctx=256)
+    assert llm.tokenize(text) == hf_ids
+    top = llm.top_logprobs(text, 5)
+    assert [t for t, _ in top] == want_ids
+    np.testing.assert_allclose([lp for _, lp in top], want_logp, atol=1e-2)
+    return llm
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_cpp_matches_transformers(family: str, models: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from backpropagate import _core
-    from backpropagate.generate import GGUFModel
 
     model_dir = models[family]
     gguf = tmp_path / f"{family}.gguf"
     _core.convert_to_gguf(str(model_dir), str(gguf), "f32")
-    llm = GGUFModel(gguf, n_ctx=256)
-
-    want_ids, want_logp, hf_ids = _hf_top5(model_dir, PROMPT)
-    assert llm.tokenize(PROMPT) == hf_ids
-
-    top = llm.top_logprobs(PROMPT, 5)
-    assert [t for t, _ in top] == want_ids
-    np.testing.assert_allclose([lp for _, lp in top], want_logp, atol=1e-2)
+    llm = assert_top5_like_transformers(gguf, model_dir)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     messages = CONVERSATION if family != "mistral" else CONVERSATION[1:]
@@ -96,12 +105,8 @@ def test_rope_freqs_and_pre_tokenizer_names(tiny_llama: Path, tmp_path: Path) ->
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_builtin_tiny_models_export_and_generate(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from backpropagate import _core
-    from backpropagate.generate import GGUFModel
 
     model_dir = request.getfixturevalue(name.replace("-", "_"))
     out = tmp_path / f"{name}.gguf"
     _core.convert_to_gguf(str(model_dir), str(out), "f32")
-    want_ids, want_logp, _ = _hf_top5(model_dir, PROMPT)
-    top = GGUFModel(out, n_ctx=256).top_logprobs(PROMPT, 5)
-    assert [t for t, _ in top] == want_ids
-    np.testing.assert_allclose([lp for _, lp in top], want_logp, atol=1e-2)
+    assert_top5_like_transformers(out, model_dir)

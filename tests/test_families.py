@@ -165,16 +165,21 @@ def test_phi3_folder_with_config_keeps_tokenizer_json(tmp_path):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_assistant_mask(family, tmp_path):
+    tok, ds = prepared_like_transformers(family_folder(family, tmp_path), tmp_path)
+    assert labelled_runs(tok, ds.input_ids, ds.labels) == FAMILIES[family][2]
+
+
+def prepared_like_transformers(folder: Path, tmp_path: Path) -> tuple:
+    """`CONVERSATION` through our data engine, its ids checked against transformers' chat template: (tokenizer, dataset)."""
     from transformers import AutoTokenizer
 
-    folder = family_folder(family, tmp_path)
     tok = AutoTokenizer.from_pretrained(folder)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
     ds = prepare(data, folder, DataConfig(cache=False))
     expected = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     assert ds.input_ids.tolist() == list(expected)
-    assert labelled_runs(tok, ds.input_ids, ds.labels) == FAMILIES[family][2]
+    return tok, ds
 
 
 def chat_rows(n: int) -> list[dict]:

@@ -21,7 +21,7 @@ from backpropagate.errors import InputError
 from backpropagate.train.torch.losses import token_logprobs
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
-from test_families import chat_rows, packed_and_alone_grads, packed_and_alone_losses
+from test_families import chat_rows, packed_and_alone_grads, packed_and_alone_losses, prepared_like_transformers
 
 TEMPLATES = TOKENIZERS / "chat-templates"
 GEMMA3_TEMPLATE = TEMPLATES / "from-tokenizer_config" / "gemma-3-1b-it.jinja"
@@ -133,16 +133,8 @@ def test_soft_capped_token_logprobs_and_gradients(head_trains):
 
 def test_gemma3_template_folds_the_system_message_and_masks_answers(tmp_path):
     """Gemma 3's published template: the system text opens the first user turn; the mask keeps each answer."""
-    from transformers import AutoTokenizer
-
     config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **TEXT}
-    folder = gemma_folder(tmp_path, config, GEMMA3_TEMPLATE)
-    tok = AutoTokenizer.from_pretrained(folder)
-    data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
-    ds = prepare(data, folder, DataConfig(cache=False))
-    expected = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
-    assert ds.input_ids.tolist() == list(expected)
+    tok, ds = prepared_like_transformers(gemma_folder(tmp_path, config, GEMMA3_TEMPLATE), tmp_path)
     assert "<start_of_turn>user\nBe brief.\n\nHi there" in tok.decode(ds.input_ids)
     assert labelled_runs(tok, ds.input_ids, ds.labels) == ["I am a bot.<end_of_turn>\n", "It is 4.<end_of_turn>\n"]
 
@@ -219,9 +211,8 @@ def test_image_text_model_exports_its_text_tower_to_llama_cpp(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
 
     from backpropagate import _core
-    from backpropagate.generate import GGUFModel
     from export_models import build_model
-    from test_export_gguf import PROMPT, _hf_top5
+    from test_export_gguf import assert_top5_like_transformers
 
     text_dir = build_model("gemma3", tmp_path / "text")
     text = AutoConfig.from_pretrained(text_dir).to_dict()
@@ -235,9 +226,4 @@ def test_image_text_model_exports_its_text_tower_to_llama_cpp(tmp_path):
         shutil.copy(f, folder / f.name)
     gguf = tmp_path / "gemma3.gguf"
     _core.convert_to_gguf(str(folder), str(gguf), "f32")
-    want_ids, want_logp, ids = _hf_top5(folder, PROMPT)
-    llm = GGUFModel(gguf, n_ctx=256)
-    assert llm.tokenize(PROMPT) == ids
-    got = llm.top_logprobs(PROMPT, 5)
-    assert [t for t, _ in got] == want_ids
-    np.testing.assert_allclose([v for _, v in got], want_logp, atol=1e-2)
+    assert_top5_like_transformers(gguf, folder)

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from export_models import build_model
-from test_export_gguf import PROMPT, _hf_top5
+from test_export_gguf import assert_top5_like_transformers
 
 pytest.importorskip("xllamacpp")
 
@@ -35,7 +34,6 @@ def test_llama_cpp_matches_transformers(form: str, tmp_path: Path) -> None:
     from gguf import GGUFReader
 
     from backpropagate import _core
-    from backpropagate.generate import GGUFModel
 
     folder = build_model("phi4-mini", tmp_path / "phi4-mini")
     if form == "published":
@@ -46,10 +44,4 @@ def test_llama_cpp_matches_transformers(form: str, tmp_path: Path) -> None:
     assert reader.fields["phi3.rope.dimension_count"].contents() == 12  # 0.75 * head_dim 16
     names = {t.name for t in reader.tensors}
     assert "output.weight" not in names and "rope_factors_short.weight" in names
-
-    want_ids, want_logp, hf_ids = _hf_top5(folder, PROMPT)
-    llm = GGUFModel(out, n_ctx=256)
-    assert llm.tokenize(PROMPT) == hf_ids
-    top = llm.top_logprobs(PROMPT, 5)
-    assert [t for t, _ in top] == want_ids
-    np.testing.assert_allclose([lp for _, lp in top], want_logp, atol=1e-2)
+    assert_top5_like_transformers(out, folder)
