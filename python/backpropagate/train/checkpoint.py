@@ -68,6 +68,15 @@ class TrainState:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
+    def halve_micro_batch(self, max_seq_length: int) -> None:
+        """The last lever against running out of memory; RUNTIME_OOM_RECOVERY_EXHAUSTED once a row is alone."""
+        if self.micro_batch <= 1:
+            raise RunFailedError(
+                "RUNTIME_OOM_RECOVERY_EXHAUSTED",
+                f"step {self.step + 1} ran out of memory with one packed row per micro-batch ({max_seq_length} tokens)",
+            )
+        self.micro_batch //= 2
+
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) random states."""

@@ -258,13 +258,7 @@ def train_step(
             )
         if tm.recompute is not None and tm.recompute.back_off():
             continue
-        if state.micro_batch <= 1:
-            raise RunFailedError(
-                "RUNTIME_OOM_RECOVERY_EXHAUSTED",
-                f"step {state.step + 1} ran out of memory with one packed row per micro-batch "
-                f"({dataset.max_seq_length} tokens)",
-            )
-        state.micro_batch //= 2
+        state.halve_micro_batch(dataset.max_seq_length)
         log.warning(
             "out of memory at step %d: micro-batch halved to %d row(s), accumulation now %d",
             state.step + 1,
