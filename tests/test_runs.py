@@ -112,8 +112,10 @@ def test_heartbeat_advances_while_the_run_works(monkeypatch):
 WRITER = textwrap.dedent(
     """
     import sys
+    import time
     from backpropagate.runs.store import RunStore
-    worker = sys.argv[1]
+    worker, start_at = sys.argv[1], float(sys.argv[2])
+    time.sleep(max(0.0, start_at - time.time()))  # all open the new database at once
     for i in range(50):
         s = RunStore()
         s.start(f"w{worker}-{i}", "train", config={"i": i})
@@ -125,8 +127,9 @@ WRITER = textwrap.dedent(
 
 def test_four_processes_writing_at_once_lose_nothing(tmp_path):
     env = {**os.environ, "BACKPROPAGATE_HOME": str(tmp_path)}
+    start_at = str(time.time() + 3.0)
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(w)], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", WRITER, str(w), start_at], env=env, stderr=subprocess.PIPE, text=True)
         for w in range(4)
     ]
     errors = [p.communicate(timeout=120)[1] for p in procs]

@@ -173,9 +173,23 @@ class RunStore:
                 raise
             conn.execute("COMMIT")
 
+    def _enter_wal(self, conn: sqlite3.Connection) -> None:
+        """Switches the database to WAL, waiting out other processes doing the same.
+
+        SQLite answers a journal-mode change that races another connection with "database
+        is locked" at once, without its busy handler, so the wait is done here.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+        self._enter_wal(conn)
         if conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
             return
         conn.execute("BEGIN IMMEDIATE")  # a second process migrating waits here, then finds nothing to do
