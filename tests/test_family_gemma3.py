@@ -173,7 +173,9 @@ def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_
     base = build_model("gemma3", tmp_path / "base")
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
-    options = dict(max_seq_length=128, micro_batch=2, grad_accumulation=1, progress=False, report_to="none")
+    options = dict(
+        max_seq_length=128, micro_batch=2, grad_accumulation=1, precision="fp32", progress=False, report_to="none"
+    )
     result = Trainer(str(base), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
     assert result.losses[-1][1] < result.losses[0][1]
     gguf = export(result.adapter_dir, "gguf", quantization="f32").path

@@ -182,7 +182,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     model.save_pretrained(folder)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
-    options = dict(max_seq_length=128, micro_batch=2, grad_accumulation=1, progress=False, report_to="none")
+    options = dict(
+        max_seq_length=128, micro_batch=2, grad_accumulation=1, precision="fp32", progress=False, report_to="none"
+    )
     result = Trainer(str(folder), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
     assert result.losses[-1][1] < result.losses[0][1]
     return folder, Path(result.adapter_dir)

@@ -11,6 +11,7 @@ def test_info_json_has_the_documented_keys():
         assert key in report
     assert set(report["backends"]) == {"cuda", "mlx", "cpu"}
     assert report["backends"]["cpu"] is True
+    assert isinstance(report["cpu_bf16"], bool)
     assert report["core"] == report["backpropagate"]
     assert isinstance(report["gpus"], list)
     assert "bitsandbytes" in report["extras"]
@@ -18,4 +19,4 @@ def test_info_json_has_the_documented_keys():
 
 def test_info_table_runs():
     res = run_cli("info")
-    assert res.status == 0 and "backends" in res.stdout
+    assert res.status == 0 and "backends" in res.stdout and "cpu precision" in res.stdout

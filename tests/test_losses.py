@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from backpropagate.train.torch.losses import DeviceBatch, chunk_length, sequence_logprobs, token_logprobs
+from backpropagate.train.torch.losses import DeviceBatch, LMHead, chunk_length, sequence_logprobs, token_logprobs
 from train_helpers import rule_dataset
 
 
@@ -39,7 +39,7 @@ def test_sequence_logprobs_sum_per_sample():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(1, batch.input_ids.shape[1], 8, generator=g)
     weight = torch.randn(50, 8, generator=g)
-    sums, counts = sequence_logprobs(hidden, weight, batch)
+    sums, counts = sequence_logprobs(hidden, LMHead(weight), batch)
     labels = batch.batch.labels[0]
     cu = batch.batch.cu_seqlens
     for i in range(len(samples)):

@@ -192,7 +192,7 @@ def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs
     with packed_attention(torch_tm.model), torch.no_grad():
         device_batch = theirs.device_batch(batch, torch_tm.device)
         hidden = torch_loop.forward_hidden(torch_tm, device_batch)
-        want = theirs.loss_sum(hidden, torch_tm.lm_head_weight, device_batch).reshape(-1).numpy()
+        want = theirs.loss_sum(hidden, torch_tm.lm_head, device_batch).reshape(-1).numpy()
     ours = MlxObjective(cfg, pairs, mlx_tm.attention_share)
     got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,9 @@ from backpropagate.train.torch.recompute import RecomputePlan
 from backpropagate.trainer import seed_everything
 from train_helpers import rule_dataset
 
-FAST = dict(progress=False, report_to="none", learning_rate=1e-3, lora_r=8, lora_alpha=16.0, max_seq_length=96)
+FAST = dict(
+    progress=False, report_to="none", precision="fp32", learning_rate=1e-3, lora_r=8, lora_alpha=16.0, max_seq_length=96
+)
 
 
 @pytest.fixture(scope="module")

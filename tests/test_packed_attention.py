@@ -40,7 +40,7 @@ def test_packed_per_sample_losses_equal_samples_alone(name, request):
     batch = DeviceBatch.from_batch(dataset.batch_of(samples), torch.device("cpu"))
     with torch.no_grad(), packed_attention(tm.model):
         hidden = forward_hidden(tm, batch)
-        logp = target_logprobs(hidden, tm.lm_head_weight, batch)
+        logp = target_logprobs(hidden, tm.lm_head, batch)
     packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
     with torch.no_grad():
         alone = _alone_losses(tm, dataset, samples)
@@ -48,7 +48,7 @@ def test_packed_per_sample_losses_equal_samples_alone(name, request):
     # The same row without sample boundaries attends across samples and gives other losses.
     with torch.no_grad():
         crossing = tm.model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
-        leaky = target_logprobs(crossing, tm.lm_head_weight, batch)
+        leaky = target_logprobs(crossing, tm.lm_head, batch)
     assert not torch.allclose(leaky, logp, atol=1e-3)
 
 
@@ -58,7 +58,7 @@ def test_packed_gradients_equal_summed_sample_gradients(tiny_llama):
     samples = dataset.row_samples(0)
     batch = DeviceBatch.from_batch(dataset.batch_of(samples), torch.device("cpu"))
     with packed_attention(tm.model):
-        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+        (-target_logprobs(forward_hidden(tm, batch), tm.lm_head, batch).sum()).backward()
     packed = {n: p.grad.clone() for n, p in tm.model.named_parameters()}
     tm.model.zero_grad()
     for s in samples:

@@ -35,7 +35,7 @@ from backpropagate.train.torch.preference import (
 from cli_helpers import run_cli
 
 QUIET = dict(progress=False, report_to="none")
-LORA = dict(lora_r=8, lora_alpha=16.0, device="cpu", mode="lora", **QUIET)
+LORA = dict(lora_r=8, lora_alpha=16.0, device="cpu", mode="lora", precision="fp32", **QUIET)
 
 
 def pair_batch(pairs: list[tuple[list[int], list[int], int]]) -> tuple[Batch, np.ndarray, np.ndarray]:
@@ -141,9 +141,7 @@ def loss_and_grads(tm, config, dataset, batch):
     device_batch = objective.device_batch(batch, tm.device)
     with packed_attention(tm.model):
         hidden = forward_hidden(tm, device_batch)
-        loss = normalised_loss(
-            objective.loss_sum(hidden, tm.lm_head_weight, device_batch), step_totals(objective, [batch])
-        )
+        loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head, device_batch), step_totals(objective, [batch]))
         loss.backward()  # inside: checkpointed layers recompute with packed attention
     return float(loss), {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 
@@ -172,7 +170,7 @@ def pair_stats(tm, config, dataset):
     batch = dataset.batch_of(np.arange(dataset.num_samples))
     with torch.no_grad(), packed_attention(tm.model):
         device_batch = objective.device_batch(batch, tm.device)
-        mean_c, mean_r, _ = objective.pair_logps(forward_hidden(tm, device_batch), tm.lm_head_weight, device_batch)
+        mean_c, mean_r, _ = objective.pair_logps(forward_hidden(tm, device_batch), tm.lm_head, device_batch)
     log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
     return float(log_odds.mean()), float((mean_c - mean_r).mean())
 
@@ -200,9 +198,9 @@ def test_one_kto_step_raises_desirable_rewards_and_lowers_undesirable(tiny_llama
     torch_loop.train(tm, dataset, config, 1, tmp_path, "run", {})
     batch = torch_loop.DeviceBatch.from_batch(dataset.batch_of(np.arange(dataset.num_samples)), tm.device)
     with torch.no_grad(), packed_attention(tm.model):
-        policy = sequence_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)[0]
+        policy = sequence_logprobs(forward_hidden(tm, batch), tm.lm_head, batch)[0]
         with tm.model.disable_adapter():
-            reference = sequence_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)[0]
+            reference = sequence_logprobs(forward_hidden(tm, batch), tm.lm_head, batch)[0]
     reward = (policy - reference).numpy()
     labels = kto_labels(dataset)
     assert reward[labels == 1].mean() > 0 > reward[labels == 0].mean()

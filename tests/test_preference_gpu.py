@@ -31,7 +31,7 @@ def test_orpo_shared_prompt_on_cuda_matches_two_sequences_and_learns(tiny_qwen2,
         objective = objective_for(config, pairs, policy_of(tm))
         device_batch = objective.device_batch(batch, tm.device)
         with torch.no_grad(), packed_attention(tm.model):
-            terms = objective.loss_sum(forward_hidden(tm, device_batch), tm.lm_head_weight, device_batch)
+            terms = objective.loss_sum(forward_hidden(tm, device_batch), tm.lm_head, device_batch)
             return float(normalised_loss(terms, step_totals(objective, [batch])))
 
     before = loss(True)

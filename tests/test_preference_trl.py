@@ -24,7 +24,15 @@ from backpropagate.train.torch.losses import normalised_loss, step_totals
 from backpropagate.train.torch.objectives import objective_for
 from backpropagate.train.torch.preference import kto_labels, kto_weights, pairs_of, split_prompt
 
-LORA = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="all-linear", device="cpu", mode="lora")
+LORA = dict(
+    lora_r=8,
+    lora_alpha=16.0,
+    lora_dropout=0.0,
+    target_modules="all-linear",
+    device="cpu",
+    mode="lora",
+    precision="fp32",
+)
 
 
 def our_model(model_dir, config: TrainConfig, seed: int = 1):
@@ -79,7 +87,7 @@ def our_loss(tm, config, dataset, batch):
     device_batch = objective.device_batch(batch, tm.device)
     with torch.no_grad(), packed_attention(tm.model):
         hidden = forward_hidden(tm, device_batch)
-        terms = objective.loss_sum(hidden, tm.lm_head_weight, device_batch)
+        terms = objective.loss_sum(hidden, tm.lm_head, device_batch)
         return float(normalised_loss(terms, step_totals(objective, [batch])))
 
 

@@ -7,7 +7,9 @@ from backpropagate import Trainer
 from backpropagate.train.torch import recompute
 from train_helpers import rule_dataset
 
-OPTIONS = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=1, learning_rate=1e-3)
+OPTIONS = dict(
+    progress=False, report_to="none", precision="fp32", micro_batch=2, grad_accumulation=1, learning_rate=1e-3
+)
 
 
 @pytest.fixture(scope="module")

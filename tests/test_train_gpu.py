@@ -71,10 +71,10 @@ def test_packed_losses_equal_samples_alone_on_cuda(tiny_qwen2):
     samples = dataset.row_samples(0)
     batch = DeviceBatch.from_batch(dataset.batch_of(samples), CUDA)
     with torch.no_grad(), packed_attention(model):
-        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head_weight, batch)
+        logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head, batch)
         for i, s in enumerate(samples):
             alone = DeviceBatch.from_batch(dataset.batch_of(np.array([s])), CUDA)
-            single = target_logprobs(forward_hidden(tm, alone), tm.lm_head_weight, alone)
+            single = target_logprobs(forward_hidden(tm, alone), tm.lm_head, alone)
             torch.testing.assert_close(logp[batch.target_sample == i], single, rtol=2e-2, atol=2e-2)
 
 

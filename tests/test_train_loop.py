@@ -16,6 +16,7 @@ from backpropagate import Trainer
 from backpropagate.errors import RunFailedError, StateError
 from backpropagate.train import checkpoint
 from backpropagate.train.torch import loop as torch_loop
+from backpropagate.train.torch.precision import BF16_CPU_PROBES, compute_dtype_for
 from train_helpers import rule_dataset
 
 FAST = dict(progress=False, report_to="none", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
@@ -239,6 +240,17 @@ def test_bf16_on_the_cpu_trains_with_fp32_adapter_masters_and_follows_the_fp32_c
     assert np.abs(bf16 - curves["fp32"]).max() < 0.05 * curves["fp32"].max(), curves
 
 
+@pytest.mark.parametrize("units", [(), ("_is_avx512_bf16_supported",), ("_is_amx_tile_supported",)])
+def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, units):
+    for probe in BF16_CPU_PROBES:
+        monkeypatch.setattr(torch.cpu, probe, lambda probe=probe: probe in units)
+    cpu = torch.device("cpu")
+    assert compute_dtype_for(cpu) == (torch.bfloat16 if units else torch.float32)
+    assert compute_dtype_for(torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype_for(cpu, "fp32") == torch.float32  # a value the user gave is kept
+    assert compute_dtype_for(torch.device("cuda"), "fp32") == torch.float32
+
+
 def test_eval_split_reports_held_out_loss(tiny_qwen2, dataset, tmp_path):
     result = Trainer("tiny-qwen2", output_dir=str(tmp_path / "run"), eval_split=0.2, eval_every=2, **FAST).train(
         dataset, steps=4
@@ -360,7 +372,7 @@ def test_recomputed_layers_give_kept_layers_gradients_and_skip_the_last_projecti
         tm.recompute.set_kept(kept)
         tm.model.zero_grad(set_to_none=True)
         with packed_attention(tm.model):
-            (-target_logprobs(torch_loop.forward_hidden(tm, batch), tm.lm_head_weight, batch).sum()).backward()
+            (-target_logprobs(torch_loop.forward_hidden(tm, batch), tm.lm_head, batch).sum()).backward()
         return {n: p.grad.clone() for n, p in tm.model.named_parameters() if p.grad is not None}
 
     layers = len(tm.recompute.layers)

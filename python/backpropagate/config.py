@@ -59,9 +59,9 @@ class TrainConfig:
     device: str = option("auto", "Device: auto, cuda, cuda:N or cpu.", group="Model")
     precision: str = option(
         "auto",
-        "Dtype the frozen base weights and activations compute in: bf16, fp32, or auto (bf16 on CUDA, fp32 on the "
-        "CPU). Adapter weights, gradients and optimizer state stay fp32 either way; mode=full keeps fp32 weights "
-        "and runs bf16 under autocast. bf16 on the CPU pays off on CPUs with avx512_bf16 or AMX.",
+        "Dtype the frozen base weights and activations compute in: bf16, fp32, or auto (bf16 on CUDA and on CPUs "
+        "with avx512_bf16 or AMX, fp32 on other CPUs, where bf16 is emulated and slower). Adapter weights, gradients "
+        "and optimizer state stay fp32 either way; mode=full keeps fp32 weights and runs bf16 under autocast.",
         group="Model",
         choices=PRECISIONS,
     )

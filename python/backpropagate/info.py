@@ -80,6 +80,15 @@ def _mlx_rail() -> dict[str, Any]:
     }
 
 
+def _cpu_bf16() -> bool | None:
+    """Whether the CPU multiplies bf16 itself, so `precision=auto` trains in bf16 on it (None without torch)."""
+    if _dist_version("torch") is None:
+        return None
+    from backpropagate.train.torch.precision import cpu_computes_bf16
+
+    return cpu_computes_bf16()
+
+
 def collect() -> dict[str, Any]:
     """Everything `backprop info` reports, as plain data."""
     from backpropagate import __version__
@@ -105,5 +114,6 @@ def collect() -> dict[str, Any]:
         "gpus": gpus,
         "extras": {name: _dist_version(name) for name in EXTRAS},
         "backends": {"cuda": cuda, "mlx": mlx["usable"], "cpu": _dist_version("torch") is not None},
+        "cpu_bf16": _cpu_bf16(),
         "mlx": mlx,
     }

@@ -52,6 +52,9 @@ def info(
     gpus = ", ".join(f"{g['name']} ({g['vram_gib']} GiB)" for g in report["gpus"]) or "none"
     table.add_row("gpus", gpus)
     table.add_row("backends", ", ".join(k for k, ok in report["backends"].items() if ok) or "none")
+    if report["cpu_bf16"] is not None:
+        units = "bf16 (the CPU has avx512_bf16 or AMX)" if report["cpu_bf16"] else "fp32 (no bf16 units)"
+        table.add_row("cpu precision", f"auto = {units}")
     mlx = report["mlx"]
     table.add_row(
         "mlx rail",

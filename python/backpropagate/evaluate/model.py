@@ -7,7 +7,8 @@ import warnings
 from backpropagate.errors import InputError
 from backpropagate.evaluate.target import EvalTarget
 from backpropagate.log import quiet_bitsandbytes_import
-from backpropagate.train.torch.loading import TrainingModel, compute_dtype_for, load_base_model, resolve_device
+from backpropagate.train.torch.loading import TrainingModel, load_base_model, resolve_device
+from backpropagate.train.torch.precision import compute_dtype_for
 
 
 def load_for_eval(target: EvalTarget, device: str = "auto") -> TrainingModel:

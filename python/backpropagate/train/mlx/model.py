@@ -3,8 +3,8 @@
 The base model is read by mlx-lm's loader from the same Hugging Face folder the torch
 rail reads. QLoRA quantizes it on load with `mlx.nn.quantize` (4 bits, groups of 64), or
 takes an already quantized MLX folder (mlx-community) as it is. Weights are fp32 on the
-CPU and bf16 on the Apple GPU (the torch rail's rule: low precision only on an
-accelerator); adapters and full fine-tuning weights train in fp32.
+CPU and bf16 on the Apple GPU; adapters and
+full fine-tuning weights train in fp32.
 
 Adapter matrices are stored in PEFT's orientation (`lora_A` r x in, `lora_B` out x r),
 so saving them in PEFT's layout is a renaming, and DoRA follows peft's `DoraLinearLayer`

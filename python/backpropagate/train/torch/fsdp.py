@@ -5,7 +5,7 @@ root: every rank keeps 1/N of their weights, gradients and optimizer state, gath
 layer's weights for its forward and backward, and reduce-scatters its gradients in the
 backward of a step's last micro-batch. The LM head weight stays whole on every rank
 (ignored by FSDP; a tied embedding with it): the loss reads it outside any module forward
-(`token_logprobs(hidden, lm_head_weight)`), where a sharded weight would be a DTensor
+(`token_logprobs(hidden, lm_head.weight)`), where a sharded weight would be a DTensor
 shard. Its gradient, like every unsharded trainable tensor's, is summed by
 `World.reduce_gradients` with the loss. Checkpoints and final weights are gathered whole on
 rank 0, so they keep the one format a run of any world size (with or without FSDP) resumes.

@@ -1,6 +1,6 @@
 """Loading a model for training: device, precision, 4-bit quantization, adapters, fast paths.
 
-bf16 on CUDA and fp32 on CPU unless `precision` says otherwise; QLoRA (4-bit nf4 with double quantization) by default on
+bf16 on CUDA and on CPUs with bf16 units (avx512_bf16, AMX), fp32 on other CPUs, unless `precision` says otherwise; QLoRA (4-bit nf4 with double quantization) by default on
 CUDA. Unlike peft's `prepare_model_for_kbit_training`, norms and the LM head stay in the
 compute dtype: upcasting them to fp32 costs speed and memory and buys nothing once the
 loss is computed in fp32 chunk by chunk. Full fine-tuning keeps fp32 master weights and
@@ -24,7 +24,8 @@ from backpropagate.errors import ConfigError, DependencyError, InputError, RunFa
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
 from backpropagate.train.backend import resolve_backend
 from backpropagate.train.torch import fused, lora_fused
-from backpropagate.train.torch.losses import LOGIT_SOFTCAP
+from backpropagate.train.torch.losses import LMHead
+from backpropagate.train.torch.precision import compute_dtype_for
 from backpropagate.train.torch.recompute import RecomputePlan
 
 log = get_logger("loading")
@@ -72,13 +73,12 @@ class TrainingModel:
         return decoder if decoder is not None else base.model
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """[V, H] output projection, carrying the model's final logit soft-capping for the loss (`LOGIT_SOFTCAP`)."""
+    def lm_head(self) -> LMHead:
+        """The output projection and the model's final logit soft-capping, for the loss."""
         weight: torch.Tensor = self.base.get_output_embeddings().weight
         # As transformers: Gemma3ForCausalLM caps, Gemma3ForConditionalGeneration (the image + text model) does not.
         softcap = getattr(self.base.config, "final_logit_softcapping", None)
-        setattr(weight, LOGIT_SOFTCAP, softcap)
-        return weight
+        return LMHead(weight, float(softcap or 0.0))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the optimizer updates, in a stable order."""
@@ -211,13 +211,6 @@ def load_base_model(path: Path, mode: str, device: torch.device, precision: str 
     except (OSError, ValueError) as exc:
         raise InputError("INPUT_MODEL_LOAD_FAILED", f"{path}: {exc}") from exc
     return model
-
-
-def compute_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype `precision` names; `auto` is bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:

@@ -135,7 +135,7 @@ def forward_backward(
     a padding pass: the collectives of a sharded model's forward and backward, no gradient.
     """
     hidden = forward_hidden(tm, batch)
-    loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head_weight, batch), totals) * weight
+    loss = normalised_loss(objective.loss_sum(hidden, tm.lm_head, batch), totals) * weight
     del hidden  # backward needs only what autograd saved
     loss.backward()
     return loss.detach()
@@ -291,7 +291,7 @@ def evaluate(
             device_batch = objective.device_batch(batches[min(i, len(batches) - 1)], tm.device)
             hidden = forward_hidden(tm, device_batch)
             if i < len(batches):
-                terms = terms + objective.loss_sum(hidden, tm.lm_head_weight, device_batch).float()
+                terms = terms + objective.loss_sum(hidden, tm.lm_head, device_batch).float()
         if not shared:
             return float(normalised_loss(terms, step_totals(objective, batches)).item())
         counts = torch.tensor(step_counts(objective, batches), dtype=torch.float32, device=tm.device)

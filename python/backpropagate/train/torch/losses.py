@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +26,13 @@ from backpropagate.train.torch.attention import packed_kwargs
 
 # Bytes of fp32 logits one chunk may hold; sets the chunk length for a vocabulary.
 CHUNK_LOGIT_BYTES = 512 * 2**20
-# Attribute of an LM head weight holding the model's final logit soft-capping (set by `TrainingModel`):
-# every objective receives the head as a bare tensor, so the cap travels with it.
-LOGIT_SOFTCAP = "logit_softcap"
+
+
+class LMHead(NamedTuple):
+    """The output projection as the objectives see it: [V, H] weight and the final logit soft-capping (0 = none)."""
+
+    weight: torch.Tensor
+    softcap: float = 0.0
 
 
 def chunk_length(vocab_size: int) -> int:
@@ -122,7 +126,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0, softcap: float | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0, softcap: float = 0.0
 ) -> torch.Tensor:
     """Log p(targets[i] | hidden[i]) under the LM head `weight`, without materialising all logits.
 
@@ -131,15 +135,13 @@ def token_logprobs(
         weight: [V, H] LM head weight.
         targets: [N] int64 token ids.
         chunk: Positions per chunk (0 = sized from the vocabulary).
-        softcap: Final logit soft-capping (Gemma 2/3); None reads the head's own (`LOGIT_SOFTCAP`).
+        softcap: Final logit soft-capping (Gemma 3's `final_logit_softcapping`; 0 = none).
 
     Returns:
         [N] fp32 log-probabilities; differentiable in `hidden` and `weight`.
     """
-    if softcap is None:
-        softcap = getattr(weight, LOGIT_SOFTCAP, None)
     chunk = chunk or chunk_length(weight.shape[0])
-    out: torch.Tensor = _TokenLogProbs.apply(hidden, weight, targets, chunk, float(softcap or 0.0))
+    out: torch.Tensor = _TokenLogProbs.apply(hidden, weight, targets, chunk, float(softcap))
     return out
 
 
@@ -228,15 +230,13 @@ class DeviceBatch:
         return sums, logp.new_zeros(bins).index_add(0, self.target_sample, counts)
 
 
-def target_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+def target_logprobs(hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
     """[N] log-probabilities of every target token of the batch (hidden is [1, T, H])."""
     selected = hidden[0].index_select(0, batch.target_positions)
-    return token_logprobs(selected, lm_head, batch.targets)
+    return token_logprobs(selected, lm_head.weight, batch.targets, softcap=lm_head.softcap)
 
 
-def sequence_logprobs(
-    hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample sums of target log-probabilities and target counts (for preference objectives).
 
     Returns:
@@ -267,7 +267,7 @@ class Objective(Protocol):
         """What this batch contributes to the step's normalising counts (tokens, pairs, ...)."""
         ...
 
-    def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
         """Unnormalised loss term(s) of the batch from final hidden states [1, T, H]."""
         ...
 
@@ -306,6 +306,6 @@ class SftObjective:
         """Target tokens of the batch."""
         return batch.num_loss_tokens
 
-    def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
         """Summed negative log-likelihood of the targets."""
         return -batch.weighted(target_logprobs(hidden, lm_head, batch)).sum()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from backpropagate.config import TrainConfig, check_data_kind
 from backpropagate.data.dataset import IGNORE_INDEX, Batch, PreparedDataset
 from backpropagate.log import get_logger
-from backpropagate.train.torch.losses import DeviceBatch, sequence_logprobs, target_logprobs, to_device
+from backpropagate.train.torch.losses import DeviceBatch, LMHead, sequence_logprobs, target_logprobs, to_device
 
 log = get_logger("preference")
 
@@ -277,7 +277,7 @@ class PairObjective:
         chosen, rejected = pairs_of(batch, self.dataset)
         return pair_device_batch(batch, chosen, rejected, device, self.share, self.prompt_targets)
 
-    def pair_logps(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> tuple[torch.Tensor, ...]:
+    def pair_logps(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> tuple[torch.Tensor, ...]:
         """(mean logp chosen [P], mean logp rejected [P], summed logp per bin [n or 2n])."""
         logp = target_logprobs(hidden, lm_head, batch)
         sums, counts = batch.per_sample(logp, batch.num_samples * (2 if self.prompt_targets else 1))
@@ -300,7 +300,7 @@ class OrpoObjective(PairObjective):
         """(NLL tokens of the chosen samples, pairs)."""
         return self.chosen_tokens(batch), self.pairs(batch)
 
-    def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
         """[summed chosen NLL, summed beta x -log sigmoid(log odds ratio)]."""
         mean_c, mean_r, sums = self.pair_logps(hidden, lm_head, batch)
         log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
@@ -330,7 +330,7 @@ class SimpoObjective(PairObjective):
         """Pairs; (NLL tokens of the chosen samples, pairs) with an NLL term."""
         return (self.chosen_tokens(batch), self.pairs(batch)) if self.alpha else self.pairs(batch)
 
-    def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
         """Summed SimPO loss of the pairs ([alpha x summed chosen NLL, that] with an NLL term)."""
         mean_c, mean_r, sums = self.pair_logps(hidden, lm_head, batch)
         simpo = -F.logsigmoid(self.beta * (mean_c - mean_r) - self.gamma).sum()
@@ -398,7 +398,7 @@ class KtoObjective:
         return len(batch.cu_seqlens) - 1
 
     @torch.no_grad()
-    def reference_logps(self, lm_head: torch.Tensor, batch: DeviceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, lm_head: LMHead, batch: DeviceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference logp of each row [n], KL estimate): one reference pass over rows and KL rows, one policy pass."""
         if batch.num_samples == 1 and not self._warned_single:
             log.warning("a KTO micro-batch holds a single row: its KL estimate is that row's own reward")
@@ -414,7 +414,7 @@ class KtoObjective:
         n = batch.num_samples
         return ref[:n], (kl_policy - ref[n:]).mean().clamp(min=0)
 
-    def loss_sum(self, hidden: torch.Tensor, lm_head: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    def loss_sum(self, hidden: torch.Tensor, lm_head: LMHead, batch: DeviceBatch) -> torch.Tensor:
         """Summed weighted KTO loss of the rows."""
         logps = sequence_logprobs(hidden, lm_head, batch)[0]
         ref, kl = self.reference_logps(lm_head, batch)
