@@ -123,3 +123,27 @@ def test_training_on_cuda_loss_falls(mode, tiny_llama, tmp_path):
     assert result.losses[-1][1] < result.losses[0][1] - 0.3
     assert any(f.startswith("fused_lora") for f in result.features)
     assert "rms_norm" in result.features and "cross_entropy" in result.features
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
+    from backpropagate import Trainer
+
+    dataset = rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
+    curves = {}
+    for fp8 in (False, True):
+        result = Trainer(
+            "tiny-llama",
+            mode="lora",
+            fp8=fp8,
+            output_dir=str(tmp_path / str(fp8)),
+            progress=False,
+            report_to="none",
+            learning_rate=1e-2,
+        ).train(dataset, steps=12)
+        curves[fp8] = np.array([loss for _, loss in result.losses])
+    assert "fp8[14]" in result.features
+    assert curves[True][-3:].mean() < curves[True][:3].mean() - 0.2, curves
+    assert np.abs(curves[True] - curves[False]).max() < 0.05 * curves[False].max(), curves

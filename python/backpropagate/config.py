@@ -105,6 +105,13 @@ class TrainConfig:
     )
     rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.", group="LoRA")
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
+    fp8: bool = option(
+        False,
+        "Store and multiply the frozen base weights of LoRA in FP8 (e4m3, row-wise scales; forward and input-gradient "
+        "matmuls), the adapter, norms and loss staying bf16 / fp32: GPUs with FP8 tensor cores (Ada, Hopper, "
+        "Blackwell). Mode lora (auto picks it), backend torch, bf16 compute; not with DoRA or FSDP.",
+        group="LoRA",
+    )
     # Preference methods
     orpo_beta: float = option(
         0.1,
@@ -285,6 +292,8 @@ class TrainConfig:
             raise invalid("device", self.device, "auto, cuda, cuda:N or cpu")
         if self.dora and self.mode == "full":
             raise invalid("dora", self.dora, "off with mode=full (DoRA is an adapter)")
+        if self.fp8:
+            check_fp8_combination(self)
         if self.backend == "mlx":
             from backpropagate.train.mlx.support import check_supported
 
@@ -392,3 +401,20 @@ def check_data_kind(kind: str, method: str) -> None:
         raise InputError(
             "INPUT_DATASET_VALIDATION_FAILED", f"method={method!r} needs {needs}, but the dataset holds {kind} rows"
         )
+
+
+def check_fp8_combination(config: TrainConfig) -> None:
+    """Refuses `fp8` with the settings it does not combine with, naming the first."""
+    clashes = {
+        "mode": (config.mode not in ("auto", "lora"), "FP8 holds the base weights of a LoRA run (mode=lora)"),
+        "dora": (config.dora, "DoRA reads the dense base weight for its norm"),
+        "backend": (config.backend == "mlx", "the MLX rail has no FP8 matmul"),
+        "fsdp": (config.fsdp, "FSDP shards the bf16 weights"),
+    }
+    for name, (clash, why) in clashes.items():
+        if clash:
+            raise ConfigError(
+                "CONFIG_INVALID_SETTING",
+                f"fp8=True with {name}={getattr(config, name)!r} is invalid: {why}",
+                hint="Drop --fp8, or change that setting.",
+            )

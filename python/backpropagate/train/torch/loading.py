@@ -23,7 +23,7 @@ from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
 from backpropagate.train.backend import resolve_backend
-from backpropagate.train.torch import fused, lora_fused
+from backpropagate.train.torch import fp8, fused, lora_fused
 from backpropagate.train.torch.losses import LMHead
 from backpropagate.train.torch.precision import compute_dtype_for
 from backpropagate.train.torch.recompute import RecomputePlan
@@ -99,11 +99,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """`auto` is QLoRA on CUDA (LoRA if bitsandbytes is missing) and LoRA on CPU."""
+def resolve_mode(mode: str, device: torch.device, fp8_weights: bool = False) -> str:
+    """`auto` is QLoRA on CUDA (LoRA if bitsandbytes is missing or the weights go FP8) and LoRA on CPU."""
     if mode != "auto":
         return mode
-    if device.type != "cuda":
+    if device.type != "cuda" or fp8_weights:
         return "lora"
     if importlib.util.find_spec("bitsandbytes") is None:
         log.warning(
@@ -252,6 +252,8 @@ def prepare_for_training(
         fused_layers = lora_fused.install(model)
         if fused_layers:
             features.append(f"fused_lora[{fused_layers}]")
+        if config.fp8:
+            features.append(f"fp8[{fp8.install(model)}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
     recompute = RecomputePlan(model, config.gradient_checkpointing, config.offload_activations)
@@ -303,7 +305,9 @@ def load_adapter_weights(tm: TrainingModel, adapter: Path) -> None:
 def load_for_training(path: Path, config: TrainConfig, init_adapter: Path | None = None) -> TrainingModel:
     """Everything between a model folder and a model the loop can train (from `init_adapter`'s weights if given)."""
     device = resolve_device(config.device)
-    mode = resolve_mode(config.mode, device)
+    mode = resolve_mode(config.mode, device, config.fp8)
+    if config.fp8:
+        fp8.check_supported(device, compute_dtype_for(device, config.precision))
     num_params = check_full_fine_tuning(path, mode, shards(config))
     model = load_base_model(path, mode, device, config.precision)
     trained = prepare_for_training(model, config, mode, device, num_params)

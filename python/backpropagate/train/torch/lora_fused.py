@@ -18,6 +18,7 @@ activations: there the recomputation, which runs just before the layer's backwar
 its dequantized weight for that backward, so each weight is dequantized twice per step
 instead of three times (one layer's dense weights are alive at a time). The nested
 quantization of the 4-bit block scales is undone once and kept (4 bytes per 64 weights).
+An FP8 base weight (`fp8.py`) is never made dense: both base matmuls read its e4m3 copies.
 
 This module only replaces `forward` on eligible layers and falls back to peft's own code
 otherwise (DoRA, dropout > 0, several adapters, merged or disabled adapters).
@@ -30,7 +31,7 @@ from typing import Any, cast
 
 import torch
 
-from backpropagate.train.torch import nf4, recompute
+from backpropagate.train.torch import fp8, nf4, recompute
 
 # Adapter gradients come out of the matmul in fp32 on CUDA (no bf16 rounding, no cast).
 _MM_TO_FP32 = hasattr(torch.ops.aten.mm, "dtype")
@@ -110,19 +111,28 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b_scaled = adapter_copies(layer, lora_a, lora_b, scale, dtype)
         bias = getattr(base, "bias", None)
-        weight = dense_weight(base, dtype)
         low = torch.mm(x2, a.t())
+        ctx.base, ctx.scale, ctx.fp8 = base, scale, fp8.of(base)
+        weight = dense_weight(base, dtype) if ctx.fp8 is None else None
         # A dense weight is the parameter itself (free to keep); a dequantized one only where
-        # the layer recomputes (see the module doc).
-        keep = getattr(base.weight, "quant_state", None) is None or layer.__dict__.get("bp_recomputed", False)
+        # the layer recomputes (see the module doc). FP8 weights are read from the layer.
+        keep = weight is not None and (
+            getattr(base.weight, "quant_state", None) is None or layer.__dict__.get("bp_recomputed", False)
+        )
         ctx.save_for_backward(x, low, a, b_scaled, *([weight] if keep else []))
-        ctx.base, ctx.scale = base, scale
         if layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
-            return x.new_zeros(*x.shape[:-1], weight.shape[0])  # nothing reads it (recompute.py)
-        # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
-        # other order would read and write the whole [T, out] output once more.
-        y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
-        y.addmm_(x2, weight.t())
+            out_features = weight.shape[0] if weight is not None else ctx.fp8.rows.shape[0]
+            return x.new_zeros(*x.shape[:-1], out_features)  # nothing reads it (recompute.py)
+        if weight is None:
+            y = fp8.scaled_mm(x2, ctx.fp8.rows, ctx.fp8.rows_scale, dtype)
+            y.addmm_(low, b_scaled.t())
+            if bias is not None:
+                y.add_(bias.to(dtype))
+        else:
+            # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
+            # other order would read and write the whole [T, out] output once more.
+            y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
+            y.addmm_(x2, weight.t())
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -139,8 +149,10 @@ class _LoraLinear(torch.autograd.Function):
                 d_b.mul_(ctx.scale)
         dx = None
         if ctx.needs_input_grad[0]:
-            weight = kept[0] if kept else dense_weight(ctx.base, x.dtype)
-            dx = torch.mm(dy2, weight)
+            if ctx.fp8 is not None:
+                dx = fp8.scaled_mm(dy2, ctx.fp8.cols, ctx.fp8.cols_scale, x.dtype)
+            else:
+                dx = torch.mm(dy2, kept[0] if kept else dense_weight(ctx.base, x.dtype))
             dx.addmm_(d_low, a)
             dx = dx.view_as(x)
         return dx, d_a, d_b, None, None, None

@@ -1,0 +1,160 @@
+"""FP8 base weights for LoRA (`fp8=True`): stored and multiplied in float8 e4m3 with row-wise scales.
+
+A frozen base weight W [out, in] becomes two e4m3 copies, one per matmul that reads it,
+each scaled per row of the operand as `torch._scaled_mm` takes it (the second operand
+column-major, so the contraction dimension is the one that is contiguous):
+
+    forward   y  = x W^T :  W  quantized per output row    -> scales [1, out]
+    backward  dx = dy W  :  W^T quantized per input column  -> scales [1, in]
+
+One byte each, so the two copies take what the bf16 weight took. The activations `x` and
+gradients `dy` are quantized per token on the fly (e4m3, amax / 448). LoRA's A and B, the
+norms, embeddings, LM head and the loss stay in bf16 / fp32; only the base matmuls of
+adapted linear layers run in FP8. `_scaled_mm` with row-wise scales needs FP8 tensor cores
+on CUDA (compute capability 8.9: Ada, Hopper, Blackwell) and bf16 output; torch's CPU
+kernel computes the same products, slowly, which is what the tests run.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from backpropagate.errors import ConfigError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# cuBLASLt's FP8 kernels need both matmul dimensions of the weight to be multiples of 16.
+ALIGN = 16
+# Compute capability of the first CUDA GPUs with FP8 tensor cores (Ada; Hopper is 9.0).
+MIN_CAPABILITY = (8, 9)
+
+
+@dataclass
+class Fp8Weight:
+    """The two e4m3 copies of one frozen weight and their fp32 row scales."""
+
+    rows: torch.Tensor  # [out, in] e4m3, W / rows_scale
+    rows_scale: torch.Tensor  # [1, out] fp32
+    cols: torch.Tensor  # [in, out] e4m3, W^T / cols_scale
+    cols_scale: torch.Tensor  # [1, in] fp32
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Fp8Weight:
+        """Quantizes a dense [out, in] weight (row scales from each row's absolute maximum)."""
+        rows, rows_scale = quantize_rows(weight)
+        cols, cols_scale = quantize_rows(weight.t())
+        return cls(rows, rows_scale.reshape(1, -1), cols, cols_scale.reshape(1, -1))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x [n, k] as e4m3, with one fp32 scale per row ([n, 1]) that maps its maximum to 448."""
+    wide = x.float()
+    scale = wide.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (wide / scale).to(FP8).contiguous(), scale
+
+
+def scaled_mm(
+    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """`x @ W^T` for `weight_fp8` = W [n, k] in e4m3 with its [1, n] scales; x is quantized per row here."""
+    x_fp8, x_scale = quantize_rows(x)
+    out: torch.Tensor = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=dtype)
+    return out
+
+
+def capable(device: torch.device) -> bool:
+    """Whether `device` multiplies FP8 with row-wise scales (CUDA 8.9+, or torch's CPU kernel)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
+def check_supported(device: torch.device, compute: torch.dtype) -> None:
+    """Refuses `fp8` where it cannot run, naming why (the settings themselves are checked by `TrainConfig`)."""
+    if not capable(device):
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING",
+            f"fp8=True is invalid on {name} (compute capability {major}.{minor}): FP8 matmuls need compute "
+            f"capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell)",
+            hint="Train without --fp8 (bf16 LoRA or QLoRA) on this GPU.",
+        )
+    if compute != torch.bfloat16:
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING",
+            f"fp8=True needs bf16 compute, but this run computes in {str(compute).removeprefix('torch.')}",
+            hint="Use precision=bf16 (or auto on a GPU or a CPU with bf16 units).",
+        )
+
+
+def eligible(base: torch.nn.Module) -> bool:
+    """A dense, frozen linear layer whose dimensions FP8 kernels take."""
+    weight = getattr(base, "weight", None)
+    return (
+        isinstance(base, torch.nn.Linear)
+        and weight is not None
+        and not weight.requires_grad
+        and getattr(weight, "quant_state", None) is None
+        and weight.shape[0] % ALIGN == 0
+        and weight.shape[1] % ALIGN == 0
+    )
+
+
+def of(base: torch.nn.Module) -> Fp8Weight | None:
+    """The FP8 weight `install` gave `base`, if any."""
+    return cast(Fp8Weight | None, base.__dict__.get("bp_fp8"))
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T (+ b) from the forward copy; dx = dy W from the backward copy. W is frozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = scaled_mm(x2, weight.rows, weight.rows_scale, x.dtype)
+        if bias is not None:
+            y.add_(bias.to(x.dtype))
+        ctx.weight, ctx.shape = weight, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = scaled_mm(dy2, ctx.weight.cols, ctx.weight.cols_scale, dy.dtype)
+        return dx.view(ctx.shape), None, None
+
+
+def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` of a layer whose weight lives in FP8 (peft's unfused paths call it)."""
+    out: torch.Tensor = _Fp8Linear.apply(x, of(self), self.bias)
+    return out
+
+
+def install(model: torch.nn.Module) -> int:
+    """Moves the base weight of every adapted linear layer that qualifies to FP8; returns how many.
+
+    The bf16 weight is released: the layer's `weight` keeps its shape, dtype and device (one
+    element broadcast to the full shape), so code that asks for them still works, while the
+    layer's own forward and the fused LoRA path read the FP8 copies.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = cast(Any, module).get_base_layer()
+        if not eligible(base):
+            continue
+        with torch.no_grad():
+            base.__dict__["bp_fp8"] = Fp8Weight.of(base.weight)
+            shape = base.weight.shape
+            base.weight.data = base.weight.new_zeros(1, 1).expand(shape)
+        base.forward = types.MethodType(_fp8_forward, base)
+        count += 1
+    return count

@@ -1,0 +1,109 @@
+"""FP8 base weights for LoRA (`fp8=True`), on torch's CPU `_scaled_mm` kernel (the CUDA one computes the same)."""
+
+import numpy as np
+import pytest
+import torch
+
+from backpropagate import Trainer
+from backpropagate.config import TrainConfig
+from backpropagate.errors import ConfigError
+from backpropagate.train.torch import fp8
+from backpropagate.trainer import TrainResult
+from train_helpers import rule_dataset
+
+FAST = dict(progress=False, report_to="none", precision="bf16", micro_batch=2, grad_accumulation=2, learning_rate=1e-2)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
+
+
+def test_fp8_matmuls_give_the_bf16_products_within_e4m3_rounding():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=g)
+    x = torch.randn(10, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
+    quantized = fp8.Fp8Weight.of(weight)
+    assert quantized.rows.dtype == quantized.cols.dtype == torch.float8_e4m3fn
+    assert quantized.rows.shape == (48, 64) and quantized.cols.shape == (64, 48)
+    y = fp8._Fp8Linear.apply(x, quantized, None)
+    dy = torch.randn(10, 48, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    # e4m3 keeps 3 mantissa bits: about 3% per element, less once a product sums 48-64 of them.
+    assert relative_error(y, x.detach().float() @ weight.t()) < 0.05
+    assert relative_error(x.grad, dy.float() @ weight) < 0.05
+
+
+def test_a_row_of_zeros_quantizes_without_dividing_by_zero():
+    values, scale = fp8.quantize_rows(torch.zeros(2, 32))
+    assert torch.isfinite(values.float()).all() and (values.float() == 0).all() and (scale > 0).all()
+
+
+def trained(options: dict, dataset, path, steps: int = 12) -> tuple[Trainer, TrainResult]:
+    trainer = Trainer("tiny-llama", device="cpu", output_dir=str(path), **FAST, **options)
+    return trainer, trainer.train(dataset, steps=steps)
+
+
+def test_fp8_lora_follows_the_bf16_curve_with_its_base_weights_in_fp8(tiny_llama, dataset, tmp_path):
+    _, bf16 = trained({}, dataset, tmp_path / "bf16")
+    trainer, result = trained({"fp8": True}, dataset, tmp_path / "fp8")
+    curves = {name: np.array([loss for _, loss in r.losses]) for name, r in (("bf16", bf16), ("fp8", result))}
+    assert curves["fp8"][-3:].mean() < curves["fp8"][:3].mean() - 0.2, curves
+    assert np.abs(curves["fp8"] - curves["bf16"]).max() < 0.05 * curves["bf16"].max(), curves
+    layers = [m for m in trainer._trained.model.modules() if fp8.of(m) is not None]
+    assert len(layers) == 2 * 7  # every adapted linear layer of both blocks
+    assert all(m.weight.stride() == (0, 0) for m in layers)  # the bf16 copy is gone
+    assert f"fp8[{len(layers)}]" in result.features
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [{"lora_dropout": 0.1}, {"method": "kto"}])
+def test_paths_outside_the_fused_layer_read_the_fp8_weights(tiny_llama, tmp_path, options):
+    """Dropout runs peft's own LoRA forward and KTO's reference pass disables the adapter: both call the base layer."""
+    if options.get("method") == "kto":
+        from backpropagate.examples import example_path
+
+        data = example_path("kto")
+    else:
+        data = rule_dataset(vocab=300, samples=40, max_seq_length=96, seed=1)
+    _, result = trained({"fp8": True, **options}, data, tmp_path / "run", steps=2)
+    assert result.steps == 2 and all(np.isfinite(loss) for _, loss in result.losses)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"mode": "qlora"}, "mode='qlora'"),
+        ({"mode": "full"}, "mode='full'"),
+        ({"dora": True}, "dora=True"),
+        ({"backend": "mlx"}, "backend='mlx'"),
+        ({"fsdp": True, "gpus": 2}, "fsdp=True"),
+    ],
+)
+def test_fp8_is_refused_with_settings_it_does_not_combine_with(options, named):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(fp8=True, **options).validate()
+    assert err.value.code == "CONFIG_INVALID_SETTING" and named in err.value.message
+
+
+def test_fp8_needs_bf16_compute(tiny_llama):
+    with pytest.raises(ConfigError) as err:
+        Trainer("tiny-llama", device="cpu", fp8=True, precision="fp32", progress=False).train(
+            rule_dataset(vocab=300, samples=8), steps=1
+        )
+    assert err.value.code == "CONFIG_INVALID_SETTING" and "bf16" in err.value.message
+
+
+def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    """No GPU here: the two device queries answer as an A100 (8.0) and an H100 (9.0) would."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ConfigError) as err:
+        fp8.check_supported(torch.device("cuda"), torch.bfloat16)
+    assert "A100" in err.value.message and "8.9" in err.value.message
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fp8.check_supported(torch.device("cuda"), torch.bfloat16)
