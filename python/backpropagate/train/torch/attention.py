@@ -25,6 +25,7 @@ runs once per stored token.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -140,7 +141,12 @@ def _sdpa_per_sample(
     return out.transpose(1, 2).to(dtype)
 
 
+@functools.cache
 def _varlen_signature() -> inspect.Signature | None:
+    """`varlen_attn`'s parameters (None without it), read on first use.
+
+    Importing it pulls in torch's compiler stack (~150 MB of RSS), which the CPU and MLX rails never need.
+    """
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -148,14 +154,12 @@ def _varlen_signature() -> inspect.Signature | None:
     return inspect.signature(varlen_attn)
 
 
-_VARLEN = _varlen_signature()
-
-
 def varlen_supported(scaling: float | None, head_dim: int, window: int | None) -> bool:
     """Whether `varlen_attn` of this torch can compute this layer's attention exactly."""
-    if _VARLEN is None:
+    signature = _varlen_signature()
+    if signature is None:
         return False
-    params = _VARLEN.parameters
+    params = signature.parameters
     if window is not None and "window_size" not in params:
         return False
     return scaling is None or "scale" in params or abs(scaling - head_dim**-0.5) < 1e-12
@@ -172,8 +176,9 @@ def _varlen(
 ) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    assert _VARLEN is not None
-    params = _VARLEN.parameters
+    signature = _varlen_signature()
+    assert signature is not None
+    params = signature.parameters
     cu_q, cu_k, max_q, max_k = bounds
     # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass.
     q = query[0].transpose(0, 1).contiguous()
