@@ -49,3 +49,21 @@ def test_sequence_logprobs_sum_per_sample():
         want = _reference(hidden[0, pos].double(), weight.double(), tgt).sum()
         assert counts[i] == len(pos)
         torch.testing.assert_close(sums[i].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_logprob_kernel_computes_what_the_compiled_one_does(dtype):
+    """The CPU's in-place log-softmax form against the plain form CUDA compiles."""
+    from backpropagate.train.torch import losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(37, 500, generator=g)).to(dtype)
+    targets = torch.randint(0, 500, (37,), generator=g)
+    kept = logits.clone()
+    logp, grad = losses._logprob_and_grad_eager(logits, targets)
+    want_logp, want_grad = losses._logprob_and_grad(logits, targets)
+    assert torch.equal(logits, kept) and grad.dtype == dtype
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        grad.float(), want_grad.float(), rtol=1e-2, atol=1e-3 if dtype == torch.bfloat16 else 1e-6
+    )

@@ -50,13 +50,27 @@ def _logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     return logp, grad.to(logits.dtype)
 
 
+def _logprob_and_grad_eager(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_logprob_and_grad` in half the memory passes, for eager kernels (the CPU).
+
+    One fused fp32 log-softmax, turned into the gradient in place: no fp32 copy of the
+    logits and no temporaries (about 2x faster at 512 x 49k logits on two threads). CUDA
+    compiles `_logprob_and_grad` instead, whose plain form the compiler fuses.
+    """
+    logsoftmax = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = logsoftmax.gather(1, targets[:, None]).squeeze(1)
+    grad = logsoftmax.exp_().neg_()
+    grad.scatter_add_(1, targets[:, None], torch.ones_like(logp[:, None]))
+    return logp, grad.to(logits.dtype)
+
+
 def _logprob_only(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     x = logits.float()
     return x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
 
 
 # Replaced by compiled versions on CUDA (see `fused.enable_compiled_kernels`).
-KERNELS: dict[str, Callable[..., Any]] = {"logprob_and_grad": _logprob_and_grad, "logprob_only": _logprob_only}
+KERNELS: dict[str, Callable[..., Any]] = {"logprob_and_grad": _logprob_and_grad_eager, "logprob_only": _logprob_only}
 
 
 def _soft_capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
