@@ -117,13 +117,17 @@ def one_process(tiny_llama, dataset, tmp_path_factory):
     return Trainer("tiny-llama", output_dir=str(out), save_every=STEPS // 2, **OPTIONS).train(dataset, steps=STEPS)
 
 
+def on_two_processes(tmp: Path, options: dict) -> tuple[Path, list]:
+    """A run of `options` on two processes, checkpointed half-way: (output folder, each rank's result)."""
+    out = tmp / "run"
+    ranks, _ = run_world(2, tmp, STEPS, options=dict(options, output_dir=str(out), save_every=STEPS // 2))
+    return out, ranks
+
+
 @pytest.fixture(scope="module")
 def two_processes(tiny_llama, tmp_path_factory):
     """The same run on two processes: (output folder, each rank's result)."""
-    tmp = tmp_path_factory.mktemp("two")
-    out = tmp / "run"
-    ranks, _ = run_world(2, tmp, STEPS, options=dict(OPTIONS, output_dir=str(out), save_every=STEPS // 2))
-    return out, ranks
+    return on_two_processes(tmp_path_factory.mktemp("two"), OPTIONS)
 
 
 def cut_after_half(run: Path, tmp: Path, final: str = "adapter") -> Path:
@@ -217,10 +221,7 @@ FULL = dict(OPTIONS, mode="full", micro_batch=1, grad_accumulation=3)
 @pytest.fixture(scope="module")
 def fsdp_lora(tiny_llama, tmp_path_factory):
     """The LoRA run of `one_process` on two processes with the model sharded: (output folder, each rank's result)."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    out = tmp / "run"
-    ranks, _ = run_world(2, tmp, STEPS, options=dict(FSDP_LORA, output_dir=str(out), save_every=STEPS // 2))
-    return out, ranks
+    return on_two_processes(tmp_path_factory.mktemp("fsdp"), FSDP_LORA)
 
 
 @pytest.fixture(scope="module")

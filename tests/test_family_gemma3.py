@@ -21,7 +21,12 @@ from backpropagate.errors import InputError
 from backpropagate.train.torch.losses import token_logprobs
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
-from test_families import chat_rows, packed_and_alone_grads, packed_and_alone_losses, prepared_like_transformers
+from test_families import (
+    packed_and_alone_grads,
+    packed_and_alone_losses,
+    prepared_like_transformers,
+    trained_on_chat_rows,
+)
 
 TEMPLATES = TOKENIZERS / "chat-templates"
 GEMMA3_TEMPLATE = TEMPLATES / "from-tokenizer_config" / "gemma-3-1b-it.jinja"
@@ -165,19 +170,12 @@ def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backpropagate import Trainer
     from backpropagate.export import export
     from backpropagate.generate import GGUFModel
     from export_models import build_model
 
     base = build_model("gemma3", tmp_path / "base")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
-    options = dict(
-        max_seq_length=128, micro_batch=2, grad_accumulation=1, precision="fp32", progress=False, report_to="none"
-    )
-    result = Trainer(str(base), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
-    assert result.losses[-1][1] < result.losses[0][1]
+    result = trained_on_chat_rows(base, tmp_path)
     gguf = export(result.adapter_dir, "gguf", quantization="f32").path
 
     text = "alpha beta gamma #3? The answer is"

@@ -21,7 +21,13 @@ from backpropagate._core import DataTokenizer
 from backpropagate.data import DataConfig, prepare
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
-from test_families import TEXTS, chat_rows, packed_and_alone_grads, packed_and_alone_losses, tiny_random_model
+from test_families import (
+    TEXTS,
+    packed_and_alone_grads,
+    packed_and_alone_losses,
+    tiny_random_model,
+    trained_on_chat_rows,
+)
 
 TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "Qwen3.5-4B.jinja"
 # The text tower as published (model_type qwen3_5_text), at tiny sizes: layers 0-2 linear, 3 full.
@@ -168,8 +174,6 @@ PROMPTS = ["alpha beta gamma #3? The answer is", "The quick brown fox jumps over
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Qwen3.5 with weights large enough for distinct top-5s, LoRA-trained on every linear layer."""
-    from backpropagate import Trainer
-
     tmp_path = tmp_path_factory.mktemp("qwen35-trained")
     folder = qwen35_folder(tmp_path, multimodal=False)
     model = tiny_random_model(folder)
@@ -180,13 +184,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
             elif p.dim() == 2:
                 p.mul_(10)
     model.save_pretrained(folder)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in chat_rows(24)) + "\n")
-    options = dict(
-        max_seq_length=128, micro_batch=2, grad_accumulation=1, precision="fp32", progress=False, report_to="none"
-    )
-    result = Trainer(str(folder), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
-    assert result.losses[-1][1] < result.losses[0][1]
+    result = trained_on_chat_rows(folder, tmp_path)
     return folder, Path(result.adapter_dir)
 
 

@@ -623,19 +623,25 @@ mod tests {
         c
     }
 
+    /// The GGUF metadata of `config`, looked up by key.
+    fn metadata_of(config: Json) -> impl Fn(&str) -> Option<Value> {
+        let kvs = ModelConfig::from_json(config)
+            .unwrap()
+            .metadata("x", 1)
+            .unwrap();
+        move |key| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
     #[test]
     fn theta_is_read_from_both_forms() {
         for cfg in [
             llama(json!({"rope_theta": 500000.0})),
             llama(json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})),
         ] {
-            let m = ModelConfig::from_json(cfg).unwrap();
-            let kvs = m.metadata("x", 1).unwrap();
-            let theta = kvs
-                .iter()
-                .find(|(k, _)| k == "llama.rope.freq_base")
-                .unwrap();
-            assert_eq!(theta.1, Value::F32(500000.0));
+            assert_eq!(
+                metadata_of(cfg)("llama.rope.freq_base"),
+                Some(Value::F32(500000.0))
+            );
         }
     }
 
@@ -660,11 +666,7 @@ mod tests {
             let mut c = llama(extra);
             c["model_type"] = json!("phi3");
             c["architectures"] = json!(["Phi3ForCausalLM"]);
-            let kvs = ModelConfig::from_json(c).unwrap().metadata("x", 1).unwrap();
-            kvs.into_iter()
-                .find(|(k, _)| k == "phi3.rope.dimension_count")
-                .unwrap()
-                .1
+            metadata_of(c)("phi3.rope.dimension_count").unwrap()
         };
         assert_eq!(phi(json!({"partial_rotary_factor": 0.75})), Value::U32(12));
         let nested =
@@ -682,13 +684,9 @@ mod tests {
             for (k, v) in extra.as_object().unwrap() {
                 c[k] = v.clone();
             }
-            ModelConfig::from_json(c)
+            c
         };
-        let kvs = gemma(json!({"final_logit_softcapping": 30.0}))
-            .unwrap()
-            .metadata("x", 1)
-            .unwrap();
-        let get = |key: &str| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let get = metadata_of(gemma(json!({"final_logit_softcapping": 30.0})));
         assert_eq!(get("gemma3.attention.sliding_window"), Some(Value::U32(8)));
         assert_eq!(
             get("gemma3.final_logit_softcapping"),
@@ -700,7 +698,7 @@ mod tests {
                 "full_attention", "sliding_attention", "full_attention"]}),
             json!({"rope_local_base_freq": 50000.0}),
         ] {
-            let err = gemma(bad).unwrap_err();
+            let err = ModelConfig::from_json(gemma(bad)).unwrap_err();
             assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
         }
     }
@@ -713,11 +711,7 @@ mod tests {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
                 "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10]}}));
         c["architectures"] = json!(["Qwen3_5ForCausalLM"]);
-        let kvs = ModelConfig::from_json(c.clone())
-            .unwrap()
-            .metadata("x", 1)
-            .unwrap();
-        let get = |key: &str| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let get = metadata_of(c.clone());
         assert_eq!(get("qwen35.rope.dimension_count"), Some(Value::U32(64)));
         assert_eq!(
             get("qwen35.rope.dimension_sections"),
