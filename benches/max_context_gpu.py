@@ -3,10 +3,11 @@
 Llama 3.1 8B's shape with random weights (memory does not depend on weight values), QLoRA
 (nf4, double quantization) with rank 32 on every linear layer, batch 1, one sequence per
 step. For each card cap (`torch.cuda.set_per_process_memory_fraction`) and each system, the
-search doubles the length from `--start` until a trial fails, then bisects to `--precision`
-(5%). A trial trains two optimizer steps in a row (forward, backward, optimizer step) in a
-fresh subprocess (an out-of-memory error cannot poison the next trial) under a time limit;
-it reports tokens/s of its second step and the peak memory allocated.
+search grows the length from its start (ours: estimate-memory's prediction for the cap) until
+a trial fails, then bisects to `--precision` (5%). A trial trains two optimizer steps in a
+row (forward, backward, optimizer step) in a fresh subprocess (an out-of-memory error cannot
+poison the next trial) under a time limit; it reports tokens/s of its second step and the
+peak memory allocated.
 
   ours  the real training loop (`train.torch.loop.train`) with its defaults on CUDA:
         recompute planner, activation offload `auto`, MLP in token slices, chunked loss
@@ -309,6 +310,23 @@ def estimated_gib(shape: str, length: int, features: list[str]) -> float:
     return round((estimate.peak_bytes - estimate.parts["margin"]) / 2**30, 2)
 
 
+def first_length(args: argparse.Namespace, which: str, cap: float) -> tuple[int, float]:
+    """Where a search starts and by what factor it steps.
+
+    With `--start auto`, ours starts at estimate-memory's longest context for the cap and steps
+    by 1.25 (a good estimate leaves two or three trials, each of them long); the peer starts at
+    4096 and doubles. A number starts both there, doubling.
+    """
+    if args.start != "auto":
+        return int(args.start), 2.0
+    if which == "peer":
+        return 4096, 2.0
+    from backpropagate.memory_estimate import Shape, longest_context
+
+    predicted = longest_context(Shape.of(make_config(args.shape).to_dict()), "qlora", LORA_R, cap)
+    return max(GRAIN, predicted // GRAIN * GRAIN), 1.25
+
+
 def search(
     trials: Trials, which: str, cap: float, share_s: float, share_trials: int, gpu: int | None
 ) -> dict[str, Any]:
@@ -327,22 +345,22 @@ def search(
     best: dict[str, Any] | None = None
     failed_at: int | None = None
     stopped = ""
-    length = trials.args.start
-    # Doubling up while trials train; if even the start does not fit, halving down instead.
+    length, factor = first_length(trials.args, which, cap)
+    # Growing while trials train; if even the start does not fit, shrinking instead.
     while True:
         if out_of_budget():
             stopped = "budget"
             break
         result = trials.run(which, cap, length, 1, until - time.monotonic(), gpu)
         if result["ok"]:
-            best, length = result, length * 2
+            best, length = result, int(length * factor) // GRAIN * GRAIN
             if failed_at is not None:
                 break
         elif result.get("oom"):
             failed_at = length
             if best is not None or length <= GRAIN:
                 break
-            length = max(GRAIN, length // 2 // GRAIN * GRAIN)
+            length = max(GRAIN, int(length / factor) // GRAIN * GRAIN)
         else:
             stopped = "timeout" if result.get("timeout") else "error"
             break
@@ -457,7 +475,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=540.0, help="Wall-clock budget of the whole run.")
     p.add_argument("--trial-timeout-s", type=float, default=240.0, help="Longest a single trial may run.")
     p.add_argument("--max-trials", type=int, default=0, help="Stop after this many trials (0 = no limit).")
-    p.add_argument("--start", type=int, default=4096, help="First length of each search.")
+    p.add_argument("--start", default="auto", help="First length of each search, or auto (see first_length).")
     p.add_argument("--precision", type=float, default=0.05, help="Bisection stops within this share.")
     p.add_argument("--reference-rows", type=int, default=4, help="Ours' speed reference: rows of 2048 (0 = none).")
     p.add_argument("--gpus", type=int, default=0, help="Run searches on this many GPUs at once (0 = all).")

@@ -197,8 +197,8 @@ def chat_rows(n: int) -> list[dict]:
     ]
 
 
-def trained_on_chat_rows(folder: Path, tmp_path: Path) -> TrainResult:
-    """A LoRA trained through `Trainer` for 4 steps on 24 chat rows, in fp32 (compared with fp32 references)."""
+def trained_on_chat_rows(folder: Path, tmp_path: Path, **overrides) -> TrainResult:
+    """An adapter trained through `Trainer` for 4 steps on 24 chat rows; LoRA in fp32 unless `overrides` say otherwise."""
     from backpropagate import Trainer
 
     data = tmp_path / "chat.jsonl"
@@ -206,6 +206,7 @@ def trained_on_chat_rows(folder: Path, tmp_path: Path) -> TrainResult:
     options = dict(
         max_seq_length=128, micro_batch=2, grad_accumulation=1, precision="fp32", progress=False, report_to="none"
     )
+    options.update(overrides)
     result = Trainer(str(folder), output_dir=str(tmp_path / "run"), learning_rate=5e-3, **options).train(data, steps=4)
     assert result.losses[-1][1] < result.losses[0][1]
     return result
@@ -255,19 +256,24 @@ def test_fused_kernels_on_and_off_agree(family, tmp_path):
 
 
 def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[float], list[float]]:
-    """Per-sample losses of one packed row through the packed path, and of each sample alone through transformers."""
+    """Per-sample losses of one packed row through the packed path, and of each sample alone through transformers.
+
+    Both run where the model's weights are, in their dtype.
+    """
     from backpropagate.train.torch.attention import packed_attention
     from backpropagate.train.torch.loading import TrainingModel
     from backpropagate.train.torch.loop import forward_hidden
     from backpropagate.train.torch.losses import DeviceBatch, target_logprobs
 
-    tm = TrainingModel(model.eval(), torch.device("cpu"), "full", torch.float32, False, 0)
+    weight = next(model.parameters())
+    device = weight.device
+    tm = TrainingModel(model.eval(), device, "full", weight.dtype, False, 0)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in chat_rows(12)) + "\n")
     ds = prepare(data, folder, DataConfig(cache=False, max_seq_length=256))
     samples = ds.row_samples(0)
     assert len(samples) >= 3
-    batch = DeviceBatch.from_batch(ds.batch_of(samples), torch.device("cpu"))
+    batch = DeviceBatch.from_batch(ds.batch_of(samples), device)
     with torch.no_grad(), packed_attention(tm.model):
         logp = target_logprobs(forward_hidden(tm, batch), tm.lm_head, batch)
     packed = [float(-logp[batch.target_sample == i].mean()) for i in range(batch.num_samples)]
@@ -275,8 +281,8 @@ def packed_and_alone_losses(model, folder: Path, tmp_path: Path) -> tuple[list[f
     with torch.no_grad():
         for s in samples:
             lo, hi = ds.sample_offsets[s], ds.sample_offsets[s + 1]
-            ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None]
-            labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None]
+            ids = torch.from_numpy(ds.input_ids[lo:hi].astype(np.int64))[None].to(device)
+            labels = torch.from_numpy(ds.labels[lo:hi].astype(np.int64))[None].to(device)
             labels[0, 0] = -100
             alone.append(float(model(input_ids=ids, labels=labels).loss))
     return packed, alone
