@@ -43,6 +43,24 @@ def test_a_row_of_zeros_quantizes_without_dividing_by_zero():
     assert torch.isfinite(values.float()).all() and (values.float() == 0).all() and (scale > 0).all()
 
 
+def test_layers_reading_one_input_quantize_it_once(monkeypatch):
+    """q, k and v read one tensor: it is quantized once, again after an in-place change, and its copy is dropped with it."""
+    g = torch.Generator().manual_seed(0)
+    weights = [fp8.Fp8Weight.of(torch.randn(16, 32, generator=g)) for _ in range(3)]
+    quantized = []
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x: quantized.append(x.shape) or fp8.rows_in_fp8(x))
+    x = torch.randn(2, 5, 32, generator=g).to(torch.bfloat16)
+    products = [fp8.scaled_mm(x, w.rows, w.rows_scale, torch.bfloat16) for w in weights]
+    assert quantized == [(10, 32)]
+    for w, y in zip(weights, products, strict=True):
+        assert torch.equal(y, fp8._Fp8Linear.apply(x.clone(), w, None).reshape(10, 16))
+    x.mul_(2)
+    fp8.scaled_mm(x, weights[0].rows, weights[0].rows_scale, torch.bfloat16)
+    assert len(quantized) == 5  # the in-place change, then each clone above
+    del x
+    assert fp8._LAST_INPUT.quantized is None
+
+
 def trained(options: dict, dataset, path, steps: int = 12) -> tuple[Trainer, TrainResult]:
     trainer = Trainer("tiny-llama", device="cpu", output_dir=str(path), **FAST, **options)
     return trainer, trainer.train(dataset, steps=steps)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from backpropagate.log import get_logger
-from backpropagate.train.torch import losses
+from backpropagate.train.torch import fp8, losses
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -92,6 +92,7 @@ def kernel(name: str) -> _Compiled:
             "rope": rope,
             "logprob_and_grad": losses._logprob_and_grad,
             "logprob_only": losses._logprob_only,
+            "fp8_rows": fp8.rows_in_fp8,
         }
         _KERNELS[name] = _Compiled(fns[name])
     return _KERNELS[name]

@@ -124,7 +124,7 @@ class _LoraLinear(torch.autograd.Function):
             out_features = weight.shape[0] if weight is not None else ctx.fp8.rows.shape[0]
             return x.new_zeros(*x.shape[:-1], out_features)  # nothing reads it (recompute.py)
         if weight is None:
-            y = fp8.scaled_mm(x2, ctx.fp8.rows, ctx.fp8.rows_scale, dtype)
+            y = fp8.scaled_mm(x, ctx.fp8.rows, ctx.fp8.rows_scale, dtype)
             y.addmm_(low, b_scaled.t())
             if bias is not None:
                 y.add_(bias.to(dtype))

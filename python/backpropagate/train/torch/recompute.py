@@ -121,6 +121,8 @@ def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def memory_budget(device: torch.device) -> float | None:
     """Bytes that kept activations may take on `device` on top of what the first step used; None where unknown."""
     if device.type == "cuda":
+        # torch.cuda's memory queries want an index; "cuda" alone means the current device.
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         free, total = torch.cuda.mem_get_info(device)
         usable: float = free + torch.cuda.memory_reserved(device)
         # A cap set with `torch.cuda.set_per_process_memory_fraction` bounds what the allocator hands out.
