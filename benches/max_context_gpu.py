@@ -215,7 +215,7 @@ def trial_main(args: argparse.Namespace) -> int:
     """Child process: one trial, its outcome as the last stdout line."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     cap_memory(args.cap, device)
     started = time.perf_counter()
     outcome: dict[str, Any] = {"ok": True}

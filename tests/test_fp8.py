@@ -1,4 +1,4 @@
-"""FP8 base weights for LoRA (`fp8=True`), on torch's CPU `_scaled_mm` kernel (the CUDA one computes the same)."""
+"""FP8 base weights for LoRA (`fp8=True`), on the CPU (products of the e4m3 values in fp32; CUDA runs `torch._scaled_mm`)."""
 
 import numpy as np
 import pytest

@@ -11,8 +11,8 @@ One byte each, so the two copies take what the bf16 weight took. The activations
 gradients `dy` are quantized per token on the fly (e4m3, amax / 448). LoRA's A and B, the
 norms, embeddings, LM head and the loss stay in bf16 / fp32; only the base matmuls of
 adapted linear layers run in FP8. `_scaled_mm` with row-wise scales needs FP8 tensor cores
-on CUDA (compute capability 8.9: Ada, Hopper, Blackwell) and bf16 output; torch's CPU
-kernel computes the same products, slowly, which is what the tests run.
+on CUDA (compute capability 8.9: Ada, Hopper, Blackwell) and bf16 output; on the CPU the
+same products of the e4m3 values are computed in fp32, slowly, which is what the tests run.
 """
 
 from __future__ import annotations
@@ -108,12 +108,16 @@ def scaled_mm(
     x [..., k] is quantized per token here, once for all the layers that read it in a row.
     """
     x_fp8, x_scale = _LAST_INPUT.of(x)
+    if not x.is_cuda:
+        # Torch's CPU `_scaled_mm` takes row-wise scales on some builds only (oneDNN's does not):
+        # the same product of the e4m3 values, in fp32.
+        return (torch.mm(x_fp8.float(), weight_fp8.float().t()) * x_scale * weight_scale).to(dtype)
     out: torch.Tensor = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=dtype)
     return out
 
 
 def capable(device: torch.device) -> bool:
-    """Whether `device` multiplies FP8 with row-wise scales (CUDA 8.9+, or torch's CPU kernel)."""
+    """Whether `device` multiplies FP8 with row-wise scales (CUDA 8.9+; the CPU computes the same in fp32)."""
     if device.type == "cpu":
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
