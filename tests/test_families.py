@@ -120,6 +120,23 @@ def family_folder(family: str, tmp_path: Path) -> Path:
     return folder
 
 
+ALL_FAMILIES = [*FAMILIES, "gemma3", "qwen3.5"]
+
+
+def any_family_folder(family: str, tmp_path: Path) -> Path:
+    """A complete folder of any family, Gemma 3's and Qwen3.5's as their own test files build them."""
+    if family == "gemma3":
+        from test_family_gemma3 import GEMMA3_TEMPLATE, TEXT, gemma_folder
+
+        config = {**TEXT, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+        return gemma_folder(tmp_path, config | {"final_logit_softcapping": 30.0}, GEMMA3_TEMPLATE)
+    if family == "qwen3.5":
+        from test_family_qwen35 import qwen35_folder
+
+        return qwen35_folder(tmp_path, multimodal=False, template=True)
+    return family_folder(family, tmp_path)
+
+
 def rendered(tok) -> list[str]:
     """Chat renderings of the family's own template, with and without a generation prompt."""
     return [
@@ -228,14 +245,14 @@ def tiny_random_model(folder: Path):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_fused_kernels_on_and_off_agree(family, tmp_path):
     """Where the fused kernels patch a family, loss and gradients equal the unpatched model's."""
     import copy
 
     from backpropagate.train.torch import fused
 
-    folder = family_folder(family, tmp_path)
+    folder = any_family_folder(family, tmp_path)
     ref = tiny_random_model(folder)
     model = copy.deepcopy(ref)
     modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])

@@ -14,25 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from test_families import FAMILIES, family_folder, packed_and_alone_losses, tiny_random_model, trained_on_chat_rows
+from test_families import (
+    ALL_FAMILIES,
+    any_family_folder,
+    packed_and_alone_losses,
+    tiny_random_model,
+    trained_on_chat_rows,
+)
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest)
-
-ALL_FAMILIES = [*FAMILIES, "gemma3", "qwen3.5"]
-
-
-def any_family_folder(family: str, tmp_path: Path) -> Path:
-    """The family's complete folder, as the CPU tests build it."""
-    if family == "gemma3":
-        from test_family_gemma3 import GEMMA3_TEMPLATE, TEXT, gemma_folder
-
-        config = {**TEXT, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
-        return gemma_folder(tmp_path, config | {"final_logit_softcapping": 30.0}, GEMMA3_TEMPLATE)
-    if family == "qwen3.5":
-        from test_family_qwen35 import qwen35_folder
-
-        return qwen35_folder(tmp_path, multimodal=False, template=True)
-    return family_folder(family, tmp_path)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
