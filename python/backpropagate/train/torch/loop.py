@@ -48,7 +48,7 @@ from backpropagate.train.torch.losses import (
 )
 from backpropagate.train.torch.objectives import objective_for
 from backpropagate.train.torch.preference import Policy
-from backpropagate.train.torch.readout import Readout
+from backpropagate.train.torch.readout import Readout, step_mark
 from backpropagate.train.torch.recompute import draws_random_numbers
 from backpropagate.train.torch.step_graph import StepGraphs, matmul_timer
 
@@ -462,9 +462,9 @@ def train(
         tm.recompute.prepare(tm.base.config, tm.compute_dtype, state.micro_batch * dataset.max_seq_length)
     started = time.perf_counter()
     elapsed_before = state.elapsed_s
-    last_done = started  # when the previous step's work was finished
-    # (readout, step, tokens, lr, micro-batch, when the step was started)
-    pending: tuple[Readout, int, int, float, int, float] | None = None
+    last_done = started  # when the previous step's work was finished (host clock, CPU)
+    # (readout, step, tokens, lr, micro-batch, when the step was started, its GPU mark)
+    pending: tuple[Readout, int, int, float, int, float, torch.cuda.Event | None] | None = None
     stopping = False  # every process's stop request of the last step, agreed on (one process: its own)
 
     def settle() -> None:
@@ -472,21 +472,20 @@ def train(
 
         A step's time runs from its start (or the end of the previous step's work, if that
         was still running on the GPU) to the end of its own work, so checkpoints, evaluation
-        and a late readout never count towards it.
+        and a late readout never count towards it (readout.py).
         """
         nonlocal pending, last_done
         if pending is None:
             return
-        readout, step, tokens, lr, micro, step_started = pending
+        readout, step, tokens, lr, micro, step_started, mark = pending
         pending = None
         loss, grad_norm = readout.values()
         if not math.isfinite(loss):
             raise RunFailedError(
                 "RUNTIME_TRAINING_DIVERGED", f"loss is {loss} at step {step} (learning_rate={config.learning_rate})"
             )
-        assert readout.done_at is not None  # set by values()
-        step_s = max(readout.done_at - max(step_started, last_done), 1e-9)
-        last_done = readout.done_at
+        step_s = max(readout.seconds_since(max(step_started, last_done), mark), 1e-9)
+        last_done = readout.done_at or last_done
         state.losses.append([step, loss])
         bar.update(step, loss, tokens / step_s)
         if metrics is not None and (step % config.log_every == 0 or step == total_steps):
@@ -508,7 +507,7 @@ def train(
             while state.step < total_steps and not stopping:
                 if guard is not None:
                     guard.wait_until_cool()
-                step_started = time.perf_counter()
+                step_started, mark = time.perf_counter(), step_mark(tm.device)
                 rows = stream.take(state.rows_consumed, step_rows)
                 mine = world.share(dataset, rows)
                 loss, tokens = train_step(tm, objective, dataset, mine, state, optimizer, graphs, world, sharded)
@@ -539,7 +538,7 @@ def train(
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens
-                pending = (readout, state.step, tokens, lr, state.micro_batch, step_started)
+                pending = (readout, state.step, tokens, lr, state.micro_batch, step_started, mark)
                 last = state.step == total_steps
                 evaluate_now = len(eval_rows) and ((config.eval_every and state.step % config.eval_every == 0) or last)
                 save_now = (config.save_every and state.step % config.save_every == 0) or last or stopping

@@ -157,14 +157,15 @@ class ActivationOffload:
 
     def __init__(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
+        self.device_type = device.type
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = _HostPool(pinned=cuda)
         self._last: weakref.ref[_Offloaded | _Kept] | None = None
         self.offloaded = 0
 
     def _pack(self, tensor: torch.Tensor, keep: bool) -> Any:
-        if not tensor.is_floating_point():
-            return tensor
+        if not tensor.is_floating_point() or tensor.device.type != self.device_type:
+            return tensor  # indices are small; a host tensor (a CPU scalar) is in host memory already
         below = None if self._last is None else self._last()
         handle = _Kept(tensor, below) if keep else _Offloaded(self, tensor, below)
         self._last = weakref.ref(handle)

@@ -5,9 +5,11 @@ queue; done every step, the GPU then idles while Python prepares and launches th
 step. Here the scalars are copied into pinned host memory behind the step's own work and
 an event marks them; the loop reads them after it has queued the next step, so the host
 waits only for work that is already done or nearly so, and the queue never runs dry.
-`done_at` is when the host knew the step's work was finished, the end of its wall time:
-on the CPU, where work is synchronous, the moment the readout is made; on CUDA, the moment
-its event is reached.
+A step's time is measured where its work runs. On the CPU, where work is synchronous, it
+runs from the step's start to the moment its readout is made. On CUDA it is read off the
+GPU's own timeline, from an event recorded as the step started to the readout's event: the
+host's clock would be wrong whenever it learns late that a step finished (a later step's
+launch that waits for the GPU, as capturing a CUDA graph does, delays it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Readout:
         if stacked.is_cuda:
             self.host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
             self.host.copy_(stacked, non_blocking=True)
-            self.event = torch.cuda.Event()
+            self.event = torch.cuda.Event(enable_timing=True)
             self.event.record()
         else:
             self.host = stacked
@@ -43,3 +45,20 @@ class Readout:
             self.event.synchronize()
             self.done_at = time.perf_counter()
         return [float(v) for v in self.host.tolist()]
+
+    def seconds_since(self, started: float, mark: torch.cuda.Event | None) -> float:
+        """The step's time: from `mark` (CUDA) or the host time `started` (CPU) to the end of its work."""
+        self.values()
+        if mark is not None and self.event is not None:
+            return float(mark.elapsed_time(self.event)) / 1000
+        assert self.done_at is not None
+        return self.done_at - started
+
+
+def step_mark(device: torch.device) -> torch.cuda.Event | None:
+    """An event at the start of a step on `device`'s GPU timeline (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    mark = torch.cuda.Event(enable_timing=True)
+    mark.record()
+    return mark
