@@ -57,15 +57,16 @@ def _parse(tokens: list[str], pos: int = 0) -> tuple[list[Any], int, str]:
 
 
 def go_render(template: str, data: dict[str, Any]) -> str:
-    """Evaluates the Go-template subset the Modelfile uses: if / else if / else, range,
-    eq / or, fields of `.` and `$`, and `$var := ...` / `$var = ...`."""
+    """Evaluates the Go-template subset the Modelfile uses: if / else if / else, range (also
+    `range $i, $_ := ...`), eq / or / and / not / len / slice with parentheses, fields of `.`
+    and `$`, and `$var := ...` / `$var = ...`."""
     nodes, _, _ = _parse(re.split(r"({{.*?}})", template, flags=re.S))
     variables: dict[str, Any] = {}
 
     def value(term: str, dot: dict[str, Any]) -> Any:
         if term in ("true", "false"):
             return term == "true"
-        if term.startswith('"'):
+        if term.startswith('"') or term.isdigit():
             return json.loads(term)
         if term.startswith("$."):
             return data.get(term[2:])
@@ -74,16 +75,35 @@ def go_render(template: str, data: dict[str, Any]) -> str:
         assert term.startswith("."), term
         return dot.get(term[1:], data.get(term[1:]))
 
-    def evaluate(expr: str, dot: dict[str, Any]) -> Any:
-        fn, *args = re.findall(r'"[^"]*"|\S+', expr)
+    def nest(tokens: list[str]) -> list[Any]:
+        out: list[Any] = []
+        while tokens:
+            tok = tokens.pop(0)
+            if tok == ")":
+                return out
+            out.append(nest(tokens) if tok == "(" else tok)
+        return out
+
+    def call(terms: list[Any], dot: dict[str, Any]) -> Any:
+        fn, *rest = terms
+        args = [call(a, dot) if isinstance(a, list) else value(a, dot) for a in rest]
         if fn == "eq":
-            return value(args[0], dot) == value(args[1], dot)
+            return args[0] == args[1]
         if fn == "not":
-            return not value(args[0], dot)
+            return not args[0]
         if fn == "or":
-            return next((v for v in (value(a, dot) for a in args) if v), value(args[-1], dot))
-        assert not args, expr
+            return next((v for v in args if v), args[-1])
+        if fn == "and":
+            return next((v for v in args if not v), args[-1])
+        if fn == "len":
+            return len(args[0])
+        if fn == "slice":
+            return args[0][args[1] :]
+        assert not args, terms
         return value(fn, dot)
+
+    def evaluate(expr: str, dot: dict[str, Any]) -> Any:
+        return call(nest(re.findall(r'"[^"]*"|[()]|[^\s()]+', expr)), dot)
 
     def run(body: list[Any], dot: dict[str, Any]) -> str:
         out = ""
@@ -93,7 +113,12 @@ def go_render(template: str, data: dict[str, Any]) -> str:
             elif node[0] == "if":
                 out += next((run(b, dot) for cond, b in node[1] if evaluate(cond, dot)), "")
             elif node[0] == "range":
-                out += "".join(run(node[2], item) for item in evaluate(node[1], dot))
+                indexed = re.fullmatch(r"(\$\w+), \$\w+ := (.+)", node[1])
+                items = evaluate(indexed.group(2) if indexed else node[1], dot)
+                for i, item in enumerate(items):
+                    if indexed:
+                        variables[indexed.group(1)] = i
+                    out += run(node[2], item)
             elif m := re.fullmatch(r"(\$\w+) :?= (.+)", node[1]):
                 variables[m.group(1)] = evaluate(m.group(2), dot)
             else:
@@ -153,6 +178,9 @@ FAMILY_TEMPLATES = {
     "qwen3": ("qwen2.5-0.5b-instruct", "qwen3.jinja"),
     "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
     "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
+    "mistral-nemo": ("mixtral-8x22b-v0.1", "mistral-nemo.jinja"),
+    "qwen3.5": ("qwen2.5-0.5b-instruct", "qwen3.5.jinja"),
+    "phi4-mini": ("phi-3-mini", "phi4-mini.jinja"),
 }
 
 
@@ -169,9 +197,10 @@ def _with_template(tokenizer: Path, template: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("family", list(FAMILY_TEMPLATES))
 def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
-    """Gemma (system folded into the first user turn), Qwen3 (thinking off through Ollama's
-    `think`), SmolLM3 and Mistral: every conversation renders like transformers, or the
-    difference is one the translation warned about."""
+    """Gemma (system folded into the first user turn), Mistral Nemo / v0.3 (into the last
+    one), Qwen3 (thinking off through Ollama's `think`), Qwen3.5 (its prompt opens `<think>`),
+    Phi-4-mini, SmolLM3 and Mistral Small: every conversation renders like transformers, or
+    the difference is one the translation warned about."""
     from transformers import AutoTokenizer
 
     from backpropagate.export.ollama import chat_format
@@ -198,7 +227,10 @@ def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
                     differing += 1
                     assert any(f"system message {system!r} and think={think}" in w for w in fmt.warnings), (got, want)
     assert fmt.system_in_first_user == (family == "gemma3")
-    assert (fmt.no_think == "<think>\n\n</think>\n\n") == (family == "qwen3")
+    assert fmt.system_in_last_user == (family == "mistral-nemo")
+    assert fmt.opens == ("<think>\n" if family == "qwen3.5" else "")
+    no_think = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5": "\n</think>\n\n"}
+    assert fmt.no_think == no_think.get(family, "")
     assert (differing > 0) == (family == "smollm3")
 
 

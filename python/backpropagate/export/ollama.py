@@ -40,6 +40,10 @@ class ChatFormat:
     # Gemma: no system turn; the system text opens the first user message, then
     # `system_suffix`.
     system_in_first_user: bool = False
+    # Mistral: no system turn; the system text opens the last user message, then `system_suffix`.
+    system_in_last_user: bool = False
+    # Qwen3.5: what the generation prompt opens after the assistant prefix (`<think>\n`).
+    opens: str = ""
     # Qwen3: what the generation prompt gains when thinking is turned off (Ollama's `think`).
     no_think: str = ""
     # Known differences from the model's template (tools, dates), said once as warnings.
@@ -60,19 +64,21 @@ class ChatFormat:
         """
         shown = system if system is not None else (self.default_system or None)
         block = f"{self.system_prefix}{shown or ''}{self.system_suffix}"
-        out = block if (shown is not None or self.always_system) and not self.system_in_first_user else ""
+        in_user = self.system_in_first_user or self.system_in_last_user
+        out = block if (shown is not None or self.always_system) and not in_user else ""
         first = True
-        for m in messages:
+        for i, m in enumerate(messages):
             pre, suf = (
                 (self.user_prefix, self.user_suffix)
                 if m["role"] == "user"
                 else (self.assistant_prefix, self.assistant_suffix)
             )
-            if m["role"] == "user" and first and self.system_in_first_user and shown is not None:
+            opens_here = (first and self.system_in_first_user) or (i == len(messages) - 1 and self.system_in_last_user)
+            if m["role"] == "user" and shown is not None and opens_here:
                 pre += block
             first = first and m["role"] != "user"
             out += pre + m["content"] + suf
-        return out + self.assistant_prefix + (self.no_think if think is False else "")
+        return out + self.assistant_prefix + self.opens + (self.no_think if think is False else "")
 
     def go_template(self) -> str:
         """The template in Ollama's Go-template syntax."""
@@ -89,14 +95,20 @@ class ChatFormat:
                 f"{esc(self.user_prefix)}{{{{ if $first }}}}{system}{{{{ $first = false }}}}{{{{ end }}}}"
                 f"{{{{ .Content }}}}{esc(self.user_suffix)}"
             )
-        gen = esc(self.assistant_prefix)
+        if self.system_in_last_user:  # Ollama's own Mistral template tells the last message so
+            user = (
+                f"{esc(self.user_prefix)}{{{{ if eq (len (slice $.Messages $i)) 1 }}}}{system}{{{{ end }}}}"
+                f"{{{{ .Content }}}}{esc(self.user_suffix)}"
+            )
+        gen = esc(self.assistant_prefix) + esc(self.opens)
         if self.no_think:
             gen += f"{{{{ if $.IsThinkSet }}}}{{{{ if not $.Think }}}}{esc(self.no_think)}{{{{ end }}}}{{{{ end }}}}"
         return (
             '{{ $sys := false }}{{ $first := true }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $sys = true }}'
             "{{ end }}{{ end }}"
-            + ("" if self.system_in_first_user else system)
-            + f'{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{user}'
+            + ("" if self.system_in_first_user or self.system_in_last_user else system)
+            + ("{{ range $i, $_ := .Messages }}" if self.system_in_last_user else "{{ range .Messages }}")
+            + f'{{{{ if eq .Role "user" }}}}{user}'
             f'{{{{ else if eq .Role "assistant" }}}}{esc(self.assistant_prefix)}{{{{ .Content }}}}'
             f"{esc(self.assistant_suffix)}"
             "{{ end }}{{ end }}" + gen
@@ -156,10 +168,18 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         assistant_prefix = _strip_prefix(full[full.index(_U1) + len(_U1) : full.index(_A1)], user_suffix)
         between = full[full.index(_A1) + len(_A1) : full.index(_U2)]
         lead = full[: full.index(_U1)]
+        last_user = False
         try:
             with_sys = render([{"role": "system", "content": _S}, *convo], True)
-            system_prefix = with_sys[: with_sys.index(_S)]
-            sep = with_sys[with_sys.index(_S) + len(_S) : with_sys.index(_U1)]
+            at = with_sys.index(_S)
+            # Mistral: the system text opens the last user message, after the user prefix.
+            last_user = at > with_sys.index(_U1)
+            if last_user:
+                system_prefix = _strip_prefix(with_sys[with_sys.index(_A1) + len(_A1) : at], between)
+                sep = with_sys[at + len(_S) : with_sys.index(_U2)]
+            else:
+                system_prefix = with_sys[:at]
+                sep = with_sys[at + len(_S) : with_sys.index(_U1)]
         except Exception:
             system_prefix, sep = "", ""
         if between.endswith(lead):
@@ -178,11 +198,12 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
             default_system = inner
         # Gemma has no system turn: the system text opens the first user message.
         fold = bool(system_prefix) and system_prefix == user_prefix and not sep.endswith(user_prefix)
-        if fold:
-            system_prefix, system_suffix = "", sep
+        if fold or last_user:
+            system_prefix, system_suffix = ("", sep) if fold else (system_prefix, sep)
         else:
             system_suffix = _strip_suffix(sep, user_prefix) if system_prefix else ""
         assistant_suffix = _strip_suffix(between, user_prefix)
+        opens = _strip_prefix(gen, assistant_prefix)
         no_think = render(convo, True, enable_thinking=False)
         no_think = no_think[len(full) :] if no_think.startswith(full) else ""
     except ValueError as exc:
@@ -203,6 +224,8 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         default_system,
         stops,
         system_in_first_user=fold,
+        system_in_last_user=last_user,
+        opens=opens,
         no_think=no_think,
     )
     source = str(tok.chat_template)
@@ -237,7 +260,7 @@ def _check(fmt: ChatFormat, render: Any, where: Path) -> list[str]:
     ]
     q = [{"role": "user", "content": "Q"}]
     cases: list[tuple[list[dict[str, str]], str | None, bool | None]] = [(m, None, None) for m in plain]
-    if fmt.system_prefix or fmt.system_in_first_user:
+    if fmt.system_prefix or fmt.system_in_first_user or fmt.system_in_last_user:
         cases += [(q, "Be brief.", None), (q, "", None)]
     if fmt.no_think:
         cases += [(plain[1], None, False)]
