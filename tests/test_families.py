@@ -385,12 +385,11 @@ def test_model_type_exceptions_match_installed_transformers():
 @pytest.mark.parametrize(
     ("config", "field"),
     [
-        ({"model_type": "gemma2", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, "attn_logit"),
         ({"model_type": "gemma3", "text_config": {"use_bidirectional_attention": True}}, "use_bidirectional"),
     ],
 )
 def test_training_what_packed_attention_cannot_reproduce_is_refused_before_loading(tmp_path, config, field):
-    """Gemma 2 soft-caps attention scores, bidirectional Gemma 3 sees ahead: refused, not trained wrong."""
+    """Bidirectional Gemma 3 sees ahead: refused, not trained wrong."""
     from backpropagate import Trainer
     from backpropagate.errors import InputError
 

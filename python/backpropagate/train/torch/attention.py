@@ -11,6 +11,9 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 * CPU: causal SDPA over each sample's slice of the row (no mask, and only the lower
   triangle of each sample computed); where a shared-token layout or a sliding window is
   in play, SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
+* Soft-capped scores (Gemma 2: `cap * tanh(score / cap)` before the softmax), which neither
+  flash attention nor SDPA computes: `flex_attention` with the cap as its score modifier on
+  CUDA, the scores written out under the same block mask on the CPU.
 
 Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA.
 
@@ -96,6 +99,17 @@ def block_causal_mask(
     return mask
 
 
+def _shared_block_mask(
+    cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """`block_causal_mask`, built once per forward and shared by its layers."""
+    return _mask_cache.get(
+        (cu_q, cu_k),
+        ("dense", total_q, total_k, window, device),
+        lambda: block_causal_mask(cu_q, cu_k, total_q, total_k, window, device),
+    )
+
+
 def _sdpa_block_causal(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -105,15 +119,52 @@ def _sdpa_block_causal(
     scaling: float | None,
     window: int | None,
 ) -> torch.Tensor:
-    total_q, total_k = query.shape[2], key.shape[2]
-    mask = _mask_cache.get(
-        (cu_q, cu_k),
-        ("dense", total_q, total_k, window, query.device),
-        lambda: block_causal_mask(cu_q, cu_k, total_q, total_k, window, query.device),
-    )
+    mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _soft_capped(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with soft-capped scores where `mask` is True, in fp32: [batch, T, heads, dim].
+
+    It forms the [heads, T, T] scores, which is what the CPU's short rows afford.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1).float(), value.repeat_interleave(groups, dim=1).float()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.tanh(query.float() @ key.transpose(-1, -2) * (scale / softcap)) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ value).to(query.dtype).transpose(1, 2)
+
+
+def _causal_mask(
+    attention_mask: torch.Tensor | None, total_q: int, total_k: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Where rows without sample boundaries attend: causal (and in window) unless a mask is given."""
+    if attention_mask is not None:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    pos_q = torch.arange(total_k - total_q, total_k, device=device)[:, None]
+    pos_k = torch.arange(total_k, device=device)[None, :]
+    mask = pos_k <= pos_q
+    return mask & (pos_q - pos_k < window) if window is not None else mask
+
+
+@functools.cache
+def _capping(softcap: float) -> Callable[..., torch.Tensor]:
+    """flex_attention's score modifier for one cap (one function per cap: the compiled kernel is reused)."""
+
+    def cap(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return cap
 
 
 def _sdpa_per_sample(
@@ -214,6 +265,7 @@ def _flex(
     cu_k: torch.Tensor,
     scaling: float | None,
     window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -235,7 +287,8 @@ def _flex(
 
     block_mask = _flex_cache.get((cu_q, cu_k), ("flex", total_q, total_k, window), build)
     gqa = query.shape[1] != key.shape[1]
-    out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    score_mod = None if softcap is None else _capping(softcap)
+    out = _compiled_flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -252,7 +305,7 @@ def packed_attention_forward(
     """Attention over packed samples; the signature transformers calls attention functions with.
 
     Args:
-        module: The attention layer (read for its sliding window).
+        module: The attention layer.
         query: [1, heads, T, dim] after RoPE.
         key: [1, kv_heads, T, dim].
         value: [1, kv_heads, T, dim].
@@ -260,12 +313,18 @@ def packed_attention_forward(
         scaling: Softmax scale.
         dropout: Attention dropout; must be 0 for packed rows.
         **kwargs: `cu_seq_lens_q` / `max_length_q` carry the query boundaries, `cu_seq_lens_k` /
-            `max_length_k` the key boundaries, and `KV_INDEX` the key gather of a shared-token layout.
+            `max_length_k` the key boundaries, and `KV_INDEX` the key gather of a shared-token layout;
+            `sliding_window` and `softcap` come from the layer.
 
     Returns:
         ([1, T, heads, dim] output, None).
     """
     cu_q = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window") or None
+    softcap = kwargs.get("softcap") or None
+    if cu_q is None and softcap is not None:  # SDPA cannot cap; transformers leaves causality to us
+        mask = _causal_mask(attention_mask, query.shape[2], key.shape[2], window, query.device)
+        return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
     if cu_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -276,10 +335,16 @@ def packed_attention_forward(
         raise ValueError("packed attention takes one row of concatenated samples")
     if dropout:
         raise ValueError("attention dropout is not supported on packed rows")
-    window = kwargs.get("sliding_window") or None
     kv_index = kwargs.get(KV_INDEX)
     cu_k = kwargs.get("cu_seq_lens_k")
     cu_k = cu_q if cu_k is None else cu_k
+    if softcap is not None:
+        if kv_index is not None:
+            key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
+        if query.is_cuda:
+            return _flex(query, key, value, cu_q, cu_k, scaling, window, float(softcap)), None
+        mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
+        return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
     if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):
         max_q = int(kwargs["max_length_q"])
         bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))

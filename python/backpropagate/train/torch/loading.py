@@ -144,14 +144,14 @@ def check_full_fine_tuning(path: Path, mode: str, over: int = 1) -> int:
     return params
 
 
-# Config fields whose attention packed rows do not reproduce yet (Gemma 2 soft-capping, bidirectional Gemma).
-UNSUPPORTED_TRAINING = ("attn_logit_softcapping", "use_bidirectional_attention")
-# Families only the torch rail trains exactly (Gemma 3's capping and windows, Qwen3.5's linear attention).
-TORCH_RAIL_ONLY = ("gemma3", "gemma3_text", "qwen3_5", "qwen3_5_text")
+# Config fields whose attention packed rows do not reproduce yet (bidirectional Gemma).
+UNSUPPORTED_TRAINING = ("use_bidirectional_attention",)
+# Families only the torch rail trains exactly (Gemma 2's and 3's capping and windows, Qwen3.5's linear attention).
+TORCH_RAIL_ONLY = ("gemma2", "gemma3", "gemma3_text", "qwen3_5", "qwen3_5_text")
 
 
 def check_fine_tuning_allowed(path: Path, config: TrainConfig) -> None:
-    """Refuses, before anything is loaded, what would train wrongly or not fit: soft-capped attention, size."""
+    """Refuses, before anything is loaded, what would train wrongly or not fit: bidirectional attention, size."""
     model_config = read_model_config(path)
     capped = [name for name in UNSUPPORTED_TRAINING if model_config.get(name)]
     if capped:
@@ -188,7 +188,10 @@ def load_base_model(path: Path, mode: str, device: torch.device, precision: str 
     from transformers import AutoModelForCausalLM
 
     compute = compute_dtype_for(device, precision)
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    # Training swaps in packed attention; outside it (evaluation without boundaries, generation)
+    # SDPA, except for soft-capped attention (Gemma 2), which only the eager kernel computes.
+    capped = read_model_config(path).get("attn_logit_softcapping")
+    kwargs: dict[str, Any] = {"attn_implementation": "eager" if capped else "sdpa"}
     if mode == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise DependencyError(

@@ -1,0 +1,105 @@
+"""Gemma 2 training through the packed path: attention scores soft-capped before the softmax.
+
+Gemma 2 caps every attention score (`cap * tanh(score / cap)`, 50 as published), which no
+flash or SDPA kernel computes; packed attention writes the capped scores out under the
+block-causal mask (CPU) or gives flex attention the cap as its score modifier (CUDA). Its
+sliding-window layers alternate with global ones and its final logits are capped too.
+There are no Gemma tokenizer files here: Llama 3's stand in, as for Gemma 3.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_families import packed_and_alone_grads, packed_and_alone_losses
+from test_family_gemma3 import gemma_folder, tiny_gemma
+
+# gemma-2-2b-it's text config at tiny sizes. The window (8) is shorter than every sample, and
+# the cap (1.0, published: 50) is below the scores of the scaled-up random weights: both matter.
+CONFIG = {
+    "model_type": "gemma2",
+    "architectures": ["Gemma2ForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "sliding_window": 8,
+    "query_pre_attn_scalar": 8,
+    "max_position_embeddings": 512,
+    "attn_logit_softcapping": 1.0,
+    "final_logit_softcapping": 2.0,
+    "attn_implementation": "eager",
+}
+
+
+def gemma2(tmp_path, **changes):
+    folder = gemma_folder(tmp_path, {**CONFIG, **changes})
+    model = tiny_gemma(folder)
+    model.config._attn_implementation = "eager"  # transformers' only Gemma 2 attention that caps
+    with torch.no_grad():  # scores of a few units, so that capping them at 1 changes the attention
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return folder, model
+
+
+def test_packed_loss_equals_unpacked_with_capped_attention(tmp_path):
+    folder, model = gemma2(tmp_path)
+    packed, alone = packed_and_alone_losses(model, folder, tmp_path)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+    # The cap is in play: without it transformers gives other losses.
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    _, uncapped = packed_and_alone_losses(model, folder, tmp_path)
+    assert np.abs(np.array(uncapped) - np.array(alone)).max() > 1e-3
+
+
+def test_rows_without_boundaries_keep_the_cap(tmp_path):
+    """Evaluation or generation under packed attention, without sample boundaries, caps as transformers does."""
+    from backpropagate.train.torch.attention import packed_attention
+
+    _, model = gemma2(tmp_path)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with packed_attention(model):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_packed_gradients_equal_the_sum_of_unpacked_ones(tmp_path):
+    folder, model = gemma2(tmp_path)
+    packed, alone = packed_and_alone_grads(model, folder, tmp_path)
+    for name, grad in alone.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trainer_trains_a_gemma2_folder(tmp_path):
+    """No longer refused: a LoRA through `Trainer`, its loss falling."""
+    from test_families import trained_on_chat_rows
+
+    folder, model = gemma2(tmp_path)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attn_logit_softcapping"] == 1.0
+    result = trained_on_chat_rows(folder, tmp_path)
+    assert result.steps == 4
+
+
+@pytest.mark.parametrize("backend", ["mlx"])
+def test_gemma2_is_refused_on_the_mlx_rail(tmp_path, backend):
+    from backpropagate import Trainer
+    from backpropagate.errors import InputError
+
+    folder = gemma_folder(tmp_path, CONFIG)
+    with pytest.raises(InputError) as err:
+        Trainer(str(folder), backend=backend)
+    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and "MLX rail" in err.value.message
