@@ -51,6 +51,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             },
         },
     ),
+    # Gemma 2 as llama.cpp's gemma2 runs it: sliding and global layers alternating, queries scaled
+    # by 1/sqrt(head_dim), attention scores capped at 5 (published: 50, which these weights' scores
+    # never reach) and final logits at 3. The window (8) is shorter than the prompt.
+    "gemma2": (
+        "Gemma2Config",
+        "llama-3.2-3b-instruct",
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "tie_word_embeddings": True,
+        },
+    ),
     # Gemma 3 as llama.cpp's gemma3 runs it: five sliding layers then a global one, sliding rope
     # base 10000, queries scaled by 1/sqrt(head_dim); linear rope scaling on the global layers
     # and final soft-capping as the 4B+ models have them. The window (8) is shorter than the prompt.

@@ -103,3 +103,36 @@ def test_gemma2_is_refused_on_the_mlx_rail(tmp_path, backend):
     with pytest.raises(InputError) as err:
         Trainer(str(folder), backend=backend)
     assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and "MLX rail" in err.value.message
+
+
+def test_trained_adapter_exports_to_llama_cpp_gemma2_with_transformers_top5(tmp_path):
+    """LoRA-train a tiny llama.cpp-shaped Gemma 2 through `Trainer`, export it merged to GGUF:
+    llama.cpp's gemma2 (capped attention and logits, alternating windows) gives the next-token
+    top-5 and log-probabilities transformers + peft give."""
+    pytest.importorskip("xllamacpp")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backpropagate.export import export
+    from backpropagate.generate import GGUFModel
+    from export_models import build_model
+    from test_families import trained_on_chat_rows
+
+    base = build_model("gemma2", tmp_path / "base")
+    result = trained_on_chat_rows(base, tmp_path)
+    gguf = export(result.adapter_dir, "gguf", quantization="f32").path
+
+    text = "alpha beta gamma #3? The answer is, in a few more words than the window holds"
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager"),
+        result.adapter_dir,
+    )
+    ids = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    want = torch.topk(logp, 5)
+    llm = GGUFModel(gguf, n_ctx=256)
+    assert llm.tokenize(text) == ids
+    got = llm.top_logprobs(text, 5)
+    assert [t for t, _ in got] == want.indices.tolist()
+    np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-2)

@@ -10,8 +10,8 @@ use super::types::Value;
 use crate::{Error, Result};
 
 /// Architectures the writer supports, by their GGUF name.
-pub const ARCHITECTURES: [&str; 7] = [
-    "llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma3", "qwen35",
+pub const ARCHITECTURES: [&str; 8] = [
+    "llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma2", "gemma3", "qwen35",
 ];
 
 /// What the tensor mapping and metadata need to know about a model.
@@ -57,6 +57,7 @@ fn arch_of(config: &Json) -> Option<&'static str> {
         ("Qwen3ForCausalLM", _) | (_, "qwen3") => "qwen3",
         ("Phi3ForCausalLM", _) | (_, "phi3") => "phi3",
         ("SmolLM3ForCausalLM", _) | (_, "smollm3") => "smollm3",
+        ("Gemma2ForCausalLM", _) | (_, "gemma2") => "gemma2",
         ("Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration", _)
         | (_, "gemma3" | "gemma3_text") => "gemma3",
         ("Qwen3_5ForCausalLM" | "Qwen3_5ForConditionalGeneration", _)
@@ -80,7 +81,7 @@ impl ModelConfig {
                 "config.json: architecture {} (model_type {}) cannot be exported to GGUF; supported: {}",
                 config.get("architectures").map(|a| a.to_string()).unwrap_or_default(),
                 config.get("model_type").map(|a| a.to_string()).unwrap_or_default(),
-                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3, Gemma 3, Qwen3.5"
+                "Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM3, Gemma 2, Gemma 3, Qwen3.5"
             ))
         })?;
         let get = |key: &str| -> Result<usize> {
@@ -187,8 +188,8 @@ impl ModelConfig {
                 }
             }
         }
-        if self.arch == "gemma3" {
-            self.check_gemma3_layout()?;
+        if self.arch == "gemma2" || self.arch == "gemma3" {
+            self.check_gemma_layout()?;
         }
         if let Some(linear) = self.linear {
             self.full_attention_interval()?;
@@ -210,6 +211,7 @@ impl ModelConfig {
         let rope_type = self.rope_type();
         let ok = match self.arch {
             "phi3" => matches!(rope_type.as_str(), "" | "default" | "longrope" | "su"),
+            "gemma2" => matches!(rope_type.as_str(), "" | "default"),
             "gemma3" => matches!(rope_type.as_str(), "" | "default" | "linear"),
             "qwen35" => matches!(rope_type.as_str(), "" | "default"),
             _ => matches!(rope_type.as_str(), "" | "default" | "llama3"),
@@ -223,30 +225,38 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// llama.cpp's gemma3 fixes what the config may vary: every 6th layer global, the others
-    /// sliding with rope base 10000, queries scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads)
-    /// for its 62-layer 27B). A config that differs would export into a different model.
-    fn check_gemma3_layout(&self) -> Result<()> {
+    /// llama.cpp's gemma2 and gemma3 fix what the config may vary: the pattern of sliding and
+    /// global layers (gemma2: every 2nd global; gemma3: every 6th, its sliding layers with rope
+    /// base 10000), queries scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B models,
+    /// 46 and 62 layers). A config that differs would export into a different model.
+    fn check_gemma_layout(&self) -> Result<()> {
+        let arch = self.arch;
         let refuse = |what: String| {
             Err(Error::UnsupportedArchitecture(format!(
-                "config.json: {what}; llama.cpp's gemma3 cannot run it"
+                "config.json: {what}; llama.cpp's {arch} cannot run it"
             )))
         };
+        let (period, big) = if arch == "gemma2" { (2, 46) } else { (6, 62) };
         if let Some(types) = self.raw.get("layer_types").and_then(Json::as_array) {
             for (i, t) in types.iter().enumerate() {
                 let sliding = t.as_str() == Some("sliding_attention");
-                if sliding != (i % 6 < 5) {
+                if sliding != (i % period < period - 1) {
                     return refuse(format!(
-                        "layer_types[{i}] = {t}; llama.cpp's gemma3 makes every 6th layer global, the others sliding"
+                        "layer_types[{i}] = {t}; llama.cpp's {arch} makes every {period}th layer global, \
+                         the others sliding"
                     ));
                 }
             }
         }
-        let parameters = self.raw.get("rope_parameters");
+        let parameters = self.raw.get("rope_parameters").filter(|_| arch == "gemma3");
         let local = parameters
             .and_then(|p| p.get("sliding_attention"))
             .and_then(|p| p.get("rope_theta"))
-            .or_else(|| self.raw.get("rope_local_base_freq"))
+            .or_else(|| {
+                self.raw
+                    .get("rope_local_base_freq")
+                    .filter(|_| arch == "gemma3")
+            })
             .and_then(Json::as_f64)
             .unwrap_or(10000.0);
         if local != 10000.0 {
@@ -255,7 +265,7 @@ impl ModelConfig {
             ));
         }
         let scalar = self.f64_field("query_pre_attn_scalar").unwrap_or(256.0);
-        let expected = if self.layers == 62 {
+        let expected = if self.layers == big {
             (self.hidden / self.heads) as f64
         } else {
             self.head_dim as f64
@@ -487,8 +497,8 @@ impl ModelConfig {
                 Value::U32(self.rope_dims(&rope) as u32),
             ));
         }
-        if a == "gemma3" {
-            kvs.extend(self.gemma3_metadata(&rope)?);
+        if a == "gemma2" || a == "gemma3" {
+            kvs.extend(self.gemma_metadata(&rope)?);
         }
         if let Some(linear) = self.linear {
             kvs.extend(self.qwen35_metadata(&rope, linear)?);
@@ -504,8 +514,10 @@ impl ModelConfig {
         Ok(kvs)
     }
 
-    /// Gemma 3's window, final soft-capping and the linear rope scaling of its global layers.
-    fn gemma3_metadata(&self, rope: &Json) -> Result<Vec<(String, Value)>> {
+    /// Gemma's window, soft-capping (Gemma 2 also caps attention scores) and the linear rope
+    /// scaling of Gemma 3's global layers.
+    fn gemma_metadata(&self, rope: &Json) -> Result<Vec<(String, Value)>> {
+        let a = self.arch;
         let window = self
             .raw
             .get("sliding_window")
@@ -514,26 +526,35 @@ impl ModelConfig {
                 Error::Model("config.json: missing integer field \"sliding_window\"".into())
             })?;
         let mut kvs = vec![(
-            "gemma3.attention.sliding_window".to_string(),
+            format!("{a}.attention.sliding_window"),
             Value::U32(window as u32),
         )];
+        if let Some(cap) = self
+            .f64_field("attn_logit_softcapping")
+            .filter(|_| a == "gemma2")
+        {
+            kvs.push((
+                format!("{a}.attn_logit_softcapping"),
+                Value::F32(cap as f32),
+            ));
+        }
         // transformers' Gemma3ForConditionalGeneration caps nothing (published Gemma 3 configs
         // set no cap), so the text tower of an image + text config is exported uncapped too.
         let cap = self.f64_field("final_logit_softcapping");
         if let Some(cap) = cap.filter(|_| self.raw.get("text_config").is_none()) {
             kvs.push((
-                "gemma3.final_logit_softcapping".into(),
+                format!("{a}.final_logit_softcapping"),
                 Value::F32(cap as f32),
             ));
         }
         if self.rope_type() == "linear" {
             let factor = rope.get("factor").and_then(Json::as_f64).unwrap_or(1.0);
             kvs.push((
-                "gemma3.rope.scaling.type".into(),
+                format!("{a}.rope.scaling.type"),
                 Value::Str("linear".into()),
             ));
             kvs.push((
-                "gemma3.rope.scaling.factor".into(),
+                format!("{a}.rope.scaling.factor"),
                 Value::F32(factor as f32),
             ));
         }
@@ -697,6 +718,39 @@ mod tests {
             json!({"layer_types": ["sliding_attention", "full_attention", "sliding_attention",
                 "full_attention", "sliding_attention", "full_attention"]}),
             json!({"rope_local_base_freq": 50000.0}),
+        ] {
+            let err = ModelConfig::from_json(gemma(bad)).unwrap_err();
+            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+        }
+    }
+
+    #[test]
+    fn gemma2_caps_attention_and_alternates_its_layers() {
+        let gemma = |extra: Json| {
+            let mut c = llama(json!({"model_type": "gemma2", "head_dim": 16,
+                "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 4,
+                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}));
+            c["architectures"] = json!(["Gemma2ForCausalLM"]);
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let get = metadata_of(gemma(json!({})));
+        assert_eq!(
+            get("general.architecture"),
+            Some(Value::Str("gemma2".into()))
+        );
+        assert_eq!(get("gemma2.attention.sliding_window"), Some(Value::U32(8)));
+        assert_eq!(get("gemma2.attn_logit_softcapping"), Some(Value::F32(50.0)));
+        assert_eq!(
+            get("gemma2.final_logit_softcapping"),
+            Some(Value::F32(30.0))
+        );
+        for bad in [
+            json!({"query_pre_attn_scalar": 32}),
+            json!({"layer_types": ["full_attention", "sliding_attention", "full_attention",
+                "sliding_attention"]}),
         ] {
             let err = ModelConfig::from_json(gemma(bad)).unwrap_err();
             assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");

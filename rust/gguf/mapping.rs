@@ -99,7 +99,7 @@ fn qwen35_reorder(rest: &str, linear: LinearHeads) -> Option<HeadReorder> {
     })
 }
 
-/// Gemma 3's four norms per layer, where llama.cpp names them differently from the table.
+/// Gemma 2's and 3's four norms per layer, where llama.cpp names them differently from the table.
 const GEMMA_NORMS: [(&str, &str); 4] = [
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "post_attention_norm"),
@@ -127,7 +127,7 @@ fn layer_part<'a>(arch: &str, rest: &'a str) -> Option<(&'static str, &'a str)> 
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let gemma = if arch == "gemma3" {
+    let gemma = if arch == "gemma2" || arch == "gemma3" {
         &GEMMA_NORMS[..]
     } else {
         &[]
@@ -150,7 +150,7 @@ pub fn map_name(
     linear: Option<LinearHeads>,
 ) -> Result<Option<Mapped>> {
     let one_plus = match arch {
-        "gemma3" => true,
+        "gemma2" | "gemma3" => true,
         "qwen35" => !hf.ends_with("linear_attn.norm.weight"), // the gated norm scales by weight
         _ => false,
     };
