@@ -16,26 +16,16 @@ import pytest
 import torch
 
 from test_families import packed_and_alone_grads, packed_and_alone_losses
-from test_family_gemma3 import gemma_folder, tiny_gemma
+from test_family_gemma3 import TEXT, assert_merged_adapter_top5_in_llama_cpp, gemma_folder, tiny_gemma
 
-# gemma-2-2b-it's text config at tiny sizes. The window (8) is shorter than every sample, and
-# the cap (1.0, published: 50) is below the scores of the scaled-up random weights: both matter.
+# gemma-2-2b-it's text config at Gemma 3's tiny sizes. The window (8) is shorter than every sample,
+# and the cap (1.0, published: 50) is below the scores of the scaled-up random weights: both matter.
 CONFIG = {
+    **{k: v for k, v in TEXT.items() if k not in ("layer_types", "rope_parameters")},  # Gemma 3's sizes
     "model_type": "gemma2",
     "architectures": ["Gemma2ForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "sliding_window": 8,
-    "query_pre_attn_scalar": 8,
-    "max_position_embeddings": 512,
     "attn_logit_softcapping": 1.0,
     "final_logit_softcapping": 2.0,
-    "attn_implementation": "eager",
 }
 
 
@@ -108,31 +98,6 @@ def test_gemma2_is_refused_on_the_mlx_rail(tmp_path, backend):
 def test_trained_adapter_exports_to_llama_cpp_gemma2_with_transformers_top5(tmp_path):
     """LoRA-train a tiny llama.cpp-shaped Gemma 2 through `Trainer`, export it merged to GGUF:
     llama.cpp's gemma2 (capped attention and logits, alternating windows) gives the next-token
-    top-5 and log-probabilities transformers + peft give."""
-    pytest.importorskip("xllamacpp")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from backpropagate.export import export
-    from backpropagate.generate import GGUFModel
-    from export_models import build_model
-    from test_families import trained_on_chat_rows
-
-    base = build_model("gemma2", tmp_path / "base")
-    result = trained_on_chat_rows(base, tmp_path)
-    gguf = export(result.adapter_dir, "gguf", quantization="f32").path
-
+    top-5 and log-probabilities transformers + peft give (eager attention, the one that caps)."""
     text = "alpha beta gamma #3? The answer is, in a few more words than the window holds"
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager"),
-        result.adapter_dir,
-    )
-    ids = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-    want = torch.topk(logp, 5)
-    llm = GGUFModel(gguf, n_ctx=256)
-    assert llm.tokenize(text) == ids
-    got = llm.top_logprobs(text, 5)
-    assert [t for t, _ in got] == want.indices.tolist()
-    np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-2)
+    assert_merged_adapter_top5_in_llama_cpp("gemma2", tmp_path, text)

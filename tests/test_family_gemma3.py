@@ -166,6 +166,12 @@ def test_a_row_the_gemma_template_refuses_is_a_coded_error(tmp_path, template, m
 def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_path):
     """LoRA-train a tiny llama.cpp-shaped Gemma 3 through `Trainer`, export it merged to GGUF:
     llama.cpp's gemma3 gives the next-token top-5 and log-probabilities transformers + peft give."""
+    assert_merged_adapter_top5_in_llama_cpp("gemma3", tmp_path, "alpha beta gamma #3? The answer is")
+
+
+def assert_merged_adapter_top5_in_llama_cpp(family: str, tmp_path: Path, text: str) -> None:
+    """A LoRA trained by `Trainer` on a tiny `family` model, merged into an f32 GGUF: llama.cpp
+    tokenizes `text` and predicts its next-token top-5 and log-probabilities as transformers + peft."""
     pytest.importorskip("xllamacpp")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,11 +180,10 @@ def test_trained_adapter_exports_to_llama_cpp_gemma3_with_transformers_top5(tmp_
     from backpropagate.generate import GGUFModel
     from export_models import build_model
 
-    base = build_model("gemma3", tmp_path / "base")
+    base = build_model(family, tmp_path / "base")
     result = trained_on_chat_rows(base, tmp_path)
     gguf = export(result.adapter_dir, "gguf", quantization="f32").path
 
-    text = "alpha beta gamma #3? The answer is"
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), result.adapter_dir
     )

@@ -696,46 +696,57 @@ mod tests {
         assert_eq!(phi(json!({})), Value::U32(16));
     }
 
+    /// Each config is refused as an architecture llama.cpp cannot run.
+    fn assert_all_refused(configs: impl IntoIterator<Item = Json>) {
+        for config in configs {
+            let err = ModelConfig::from_json(config).unwrap_err();
+            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
+        }
+    }
+
+    /// A tiny Gemma config as llama.cpp runs it (window 8, queries scaled by 1/sqrt(head_dim)),
+    /// with `fields` and then `extra` on top.
+    fn gemma_config(model_type: &str, class: &str, layers: u64, fields: Json, extra: Json) -> Json {
+        let mut c = llama(json!({"model_type": model_type, "head_dim": 16,
+            "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": layers}));
+        c["architectures"] = json!([class]);
+        for (k, v) in fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .chain(extra.as_object().unwrap())
+        {
+            c[k] = v.clone();
+        }
+        c
+    }
+
     #[test]
     fn gemma3_layouts_llama_cpp_cannot_run_are_refused() {
-        let gemma = |extra: Json| {
-            let mut c = llama(json!({"model_type": "gemma3_text", "head_dim": 16,
-                "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6}));
-            c["architectures"] = json!(["Gemma3ForCausalLM"]);
-            for (k, v) in extra.as_object().unwrap() {
-                c[k] = v.clone();
-            }
-            c
-        };
+        let gemma =
+            |extra: Json| gemma_config("gemma3_text", "Gemma3ForCausalLM", 6, json!({}), extra);
         let get = metadata_of(gemma(json!({"final_logit_softcapping": 30.0})));
         assert_eq!(get("gemma3.attention.sliding_window"), Some(Value::U32(8)));
         assert_eq!(
             get("gemma3.final_logit_softcapping"),
             Some(Value::F32(30.0))
         );
-        for bad in [
-            json!({"query_pre_attn_scalar": 32}),
-            json!({"layer_types": ["sliding_attention", "full_attention", "sliding_attention",
-                "full_attention", "sliding_attention", "full_attention"]}),
-            json!({"rope_local_base_freq": 50000.0}),
-        ] {
-            let err = ModelConfig::from_json(gemma(bad)).unwrap_err();
-            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
-        }
+        assert_all_refused(
+            [
+                json!({"query_pre_attn_scalar": 32}),
+                json!({"layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                    "full_attention", "sliding_attention", "full_attention"]}),
+                json!({"rope_local_base_freq": 50000.0}),
+            ]
+            .map(gemma),
+        );
     }
 
     #[test]
     fn gemma2_caps_attention_and_alternates_its_layers() {
-        let gemma = |extra: Json| {
-            let mut c = llama(json!({"model_type": "gemma2", "head_dim": 16,
-                "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 4,
-                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}));
-            c["architectures"] = json!(["Gemma2ForCausalLM"]);
-            for (k, v) in extra.as_object().unwrap() {
-                c[k] = v.clone();
-            }
-            c
-        };
+        let caps = json!({"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0});
+        let gemma =
+            |extra: Json| gemma_config("gemma2", "Gemma2ForCausalLM", 4, caps.clone(), extra);
         let get = metadata_of(gemma(json!({})));
         assert_eq!(
             get("general.architecture"),
@@ -747,14 +758,14 @@ mod tests {
             get("gemma2.final_logit_softcapping"),
             Some(Value::F32(30.0))
         );
-        for bad in [
-            json!({"query_pre_attn_scalar": 32}),
-            json!({"layer_types": ["full_attention", "sliding_attention", "full_attention",
-                "sliding_attention"]}),
-        ] {
-            let err = ModelConfig::from_json(gemma(bad)).unwrap_err();
-            assert_eq!(err.code(), "INPUT_UNSUPPORTED_ARCHITECTURE");
-        }
+        assert_all_refused(
+            [
+                json!({"query_pre_attn_scalar": 32}),
+                json!({"layer_types": ["full_attention", "sliding_attention", "full_attention",
+                    "sliding_attention"]}),
+            ]
+            .map(gemma),
+        );
     }
 
     #[test]
