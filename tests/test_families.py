@@ -120,11 +120,16 @@ def family_folder(family: str, tmp_path: Path) -> Path:
     return folder
 
 
-ALL_FAMILIES = [*FAMILIES, "gemma3", "qwen3.5"]
+ALL_FAMILIES = [*FAMILIES, "gemma2", "gemma3", "qwen3.5"]
 
 
 def any_family_folder(family: str, tmp_path: Path) -> Path:
-    """A complete folder of any family, Gemma 3's and Qwen3.5's as their own test files build them."""
+    """A complete folder of any family, Gemma's and Qwen3.5's as their own test files build them."""
+    if family == "gemma2":
+        from test_family_gemma2 import CONFIG
+        from test_family_gemma3 import GEMMA2_TEMPLATE, gemma_folder
+
+        return gemma_folder(tmp_path, CONFIG, GEMMA2_TEMPLATE)
     if family == "gemma3":
         from test_family_gemma3 import GEMMA3_TEMPLATE, TEXT, gemma_folder
 
@@ -187,15 +192,15 @@ def test_assistant_mask(family, tmp_path):
     assert labelled_runs(tok, ds.input_ids, ds.labels) == FAMILIES[family][2]
 
 
-def prepared_like_transformers(folder: Path, tmp_path: Path) -> tuple:
-    """`CONVERSATION` through our data engine, its ids checked against transformers' chat template: (tokenizer, dataset)."""
+def prepared_like_transformers(folder: Path, tmp_path: Path, conversation: list[dict] = CONVERSATION) -> tuple:
+    """`conversation` through our data engine, its ids checked against transformers' chat template: (tokenizer, dataset)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    data.write_text(json.dumps({"messages": conversation}) + "\n")
     ds = prepare(data, folder, DataConfig(cache=False))
-    expected = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    expected = tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
     assert ds.input_ids.tolist() == list(expected)
     return tok, ds
 
@@ -242,7 +247,8 @@ def tiny_random_model(folder: Path):
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(folder)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    attention = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"  # only eager caps
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

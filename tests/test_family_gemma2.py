@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from test_families import packed_and_alone_grads, packed_and_alone_losses
-from test_family_gemma3 import TEXT, assert_merged_adapter_top5_in_llama_cpp, gemma_folder, tiny_gemma
+from test_family_gemma3 import GEMMA2_TEMPLATE, TEXT, assert_merged_adapter_top5_in_llama_cpp, gemma_folder, tiny_gemma
 
 # gemma-2-2b-it's text config at Gemma 3's tiny sizes. The window (8) is shorter than every sample,
 # and the cap (1.0, published: 50) is below the scores of the scaled-up random weights: both matter.
@@ -50,6 +50,16 @@ def test_packed_loss_equals_unpacked_with_capped_attention(tmp_path):
         layer.self_attn.attn_logit_softcapping = None
     _, uncapped = packed_and_alone_losses(model, folder, tmp_path)
     assert np.abs(np.array(uncapped) - np.array(alone)).max() > 1e-3
+
+
+def test_gemma2_template_masks_the_answers(tmp_path):
+    """Gemma 2's published template (it refuses a system message, so the conversation has none)."""
+    from test_data_templates import CONVERSATION, labelled_runs
+    from test_families import prepared_like_transformers
+
+    folder = gemma_folder(tmp_path, CONFIG, GEMMA2_TEMPLATE)
+    tok, ds = prepared_like_transformers(folder, tmp_path, CONVERSATION[1:])
+    assert labelled_runs(tok, ds.input_ids, ds.labels) == ["I am a bot.<end_of_turn>\n", "It is 4.<end_of_turn>\n"]
 
 
 def test_rows_without_boundaries_keep_the_cap(tmp_path):
