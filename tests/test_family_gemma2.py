@@ -111,3 +111,12 @@ def test_trained_adapter_exports_to_llama_cpp_gemma2_with_transformers_top5(tmp_
     top-5 and log-probabilities transformers + peft give (eager attention, the one that caps)."""
     text = "alpha beta gamma #3? The answer is, in a few more words than the window holds"
     assert_merged_adapter_top5_in_llama_cpp("gemma2", tmp_path, text)
+
+
+@pytest.mark.parametrize("size", ["2b", "9b"])
+def test_presets_name_the_published_instruct_models(size):
+    from backpropagate.presets import find_preset
+
+    preset = find_preset(f"gemma-2-{size}")
+    assert preset is not None and preset.model_id == f"google/gemma-2-{size}-it"
+    assert find_preset(preset.model_id) == preset

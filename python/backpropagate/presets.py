@@ -56,6 +56,8 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen3.5-2b", "Qwen/Qwen3.5-2B", 2.0, 16, 32, 2e-4, 4096),
         Preset("qwen3.5-4b", "Qwen/Qwen3.5-4B", 4.0, 16, 32, 2e-4, 4096),
         Preset("smollm3-3b", "HuggingFaceTB/SmolLM3-3B", 3.1, 16, 32, 2e-4, 4096),
+        Preset("gemma-2-2b", "google/gemma-2-2b-it", 2.6, 16, 32, 2e-4, 4096),
+        Preset("gemma-2-9b", "google/gemma-2-9b-it", 9.2, 16, 32, 1e-4, 2048),
         # Gemma 3: 4B and 12B are image + text models; training and export use the text tower.
         Preset("gemma-3-1b", "google/gemma-3-1b-it", 1.0, 16, 32, 2e-4, 4096),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", 4.3, 16, 32, 2e-4, 4096),
