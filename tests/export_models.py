@@ -53,7 +53,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     # Gemma 2 as llama.cpp's gemma2 runs it: sliding and global layers alternating, queries scaled
     # by 1/sqrt(head_dim), attention scores capped at 5 (published: 50, which these weights' scores
-    # never reach) and final logits at 3. The window (8) is shorter than the prompt.
+    # never reach) and final logits at 30 as published. Weights of std 0.5 keep the untrained
+    # model's top-5 apart (at 0.2 its fifth and sixth logits differ by 1e-6). The window (8) is
+    # shorter than the prompt.
     "gemma2": (
         "Gemma2Config",
         "llama-3.2-3b-instruct",
@@ -63,7 +65,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             "query_pre_attn_scalar": 16,
             "sliding_window": 8,
             "attn_logit_softcapping": 5.0,
-            "final_logit_softcapping": 3.0,
+            "final_logit_softcapping": 30.0,
+            "initializer_range": 0.5,
             "tie_word_embeddings": True,
         },
     ),
