@@ -330,16 +330,22 @@ def first_length(args: argparse.Namespace, which: str, cap: float) -> tuple[int,
 def search(
     trials: Trials, which: str, cap: float, share_s: float, share_trials: int, gpu: int | None
 ) -> dict[str, Any]:
-    """Doubling from --start, then bisection to --precision; the longest length that trained, and how sure.
+    """Growing from the start, then bisection to --precision; the longest length that trained, and how sure.
 
-    It stops after `share_s` seconds or `share_trials` trials (0 = no limit), whichever comes first.
+    It stops after `share_s` seconds or `share_trials` trials (0 = no limit), whichever comes first,
+    and before a trial longer than one that trained when less time is left than that one took
+    (a longer trial cannot take less: it would only be cut off).
     """
     until = time.monotonic() + share_s
     last_trial = trials.count + share_trials if share_trials else None
 
     def out_of_budget() -> bool:
+        left = until - time.monotonic()
         return (
-            trials.exhausted() or time.monotonic() >= until or (last_trial is not None and trials.count >= last_trial)
+            trials.exhausted()
+            or left <= 0
+            or (last_trial is not None and trials.count >= last_trial)
+            or (best is not None and left < float(best.get("wall_s") or 0))
         )
 
     best: dict[str, Any] | None = None

@@ -29,3 +29,34 @@ def test_tiny_search_under_a_two_trial_budget(tmp_path):
         assert searches[which]["max_length"] == 256 and searches[which]["at_least"]
         assert searches[which]["stopped"] == "budget"
     assert "≥ 256" in done.stdout and "2 trials in" in done.stdout
+
+
+def test_a_search_stops_before_a_trial_that_could_not_finish(monkeypatch):
+    """A longer trial takes at least as long as a shorter one did: with less time left, none is started."""
+    import time
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCH.parent))
+    import max_context_gpu as bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+    monkeypatch.setattr(bench, "emit", lambda *args: None)
+
+    class Trials:
+        args = bench.parse(["--shape", "tiny", "--start", "1024"])
+        card, count, lengths = "cpu", 0, []
+
+        def exhausted(self) -> bool:
+            return False
+
+        def run(self, which, cap, length, rows, limit_s, gpu) -> dict:
+            self.lengths.append(length)
+            self.count += 1
+            clock[0] += 40
+            return {"ok": True, "length": length, "wall_s": 40.0, "tokens_per_s": 1.0}
+
+    trials = Trials()
+    found = bench.search(trials, "ours", 16, share_s=100, share_trials=0, gpu=None)
+    assert trials.lengths == [1024, 2048]  # then 20 s were left, less than the 40 s a trial took
+    assert (found["max_length"], found["at_least"], found["stopped"]) == (2048, True, "budget")
