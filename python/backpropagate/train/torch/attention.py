@@ -15,7 +15,8 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
   flash attention nor SDPA computes: `flex_attention` with the cap as its score modifier on
   CUDA, the scores written out under the same block mask on the CPU.
 
-Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA.
+Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA, or
+for soft-capped layers computes the capped scores under a causal mask itself.
 
 Tokens shared by several samples (the common prompt of a preference pair) can be stored
 once: queries then run in stored order, each sample's segment holding only its own tokens
