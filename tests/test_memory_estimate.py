@@ -30,6 +30,19 @@ def test_peak_grows_with_length_and_orders_the_modes():
     assert 5.0 < estimate_memory(LLAMA_8B, 1024, lora_r=32).parts["weights"] / 2**30 < 7.0
 
 
+# Peaks measured by benches/max_context_gpu.py on an H100 (2026-12-06, results/max_context_h100.jsonl):
+# Llama 3.1 8B shape, QLoRA r32, one row, every layer recomputed and offloaded. tokens -> GiB allocated.
+MEASURED_PEAKS_GIB = {31232: 10.92, 38912: 11.48, 83200: 15.56}
+
+
+@pytest.mark.parametrize(("tokens", "measured"), MEASURED_PEAKS_GIB.items())
+def test_the_estimate_stays_above_the_measured_peaks(tokens, measured):
+    """Conservative by 35-45% at these lengths (less its allocator margin): never below what a run needed."""
+    estimate = estimate_memory(LLAMA_8B, tokens, mode="qlora", lora_r=32, offload=True)
+    predicted = (estimate.peak_bytes - estimate.parts["margin"]) / 2**30
+    assert measured < predicted < 1.5 * measured
+
+
 def test_offload_moves_saved_inputs_to_the_host_and_lengthens_the_context():
     kept = estimate_memory(LLAMA_8B, 131072, lora_r=32, offload=False)
     moved = estimate_memory(LLAMA_8B, 131072, lora_r=32, offload=True)
