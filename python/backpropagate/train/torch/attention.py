@@ -149,13 +149,11 @@ def _soft_capped(
 def _causal_mask(
     attention_mask: torch.Tensor | None, total_q: int, total_k: int, window: int | None, device: torch.device
 ) -> torch.Tensor:
-    """Where rows without sample boundaries attend: causal (and in window) unless a mask is given."""
+    """Where rows without sample boundaries attend: each row one sample, unless a mask is given."""
     if attention_mask is not None:
         return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    pos_q = torch.arange(total_k - total_q, total_k, device=device)[:, None]
-    pos_k = torch.arange(total_k, device=device)[None, :]
-    mask = pos_k <= pos_q
-    return mask & (pos_q - pos_k < window) if window is not None else mask
+    one_q, one_k = (torch.tensor([0, n], device=device) for n in (total_q, total_k))
+    return block_causal_mask(one_q, one_k, total_q, total_k, window, device)
 
 
 @functools.cache
