@@ -198,8 +198,10 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
             default_system = inner
         # Gemma has no system turn: the system text opens the first user message.
         fold = bool(system_prefix) and system_prefix == user_prefix and not sep.endswith(user_prefix)
-        if fold or last_user:
-            system_prefix, system_suffix = ("", sep) if fold else (system_prefix, sep)
+        if fold:
+            system_prefix, system_suffix = "", sep
+        elif last_user:
+            system_suffix = sep
         else:
             system_suffix = _strip_suffix(sep, user_prefix) if system_prefix else ""
         assistant_suffix = _strip_suffix(between, user_prefix)
