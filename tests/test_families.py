@@ -408,7 +408,9 @@ def test_training_what_packed_attention_cannot_reproduce_is_refused_before_loadi
     assert field in err.value.message and "final_logit_softcapping" not in err.value.message
 
 
-@pytest.mark.parametrize(("model_type", "text_type"), [("gemma3", "gemma3_text"), ("qwen3_5", "qwen3_5_text")])
+@pytest.mark.parametrize(
+    ("model_type", "text_type"), [("gemma2", "gemma2"), ("gemma3", "gemma3_text"), ("qwen3_5", "qwen3_5_text")]
+)
 def test_families_only_the_torch_rail_trains_are_refused_on_mlx(tmp_path, model_type, text_type):
     """The MLX rail's loss has no soft-capping and its packed rows no per-sample recurrence: refused there."""
     from backpropagate import Trainer

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_families import packed_and_alone_grads, packed_and_alone_losses
-from test_family_gemma3 import GEMMA2_TEMPLATE, TEXT, assert_merged_adapter_top5_in_llama_cpp, gemma_folder, tiny_gemma
+from test_families import packed_and_alone_grads, packed_and_alone_losses, tiny_random_model
+from test_family_gemma3 import GEMMA2_TEMPLATE, TEXT, assert_merged_adapter_top5_in_llama_cpp, gemma_folder
 
 # gemma-2-2b-it's text config at Gemma 3's tiny sizes. The window (8) is shorter than every sample,
 # and the cap (1.0, published: 50) is below the scores of the scaled-up random weights: both matter.
@@ -29,10 +29,10 @@ CONFIG = {
 }
 
 
-def gemma2(tmp_path, **changes):
-    folder = gemma_folder(tmp_path, {**CONFIG, **changes})
-    model = tiny_gemma(folder)
-    model.config._attn_implementation = "eager"  # transformers' only Gemma 2 attention that caps
+def gemma2(tmp_path):
+    """The folder and its random model (eager attention, transformers' only one that caps)."""
+    folder = gemma_folder(tmp_path, CONFIG)
+    model = tiny_random_model(folder)
     with torch.no_grad():  # scores of a few units, so that capping them at 1 changes the attention
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(30)
@@ -92,17 +92,6 @@ def test_trainer_trains_a_gemma2_folder(tmp_path):
     assert config["attn_logit_softcapping"] == 1.0
     result = trained_on_chat_rows(folder, tmp_path)
     assert result.steps == 4
-
-
-@pytest.mark.parametrize("backend", ["mlx"])
-def test_gemma2_is_refused_on_the_mlx_rail(tmp_path, backend):
-    from backpropagate import Trainer
-    from backpropagate.errors import InputError
-
-    folder = gemma_folder(tmp_path, CONFIG)
-    with pytest.raises(InputError) as err:
-        Trainer(str(folder), backend=backend)
-    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE" and "MLX rail" in err.value.message
 
 
 def test_trained_adapter_exports_to_llama_cpp_gemma2_with_transformers_top5(tmp_path):
