@@ -22,6 +22,8 @@ peers, after them, so both use the same card and the peers' random 7B folder is 
 Each variant prints one JSON line and appends it to $OUT/results.jsonl (or /tmp); at the end
 a table compares every variant with the peers' lines found in that file, as ratios.
 `--quick` runs a tiny shape for a few steps (works on CPU too) to check the script itself.
+`--profile` runs each variant under the profiler and leaves $OUT/profile_<variant>.json (where the
+step's time goes, see gpu_profile.py) beside the trace; its tokens/s include the profiler's overhead.
 
 `--gpus N` then runs the same variants data-parallel on N devices (N processes started through
 torch.distributed.run, each on its own card with `--rows` rows per step, so the global step is
@@ -33,6 +35,7 @@ over gloo, which checks the multi-process path on any machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -48,6 +51,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
+from gpu_profile import profiled, summarize  # noqa: E402
 
 from backpropagate.train.distributed import SINGLE, World, join, launched_world, rank_device  # noqa: E402
 
@@ -187,7 +191,9 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         out = Path(tmp)
         step_rows = torch_loop.rows_per_step(config, dataset.num_rows)
-        outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows, world)
+        trace = OUT / f"trace_{variant}.json.gz"
+        with profiled(trace) if args.profile and world.is_main else contextlib.nullcontext():
+            outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows, world)
         peaks = world.gather(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
         if not world.is_main:
             return None
@@ -202,6 +208,8 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
     if mode == "qlora":
         del tm
         release()
+    if args.profile:
+        (OUT / f"profile_{variant}.json").write_text(json.dumps(summarize(trace), indent=1))
     return {
         "variant": f"bp_{variant}",
         "shape": args.shape,
@@ -342,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--qlora-folder", default="/tmp/rand-qwen2.5-7b", help="random 7B folder (shared with peers)")
     parser.add_argument("--gpus", type=int, default=1, help="then run the variants data-parallel on N devices")
+    parser.add_argument("--profile", action="store_true", help="kernel profile of each variant (gpu_profile.py)")
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)  # where the ranks of --gpus leave rank 0's rows
     args = parser.parse_args(argv)
     args.shape = "qwen2.5-7b"

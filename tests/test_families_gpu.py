@@ -1,9 +1,9 @@
 """Every family's CUDA path: packed rows through the GPU attention kernels, and QLoRA through `Trainer`.
 
 The CPU tests check packing in fp32 against transformers; here the same folders run as a
-user's GPU run does: bf16 weights, varlen attention (flash) for full-attention layers, the
-per-sample path for Gemma 3's sliding windows and Qwen3.5's DeltaNet layers, fused kernels,
-compiled steps and nf4 base weights.
+user's GPU run does: bf16 weights, varlen attention (flash) for full-attention layers, flex
+attention for Gemma's sliding windows and soft caps, the varlen delta-rule kernel for
+Qwen3.5's DeltaNet layers, fused kernels, compiled steps and nf4 base weights.
 """
 
 from __future__ import annotations
@@ -41,3 +41,25 @@ def test_qlora_trains_on_cuda(family, tmp_path):
     tiny_random_model(folder).save_pretrained(folder)
     result = trained_on_chat_rows(folder, tmp_path, mode="qlora", precision="auto", device="cuda")
     assert Path(result.adapter_dir, "adapter_model.safetensors").exists()
+
+
+def test_linear_attention_varlen_kernel_gives_each_sample_its_own_output(tmp_path):
+    """flash-linear-attention's varlen delta rule over a packed row = transformers' layer on each sample."""
+    pytest.importorskip("fla")
+    from backpropagate.train.torch.linear_attention import (
+        linear_attention_layers,
+        packed_forward,
+        varlen_kernel_available,
+    )
+
+    assert varlen_kernel_available(torch.device("cuda"))
+    model = tiny_random_model(any_family_folder("qwen3.5", tmp_path)).to("cuda", torch.bfloat16)
+    layer = linear_attention_layers(model)[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 300, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    bounds = [0, 100, 101, 250, 300]
+    packed = packed_forward(layer, hidden, torch.tensor(bounds, device="cuda", dtype=torch.int32))
+    alone = torch.cat(
+        [layer(hidden_states=hidden[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], dim=1
+    )
+    torch.testing.assert_close(packed.float(), alone.float(), rtol=3e-2, atol=3e-2)

@@ -19,6 +19,7 @@ import torch
 
 from backpropagate._core import DataTokenizer
 from backpropagate.data import DataConfig, prepare
+from backpropagate.errors import InputError
 from conftest import TOKENIZERS, real_tokenizer
 from test_data_templates import CONVERSATION, labelled_runs
 from test_families import (
@@ -146,8 +147,8 @@ def test_tokenization_and_assistant_mask_with_the_qwen35_template(tmp_path):
     assert runs == ["I am a bot.<|im_end|>\n", "</think>\n\nIt is 4.<|im_end|>\n"]
 
 
-def test_cuda_graphs_are_not_captured_over_per_sample_layers(tmp_path):
-    """The per-sample split reads the boundaries on the host, which a captured graph cannot replay."""
+def test_cuda_graphs_are_not_captured_over_linear_attention(tmp_path):
+    """The delta rule sizes its work from the boundaries on the host, which a captured graph cannot replay."""
     from backpropagate.config import TrainConfig
     from backpropagate.train.torch.loading import TrainingModel
     from backpropagate.train.torch.loop import graph_obstacle
@@ -156,7 +157,7 @@ def test_cuda_graphs_are_not_captured_over_per_sample_layers(tmp_path):
     model = tiny_random_model(qwen35_folder(tmp_path, multimodal=False))
     tm = TrainingModel(model, torch.device("cuda"), "lora", torch.bfloat16, False, 0)
     reason = graph_obstacle(tm, SftObjective(), TrainConfig(cuda_graphs=True, lora_dropout=0.0))
-    assert reason == "linear-attention layers run sample by sample"
+    assert reason == "linear-attention layers size their kernels from the sample boundaries on the host"
 
 
 @pytest.mark.parametrize("size", ["0.8b", "2b", "4b"])
@@ -287,3 +288,33 @@ def test_image_text_model_exports_its_text_tower_to_llama_cpp(tmp_path):
         got = llm.top_logprobs(text, 5)
         assert [t for t, _ in got] == want.indices.tolist(), text
         np.testing.assert_allclose([v for _, v in got], want.values.numpy(), atol=1e-3)
+
+
+def test_other_gated_deltanet_layouts_are_refused_on_packed_rows():
+    """Qwen3-Next's layer fuses its projections differently: packing it would leak state, so it is refused."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from backpropagate.train.torch.linear_attention import packed_linear_attention
+
+    config = Qwen3NextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        layer_types=["linear_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    with pytest.raises(InputError) as err, packed_linear_attention(Qwen3NextForCausalLM(config)):
+        pass
+    assert err.value.code == "INPUT_UNSUPPORTED_ARCHITECTURE"
+    assert "Qwen3NextGatedDeltaNet" in str(err.value)

@@ -368,9 +368,9 @@ def register() -> None:
 def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     """Switches `model` (and its sub-configs) to packed attention for the duration of training.
 
-    Linear-attention layers (Qwen3.5) run sample by sample meanwhile (`linear_attention`).
+    Linear-attention layers (Qwen3.5) reset their state at every sample start meanwhile (`linear_attention`).
     """
-    from backpropagate.train.torch.linear_attention import per_sample_linear_attention
+    from backpropagate.train.torch.linear_attention import packed_linear_attention
 
     register()
     configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
@@ -379,7 +379,7 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     for c in unique:
         c._attn_implementation = PACKED_ATTENTION
     try:
-        with per_sample_linear_attention(model):
+        with packed_linear_attention(model):
             yield
     finally:
         for c, name in zip(unique, saved, strict=True):

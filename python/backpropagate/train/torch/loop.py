@@ -156,7 +156,7 @@ def graph_obstacle(tm: TrainingModel, objective: Objective, config: TrainConfig)
     if draws_random_numbers(tm.model):
         return "dropout is on"
     if linear_attention_layers(tm.model):
-        return "linear-attention layers run sample by sample"
+        return "linear-attention layers size their kernels from the sample boundaries on the host"
     return None
 
 
