@@ -149,6 +149,31 @@ def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
     assert np.abs(curves[True] - curves[False]).max() < 0.05 * curves[False].max(), curves
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_fp8_quantization_compiles_once_for_every_width():
+    """Weights, activations and gradients of every width share one compiled kernel: none falls back to eager."""
+    import torch._dynamo
+
+    from backpropagate.train.torch import fp8
+
+    def check(rows: int, width: int, transposed: bool) -> None:
+        x = torch.randn((width, rows) if transposed else (rows, width), device="cuda", dtype=torch.bfloat16)
+        x = x.t() if transposed else x.requires_grad_()  # a weight's column copy; an activation
+        q, scale = fp8.quantize_rows(x)
+        expected_q, expected_scale = fp8.rows_in_fp8(x.detach())
+        torch.testing.assert_close(scale, expected_scale)
+        torch.testing.assert_close(q.float(), expected_q.float())
+
+    check(96, 64, transposed=False)
+    check(80, 48, transposed=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, width in ((8192, 3584), (8192, 512), (1008, 18944), (16, 4608)):
+            check(rows, width, transposed=False)
+            check(rows, width, transposed=True)
+
+
 def test_offloaded_activations_train_the_same_curve_and_time_steps_on_the_gpu(tiny_llama, tmp_path):
     """Layer inputs in pinned host memory (side-stream copies) give the curve of keeping them on the card.
 

@@ -60,7 +60,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda:
         from backpropagate.train.torch import fused
 
-        rows, scale = fused.kernel("fp8_rows")(x)
+        # Detached and contiguous: one compiled graph serves weights, activations and gradients.
+        rows, scale = fused.kernel("fp8_rows")(x.detach().contiguous())
         return rows, scale
     return rows_in_fp8(x)
 

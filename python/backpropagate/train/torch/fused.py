@@ -61,10 +61,11 @@ class _Compiled:
     CPU calls (another model in the same process) always run the eager function.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], dynamic: bool | None = None) -> None:
         self.fn = fn
-        # Static shapes first; a second shape (packed rows vary) recompiles once with a dynamic length.
-        self.compiled: Callable[..., Any] | None = torch.compile(fn)
+        # By default static shapes first; a second shape (packed rows vary) recompiles once with a
+        # dynamic length. `dynamic=True` compiles every dimension symbolic from the start.
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None and args[0].is_cuda:
@@ -94,7 +95,9 @@ def kernel(name: str) -> _Compiled:
             "logprob_only": losses._logprob_only,
             "fp8_rows": fp8.rows_in_fp8,
         }
-        _KERNELS[name] = _Compiled(fns[name])
+        # FP8 rows come in a dozen widths (every projection's input and output gradient): one
+        # graph for all of them, or the recompile limit sends the later ones to eager kernels.
+        _KERNELS[name] = _Compiled(fns[name], dynamic=name == "fp8_rows" or None)
     return _KERNELS[name]
 
 
