@@ -164,7 +164,8 @@ def test_fp8_quantization_compiles_once_for_every_width():
         q, scale = fp8.quantize_rows(x)
         expected_q, expected_scale = fp8.rows_in_fp8(x.detach())
         torch.testing.assert_close(scale, expected_scale)
-        torch.testing.assert_close(q.float(), expected_q.float())
+        # Compiled division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
+        torch.testing.assert_close(q.float(), expected_q.float(), rtol=0.125, atol=2**-9)
 
     check(96, 64, transposed=False)
     check(80, 48, transposed=True)
