@@ -2,7 +2,7 @@
 
 Gemma 2 caps every attention score (`cap * tanh(score / cap)`, 50 as published), which no
 flash or SDPA kernel computes; packed attention writes the capped scores out under the
-block-causal mask (CPU) or gives flex attention the cap as its score modifier (CUDA). Its
+block-causal mask, on every device. Its
 sliding-window layers alternate with global ones and its final logits are capped too.
 There are no Gemma tokenizer files here: Llama 3's stand in, as for Gemma 3.
 """

@@ -12,8 +12,9 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
   triangle of each sample computed); where a shared-token layout or a sliding window is
   in play, SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
 * Soft-capped scores (Gemma 2: `cap * tanh(score / cap)` before the softmax), which neither
-  flash attention nor SDPA computes: `flex_attention` with the cap as its score modifier on
-  CUDA, the scores written out under the same block mask on the CPU.
+  flash attention nor SDPA computes: the scores written out under the block mask, on every
+  device (flex attention with the cap as score modifier fails to compile on torch 2.11, and a
+  compile failure in one layer would leave its recomputation on another kernel).
 
 Without sample boundaries (generation, plain evaluation) it defers to transformers' SDPA, or
 for soft-capped layers computes the capped scores under a causal mask itself.
@@ -156,16 +157,6 @@ def _causal_mask(
     return block_causal_mask(one_q, one_k, total_q, total_k, window, device)
 
 
-@functools.cache
-def _capping(softcap: float) -> Callable[..., torch.Tensor]:
-    """flex_attention's score modifier for one cap (one function per cap: the compiled kernel is reused)."""
-
-    def cap(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
-        return torch.tanh(score / softcap) * softcap
-
-    return cap
-
-
 def _sdpa_per_sample(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
@@ -264,7 +255,6 @@ def _flex(
     cu_k: torch.Tensor,
     scaling: float | None,
     window: int | None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -286,8 +276,7 @@ def _flex(
 
     block_mask = _flex_cache.get((cu_q, cu_k), ("flex", total_q, total_k, window), build)
     gqa = query.shape[1] != key.shape[1]
-    score_mod = None if softcap is None else _capping(softcap)
-    out = _compiled_flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -340,8 +329,6 @@ def packed_attention_forward(
     if softcap is not None:
         if kv_index is not None:
             key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
-        if query.is_cuda:
-            return _flex(query, key, value, cu_q, cu_k, scaling, window, float(softcap)), None
         mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
     if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):

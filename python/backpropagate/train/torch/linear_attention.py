@@ -9,8 +9,9 @@ them), so while packed attention is on, the layer runs here instead, on the whol
 * the convolution is the row's convolution with each tap masked where it would reach back
   into the previous sample (`segment_conv`): exact, one pass over the row;
 * the delta rule runs over the row's `cu_seqlens` in flash-linear-attention's varlen kernel
-  on CUDA (one launch for all samples), and elsewhere (or without that library) as
-  transformers' chunked torch rule over each sample's slice.
+  on CUDA (one launch for all samples), and elsewhere (without that library, or with a
+  Triton whose kernels it refuses on this GPU) as transformers' chunked torch rule over each
+  sample's slice.
 
 With a shared-token layout (a preference pair's prompt stored once), a sample's stored
 tokens are only its tail: its whole sequence is gathered by `kv_index` for the convolution
@@ -20,6 +21,7 @@ and the delta rule, and each stored token reads its output at its place in that 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,9 +42,20 @@ def linear_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
 
 
+# flash-linear-attention refuses the gated delta rule's backward on Hopper with Triton 3.4.0 to
+# 3.7.0, whose compiler gets one of its kernels wrong there.
+_HOPPER_BAD_TRITON = ((3, 4, 0), (3, 7, 1))
+
+
 def varlen_kernel_available(device: torch.device) -> bool:
-    """Whether the delta rule runs as one varlen kernel over a packed row on `device`."""
-    return device.type == "cuda" and importlib.util.find_spec("fla") is not None
+    """Whether the delta rule runs as one varlen kernel over a packed row on `device` (forward and backward)."""
+    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
+        return False
+    import triton
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:3])
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    return not (hopper and _HOPPER_BAD_TRITON[0] <= version < _HOPPER_BAD_TRITON[1])
 
 
 def positions_in_samples(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
