@@ -21,6 +21,7 @@ and the delta rule, and each stored token reads its output at its place in that 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,12 +95,14 @@ def _delta_rule(
         return out
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
 
+    # transformers routes its rule to flash-linear-attention where installed: the torch rule is the one it wraps.
+    torch_rule = inspect.unwrap(torch_chunk_gated_delta_rule)
     bounds = cu.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end > start:
             part = (t[:, start:end] for t in (q, k, v, g, beta))
-            out, _ = torch_chunk_gated_delta_rule(*part, use_qk_l2norm_in_kernel=True)
+            out, _ = torch_rule(*part, use_qk_l2norm_in_kernel=True)
             outs.append(out)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
