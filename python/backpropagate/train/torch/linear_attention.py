@@ -97,6 +97,8 @@ def _delta_rule(
 
     # transformers routes its rule to flash-linear-attention where installed: the torch rule is the one it wraps.
     torch_rule = inspect.unwrap(torch_chunk_gated_delta_rule)
+    if k.shape[2] != v.shape[2]:  # each q/k head serves consecutive value heads; older rules want them equal
+        q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], dim=2) for t in (q, k))
     bounds = cu.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
