@@ -2,8 +2,8 @@
 
 Gemma 3 caps its final logits (c * tanh(logits / c)), alternates sliding-window and
 global attention layers, scales queries by `query_pre_attn_scalar` and its embeddings by
-sqrt(hidden). There are no Gemma tokenizer files here: Llama 3's tokenizer stands in, with
-Gemma's published chat templates from the shared template set.
+sqrt(hidden). The folders hold Google's own SentencePiece models (`packaged_tokenizers`),
+the published tokenizer_config.json settings and chat templates from the shared template set.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from backpropagate.data import DataConfig, prepare
 from backpropagate.errors import InputError
 from backpropagate.train.torch.losses import token_logprobs
-from conftest import TOKENIZERS, real_tokenizer
+from conftest import TOKENIZERS
+from packaged_tokenizers import packaged_file
 from test_data_templates import CONVERSATION, labelled_runs
 from test_families import (
     packed_and_alone_grads,
@@ -52,19 +53,39 @@ TEXT = {
 }
 
 
+# tokenizer_config.json as google/gemma-2-2b-it and google/gemma-3-1b-it publish it (bar the template).
+TOKENIZER_CONFIG = {
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    "clean_up_tokenization_spaces": False,
+    "spaces_between_special_tokens": False,
+    "tokenizer_class": "GemmaTokenizer",
+}
+# The SentencePiece model of each generation and its size (the published configs' vocab_size).
+VOCAB = {"gemma2": 256000, "gemma3": 262144}
+
+
 def gemma_folder(tmp_path: Path, config: dict, template: Path | None = None) -> Path:
-    """Llama 3's tokenizer files, `config` as config.json, and `template` as the chat template if given."""
+    """The generation's real tokenizer.model and chat template (or `template`), and `config` as config.json."""
+    generation = "gemma2" if config["model_type"] == "gemma2" else "gemma3"
+    template = template or (GEMMA2_TEMPLATE if generation == "gemma2" else GEMMA3_TEMPLATE)
     folder = tmp_path / "gemma"
-    shutil.copytree(real_tokenizer("llama-3.2-3b-instruct"), folder)
-    for path in [folder, *folder.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    folder.mkdir()
+    shutil.copyfile(packaged_file(generation), folder / "tokenizer.model")
+    config = json.loads(json.dumps(config))
+    for part in (config, config.get("text_config", {})):
+        if "vocab_size" in part:
+            part["vocab_size"] = VOCAB[generation]
     (folder / "config.json").write_text(json.dumps(config))
-    if template is not None:
-        if not template.exists():
-            pytest.skip(f"{template.name} not available")
-        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-        tok_config["chat_template"] = template.read_text()
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    if not template.exists():
+        pytest.skip(f"{template.name} not available")
+    tok_config = {**TOKENIZER_CONFIG, "chat_template": template.read_text()}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     return folder
 
 
