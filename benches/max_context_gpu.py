@@ -248,7 +248,8 @@ class Trials:
 
     @property
     def count(self) -> int:
-        return sum(1 for t in self.done if not t.get("reused"))
+        """Search trials run (one sequence per step); the reference's rows of 2048 do not count."""
+        return sum(1 for t in self.done if not t.get("reused") and t["rows"] == 1)
 
     def known(self, which: str, cap: float, length: int, rows: int) -> dict[str, Any] | None:
         """A result implied by an earlier trial (monotonic in the cap), if any."""
@@ -480,7 +481,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--which", default="peer,ours", help="Systems to search: ours, peer or both.")
     p.add_argument("--budget-s", type=float, default=540.0, help="Wall-clock budget of the whole run.")
     p.add_argument("--trial-timeout-s", type=float, default=240.0, help="Longest a single trial may run.")
-    p.add_argument("--max-trials", type=int, default=0, help="Stop after this many trials (0 = no limit).")
+    p.add_argument("--max-trials", type=int, default=0, help="Stop after this many search trials (0 = no limit).")
     p.add_argument("--start", default="auto", help="First length of each search, or auto (see first_length).")
     p.add_argument("--precision", type=float, default=0.05, help="Bisection stops within this share.")
     p.add_argument("--reference-rows", type=int, default=4, help="Ours' speed reference: rows of 2048 (0 = none).")
