@@ -174,6 +174,7 @@ def test_translated_template_renders_like_transformers(name: str) -> None:
 DATA = Path(__file__).parent / "data" / "chat_templates"
 # family -> (tokenizer folder in shared/, the family's published chat template in tests/data)
 FAMILY_TEMPLATES = {
+    "gemma2": ("llama-3.2-3b-instruct", "gemma2.jinja"),
     "gemma3": ("llama-3.2-3b-instruct", "gemma3.jinja"),
     "qwen3": ("qwen2.5-0.5b-instruct", "qwen3.jinja"),
     "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
@@ -197,10 +198,11 @@ def _with_template(tokenizer: Path, template: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("family", list(FAMILY_TEMPLATES))
 def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
-    """Gemma (system folded into the first user turn), Mistral Nemo / v0.3 (into the last
-    one), Qwen3 (thinking off through Ollama's `think`), Qwen3.5 (its prompt opens `<think>`),
-    Phi-4-mini, SmolLM3 and Mistral Small: every conversation renders like transformers, or
-    the difference is one the translation warned about."""
+    """Gemma 3 (system folded into the first user turn; Gemma 2, which refuses one, the same
+    way), Mistral Nemo / v0.3 (into the last one), Qwen3 (thinking off through Ollama's
+    `think`), Qwen3.5 (its prompt opens `<think>`), Phi-4-mini, SmolLM3 and Mistral Small:
+    every conversation renders like transformers, or the difference is one the translation
+    warned about."""
     from transformers import AutoTokenizer
 
     from backpropagate.export.ollama import chat_format
@@ -214,8 +216,10 @@ def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
     adds_bos = tok("x")["input_ids"][:1] == [tok.bos_token_id]
     thinks: list[bool | None] = [None, False] if fmt.no_think else [None]
     differing = 0
+    # Gemma 2's template raises on a system message: there is nothing to compare such a case with.
+    systems = (None,) if family == "gemma2" else (None, "", "Answer in one word.")
     for messages in CONVERSATIONS:
-        for system in (None, "", "Answer in one word."):
+        for system in systems:
             for think in thinks:
                 hf_messages = ([{"role": "system", "content": system}] if system is not None else []) + messages
                 extra = {"enable_thinking": think} if think is not None else {}
@@ -226,7 +230,13 @@ def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
                 if got != want:
                     differing += 1
                     assert any(f"system message {system!r} and think={think}" in w for w in fmt.warnings), (got, want)
-    assert fmt.system_in_first_user == (family == "gemma3")
+    assert fmt.system_in_first_user == (family in ("gemma2", "gemma3"))
+    assert any("refuses system messages" in w for w in fmt.warnings) == (family == "gemma2")
+    if family == "gemma2":  # a system message opens the first user turn, as Gemma 3's template puts it
+        folded = fmt.render(CONVERSATIONS[0], "Be brief.")
+        assert folded.startswith("<start_of_turn>user\nBe brief.\n\n")
+        system = [{"role": "system", "content": "Be brief."}]
+        assert ollama_prompt(template, fmt.default_system, system + CONVERSATIONS[0]) == folded
     assert fmt.system_in_last_user == (family == "mistral-nemo")
     assert fmt.opens == ("<think>\n" if family == "qwen3.5" else "")
     no_think = {"qwen3": "<think>\n\n</think>\n\n", "qwen3.5": "\n</think>\n\n"}

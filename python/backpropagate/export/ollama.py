@@ -168,7 +168,7 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         assistant_prefix = _strip_prefix(full[full.index(_U1) + len(_U1) : full.index(_A1)], user_suffix)
         between = full[full.index(_A1) + len(_A1) : full.index(_U2)]
         lead = full[: full.index(_U1)]
-        last_user = False
+        last_user = refuses_system = False
         try:
             with_sys = render([{"role": "system", "content": _S}, *convo], True)
             at = with_sys.index(_S)
@@ -180,8 +180,9 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
             else:
                 system_prefix = with_sys[:at]
                 sep = with_sys[at + len(_S) : with_sys.index(_U1)]
-        except Exception:
+        except Exception:  # Gemma 2's template raises on a system message
             system_prefix, sep = "", ""
+            refuses_system = True
         if between.endswith(lead):
             user_prefix, default_system = lead, None
         else:
@@ -200,6 +201,9 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         fold = bool(system_prefix) and system_prefix == user_prefix and not sep.endswith(user_prefix)
         if fold:
             system_prefix, system_suffix = "", sep
+        elif refuses_system:
+            # Ollama still passes a system message: it opens the first user message, as in Gemma 3.
+            fold, system_suffix = True, "\n\n"
         elif last_user:
             system_suffix = sep
         else:
@@ -238,7 +242,12 @@ def chat_format(tokenizer_dir: Path) -> ChatFormat:
         )
     if "strftime_now" in source:
         fmt.warnings.append("the template writes today's date; the Ollama template keeps the export's date")
-    fmt.warnings += _check(fmt, render, tokenizer_dir)
+    if refuses_system:
+        fmt.warnings.append(
+            "the model's template refuses system messages; the Ollama template puts a system message "
+            "at the start of the first user message"
+        )
+    fmt.warnings += _check(fmt, render, tokenizer_dir, refuses_system)
     for warning in fmt.warnings:
         log.get_logger(__name__).warning("Ollama template of %s: %s", tokenizer_dir, warning)
     return fmt
@@ -249,12 +258,12 @@ def _adds_bos(tok: Any) -> bool:
     return bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
 
 
-def _check(fmt: ChatFormat, render: Any, where: Path) -> list[str]:
+def _check(fmt: ChatFormat, render: Any, where: Path, refuses_system: bool) -> list[str]:
     """Renders test conversations both ways.
 
     Plain conversations must match exactly (else INPUT_CHAT_TEMPLATE_UNSUPPORTED); a
     system-message or thinking case that differs is kept in its nearest form and returned
-    as a warning, never silently.
+    as a warning, never silently. A template that refuses system messages has none to compare.
     """
     plain: list[list[dict[str, str]]] = [
         [{"role": "user", "content": "Hi there"}],
@@ -262,7 +271,7 @@ def _check(fmt: ChatFormat, render: Any, where: Path) -> list[str]:
     ]
     q = [{"role": "user", "content": "Q"}]
     cases: list[tuple[list[dict[str, str]], str | None, bool | None]] = [(m, None, None) for m in plain]
-    if fmt.system_prefix or fmt.system_in_first_user or fmt.system_in_last_user:
+    if (fmt.system_prefix or fmt.system_in_first_user or fmt.system_in_last_user) and not refuses_system:
         cases += [(q, "Be brief.", None), (q, "", None)]
     if fmt.no_think:
         cases += [(plain[1], None, False)]
