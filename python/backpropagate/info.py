@@ -18,6 +18,7 @@ EXTRAS = {
     "transformers": "model loading",
     "peft": "LoRA / DoRA adapters",
     "bitsandbytes": "QLoRA (4-bit)",
+    "fla-core": "Qwen3.5 linear attention as one varlen kernel per packed row (CUDA)",
     "trl": "reference losses in tests",
     "liger-kernel": "fused GPU kernels",
     "xllamacpp": "GGUF loading and generation",
