@@ -14,7 +14,8 @@ every linear layer, the real training loop (`train.torch.loop.train`) end to end
              (the first three recompute every layer, like the peers)
 
 Also available: realistic_auto and qlora_auto, and for diagnosis dense_nockpt (no activation
-checkpointing) and dense_eager (no compiled kernels). Run it in the same device call as the
+checkpointing), dense_eager (no compiled kernels) and dense_keepN (the last N layers keep their
+activations, the others recompute: what `auto` trades memory for). Run it in the same device call as the
 peers, after them, so both use the same card and the peers' random 7B folder is reused for QLoRA:
 
   python ../shared/bench/peer_baseline.py hf7b liger7b qlora7b hf7b_padded && python benches/train_gpu.py
@@ -178,6 +179,8 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
             cache["model_key"] = key
         tm = cache["model"]
         tm.recompute = RecomputePlan(tm.model, config.gradient_checkpointing)
+        if "_keep" in variant:  # the last N layers keep their activations, the rest recompute
+            tm.recompute.set_kept(int(variant.rsplit("_keep", 1)[1]))
     load_s = time.perf_counter() - t0
     vocab = SHAPES[args.shape][6]
     rows = args.rows * world.size
