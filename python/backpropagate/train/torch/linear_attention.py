@@ -20,6 +20,7 @@ and the delta rule, and each stored token reads its output at its place in that 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import re
@@ -48,6 +49,7 @@ def linear_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 _HOPPER_BAD_TRITON = ((3, 4, 0), (3, 7, 1))
 
 
+@functools.cache
 def varlen_kernel_available(device: torch.device) -> bool:
     """Whether the delta rule runs as one varlen kernel over a packed row on `device` (forward and backward)."""
     if device.type != "cuda" or importlib.util.find_spec("fla") is None:
@@ -74,14 +76,14 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor)
         weight: [C, 1, K] the convolution's weights (tap K - 1 reads the current token).
         positions: [T] each token's position within its sample.
     """
-    taps = weight.shape[-1]
-    w = weight.squeeze(1).to(x.dtype)
+    taps, dtype = weight.shape[-1], x.dtype
+    w, x = weight.squeeze(1), x.to(weight.dtype)  # in the weights' precision, as transformers' convolution
     out = x * w[:, taps - 1]
     for back in range(1, taps):
         earlier = F.pad(x, (0, 0, back, 0))[:, : x.shape[1]]
         reach = (positions >= back).to(x.dtype)[None, :, None]
         out = out + earlier * (w[:, taps - 1 - back] * reach)
-    return out
+    return out.to(dtype)
 
 
 def _delta_rule(
