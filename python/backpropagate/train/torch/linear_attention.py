@@ -36,7 +36,10 @@ from backpropagate.errors import InputError
 from backpropagate.train.torch.attention import KV_INDEX
 
 # The parts of transformers' Qwen3.5 Gated DeltaNet layer that the packed forward uses.
-_LAYOUT = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "norm", "out_proj", "A_log", "dt_bias")
+_LAYOUT = (
+    *("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "norm", "out_proj", "A_log", "dt_bias"),
+    *("activation", "key_dim", "value_dim", "head_k_dim", "head_v_dim"),
+)
 
 
 def linear_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
