@@ -172,10 +172,10 @@ def test_translated_template_renders_like_transformers(name: str) -> None:
 
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
-# family -> (tokenizer folder in shared/, the family's published chat template in tests/data)
+# family -> (tokenizer folder in shared/, or Gemma's packaged files; the family's published chat template in tests/data)
 FAMILY_TEMPLATES = {
-    "gemma2": ("llama-3.2-3b-instruct", "gemma2.jinja"),
-    "gemma3": ("llama-3.2-3b-instruct", "gemma3.jinja"),
+    "gemma2": ("gemma2", "gemma2.jinja"),
+    "gemma3": ("gemma3_text", "gemma3.jinja"),
     "qwen3": ("qwen2.5-0.5b-instruct", "qwen3.jinja"),
     "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
     "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
@@ -208,7 +208,12 @@ def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
     from backpropagate.export.ollama import chat_format
 
     tok_name, template_file = FAMILY_TEMPLATES[family]
-    folder = _with_template(real_tokenizer(tok_name), DATA / template_file, tmp_path / family)
+    if family.startswith("gemma"):
+        from test_family_gemma3 import TEXT, gemma_folder
+
+        folder = gemma_folder(tmp_path, {**TEXT, "model_type": tok_name}, DATA / template_file)
+    else:
+        folder = _with_template(real_tokenizer(tok_name), DATA / template_file, tmp_path / family)
     fmt = chat_format(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     template = fmt.go_template()
