@@ -137,7 +137,7 @@ def _soft_capped(
 ) -> torch.Tensor:
     """Attention with soft-capped scores where `mask` is True, in fp32: [batch, T, heads, dim].
 
-    It forms the [heads, T, T] scores, which is what the CPU's short rows afford.
+    It forms the [heads, T, T] scores (no fused kernel caps them; see the module doc).
     """
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1).float(), value.repeat_interleave(groups, dim=1).float()

@@ -97,7 +97,7 @@ def kernel(name: str) -> _Compiled:
         }
         # FP8 rows come in a dozen widths (every projection's input and output gradient): one
         # graph for all of them, or the recompile limit sends the later ones to eager kernels.
-        _KERNELS[name] = _Compiled(fns[name], dynamic=name == "fp8_rows" or None)
+        _KERNELS[name] = _Compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
     return _KERNELS[name]
 
 

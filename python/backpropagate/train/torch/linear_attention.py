@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from backpropagate.errors import InputError
-from backpropagate.train.torch.attention import KV_INDEX
+from backpropagate.train.torch.attention import KV_INDEX, segment_frames
 
 # The parts of transformers' Qwen3.5 Gated DeltaNet layer that the packed forward uses.
 _LAYOUT = (
@@ -62,13 +62,6 @@ def varlen_kernel_available(device: torch.device) -> bool:
     version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:3])
     hopper = torch.cuda.get_device_capability(device)[0] == 9
     return not (hopper and _HOPPER_BAD_TRITON[0] <= version < _HOPPER_BAD_TRITON[1])
-
-
-def positions_in_samples(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[total] each token's position within its sample (0 at every sample start)."""
-    bounds = cu_seqlens.to(torch.long)
-    starts = torch.repeat_interleave(bounds[:-1], bounds[1:] - bounds[:-1], output_size=total)
-    return torch.arange(total, device=bounds.device) - starts
 
 
 def segment_conv(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -114,14 +107,6 @@ def _delta_rule(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _stored_in_sequence(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int) -> torch.Tensor:
-    """[total_q] where each stored token sits in the gathered sequences: a segment is its sample's tail."""
-    shift = (cu_k[1:] - cu_q[1:]).to(torch.long)
-    return torch.arange(total_q, device=cu_q.device) + torch.repeat_interleave(
-        shift, (cu_q[1:] - cu_q[:-1]).to(torch.long), output_size=total_q
-    )
-
-
 def packed_forward(layer: Any, hidden_states: torch.Tensor, cu_q: torch.Tensor, **packed: Any) -> torch.Tensor:
     """The layer's forward over a packed row [1, T, hidden], each sample's state starting from zero."""
     kv_index = packed.get(KV_INDEX)
@@ -133,7 +118,9 @@ def packed_forward(layer: Any, hidden_states: torch.Tensor, cu_q: torch.Tensor, 
     if kv_index is not None:
         mixed, a, b = (t.index_select(1, kv_index) for t in (mixed, a, b))
     length = mixed.shape[1]
-    mixed = ACT2FN[layer.activation](segment_conv(mixed, layer.conv1d.weight, positions_in_samples(cu_k, length)))
+    # Each stored token's sample and place in its whole sequence; each gathered token's place in its sample.
+    sample_q, pos_q, _, pos_k = segment_frames(cu_q, cu_k, total, length, mixed.device)
+    mixed = ACT2FN[layer.activation](segment_conv(mixed, layer.conv1d.weight, pos_k))
     key_dim, head_k, head_v = layer.key_dim, layer.head_k_dim, layer.head_v_dim
     query, key, value = torch.split(mixed, [key_dim, key_dim, layer.value_dim], dim=-1)
     core = _delta_rule(
@@ -145,7 +132,7 @@ def packed_forward(layer: Any, hidden_states: torch.Tensor, cu_q: torch.Tensor, 
         cu_k,
     )
     if kv_index is not None:
-        core = core.index_select(1, _stored_in_sequence(cu_q, cu_k, total))
+        core = core.index_select(1, cu_k.to(torch.long)[sample_q] + pos_q)  # a segment is its sample's tail
     z = layer.in_proj_z(hidden_states)
     normed = layer.norm(core.reshape(-1, head_v), z.reshape(-1, head_v)).reshape(1, total, -1)
     return layer.out_proj(normed)
