@@ -2,8 +2,9 @@
 
 The CPU tests check packing in fp32 against transformers; here the same folders run as a
 user's GPU run does: bf16 weights, varlen attention (flash) for full-attention layers, flex
-attention for Gemma's sliding windows and soft caps, the varlen delta-rule kernel for
-Qwen3.5's DeltaNet layers, fused kernels, compiled steps and nf4 base weights.
+attention for Gemma 3's sliding windows, Gemma 2's capped scores under the block mask, the
+varlen delta-rule kernel for Qwen3.5's DeltaNet layers where it runs, fused kernels, compiled
+steps and nf4 base weights.
 """
 
 from __future__ import annotations

@@ -125,9 +125,12 @@ def test_training_on_cuda_loss_falls(mode, tiny_llama, tmp_path):
     assert "rms_norm" in result.features and "cross_entropy" in result.features
 
 
-@pytest.mark.skipif(
+needs_fp8 = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
 )
+
+
+@needs_fp8
 def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
     from backpropagate import Trainer
 
@@ -149,9 +152,7 @@ def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
     assert np.abs(curves[True] - curves[False]).max() < 0.05 * curves[False].max(), curves
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
-)
+@needs_fp8
 def test_fp8_quantization_compiles_once_for_every_width():
     """Weights, activations and gradients of every width share one compiled kernel: none falls back to eager."""
     import torch._dynamo
