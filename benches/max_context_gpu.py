@@ -83,9 +83,8 @@ def make_config(shape: str) -> Any:
     return LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 21, tie_word_embeddings=False)
 
 
-def random_nf4_model(shape: str, device: Any) -> Any:
-    """A causal LM of `shape` with random weights, its decoder's linear layers in bitsandbytes nf4."""
-    import bitsandbytes as bnb
+def random_model(shape: str, device: Any, nf4: bool = True) -> Any:
+    """A causal LM of `shape` with random weights, its decoder's linear layers in bitsandbytes nf4 or bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,20 +99,10 @@ def random_nf4_model(shape: str, device: Any) -> Any:
                     continue
                 dense = torch.randn(child.out_features, child.in_features, generator=gen, device=device)
                 dense = (dense * 0.02).to(torch.bfloat16)
-                quantized = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=False,
-                    compute_dtype=torch.bfloat16,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                    device="meta",
-                )
-                packed: Any = bnb.nn.Params4bit(
-                    dense, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
-                )
-                quantized.weight = packed.to(device)  # quantizes on the way
-                setattr(parent, name, quantized)
+                if nf4:
+                    setattr(parent, name, nf4_linear(dense, device))
+                else:
+                    child.weight = torch.nn.Parameter(dense, requires_grad=False)
                 del dense
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -128,6 +117,28 @@ def random_nf4_model(shape: str, device: Any) -> Any:
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
     model.lm_head.weight.requires_grad_(False)
     return model
+
+
+def nf4_linear(dense: Any, device: Any) -> Any:
+    """A bitsandbytes nf4 layer (double quantization, blocks of 64) holding `dense`, quantized on the device."""
+    import bitsandbytes as bnb
+    import torch
+
+    out_features, in_features = dense.shape
+    quantized = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=torch.bfloat16,
+        quant_type="nf4",
+        compress_statistics=True,
+        device="meta",
+    )
+    packed: Any = bnb.nn.Params4bit(
+        dense, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+    )
+    quantized.weight = packed.to(device)  # quantizes on the way
+    return quantized
 
 
 def cap_memory(cap_gib: float, device: Any) -> None:
@@ -148,8 +159,20 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, RuntimeError)) and "can't allocate memory" in str(exc)
 
 
-def trial_ours(shape: str, length: int, rows: int, device: Any) -> dict[str, Any]:
-    """Two steps of the real training loop on one packed row of `length` tokens (`rows` samples in it)."""
+def trial_ours(
+    shape: str,
+    length: int,
+    rows: int,
+    device: Any,
+    mode: str = "qlora",
+    checkpointing: str = "auto",
+    offload: str = "auto",
+) -> dict[str, Any]:
+    """Two steps of the real training loop on one packed row of `length` tokens (`rows` samples in it).
+
+    `mode` is qlora or lora (bf16 base); `checkpointing` and `offload` are the loop's
+    gradient_checkpointing and offload_activations settings (the defaults: auto).
+    """
     import torch
 
     # One compiled kernel for every length: a fresh process per trial would otherwise compile each length anew.
@@ -161,8 +184,10 @@ def trial_ours(shape: str, length: int, rows: int, device: Any) -> dict[str, Any
     from backpropagate.train.torch import loop as torch_loop
 
     config = TrainConfig(
-        mode="qlora",
+        mode=mode,
         device=str(device),
+        gradient_checkpointing=checkpointing,
+        offload_activations=offload,
         lora_r=LORA_R,
         lora_alpha=LORA_R,
         lora_dropout=0.0,
@@ -175,9 +200,9 @@ def trial_ours(shape: str, length: int, rows: int, device: Any) -> dict[str, Any
         progress=False,
         report_to="none",
     ).validate()
-    model = random_nf4_model(shape, device)
+    model = random_model(shape, device, nf4=mode == "qlora")
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    tm = loading.prepare_for_training(model, config, "qlora", device, params)
+    tm = loading.prepare_for_training(model, config, mode, device, params)
     dataset = synthetic_data.random_dataset([length // rows] * (2 * rows), SHAPES[shape]["vocab_size"], length)
     with tempfile.TemporaryDirectory(prefix="bp-maxctx-") as tmp:
         outcome = torch_loop.train(tm, dataset, config, 2, Path(tmp), "max-context", {}, 1)
@@ -190,7 +215,7 @@ def trial_peer(shape: str, length: int, rows: int, device: Any) -> dict[str, Any
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = random_nf4_model(shape, device)
+    model = random_model(shape, device)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # fp32 norms, head
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -60,3 +60,26 @@ def test_a_search_stops_before_a_trial_that_could_not_finish(monkeypatch):
     found = bench.search(trials, "ours", 16, share_s=100, share_trials=0, gpu=None)
     assert trials.lengths == [1024, 2048]  # then 20 s were left, less than the 40 s a trial took
     assert (found["max_length"], found["at_least"], found["stopped"]) == (2048, True, "budget")
+
+
+def test_live_at_peak_replays_the_allocator_history():
+    """The memory-estimate bench's peak attribution: live blocks at the high-water mark, by allocating line."""
+    sys.path.insert(0, str(BENCH.parent))
+    from memory_estimate_gpu import live_at_peak
+
+    def frames(line: int) -> list[dict]:
+        torch_frame = {"filename": "/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"}
+        return [torch_frame, {"filename": "/src/backpropagate/train/torch/attention.py", "line": line, "name": "f"}]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames(10)},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames(20)},
+        {"action": "free_requested", "addr": 1, "size": 100},  # still held until completed
+        {"action": "alloc", "addr": 3, "size": 30, "frames": frames(20)},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 9, "size": 500},  # allocated before the history began
+        {"action": "alloc", "addr": 4, "size": 60, "frames": frames(30)},
+    ]
+    peak, peak_site, sites = live_at_peak(events)
+    assert peak == 180 and peak_site == "attention.py:20 f"
+    assert sites == [("attention.py:10 f", 100, 1), ("attention.py:20 f", 80, 2)]

@@ -1,0 +1,159 @@
+"""`estimate-memory` against the peak a real training step allocates, and what is live at that peak.
+
+For each mode (qlora, lora), activation offload (on, off) and length, a fresh process trains
+two steps of the real loop (`max_context_gpu.trial_ours`: Llama 3.1 8B's shape with random
+weights, rank 32 on every linear layer, one row, every layer recomputed) and reports
+`torch.cuda.max_memory_allocated` next to the estimate less its allocator margin. With
+`--sites` the child records the allocator's history (`torch.cuda.memory._record_memory_history`),
+replays it to the moment of the peak, and lists the memory live then by the source line that
+allocated it: the evidence for each term of the estimate.
+
+Each trial is appended as a JSON line to benches/results/memory_estimate_<card>.jsonl (and to $OUT/).
+
+  PYTHONPATH=$PWD/python:/tmp/site python benches/memory_estimate_gpu.py --lengths 16384,65536 --sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from max_context_gpu import LORA_R, RESULT, ROOT, SHAPES, card_name, trial_ours  # noqa: E402
+
+
+def frame_site(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame outside PyTorch's own package, as `file.py:line function` (frames run innermost first)."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if "/torch/" in name and "/backpropagate/" not in name:
+            continue
+        return f"{Path(name).name}:{frame.get('line')} {frame.get('name')}"
+    return "(PyTorch internals)"
+
+
+def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, str, list[tuple[str, int, int]]]:
+    """Replays allocator events to their peak.
+
+    Returns:
+        The bytes live at the peak, the site of the allocation that reached it, and the live
+        blocks then by site (bytes, count), largest first.
+
+
+    Blocks allocated before the history started are not known and not counted.
+    """
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    peak_site = ""
+    for event in events:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action == "alloc":
+            live[addr] = (size, frame_site(event.get("frames", [])))
+            total += size
+            if total > peak:
+                peak, at_peak, peak_site = total, dict(live), live[addr][1]
+        elif action == "free_completed" and addr in live:
+            total -= live.pop(addr)[0]
+    sites: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for size, site in at_peak.values():
+        sites[site][0] += size
+        sites[site][1] += 1
+    return peak, peak_site, sorted(((s, b, n) for s, (b, n) in sites.items()), key=lambda x: -x[1])
+
+
+def estimated(mode: str, length: int, offload: bool) -> dict[str, Any]:
+    """The estimate for the trial's setting, by part in GiB, and its total less the allocator margin."""
+    from backpropagate.memory_estimate import estimate_memory
+
+    estimate = estimate_memory(SHAPES["llama8b"], length, mode=mode, lora_r=LORA_R, offload=offload)
+    parts = {k: round(v / 2**30, 3) for k, v in estimate.parts.items() if k != "margin"}
+    return {"estimate_gib": round(sum(parts.values()), 2), "estimate_parts": parts}
+
+
+def trial_main(args: argparse.Namespace) -> int:
+    """Child process: one trial, its outcome as the last stdout line."""
+    import torch
+
+    device = torch.device("cuda", 0)
+    if args.sites:
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+    outcome: dict[str, Any] = {"ok": True}
+    try:
+        outcome.update(trial_ours("llama8b", args.length, 1, device, args.mode, "on", args.offload))
+    except Exception as exc:  # reported, not raised: the parent records it and goes on
+        outcome = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    outcome["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if args.sites:
+        events = torch.cuda.memory._snapshot()["device_traces"][0]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, peak_site, sites = live_at_peak(events)
+        outcome["replayed_peak_gib"] = round(peak / 2**30, 2)
+        outcome["peak_at"] = peak_site
+        outcome["sites"] = [(s, round(b / 2**30, 3), n) for s, b, n in sites[: args.sites]]
+    print(RESULT + json.dumps(outcome), flush=True)
+    return 0
+
+
+def run_trial(args: argparse.Namespace, mode: str, offload: str, length: int) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--trial", "--mode", mode, "--offload", offload]
+    command += ["--length", str(length), "--sites", str(args.sites)]
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.trial_timeout_s, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+        outcome = json.loads(lines[-1][len(RESULT) :]) if lines else {"ok": False, "error": proc.stderr[-400:]}
+    except subprocess.TimeoutExpired:
+        outcome = {"ok": False, "error": f"no result in {args.trial_timeout_s:.0f} s"}
+    record = {"mode": mode, "offload": offload == "on", "length": length, "lora_r": LORA_R, **outcome}
+    return record | estimated(mode, length, offload == "on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="qlora,lora")
+    p.add_argument("--offloads", default="on,off")
+    p.add_argument("--lengths", default="16384,65536", help="Tokens per step, comma-separated.")
+    p.add_argument("--sites", type=int, default=0, help="List this many allocation sites live at the peak (0: none).")
+    p.add_argument("--trial-timeout-s", type=float, default=240.0)
+    p.add_argument("--results-dir", default=str(ROOT / "benches" / "results"))
+    p.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="qlora", help=argparse.SUPPRESS)
+    p.add_argument("--offload", default="on", help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, default=16384, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sys.path.append(str(ROOT / "python"))
+    if args.trial:
+        return trial_main(args)
+    card = card_name()
+    folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    print(f"{'mode':<6} {'offload':<8} {'tokens':>8} {'peak GiB':>9} {'est GiB':>8} {'err':>6}", flush=True)
+    for mode in args.modes.split(","):
+        for offload in args.offloads.split(","):
+            for length in (int(n) for n in args.lengths.split(",")):
+                record = run_trial(args, mode, offload, length)
+                line = json.dumps({**record, "card": card, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                for folder in folders:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with open(folder / f"memory_estimate_{card}.jsonl", "a") as f:
+                        f.write(line + "\n")
+                peak, est = record.get("peak_gib"), record["estimate_gib"]
+                err = f"{(est - peak) / peak:+.0%}" if record["ok"] and peak else record.get("error", "")[:80]
+                print(f"{mode:<6} {offload:<8} {length:>8} {peak or '-':>9} {est:>8} {err:>6}", flush=True)
+                if record.get("peak_at"):
+                    print(f"    peak reached at {record['peak_at']} ({record['replayed_peak_gib']} GiB replayed)")
+                for site, gib, count in record.get("sites", []):
+                    print(f"    {gib:>8.3f} GiB {count:>5}x  {site}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
