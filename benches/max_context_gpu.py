@@ -167,11 +167,13 @@ def trial_ours(
     mode: str = "qlora",
     checkpointing: str = "auto",
     offload: str = "auto",
+    steps: int = 2,
 ) -> dict[str, Any]:
-    """Two steps of the real training loop on one packed row of `length` tokens (`rows` samples in it).
+    """`steps` steps of the real training loop on one packed row of `length` tokens (`rows` samples in it).
 
     `mode` is qlora or lora (bf16 base); `checkpointing` and `offload` are the loop's
-    gradient_checkpointing and offload_activations settings (the defaults: auto).
+    gradient_checkpointing and offload_activations settings (the defaults: auto). Tokens/s is
+    the last step's.
     """
     import torch
 
@@ -203,15 +205,15 @@ def trial_ours(
     model = random_model(shape, device, nf4=mode == "qlora")
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     tm = loading.prepare_for_training(model, config, mode, device, params)
-    dataset = synthetic_data.random_dataset([length // rows] * (2 * rows), SHAPES[shape]["vocab_size"], length)
+    dataset = synthetic_data.random_dataset([length // rows] * (steps * rows), SHAPES[shape]["vocab_size"], length)
     with tempfile.TemporaryDirectory(prefix="bp-maxctx-") as tmp:
-        outcome = torch_loop.train(tm, dataset, config, 2, Path(tmp), "max-context", {}, 1)
+        outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "max-context", {}, 1)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return {"tokens_per_s": records[-1]["tokens_per_s"], "features": outcome.features}
 
 
-def trial_peer(shape: str, length: int, rows: int, device: Any) -> dict[str, Any]:
-    """Two steps of a standard transformers + peft QLoRA recipe on `length` tokens."""
+def trial_peer(shape: str, length: int, rows: int, device: Any, steps: int = 2) -> dict[str, Any]:
+    """`steps` steps of a standard transformers + peft QLoRA recipe on `length` tokens (tokens/s: the last one's)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -225,7 +227,7 @@ def trial_peer(shape: str, length: int, rows: int, device: Any) -> dict[str, Any
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (rows, length // rows), device=device)
     step_s = 0.0
-    for _ in range(2):
+    for _ in range(steps):
         started = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
@@ -245,8 +247,10 @@ def trial_main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     outcome: dict[str, Any] = {"ok": True}
     try:
-        run = trial_ours if args.trial == "ours" else trial_peer
-        outcome.update(run(args.shape, args.length, args.rows, device))
+        if args.trial == "ours":
+            outcome.update(trial_ours(args.shape, args.length, args.rows, device, steps=args.steps))
+        else:
+            outcome.update(trial_peer(args.shape, args.length, args.rows, device, steps=args.steps))
     except Exception as exc:  # an out-of-memory error is the answer; anything else ends the search
         outcome = {"ok": False, "oom": is_oom(exc), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     outcome["wall_s"] = round(time.perf_counter() - started, 1)
@@ -292,7 +296,7 @@ class Trials:
             self.done.append(known)
             return known
         command = [sys.executable, str(Path(__file__).resolve()), "--trial", which, "--shape", self.args.shape]
-        command += ["--cap", str(cap), "--length", str(length), "--rows", str(rows)]
+        command += ["--cap", str(cap), "--length", str(length), "--rows", str(rows), "--steps", str(self.args.steps)]
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
         if gpu is not None:
@@ -310,7 +314,7 @@ class Trials:
         except subprocess.TimeoutExpired:
             outcome = {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
         record = {"kind": "trial", "which": which, "shape": self.args.shape, "card": self.card, "cap_gib": cap}
-        record.update({"length": length, "rows": rows, "gpu": gpu, **outcome})
+        record.update({"length": length, "rows": rows, "steps": self.args.steps, "gpu": gpu, **outcome})
         if record["ok"] and which == "ours":
             record["estimate_gib"] = estimated_gib(self.args.shape, length, record.get("features", []))
         self.done.append(record)
@@ -511,6 +515,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", type=float, default=0.05, help="Bisection stops within this share.")
     p.add_argument("--reference-rows", type=int, default=4, help="Ours' speed reference: rows of 2048 (0 = none).")
     p.add_argument("--gpus", type=int, default=0, help="Run searches on this many GPUs at once (0 = all).")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="Optimizer steps per trial (at least 2); tokens/s is the last one's. Ours plans its kept layers "
+        "after step 1 and captures its CUDA graph in step 2, so a steady speed needs 3 or more.",
+    )
     p.add_argument("--results-dir", default=str(ROOT / "benches" / "results"), help="Where the JSON lines go.")
     # A single trial, run by the search in a child process.
     p.add_argument("--trial", choices=("ours", "peer"), help=argparse.SUPPRESS)
@@ -521,6 +532,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.which.split(",")) - {"ours", "peer"}
     if unknown:
         p.error(f"--which: unknown system(s) {', '.join(sorted(unknown))}")
+    if args.steps < 2:
+        p.error("--steps: a trial trains at least two steps in a row")
     return args
 
 
