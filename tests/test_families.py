@@ -139,7 +139,7 @@ def any_family_folder(family: str, tmp_path: Path) -> Path:
     if family == "qwen3.5":
         from test_family_qwen35 import qwen35_folder
 
-        return qwen35_folder(tmp_path, multimodal=False, template=True)
+        return qwen35_folder(tmp_path, multimodal=False)
     return family_folder(family, tmp_path)
 
 
