@@ -10,6 +10,7 @@ chat template from the shared template set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from backpropagate._core import DataTokenizer
 from backpropagate.data import DataConfig, prepare
 from backpropagate.errors import InputError
 from conftest import TOKENIZERS
-from packaged_tokenizers import qwen35_tokenizer_json
+from packaged_tokenizers import LLAMA_CPP_CHECK_TEXT, QWEN35_CHECK_HASH, qwen35_tokenizer_json
 from test_data_templates import CONVERSATION, labelled_runs
 from test_families import (
     TEXTS,
@@ -148,8 +149,12 @@ def test_tokenization_and_assistant_mask_with_the_qwen35_template(tmp_path):
     folder = qwen35_folder(tmp_path, multimodal=True)
     hf = AutoTokenizer.from_pretrained(folder)
     ours = DataTokenizer(str(folder))
+    assert type(hf).__name__ == "Qwen3_5Tokenizer" and len(hf) == 248077
     for text in TEXTS:
         assert ours.encode(text)[0] == hf(text, add_special_tokens=False)["input_ids"], text
+    # The ids llama.cpp records for the published tokenizer on its check text, from both.
+    for ids in (ours.encode(LLAMA_CPP_CHECK_TEXT)[0], hf(LLAMA_CPP_CHECK_TEXT, add_special_tokens=False)["input_ids"]):
+        assert hashlib.sha256(str(list(ids)).encode()).hexdigest() == QWEN35_CHECK_HASH
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
     ds = prepare(data, folder, DataConfig(cache=False))
