@@ -163,3 +163,25 @@ def test_cpu_per_sample_attention_equals_the_block_diagonal_mask():
     torch.testing.assert_close(in_bf16.float(), masked, atol=0.05, rtol=0.02)
     for got, want in zip(halves, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(got.grad.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_a_flex_attention_that_fails_to_compile_stops_the_run(monkeypatch):
+    """After a failed compile torch would run flex uncompiled, saving other tensors than the
+    forward did: the failure is a coded error, and so is every later call in the process."""
+    from backpropagate.errors import RunFailedError
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("unbacked_bindings")
+
+    monkeypatch.setattr(attention, "_compiled_flex", failing)
+    monkeypatch.setattr(attention, "_flex_failure", None)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    for _ in range(2):
+        with pytest.raises(RunFailedError) as err:
+            attention._flex(q, k, v, cu, cu, None, 4)
+        assert err.value.code == "RUNTIME_KERNEL_COMPILE_FAILED" and "unbacked_bindings" in str(err.value)
+    assert len(calls) == 1

@@ -128,6 +128,11 @@ CATALOG: dict[str, CodeInfo] = {
         "The GPU stayed too hot for too long; improve cooling or raise --max-gpu-temp.", retryable=True
     ),
     "RUNTIME_TRAINING_DIVERGED": CodeInfo("The loss became NaN or infinite; lower the learning rate."),
+    "RUNTIME_KERNEL_COMPILE_FAILED": CodeInfo(
+        "A compiled attention kernel failed to build with this torch and Triton, so the run stopped rather than "
+        "recompute with another kernel. Use another torch / Triton release (`backprop info` lists them) and "
+        "resume with --resume."
+    ),
     "RUNTIME_GGUF_EXPORT_FAILED": CodeInfo("The export did not complete; nothing was written under the final name."),
     "RUNTIME_INTERRUPTED": CodeInfo(
         "The run was interrupted (Ctrl-C); `backprop train ... --resume` continues it from its last checkpoint.",

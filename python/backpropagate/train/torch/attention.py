@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from backpropagate.errors import RunFailedError
+
 PACKED_ATTENTION = "backpropagate_packed"
 # Keyword argument carrying the key gather of a shared-token layout down to attention.
 KV_INDEX = "packed_kv_index"
@@ -245,6 +247,8 @@ def _varlen(
 
 _flex_cache = _PerForwardCache()
 _compiled_flex: Callable[..., torch.Tensor] | None = None
+# Why compiling flex attention failed in this process, once it has: later calls would run it uncompiled.
+_flex_failure: str | None = None
 
 
 def _flex(
@@ -258,7 +262,9 @@ def _flex(
 ) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    global _compiled_flex
+    global _compiled_flex, _flex_failure
+    if _flex_failure is not None:
+        raise _flex_error(_flex_failure)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
     total_q, total_k = query.shape[2], key.shape[2]
@@ -276,8 +282,27 @@ def _flex(
 
     block_mask = _flex_cache.get((cu_q, cu_k), ("flex", total_q, total_k, window), build)
     gqa = query.shape[1] != key.shape[1]
-    out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    try:
+        out = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    except torch.OutOfMemoryError:
+        raise  # the loop's recovery handles it
+    except Exception as exc:
+        _flex_failure = f"{type(exc).__name__}: {str(exc)[:300]}"
+        raise _flex_error(_flex_failure) from exc
     return out.transpose(1, 2)
+
+
+def _flex_error(failure: str) -> RunFailedError:
+    """The coded error for a flex attention that did not compile.
+
+    After a failed compile, torch runs flex attention uncompiled, which saves other tensors than
+    the compiled kernel: a layer recomputed on it no longer matches its forward (`CheckpointError`)
+    and an uncompiled flex writes out every score. So every later call refuses too.
+    """
+    return RunFailedError(
+        "RUNTIME_KERNEL_COMPILE_FAILED",
+        f"flex attention (sliding-window or shared-prompt layers on CUDA) failed to compile: {failure}",
+    )
 
 
 def packed_attention_forward(
