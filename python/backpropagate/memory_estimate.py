@@ -1,9 +1,11 @@
 """Peak training memory on one card, predicted from a model's config.json, and the longest context that fits.
 
-The prediction follows what the PyTorch rail keeps at its peak, the backward of one
-recomputed decoder layer, at batch 1 (one packed row of T tokens), in bf16 (B = 2 bytes):
+The prediction follows what the PyTorch rail holds at its peak with every layer recomputed,
+at batch 1 (one packed row of T tokens), in bf16 (B = 2 bytes). The step goes through
+phases that never overlap, so the peak is the static memory, what lives through the whole
+step, and the largest phase:
 
-    peak = weights + adapter + T * (saved + layer + outside) + mlp_slice + loss_chunk + margin
+    peak = weights + adapter + T * (saved + step) + max(attention_backward, mlp_backward, loss) + margin
 
 * weights: the decoder's linear layers at 2 B per parameter (lora), 0.578 B in nf4
   (qlora: 0.5 B of codes, 8-bit block scales per 64 with fp32 scales of those per 256,
@@ -14,21 +16,23 @@ recomputed decoder layer, at batch 1 (one packed row of T tokens), in bf16 (B = 
 * adapter: rank-r A and B on every targeted projection (all linear layers by default):
   fp32 master, gradient and two AdamW moments (16 B per parameter) plus bf16 copies (2 B).
 * saved: each layer's input, H B per token per layer, while the layer waits for its
-  backward. With activation offload only the last layer's input and the one being
-  prefetched stay on the card; the rest (`host_bytes`) waits in pinned host memory.
-* layer: one layer's recomputation and backward, per token: its input, both norm outputs
-  and the residual (4 H), q, k, v before and q, k after rotary embedding, the attention
-  output (3 Hq + 3 Hkv), and in backward the incoming and outgoing gradients, the residual
-  gradient, dq, dk, dv and the attention output's gradient (3 H + 2 Hq + 2 Hkv), in B
-  bytes each; plus fp32 norm and softmax statistics (4 B per norm and per head).
-* outside: the final norm's input and output, the loss's saved gradient of the hidden
-  state and the residual stream's gradient (4 H B), the fp32 log-probability and the
-  token ids, position ids and targets (4 + 3 * 8 B).
-* mlp_slice: the gated MLP runs in slices of `chunked_mlp.CHUNK_TOKENS` tokens: gate, up,
-  their product and activation, and their gradients (6 intermediate-wide tensors) for one
-  slice, and its output.
-* loss_chunk: the LM head's logits for one chunk of `losses.chunk_length` positions:
-  bf16 logits, fp32 copy and softmax gradient, bf16 gradient (12 B per logit).
+  backward. With activation offload only the input of the layer in backward and the one
+  being prefetched stay on the card; the rest (`host_bytes`) waits in pinned host memory.
+* step: through the step, the rotary cos and sin tables (2 head_dim B) and the token ids,
+  positions and targets (3 x 8 B); in backward, the residual stream's gradient (H B).
+* attention_backward: a recomputed layer in flash attention's backward holds its first
+  norm's output (H), what attention saved, q, k, v, its output and the fp32 log-sum-exp
+  (Hq + 2 Hkv, Hq, 4 B per head), the gradient of that output, dq, dk and dv (Hq + Hq +
+  2 Hkv), the kernel's fp32 dq accumulator (4 B per Hq) and, with grouped-query attention,
+  dk and dv spread over every query head before they are summed (2 Hq).
+* mlp_backward: the layer's saved tensors (H + 2 Hq + 2 Hkv, then its second norm's input
+  and output, 2 H), the MLP's incoming gradient and its input gradient (2 H), and one slice
+  of `chunked_mlp.CHUNK_TOKENS` tokens in work: gate, up, their product and their
+  gradients (6 intermediate-wide tensors) and the slice's output.
+* loss: after the last layer, the final norm's input and output and the gradient the
+  chunked loss keeps of the hidden state (3 H B per token), plus one chunk of
+  `losses.chunk_length` positions of logits: bf16 logits, an fp32 copy and softmax
+  gradient, the bf16 gradient (12 B per logit).
 * margin: 5% of the total plus 256 MiB for the allocator's fragmentation and rounding.
 
 Without offload, `auto` (the default) offloads only when the step would not fit the card.
@@ -140,22 +144,26 @@ def _bytes_per_dtype(dtype: Any) -> int:
 
 
 def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool) -> dict[str, int]:
-    """Activation memory of a fully recomputed step by part (see the module doc)."""
+    """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc)."""
     from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
     from backpropagate.train.torch.losses import chunk_length
 
     h, b = shape.hidden, dtype_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     on_card_layers = min(shape.layers, 2) if offload else shape.layers
-    layer = (4 * h + 3 * q + 3 * kv + 3 * h + 2 * q + 2 * kv) * b + 4 * (2 + shape.heads)
-    mlp_tokens = min(tokens, CHUNK_TOKENS)
-    loss_positions = min(tokens, chunk_length(shape.vocab))
+    attention_saved = (h + 2 * q + 2 * kv) * b + 4 * shape.heads
+    gqa_spread = 2 * q * b if kv < q else 0
+    phases = {
+        "attention_backward": tokens * (attention_saved + (2 * q + 2 * kv) * b + 4 * q + gqa_spread),
+        "mlp_backward": tokens * (attention_saved + 4 * h * b)
+        + min(tokens, CHUNK_TOKENS) * (6 * shape.intermediate + h) * b,
+        "loss": tokens * 3 * h * b + min(tokens, chunk_length(shape.vocab)) * shape.vocab * 12,
+    }
+    busiest = max(phases, key=lambda name: phases[name])
     return {
         "saved_inputs": on_card_layers * h * b * tokens,
-        "layer_workspace": layer * tokens,
-        "outside_layers": (4 * h * b + 4 + 3 * 8) * tokens,
-        "mlp_slice": mlp_tokens * (6 * shape.intermediate + h) * b,
-        "loss_chunk": loss_positions * shape.vocab * 12,
+        "step_state": tokens * (2 * shape.head_dim * b + 3 * 8 + h * b),
+        busiest: phases[busiest],
     }
 
 
