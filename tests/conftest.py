@@ -39,7 +39,11 @@ def tiny_qwen2(_isolated_home: Path) -> Path:
 
 
 def real_tokenizer(name: str) -> Path:
-    """Folder of a real model's tokenizer files in shared/, or skip when absent."""
+    """Folder of a real model's tokenizer files in shared/ or from a package (`packaged_tokenizers`), or skip."""
+    from packaged_tokenizers import PACKAGED, packaged_folder
+
+    if any(key.startswith(f"{name}/") for key in PACKAGED):
+        return packaged_folder(name)
     path = TOKENIZERS / name
     if not (path / "tokenizer.json").exists():
         pytest.skip(f"shared tokenizer {name} not available")

