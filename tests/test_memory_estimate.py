@@ -72,6 +72,21 @@ def test_offload_moves_saved_inputs_to_the_host_and_lengthens_the_context():
     assert fitted.peak_bytes <= 24 * 2**30 < too_long.peak_bytes
 
 
+def test_host_memory_bounds_the_longest_context():
+    """Offloaded inputs wait in host memory: a machine with less of it trains shorter contexts."""
+    unbounded = estimate_memory(LLAMA_8B, 4096, lora_r=32).max_context
+    bounded = estimate_memory(LLAMA_8B, 4096, lora_r=32, host_gib=32).max_context
+    assert bounded[80] < unbounded[80]
+    at_limit = estimate_memory(LLAMA_8B, bounded[80], lora_r=32, card_gib=80)
+    beyond = estimate_memory(LLAMA_8B, bounded[80] + 1, lora_r=32, offload=True)
+    assert at_limit.host_bytes <= 32 * 2**30 < beyond.host_bytes
+    # With no room on the host, a card trains what fits it without offload.
+    no_room = estimate_memory(LLAMA_8B, 4096, lora_r=32, host_gib=1).max_context[16]
+    assert no_room == estimate_memory(LLAMA_8B, 4096, lora_r=32, offload=False).max_context[16] > 8192
+    with pytest.raises(ConfigError, match="host_gib=0"):
+        estimate_memory(LLAMA_8B, 512, host_gib=0)
+
+
 def test_host_term_matches_what_offload_moves(tiny_llama):
     """The offloaded layer inputs of a real recomputed forward and backward: the estimate's host term, to the byte."""
     from transformers import AutoModelForCausalLM
@@ -113,6 +128,8 @@ def test_cli_prints_parts_and_json(tmp_path):
     )
     data = json.loads(as_json.stdout)
     assert data["ok"] and data["peak_bytes"] == sum(data["parts"].values()) and "24" in data["max_context"]
+    host = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--host-gib", "16")
+    assert host.status == 0 and host.stdout != shown.stdout
     refused = run_cli("estimate-memory", "--model", str(tmp_path / "nope"), "--max-seq-length", "8", "--json")
     assert refused.status == 2 and json.loads(refused.stdout)["error"]["code"] == "CONFIG_UNKNOWN_MODEL"
     bad_mode = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "8", "--mode", "x")

@@ -36,7 +36,8 @@ step, and the largest phase:
 * margin: 5% of the total plus 256 MiB for the allocator's fragmentation and rounding.
 
 Without offload, `auto` (the default) offloads only when the step would not fit the card.
-The longest context for a card is the largest T whose peak fits, found by bisection.
+The longest context for a card is the largest T whose peak fits, found by bisection; given
+the host memory (`host_gib`), also its offloaded inputs must fit there.
 """
 
 from __future__ import annotations
@@ -194,23 +195,41 @@ def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, 
     return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=max(host, 0))
 
 
-def fits(shape: Shape, tokens: int, mode: str, lora_r: int, card_bytes: float, offload: bool | None) -> bool:
-    """Whether a step of `tokens` fits `card_bytes` (offload None: with offload if needed)."""
+def fits(
+    shape: Shape,
+    tokens: int,
+    mode: str,
+    lora_r: int,
+    card_bytes: float,
+    offload: bool | None,
+    host_bytes: float | None = None,
+) -> bool:
+    """Whether a step of `tokens` fits `card_bytes` (offload None: with offload if needed), and `host_bytes` if given."""
     choices = (False, True) if offload is None else (offload,)
-    return any(_estimate(shape, tokens, mode, lora_r, o).peak_bytes <= card_bytes for o in choices)
+    for o in choices:
+        estimate = _estimate(shape, tokens, mode, lora_r, o)
+        if estimate.peak_bytes <= card_bytes and (host_bytes is None or estimate.host_bytes <= host_bytes):
+            return True
+    return False
 
 
 def longest_context(
-    shape: Shape, mode: str, lora_r: int, card_gib: float, offload: bool | None = None, limit: int = 1 << 20
+    shape: Shape,
+    mode: str,
+    lora_r: int,
+    card_gib: float,
+    offload: bool | None = None,
+    limit: int = 1 << 20,
+    host_gib: float | None = None,
 ) -> int:
-    """The most tokens whose step fits a card of `card_gib` GiB (0 when not even one does)."""
-    card = card_gib * _GIB
-    if not fits(shape, 1, mode, lora_r, card, offload):
+    """The most tokens whose step fits a card of `card_gib` GiB, and `host_gib` GiB of host memory if given."""
+    card, host = card_gib * _GIB, None if host_gib is None else host_gib * _GIB
+    if not fits(shape, 1, mode, lora_r, card, offload, host):
         return 0
     low, high = 1, limit
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(shape, mid, mode, lora_r, card, offload) else (low, mid - 1)
+        low, high = (mid, high) if fits(shape, mid, mode, lora_r, card, offload, host) else (low, mid - 1)
     return low
 
 
@@ -242,6 +261,7 @@ def estimate_memory(
     card_gib: int | None = None,
     offload: bool | None = None,
     dtype_bytes: int = 2,
+    host_gib: float | None = None,
 ) -> MemoryEstimate:
     """Predicts the peak memory of training `model` on one packed row of `max_seq_length` tokens.
 
@@ -254,6 +274,7 @@ def estimate_memory(
         offload: Activation offload on (True), off (False), or (None) only where the step would
             not fit `card_gib` otherwise.
         dtype_bytes: Bytes per activation element: 2 (bf16, CUDA) or 4 (fp32, the CPU's default).
+        host_gib: The host memory offloaded inputs may take; bounds `max_context` (None: unbounded).
 
     Returns:
         The estimate by part, and the longest context per card size (offload where needed).
@@ -263,11 +284,13 @@ def estimate_memory(
     for name, value in (("max_seq_length", max_seq_length), ("lora_r", lora_r), ("card_gib", card_gib or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError("CONFIG_INVALID_SETTING", f"{name}={value!r} is invalid: expected an integer at least 1")
+    if host_gib is not None and (isinstance(host_gib, bool) or not isinstance(host_gib, (int, float)) or host_gib <= 0):
+        raise ConfigError("CONFIG_INVALID_SETTING", f"host_gib={host_gib!r} is invalid: expected a number above 0")
     shape = Shape.of(read_config(model))
     use_offload = bool(offload)
     if offload is None and card_gib is not None:
         use_offload = _estimate(shape, max_seq_length, mode, lora_r, False).peak_bytes > card_gib * _GIB
     estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes)
     cards = sorted({*CARDS_GIB, *([card_gib] if card_gib else [])})
-    estimate.max_context = {g: longest_context(shape, mode, lora_r, g, offload) for g in cards}
+    estimate.max_context = {g: longest_context(shape, mode, lora_r, g, offload, host_gib=host_gib) for g in cards}
     return estimate

@@ -19,13 +19,18 @@ def estimate_memory_cmd(
     mode: str = typer.Option("qlora", "--mode", help="lora, qlora or full."),
     lora_r: int = typer.Option(16, "--lora-r", help="Adapter rank (all linear layers targeted)."),
     card_gib: int | None = typer.Option(None, "--card-gib", help="Card size in GiB to fit (offload if needed)."),
+    host_gib: float | None = typer.Option(
+        None, "--host-gib", help="Host memory in GiB that offloaded activations may take (bounds the longest context)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict peak GPU memory of a training step, and the longest context each card size trains."""
     from backpropagate.memory_estimate import estimate_memory
 
     try:
-        estimate = estimate_memory(model, max_seq_length, mode=mode, lora_r=lora_r, card_gib=card_gib)
+        estimate = estimate_memory(
+            model, max_seq_length, mode=mode, lora_r=lora_r, card_gib=card_gib, host_gib=host_gib
+        )
     except BackpropagateError as err:
         if as_json:
             fail_as_json(err)
