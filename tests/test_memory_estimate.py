@@ -87,6 +87,18 @@ def test_host_memory_bounds_the_longest_context():
         estimate_memory(LLAMA_8B, 512, host_gib=0)
 
 
+def test_offload_that_would_not_fit_the_host_is_named_before_it_runs():
+    import torch
+
+    from backpropagate.memory_estimate import host_shortfall
+
+    needed = 31 * 4096 * 2 * 262144  # 62 GiB of layer inputs
+    assert host_shortfall(LLAMA_8B, 262144, torch.bfloat16, needed) is None
+    assert host_shortfall(LLAMA_8B, 262144, torch.bfloat16, None) is None  # unknown: nothing to say
+    message = host_shortfall(LLAMA_8B, 262144, torch.bfloat16, 32 * 2**30)
+    assert message is not None and "62.0 GiB of host memory at 262144 tokens" in message and "--host-gib" in message
+
+
 def test_host_term_matches_what_offload_moves(tiny_llama):
     """The offloaded layer inputs of a real recomputed forward and backward: the estimate's host term, to the byte."""
     from transformers import AutoModelForCausalLM

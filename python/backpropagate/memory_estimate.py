@@ -168,6 +168,23 @@ def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool)
     }
 
 
+def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """Host memory the offloaded layer inputs of a step take: every layer's but the last one's."""
+    return max(shape.layers - 1, 0) * shape.hidden * dtype_bytes * tokens
+
+
+def host_shortfall(config: Any, tokens: int, dtype: Any, available: int | None) -> str | None:
+    """Why offloading a step of `tokens` would not fit the `available` host memory, or None when it fits."""
+    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype))
+    if available is None or needed <= available:
+        return None
+    return (
+        f"activation offload needs {needed / _GIB:.1f} GiB of host memory at {tokens} tokens and "
+        f"{available / _GIB:.1f} GiB is available: the system may end the run for memory; "
+        "`backprop estimate-memory --host-gib` shows the longest context that fits"
+    )
+
+
 def recomputed_step_bytes(config: Any, tokens: int, dtype: Any, offload: bool) -> int:
     """Activation bytes of a fully recomputed step (what the recompute planner holds against free memory)."""
     return sum(activation_parts(Shape.of(config), tokens, _bytes_per_dtype(dtype), offload).values())
@@ -191,8 +208,8 @@ def _static_parts(shape: Shape, mode: str, lora_r: int) -> dict[str, int]:
 def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, dtype_bytes: int = 2) -> MemoryEstimate:
     parts = _static_parts(shape, mode, lora_r) | activation_parts(shape, tokens, dtype_bytes, offload)
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    host = (shape.layers - 1) * shape.hidden * dtype_bytes * tokens if offload else 0
-    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=max(host, 0))
+    host = offloaded_bytes(shape, tokens, dtype_bytes) if offload else 0
+    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=host)
 
 
 def fits(

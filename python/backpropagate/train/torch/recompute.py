@@ -199,7 +199,7 @@ class RecomputePlan:
 
     def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
         """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit."""
-        from backpropagate.memory_estimate import recomputed_step_bytes
+        from backpropagate.memory_estimate import host_shortfall, recomputed_step_bytes
 
         if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
             return
@@ -218,6 +218,9 @@ class RecomputePlan:
                 budget / 2**30,
                 self.describe(),
             )
+            shortfall = host_shortfall(config, tokens, dtype, available_ram())
+            if shortfall:
+                log.warning(shortfall)
 
     def graph_obstacle(self, tokens: int) -> str | None:
         """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
