@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,30 @@ def test_failed_save_leaves_the_previous_checkpoint_valid(tiny_llama, dataset, t
     result = Trainer("tiny-llama", output_dir=str(out), resume=True, save_every=2, **FAST).train(dataset, steps=4)
     assert result.steps == 4
     assert not list((out / "checkpoints").glob("*.partial"))
+
+
+def test_a_kill_while_pruning_leaves_no_listed_checkpoint_half_deleted(tmp_path, monkeypatch):
+    """Deleting an old checkpoint takes many unlinks: the folder leaves the listing first, by one rename."""
+    root = tmp_path / "checkpoints"
+    files = {checkpoint.WEIGHTS: b"w", checkpoint.TRAINING: b"t"}
+    for step in (1, 2):
+        checkpoint.write_checkpoint(root, checkpoint.TrainState("run", step=step), files, keep=2)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # deleting step 1: its state file goes, then the process dies
+        if not (Path(path).name.startswith("step-000001") and (Path(path) / checkpoint.STATE).exists()):
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / checkpoint.STATE).unlink(missing_ok=True)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        checkpoint.write_checkpoint(root, checkpoint.TrainState("run", step=3), files, keep=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["step-000002", "step-000003"]
+    assert all(checkpoint.read_state(p).step == int(p.name[5:]) for p in checkpoint.checkpoints(root))
+    checkpoint.write_checkpoint(root, checkpoint.TrainState("run", step=4), files, keep=2)  # cleans what the kill left
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004"]
 
 
 def test_a_kill_at_any_instant_leaves_a_valid_checkpoint(tiny_llama, tmp_path):

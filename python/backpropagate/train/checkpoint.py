@@ -5,7 +5,9 @@ optimizer and scheduler states and RNG states (torch), and `state.json` (step, d
 position, micro-batch after OOM recovery, losses so far). It is written under
 `step-NNNNNN.partial`, every file fsynced, then renamed into place and the parent folder
 fsynced: a folder without the suffix is always complete. Older checkpoints are deleted
-only after the new one is durable; leftover `.partial` folders are ignored and removed.
+only after the new one is durable, and renamed to `step-NNNNNN.discarded` before their files
+go, so a kill while deleting never leaves a listed folder half empty; leftover `.partial`
+and `.discarded` folders are ignored and removed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from backpropagate.log import get_logger
 log = get_logger("checkpoint")
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# Suffix of a checkpoint folder being deleted (never listed).
+DISCARDED = ".discarded"
 WEIGHTS = "trainable.safetensors"
 TRAINING = "training_state.pt"
 STATE = "state.json"
@@ -162,16 +166,25 @@ def write_checkpoint(root: Path, state: TrainState, files: dict[str, bytes], kee
         write_durable(partial / STATE, json.dumps(asdict(state)).encode())
         fsync_dir(partial)
         if final.exists():  # an earlier run reached this step before a resume from an older one
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(partial, final)
         fsync_dir(root)
     except OSError as exc:
         raise RunFailedError("RUNTIME_IO_FAILED", f"could not write checkpoint {final}: {exc}") from exc
     for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob("*.partial"):
+        with contextlib.suppress(OSError):
+            _discard(old)
+    for leftover in [*root.glob("*.partial"), *root.glob(f"*{DISCARDED}")]:
         shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Deletes a checkpoint folder, first renaming it out of `checkpoints`' sight (a rename is atomic, rmtree not)."""
+    doomed = folder.with_name(folder.name + DISCARDED)
+    shutil.rmtree(doomed, ignore_errors=True)  # one an earlier kill left
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 def checkpoints(root: Path) -> list[Path]:
