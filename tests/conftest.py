@@ -40,8 +40,10 @@ def tiny_qwen2(_isolated_home: Path) -> Path:
 
 def real_tokenizer(name: str) -> Path:
     """Folder of a real model's tokenizer files in shared/ or from a package (`packaged_tokenizers`), or skip."""
-    from packaged_tokenizers import PACKAGED, packaged_folder
+    from packaged_tokenizers import BUILT_FOLDERS, PACKAGED, packaged_folder
 
+    if name in BUILT_FOLDERS:
+        return BUILT_FOLDERS[name]()
     if any(key.startswith(f"{name}/") for key in PACKAGED):
         return packaged_folder(name)
     path = TOKENIZERS / name

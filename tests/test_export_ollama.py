@@ -182,7 +182,7 @@ FAMILY_TEMPLATES = {
     "mistral-small-3.2": ("mixtral-8x22b-v0.1", "mistral-small-3.2.jinja"),
     "mistral-nemo": ("mixtral-8x22b-v0.1", "mistral-nemo.jinja"),
     "qwen3.5": ("qwen3_5_text", "qwen3.5.jinja"),
-    "phi4-mini": ("phi-3-mini", "phi4-mini.jinja"),
+    "phi4-mini": ("phi4-mini", "phi4-mini.jinja"),
 }
 
 

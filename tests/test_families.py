@@ -52,16 +52,17 @@ FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
         {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "sliding_window": 2047},
         ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
     ),
-    # Phi-4-mini's shape (a quarter of each head unrotated, tied embeddings); its o200k tokenizer
-    # files are not here, so Phi-3's stand in.
+    # Phi-4-mini's shape (a quarter of each head unrotated, tied embeddings, 200,064 embedding rows)
+    # and its o200k_base tokenizer (`packaged_tokenizers.phi4_mini_folder`); the template has no newlines.
     "phi4-mini": (
-        "phi-3-mini",
+        "phi4-mini",
         {
             "model_type": "phi3",
             "architectures": ["Phi3ForCausalLM"],
             "partial_rotary_factor": 0.75,
             "tie_word_embeddings": True,
             "sliding_window": 262144,
+            "vocab_size": 200064,
         },
         ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
     ),
@@ -118,7 +119,7 @@ def family_folder(family: str, tmp_path: Path) -> Path:
 
     vocab = len(AutoTokenizer.from_pretrained(folder))
     published = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    (folder / "config.json").write_text(json.dumps({**published, **config, **TINY, "vocab_size": vocab}))
+    (folder / "config.json").write_text(json.dumps({**published, "vocab_size": vocab, **config, **TINY}))
     return folder
 
 

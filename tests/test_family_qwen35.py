@@ -3,7 +3,7 @@
 Three of every four layers are linear attention (a recurrent state and a short causal
 convolution), the fourth gated full attention. A packed row must give each sample what it
 gets alone, so no state may cross a sample boundary. The folders carry Qwen3.5's own
-vocabulary (`packaged_tokenizers.qwen35_tokenizer_json`: built from its published ranks and
+vocabulary (`packaged_tokenizers.ranked_tokenizer_json`: built from its published ranks and
 checked against llama.cpp's record of the published tokenizer) and the published Qwen3.5
 chat template from the shared template set.
 """
@@ -23,7 +23,7 @@ from backpropagate._core import DataTokenizer
 from backpropagate.data import DataConfig, prepare
 from backpropagate.errors import InputError
 from conftest import TOKENIZERS
-from packaged_tokenizers import LLAMA_CPP_CHECK_TEXT, QWEN35_CHECK_HASH, qwen35_tokenizer_json
+from packaged_tokenizers import LLAMA_CPP_CHECK_TEXT, QWEN35_CHECK_HASH, ranked_tokenizer_json
 from test_data_templates import CONVERSATION, labelled_runs
 from test_families import (
     TEXTS,
@@ -82,7 +82,7 @@ def qwen35_folder(tmp_path: Path, multimodal: bool) -> Path:
         pytest.skip("Qwen3.5 chat template not available")
     folder = tmp_path / "qwen3.5"
     folder.mkdir()
-    shutil.copyfile(qwen35_tokenizer_json(), folder / "tokenizer.json")
+    shutil.copyfile(ranked_tokenizer_json("qwen3.5"), folder / "tokenizer.json")
     text = {**TEXT, "vocab_size": VOCAB}
     config = (
         {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": text}

@@ -29,6 +29,13 @@ pub const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\
 /// Split regex of Qwen3.5's tokenizer: Qwen2's, with combining marks (`\p{M}`) kept inside words.
 pub const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Split regex of o200k_base (GPT-4o, Phi-4-mini): cased words keep their contractions, digits go in threes.
+pub const O200K_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
+
 pub(crate) fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text)
@@ -87,12 +94,13 @@ pub fn pre_tokenizer_name(tok: &Json, arch: &str) -> Result<&'static str> {
         }
         (Some(r), _) if r == QWEN2_SPLIT => "qwen2",
         (Some(r), _) if r == QWEN35_SPLIT => "qwen35",
+        (Some(r), _) if r == O200K_SPLIT => "gpt-4o",
         (None, ["Digits", "ByteLevel"]) if byte_level_regex => "smollm",
         (None, ["ByteLevel"]) if byte_level_regex => "gpt-2",
         _ => {
             return Err(Error::Model(format!(
             "tokenizer.json: pre-tokenizer {} matches none of the families llama.cpp knows here \
-                 (Llama 3, Qwen2, Qwen3.5, SmolLM, GPT-2 byte-level)",
+                 (Llama 3, Qwen2, Qwen3.5, GPT-4o, SmolLM, GPT-2 byte-level)",
             serde_json::to_string(pre).unwrap_or_default()
         )))
         }
@@ -418,6 +426,10 @@ mod tests {
         assert_eq!(
             pre_tokenizer_name(&split(QWEN35_SPLIT), "qwen35").unwrap(),
             "qwen35"
+        );
+        assert_eq!(
+            pre_tokenizer_name(&split(O200K_SPLIT), "phi3").unwrap(),
+            "gpt-4o"
         );
         let smol = with_pre(serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, {"type": "ByteLevel", "use_regex": true}]}));
