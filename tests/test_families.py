@@ -188,6 +188,8 @@ def test_phi3_folder_with_config_keeps_tokenizer_json(tmp_path):
 def test_assistant_mask(family, tmp_path):
     tok, ds = prepared_like_transformers(family_folder(family, tmp_path), tmp_path)
     assert labelled_runs(tok, ds.input_ids, ds.labels) == FAMILIES[family][2]
+    # Mistral's template keeps the system message only when a user turn ends the conversation.
+    assert ds.stats["system_left_out"] == (family == "mistral")
 
 
 def prepared_like_transformers(folder: Path, tmp_path: Path, conversation: list[dict] = CONVERSATION) -> tuple:

@@ -74,3 +74,22 @@ def test_training_rows_are_mistral_commons(messages: list[dict], tmp_path: Path)
     ds = prepare(data, family_folder("mistral", tmp_path), DataConfig(cache=False))
     spm = MistralTokenizer.v3().instruct_tokenizer.tokenizer
     assert ds.input_ids.tolist() == reference_ids(messages) + spm.encode(answer, bos=False, eos=True)
+
+
+def test_rows_whose_template_drops_the_system_message_are_reported(tmp_path: Path, caplog) -> None:
+    """Mistral's template keeps a system message only when a user turn ends the conversation: said, not silent."""
+    from backpropagate.cli.validate_cmd import render
+    from backpropagate.data.validate import validate
+
+    answer = {"role": "assistant", "content": "It is 4."}
+    data = tmp_path / "chat.jsonl"
+    rows = [[*CONVERSATIONS[1], answer], [*CONVERSATIONS[0], answer], [*CONVERSATIONS[1], answer]]
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    folder = family_folder("mistral", tmp_path)
+    with caplog.at_level("WARNING", logger="backpropagate"):
+        ds = prepare(data, folder, DataConfig(cache=False))
+    assert ds.stats["system_left_out"] == 2
+    assert "left out the system message of 2 of 3 rows" in caplog.text
+    report = validate(data, folder)
+    assert report["tokens"]["system_left_out"] == 2
+    assert "left out the system message of 2 rows" in render(report)  # `backprop validate --model`

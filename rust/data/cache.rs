@@ -19,7 +19,7 @@ use super::stats::Stats;
 use crate::{Error, Result};
 
 /// Bumped whenever the engine's output for the same inputs may change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Metadata of one cache entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

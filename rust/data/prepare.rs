@@ -73,6 +73,7 @@ enum Outcome {
         kto_label: Option<bool>,
         truncated: usize,
         traces: Vec<(usize, usize)>,
+        system_left_out: bool,
     },
     Dropped {
         format: Format,
@@ -224,19 +225,28 @@ enum RowFail {
 fn process(det: Detected, model: &ModelAssets, settings: &Settings, kind: Kind) -> Outcome {
     let format = det.format;
     match build_samples(&det, model, settings, kind) {
-        Ok((samples, truncated, traces)) => Outcome::Used {
+        Ok(built) => Outcome::Used {
             format,
-            samples,
+            samples: built.samples,
             kto_label: det.kto_label,
-            truncated,
-            traces,
+            truncated: built.truncated,
+            traces: built.traces,
+            system_left_out: built.system_left_out,
         },
         Err(RowFail::Drop(reason)) => Outcome::Dropped { format, reason },
         Err(RowFail::Template(msg)) => Outcome::Bad(BadRow::new(Cause::Template, msg)),
     }
 }
 
-type Built = (Vec<Sample>, usize, Vec<(usize, usize)>);
+/// A row's samples, with what the statistics count about it.
+struct Built {
+    samples: Vec<Sample>,
+    truncated: usize,
+    /// (`<think>` spans, trace tokens) of each sample, when the trace filter is on.
+    traces: Vec<(usize, usize)>,
+    /// Whether the chat template left out a system message of the row.
+    system_left_out: bool,
+}
 
 fn build_samples(
     det: &Detected,
@@ -253,19 +263,33 @@ fn build_samples(
         Vec::new()
     };
     let all = settings.train_on == TrainOn::All && kind == Kind::Sft;
+    let mut system_left_out = false;
     let mut samples = det
         .specs
         .iter()
-        .map(|spec| sample_of(spec, model, all))
+        .map(|spec| sample_of(spec, model, all, &mut system_left_out))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     if samples.iter().any(|s| !s.has_labels()) {
         return Err(RowFail::Drop("no_labels"));
     }
     let truncated = fit(&mut samples, settings)?;
-    Ok((samples, truncated, traces))
+    Ok(Built {
+        samples,
+        truncated,
+        traces,
+        system_left_out,
+    })
 }
 
-fn sample_of(spec: &Spec, model: &ModelAssets, all: bool) -> std::result::Result<Sample, RowFail> {
+/// Tokenized sample of `spec`; sets `system_left_out` when the rendered chat lacks the text
+/// of one of its system messages (Mistral's templates keep it only when a user turn ends the
+/// conversation), which the user should hear of rather than train without it unknowingly.
+fn sample_of(
+    spec: &Spec,
+    model: &ModelAssets,
+    all: bool,
+    system_left_out: &mut bool,
+) -> std::result::Result<Sample, RowFail> {
     match spec {
         Spec::Chat {
             messages,
@@ -277,6 +301,11 @@ fn sample_of(spec: &Spec, model: &ModelAssets, all: bool) -> std::result::Result
                 .ok_or_else(|| RowFail::Template("the model has no chat template".to_string()))?;
             let rendered = render_with_spans(template, messages, *label_from, all)
                 .map_err(RowFail::Template)?;
+            *system_left_out |= messages.iter().any(|m| {
+                m.role == "system"
+                    && !m.content.trim().is_empty()
+                    && !rendered.text.contains(m.content.trim())
+            });
             let enc = model
                 .tokenizer
                 .encode(&rendered.text)
@@ -483,10 +512,12 @@ impl<'a> Accumulator<'a> {
                 kto_label,
                 truncated,
                 traces,
+                system_left_out,
             } => {
                 *stats.formats.entry(format.name().into()).or_default() += 1;
                 stats.rows_used += 1;
                 stats.truncated += truncated;
+                stats.system_left_out += usize::from(system_left_out);
                 for (spans, tokens) in traces {
                     self.trace.add(spans, tokens);
                 }

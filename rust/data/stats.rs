@@ -63,6 +63,9 @@ pub struct Stats {
     pub rows: usize,
     /// Samples cut to max_seq_length.
     pub truncated: usize,
+    /// Rows used whose chat template left out (the text of) a system message.
+    #[serde(default)]
+    pub system_left_out: usize,
     /// Share of row capacity holding tokens.
     pub fill: f64,
     /// Where the chat template came from: `model`, a built-in name, `file`, or `none`.

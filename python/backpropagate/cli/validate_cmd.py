@@ -76,6 +76,11 @@ def render(report: dict[str, Any]) -> str:
         split = [f"{marker} ({pieces} tokens)" for marker, pieces in tokens["template_markers"] if pieces != 1]
         if split:
             lines.append(f"note: chat template {tokens['chat_template']}: {', '.join(split)} are not single tokens")
+        if tokens["system_left_out"]:
+            lines.append(
+                f"note: chat template {tokens['chat_template']} left out the system message of "
+                f"{tokens['system_left_out']} rows: they train without it"
+            )
     if tokens or report["dropped"]:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(report["dropped"].items())) or "none"
         lines.append(f"dropped: {dropped}")

@@ -60,7 +60,9 @@ def run_engine(data: str | Path, model: str | Path, config: DataConfig, *, stric
     out: dict[str, Any] = _core.prepare_dataset(
         str(path), str(model_dir), config.engine_settings(), cache, raw, strict, str(tokenizer_json)
     )
-    log_template_markers(json.loads(out["stats_json"]))
+    stats = json.loads(out["stats_json"])
+    log_template_markers(stats)
+    log_system_left_out(stats)
     if out.get("cache_error"):
         log.warning("dataset cache not written: %s", out["cache_error"])
     if out["cache"] == "rebuilt":
@@ -85,6 +87,22 @@ def log_template_markers(stats: dict[str, Any]) -> None:
         )
     elif markers:
         log.info("chat template %s: its markers %s are single tokens of this model", name, [m for m, _ in markers])
+
+
+def log_system_left_out(stats: dict[str, Any]) -> None:
+    """Warns when the chat template rendered rows without their system message.
+
+    Some templates keep it only in one conversation shape (Mistral's, when a user turn ends
+    the conversation), so a training row that ends with an answer loses it silently.
+    """
+    if left_out := stats.get("system_left_out", 0):
+        log.warning(
+            "chat template %s left out the system message of %d of %d rows: they train without it "
+            "(put that text into the first user message to keep it)",
+            stats.get("chat_template"),
+            left_out,
+            stats["rows_used"],
+        )
 
 
 def source_bytes(path: Path) -> bytes | None:

@@ -56,7 +56,10 @@ def validate(data: str | Path, model: str | Path | None = None, config: DataConf
         report["lengths"] = length_summary(lengths, "tokens")
         report["tokens"] = {
             key: prepared[key]
-            for key in ("rows_used", "dropped", "samples", "tokens", "label_tokens", "rows", "truncated", "fill")
+            for key in (
+                *("rows_used", "dropped", "samples", "tokens", "label_tokens"),
+                *("rows", "truncated", "fill", "system_left_out"),
+            )
         }
         report["tokens"]["max_seq_length"] = config.max_seq_length
         report["tokens"]["chat_template"] = prepared["chat_template"]
