@@ -343,8 +343,17 @@ def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dic
     return {part: size for part, size in estimate.parts.items() if part != "margin"}
 
 
-def estimated_gib(shape: str, length: int, features: list[str]) -> float:
-    """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say)."""
+def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
+    """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say).
+
+    None where the recompute planner kept layers (features `recompute[k/n]` with k < n): it
+    spends the room a cap leaves on purpose, and the estimate is of the step that recomputes
+    every layer, the longest-context setting.
+    """
+    recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
+    recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
+    if recomputed != layers:
+        return None
     offload = any("+offload" in f for f in features)
     return round(sum(estimate_allocated(shape, length, "qlora", offload).values()) / 2**30, 2)
 

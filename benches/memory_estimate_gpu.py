@@ -4,9 +4,13 @@ For each mode (qlora, lora), activation offload (on, off) and length, a fresh pr
 two steps of the real loop (`max_context_gpu.trial_ours`: Llama 3.1 8B's shape with random
 weights, rank 32 on every linear layer, one row, every layer recomputed) and reports
 `torch.cuda.max_memory_allocated` next to the estimate less its allocator margin. With
-`--sites` the child records the allocator's history (`torch.cuda.memory._record_memory_history`),
-replays it to the moment of the peak, and lists the memory live then by the source line that
-allocated it: the evidence for each term of the estimate.
+`--sites` a second child trains the same steps while recording the allocator's history
+(`torch.cuda.memory._record_memory_history`), replays it to the moment of the peak, and lists
+the memory live then by the source line that allocated it: the evidence for each term of the
+estimate. The peak is never taken from that run: on an H100 with the device image's PyTorch,
+every such run failed inside a custom autograd Function ("returned NULL without setting an
+exception") during the first step, so its sites may stop short of the step's peak
+(`sites_error` says so).
 
 Each trial is appended as a JSON line to benches/results/memory_estimate_<card>.jsonl (and to $OUT/).
 
@@ -112,10 +116,16 @@ def trial_main(args: argparse.Namespace) -> int:
 
 
 def run_trial(args: argparse.Namespace, mode: str, offload: str, length: int) -> dict[str, Any]:
+    """The peak of a plain run; with `--sites`, what a second, recorded run had live at its own peak."""
     command = [sys.executable, str(Path(__file__).resolve()), "--trial", "--mode", mode, "--offload", offload]
-    command += ["--length", str(length), "--sites", str(args.sites)]
-    outcome = run_child(command, args.trial_timeout_s)
-    record = {"mode": mode, "offload": offload == "on", "length": length, "lora_r": LORA_R, **outcome}
+    command += ["--length", str(length)]
+    record = {"mode": mode, "offload": offload == "on", "length": length, "lora_r": LORA_R}
+    record |= run_child([*command, "--sites", "0"], args.trial_timeout_s)
+    if args.sites:
+        recorded = run_child([*command, "--sites", str(args.sites)], args.trial_timeout_s)
+        record |= {key: recorded[key] for key in ("replayed_peak_gib", "peak_at", "sites") if key in recorded}
+        if not recorded["ok"]:
+            record["sites_error"] = recorded.get("error", "")
     return record | estimated(mode, length, offload == "on")
 
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:<6} {offload:<8} {length:>8} {peak or '-':>9} {est:>8} {err:>6}", flush=True)
                 if record.get("peak_at"):
                     print(f"    peak reached at {record['peak_at']} ({record['replayed_peak_gib']} GiB replayed)")
+                if record.get("sites_error"):
+                    print(f"    the recorded run stopped early: {record['sites_error'][:100]}")
                 for site, gib, count in record.get("sites", []):
                     print(f"    {gib:>8.3f} GiB {count:>5}x  {site}", flush=True)
     return 0
