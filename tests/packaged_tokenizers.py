@@ -194,8 +194,9 @@ def _byte_chars() -> dict[int, str]:
 
 
 # Phi-4-mini's control tokens (all special): o200k_base's two, then the chat and tool markers from
-# 200,019 on, the ids Phi-4-mini-instruct's prompts use (<|assistant|> 200019, <|end|> 200020, <|user|>
-# 200021, <|tool|> 200023). The ids between o200k_base's ranks and these are unused embedding rows.
+# 200,019 on. The chat markers' ids are those Phi-4-mini-instruct's prompts use (<|assistant|> 200019,
+# <|end|> 200020, <|user|> 200021, <|tool|> 200023); <|system|> in the gap and the order of the other
+# tool markers are ours (only <|system|>'s id shows in a test: as one token, whatever its value). The ids between o200k_base's ranks and these are unused embedding rows.
 PHI4_MINI_ADDED = [
     (199999, "<|endoftext|>"),
     (200018, "<|endofprompt|>"),
@@ -319,8 +320,9 @@ def mistral_v03_folder() -> Path:
         pytest.skip("Mistral's tokenizer settings and template are not available")
     settings = json.loads(published.read_text())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # renamed into place whole
-        built = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        built = Path(tmp) / "folder"  # renamed into place whole
+        built.mkdir()
         (built / "tokenizer.model").write_bytes(packaged_file("mistral-v0.3").read_bytes())
         (built / "config.json").write_text(json.dumps({"model_type": "mistral"}))
         (built / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -336,7 +338,6 @@ def mistral_v03_folder() -> Path:
         (built / "config.json").unlink()
         if not folder.exists():
             built.rename(folder)
-            built.mkdir()  # for the context manager's cleanup
     return folder
 
 
