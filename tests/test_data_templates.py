@@ -91,15 +91,10 @@ CONVERSATION = [
 FAMILIES = {
     "llama-3.2-3b-instruct": ["I am a bot.<|eot_id|>", "It is 4.<|eot_id|>"],
     "qwen2.5-0.5b-instruct": ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
-    "mistral": ["I am a bot.</s>", "It is 4.</s>"],
+    "mistral-v0.3": ["I am a bot.</s>", "It is 4.</s>"],
     "phi-3-mini": ["I am a bot.<|end|>", "It is 4.<|end|><|endoftext|>"],
     "smollm2-135m-instruct": ["I am a bot.<|im_end|>\n", "It is 4.<|im_end|>\n"],
 }
-
-
-def family_folder(name: str, tmp_path: Path) -> Path:
-    """The family's tokenizer folder (Mistral: v0.3's, with its template)."""
-    return real_tokenizer("mistral-v0.3" if name == "mistral" else name)
 
 
 def labelled_runs(tokenizer, ids: np.ndarray, labels: np.ndarray) -> list[str]:
@@ -119,7 +114,7 @@ def labelled_runs(tokenizer, ids: np.ndarray, labels: np.ndarray) -> list[str]:
 def test_assistant_mask_token_by_token(family, tmp_path):
     from transformers import AutoTokenizer
 
-    folder = family_folder(family, tmp_path)
+    folder = real_tokenizer(family)
     tok = AutoTokenizer.from_pretrained(folder)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": CONVERSATION[1:]}) + "\n")

@@ -302,9 +302,8 @@ fn sample_of(
             let rendered = render_with_spans(template, messages, *label_from, all)
                 .map_err(RowFail::Template)?;
             *system_left_out |= messages.iter().any(|m| {
-                m.role == "system"
-                    && !m.content.trim().is_empty()
-                    && !rendered.text.contains(m.content.trim())
+                let text = m.content.trim();
+                m.role == "system" && !text.is_empty() && !rendered.text.contains(text)
             });
             let enc = model
                 .tokenizer
