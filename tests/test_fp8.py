@@ -1,5 +1,9 @@
 """FP8 base weights for LoRA (`fp8=True`), on the CPU (products of the e4m3 values in fp32; CUDA runs `torch._scaled_mm`)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -28,14 +32,53 @@ def test_fp8_matmuls_give_the_bf16_products_within_e4m3_rounding():
     weight = torch.randn(48, 64, generator=g)
     x = torch.randn(10, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
     quantized = fp8.Fp8Weight.of(weight)
-    assert quantized.rows.dtype == quantized.cols.dtype == torch.float8_e4m3fn
-    assert quantized.rows.shape == (48, 64) and quantized.cols.shape == (64, 48)
+    assert quantized.data.dtype == torch.float8_e4m3fn and quantized.data.shape == (48, 64)
+    assert quantized.out_scale.shape == (1, 48) and quantized.in_scale.shape == (1, 64)
     y = fp8._Fp8Linear.apply(x, quantized, None)
     dy = torch.randn(10, 48, generator=g).to(torch.bfloat16)
     y.backward(dy)
     # e4m3 keeps 3 mantissa bits: about 3% per element, less once a product sums 48-64 of them.
     assert relative_error(y, x.detach().float() @ weight.t()) < 0.05
     assert relative_error(x.grad, dy.float() @ weight) < 0.05
+
+
+def test_both_matmuls_read_one_e4m3_copy_of_the_weight():
+    """One byte a weight: the input gradient multiplies the same quantized values as the forward, transposed."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(32, 80, generator=g) * torch.logspace(-2, 0, 80)  # columns of very different ranges
+    quantized = fp8.Fp8Weight.of(weight)
+    assert quantized.data.element_size() * quantized.data.numel() == weight.numel()
+    dequantized = quantized.data.float() * quantized.out_scale[0, 0]
+    assert torch.equal(quantized.in_scale, quantized.out_scale[:, :1].expand(1, 80))
+    assert relative_error(dequantized, weight) < 0.04
+    x = torch.randn(6, 80, generator=g).to(torch.bfloat16)
+    dy = torch.randn(6, 32, generator=g).to(torch.bfloat16)
+    for product, operand, matrix in (
+        (quantized.forward(x, torch.float32), x, dequantized.t()),
+        (quantized.input_grad(dy, torch.float32), dy, dequantized),
+    ):
+        values, scale = fp8.rows_in_fp8(operand)
+        torch.testing.assert_close(product, (values.float() * scale) @ matrix)
+
+
+TRANSPOSE_CHECK = """
+import torch
+from backpropagate.train.torch import byte_transpose
+g = torch.Generator().manual_seed(0)
+for shape in ((200, 136), (64, 64), (16, 48), (130, 70)):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+    y = byte_transpose.transposed_by_kernel(x)
+    assert y.dtype == x.dtype and y.is_contiguous(), shape
+    assert torch.equal(y.view(torch.uint8), x.view(torch.uint8).t()), shape
+"""
+
+
+def test_the_transpose_kernel_moves_every_byte_of_partial_tiles_too():
+    """The CUDA kernel, run by Triton's interpreter on the CPU: shapes that fill tiles and shapes that do not."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", TRANSPOSE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_row_of_zeros_quantizes_without_dividing_by_zero():
@@ -50,12 +93,12 @@ def test_layers_reading_one_input_quantize_it_once(monkeypatch):
     quantized = []
     monkeypatch.setattr(fp8, "quantize_rows", lambda x: quantized.append(x.shape) or fp8.rows_in_fp8(x))
     x = torch.randn(2, 5, 32, generator=g).to(torch.bfloat16)
-    products = [fp8.scaled_mm(x, w.rows, w.rows_scale, torch.bfloat16) for w in weights]
+    products = [w.forward(x, torch.bfloat16) for w in weights]
     assert quantized == [(10, 32)]
     for w, y in zip(weights, products, strict=True):
         assert torch.equal(y, fp8._Fp8Linear.apply(x.clone(), w, None).reshape(10, 16))
     x.mul_(2)
-    fp8.scaled_mm(x, weights[0].rows, weights[0].rows_scale, torch.bfloat16)
+    weights[0].forward(x, torch.bfloat16)
     assert len(quantized) == 5  # the in-place change, then each clone above
     del x
     assert fp8._LAST_INPUT.quantized is None

@@ -18,7 +18,7 @@ activations: there the recomputation, which runs just before the layer's backwar
 its dequantized weight for that backward, so each weight is dequantized twice per step
 instead of three times (one layer's dense weights are alive at a time). The nested
 quantization of the 4-bit block scales is undone once and kept (4 bytes per 64 weights).
-An FP8 base weight (`fp8.py`) is never made dense: both base matmuls read its e4m3 copies.
+An FP8 base weight (`fp8.py`) is never made dense: both base matmuls read its e4m3 copy.
 
 This module only replaces `forward` on eligible layers and falls back to peft's own code
 otherwise (DoRA, dropout > 0, several adapters, merged or disabled adapters).
@@ -121,10 +121,10 @@ class _LoraLinear(torch.autograd.Function):
         )
         ctx.save_for_backward(x, low, a, b_scaled, *([weight] if keep else []))
         if layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
-            out_features = weight.shape[0] if weight is not None else ctx.fp8.rows.shape[0]
+            out_features = weight.shape[0] if weight is not None else ctx.fp8.data.shape[0]
             return x.new_zeros(*x.shape[:-1], out_features)  # nothing reads it (recompute.py)
         if weight is None:
-            y = fp8.scaled_mm(x, ctx.fp8.rows, ctx.fp8.rows_scale, dtype)
+            y = ctx.fp8.forward(x, dtype)
             y.addmm_(low, b_scaled.t())
             if bias is not None:
                 y.add_(bias.to(dtype))
@@ -150,7 +150,7 @@ class _LoraLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             if ctx.fp8 is not None:
-                dx = fp8.scaled_mm(dy2, ctx.fp8.cols, ctx.fp8.cols_scale, x.dtype)
+                dx = ctx.fp8.input_grad(dy2, x.dtype)
             else:
                 dx = torch.mm(dy2, kept[0] if kept else dense_weight(ctx.base, x.dtype))
             dx.addmm_(d_low, a)
