@@ -54,6 +54,39 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_peaks(setting, measu
     assert measured < predicted < 1.1 * measured
 
 
+# Qwen2.5-7B's shape as benches/train_gpu.py builds it: LoRA r16 on every linear layer, 4 rows
+# of 2,048 tokens, every layer recomputed (flash attention per row holds what one 8,192-token
+# row holds). H100, 2026-12-06, results/train_gpu_h100.jsonl: `dense` and `fp8`.
+QWEN_7B = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+)
+
+
+@pytest.mark.parametrize(("fp8", "measured"), [(False, 18.02), (True, 11.95)], ids=["bf16", "fp8"])
+def test_fp8_weights_take_half_and_the_estimate_follows_the_measured_peak(fp8, measured):
+    estimate = estimate_memory(QWEN_7B, 8192, mode="lora", lora_r=16, offload=False, fp8=fp8)
+    predicted = (estimate.peak_bytes - estimate.parts["margin"]) / 2**30
+    assert measured < predicted < 1.1 * measured
+    bf16 = estimate_memory(QWEN_7B, 8192, mode="lora", lora_r=16, offload=False)
+    linear_bytes = (
+        28 * sum(i * o for i, o in ((3584, 3584), (3584, 512), (3584, 512), (3584, 3584))) + 28 * 3 * 3584 * 18944
+    )
+    assert bf16.parts["weights"] - estimate.parts["weights"] == (linear_bytes if fp8 else 0)
+    assert estimate.fp8 is fp8 and ("fp8_transposed" in estimate.parts) is fp8
+    assert estimate.max_context[24] >= bf16.max_context[24]
+
+
+def test_fp8_is_refused_outside_lora():
+    with pytest.raises(ConfigError) as err:
+        estimate_memory(QWEN_7B, 8192, mode="qlora", fp8=True)
+    assert err.value.code == "CONFIG_INVALID_SETTING" and "mode='qlora'" in err.value.message
+
+
 def test_the_peak_is_the_largest_phase_not_their_sum():
     """Short rows peak in the loss (a chunk of logits), long ones in a layer's backward."""
     short = estimate_memory(LLAMA_8B, 2048, mode="qlora", lora_r=32)
@@ -153,6 +186,8 @@ def test_cli_prints_parts_and_json(tmp_path):
     assert data["ok"] and data["peak_bytes"] == sum(data["parts"].values()) and "24" in data["max_context"]
     host = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--host-gib", "16")
     assert host.status == 0 and host.stdout != shown.stdout
+    fp8 = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--mode", "lora", "--fp8")
+    assert fp8.status == 0 and "lora fp8" in fp8.stdout and "fp8_transposed" in fp8.stdout
     refused = run_cli("estimate-memory", "--model", str(tmp_path / "nope"), "--max-seq-length", "8", "--json")
     assert refused.status == 2 and json.loads(refused.stdout)["error"]["code"] == "CONFIG_UNKNOWN_MODEL"
     bad_mode = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "8", "--mode", "x")

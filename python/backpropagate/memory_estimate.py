@@ -11,6 +11,8 @@ step, and the largest phase:
   (qlora: 0.5 B of codes, 8-bit block scales per 64 with fp32 scales of those per 256,
   and the fp32 block scales the fused LoRA op caches, 4 B per 64), or 16 B (full: fp32
   weight, gradient and two AdamW moments); embeddings, LM head and norms at 2 B (full: 16 B).
+  With fp8 (lora only) the linear layers take 1 B, and the backward transposes one layer's
+  largest e4m3 weight at a time (its bytes once more).
   In qlora a recomputed layer keeps its dequantized weights until its backward: one
   layer's linear weights at 2 B.
 * adapter: rank-r A and B on every targeted projection (all linear layers by default):
@@ -116,6 +118,7 @@ class MemoryEstimate:
         parts: Bytes by part (see the module doc).
         host_bytes: Pinned host memory the offloaded inputs take.
         max_context: Longest trainable context per card size (GiB -> tokens), offload as needed.
+        fp8: Whether the base weights are in FP8.
     """
 
     tokens: int
@@ -124,6 +127,7 @@ class MemoryEstimate:
     parts: dict[str, int]
     host_bytes: int
     max_context: dict[int, int] = field(default_factory=dict)
+    fp8: bool = False
 
     @property
     def peak_bytes(self) -> int:
@@ -190,26 +194,30 @@ def recomputed_step_bytes(config: Any, tokens: int, dtype: Any, offload: bool) -
     return sum(activation_parts(Shape.of(config), tokens, _bytes_per_dtype(dtype), offload).values())
 
 
-def _static_parts(shape: Shape, mode: str, lora_r: int) -> dict[str, int]:
+def _static_parts(shape: Shape, mode: str, lora_r: int, fp8: bool = False) -> dict[str, int]:
     linear = sum(i * o for i, o in shape.linear_in_out)
     other = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
     if mode == "full":
         return {"weights": 16 * (linear * shape.layers + other)}
-    per_weight = NF4_BYTES if mode == "qlora" else 2
+    per_weight = NF4_BYTES if mode == "qlora" else 1 if fp8 else 2
     parts = {
         "weights": int(per_weight * linear * shape.layers + 2 * other),
         "adapter": 18 * lora_r * sum(i + o for i, o in shape.linear_in_out) * shape.layers,
     }
     if mode == "qlora":
         parts["dequantized_layer"] = 2 * linear
+    if fp8:
+        parts["fp8_transposed"] = max(i * o for i, o in shape.linear_in_out)
     return parts
 
 
-def _estimate(shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, dtype_bytes: int = 2) -> MemoryEstimate:
-    parts = _static_parts(shape, mode, lora_r) | activation_parts(shape, tokens, dtype_bytes, offload)
+def _estimate(
+    shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, dtype_bytes: int = 2, fp8: bool = False
+) -> MemoryEstimate:
+    parts = _static_parts(shape, mode, lora_r, fp8) | activation_parts(shape, tokens, dtype_bytes, offload)
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
     host = offloaded_bytes(shape, tokens, dtype_bytes) if offload else 0
-    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=host)
+    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=host, fp8=fp8)
 
 
 def fits(
@@ -220,11 +228,12 @@ def fits(
     card_bytes: float,
     offload: bool | None,
     host_bytes: float | None = None,
+    fp8: bool = False,
 ) -> bool:
     """Whether a step of `tokens` fits `card_bytes` (offload None: with offload if needed), and `host_bytes` if given."""
     choices = (False, True) if offload is None else (offload,)
     for o in choices:
-        estimate = _estimate(shape, tokens, mode, lora_r, o)
+        estimate = _estimate(shape, tokens, mode, lora_r, o, fp8=fp8)
         if estimate.peak_bytes <= card_bytes and (host_bytes is None or estimate.host_bytes <= host_bytes):
             return True
     return False
@@ -238,15 +247,16 @@ def longest_context(
     offload: bool | None = None,
     limit: int = 1 << 20,
     host_gib: float | None = None,
+    fp8: bool = False,
 ) -> int:
     """The most tokens whose step fits a card of `card_gib` GiB, and `host_gib` GiB of host memory if given."""
     card, host = card_gib * _GIB, None if host_gib is None else host_gib * _GIB
-    if not fits(shape, 1, mode, lora_r, card, offload, host):
+    if not fits(shape, 1, mode, lora_r, card, offload, host, fp8):
         return 0
     low, high = 1, limit
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(shape, mid, mode, lora_r, card, offload, host) else (low, mid - 1)
+        low, high = (mid, high) if fits(shape, mid, mode, lora_r, card, offload, host, fp8) else (low, mid - 1)
     return low
 
 
@@ -279,6 +289,7 @@ def estimate_memory(
     offload: bool | None = None,
     dtype_bytes: int = 2,
     host_gib: float | None = None,
+    fp8: bool = False,
 ) -> MemoryEstimate:
     """Predicts the peak memory of training `model` on one packed row of `max_seq_length` tokens.
 
@@ -292,6 +303,7 @@ def estimate_memory(
             not fit `card_gib` otherwise.
         dtype_bytes: Bytes per activation element: 2 (bf16, CUDA) or 4 (fp32, the CPU's default).
         host_gib: The host memory offloaded inputs may take; bounds `max_context` (None: unbounded).
+        fp8: Base weights in FP8 (`--fp8`, mode lora only).
 
     Returns:
         The estimate by part, and the longest context per card size (offload where needed).
@@ -303,11 +315,17 @@ def estimate_memory(
             raise ConfigError("CONFIG_INVALID_SETTING", f"{name}={value!r} is invalid: expected an integer at least 1")
     if host_gib is not None and (isinstance(host_gib, bool) or not isinstance(host_gib, (int, float)) or host_gib <= 0):
         raise ConfigError("CONFIG_INVALID_SETTING", f"host_gib={host_gib!r} is invalid: expected a number above 0")
+    if fp8 and mode != "lora":
+        raise ConfigError(
+            "CONFIG_INVALID_SETTING", f"fp8=True with mode={mode!r} is invalid: FP8 base weights are lora only"
+        )
     shape = Shape.of(read_config(model))
     use_offload = bool(offload)
     if offload is None and card_gib is not None:
-        use_offload = _estimate(shape, max_seq_length, mode, lora_r, False).peak_bytes > card_gib * _GIB
-    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes)
+        use_offload = _estimate(shape, max_seq_length, mode, lora_r, False, fp8=fp8).peak_bytes > card_gib * _GIB
+    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes, fp8)
     cards = sorted({*CARDS_GIB, *([card_gib] if card_gib else [])})
-    estimate.max_context = {g: longest_context(shape, mode, lora_r, g, offload, host_gib=host_gib) for g in cards}
+    estimate.max_context = {
+        g: longest_context(shape, mode, lora_r, g, offload, host_gib=host_gib, fp8=fp8) for g in cards
+    }
     return estimate

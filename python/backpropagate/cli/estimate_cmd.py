@@ -22,6 +22,7 @@ def estimate_memory_cmd(
     host_gib: float | None = typer.Option(
         None, "--host-gib", help="Host memory in GiB that offloaded activations may take (bounds the longest context)."
     ),
+    fp8: bool = typer.Option(False, "--fp8", help="Base weights in FP8 (mode lora; GPUs with FP8 tensor cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict peak GPU memory of a training step, and the longest context each card size trains."""
@@ -29,7 +30,7 @@ def estimate_memory_cmd(
 
     try:
         estimate = estimate_memory(
-            model, max_seq_length, mode=mode, lora_r=lora_r, card_gib=card_gib, host_gib=host_gib
+            model, max_seq_length, mode=mode, lora_r=lora_r, card_gib=card_gib, host_gib=host_gib, fp8=fp8
         )
     except BackpropagateError as err:
         if as_json:
@@ -39,7 +40,8 @@ def estimate_memory_cmd(
         typer.echo(json.dumps({"ok": True, **estimate.to_dict()}))
         return
     offload = "with activation offload" if estimate.offload else "no offload"
-    typer.echo(f"{model}, {mode}, {max_seq_length} tokens, {offload}: peak {estimate.peak_bytes / _GIB:.1f} GiB")
+    setting = f"{mode} fp8" if fp8 else mode
+    typer.echo(f"{model}, {setting}, {max_seq_length} tokens, {offload}: peak {estimate.peak_bytes / _GIB:.1f} GiB")
     for part, size in estimate.parts.items():
         typer.echo(f"  {part:<18} {size / _GIB:8.2f} GiB")
     if estimate.host_bytes:
