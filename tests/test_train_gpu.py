@@ -174,6 +174,27 @@ def test_fp8_quantization_compiles_once_for_every_width():
             check(rows, width)
 
 
+def test_fp8_weights_are_transposed_by_the_kernel_and_by_torch_if_it_fails(monkeypatch, caplog):
+    """Every projection shape of a 7B layer moves byte for byte; a kernel that fails once hands over for good."""
+    from backpropagate.train.torch import byte_transpose
+
+    for shape in ((18944, 3584), (3584, 18944), (3584, 3584), (512, 3584), (48, 80)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, device=CUDA).view(torch.float8_e4m3fn)
+        assert torch.equal(byte_transpose.transposed(x).view(torch.uint8), x.view(torch.uint8).t())
+    tried = []
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        tried.append(x.shape)
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(byte_transpose, "transposed_by_kernel", broken)
+    monkeypatch.setattr(byte_transpose._Kernel, "usable", True)
+    with caplog.at_level("WARNING", logger="backpropagate"):
+        for _ in range(2):
+            assert torch.equal(byte_transpose.transposed(x).view(torch.uint8), x.view(torch.uint8).t())
+    assert len(tried) == 1 and "transpose kernel failed" in caplog.text
+
+
 def test_offloaded_activations_train_the_same_curve_and_time_steps_on_the_gpu(tiny_llama, tmp_path):
     """Layer inputs in pinned host memory (side-stream copies) give the curve of keeping them on the card.
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from backpropagate.log import get_logger
+
 try:
     import triton
     import triton.language as tl
@@ -21,6 +23,14 @@ except ImportError:  # CPU-only installs: the strided copy is used
 
 TILE = 64
 WARPS = 4
+
+log = get_logger("fp8")
+
+
+class _Kernel:
+    """Whether the kernel is used: until it fails once (a compiler problem must not stop training)."""
+
+    usable = triton is not None
 
 
 if triton is not None:
@@ -36,9 +46,15 @@ if triton is not None:
 
 def transposed(x: torch.Tensor) -> torch.Tensor:
     """`x.t().contiguous()` for a contiguous 2-D tensor of one-byte elements: by the kernel on CUDA."""
-    if triton is None or not x.is_cuda:
-        return x.t().contiguous()
-    return transposed_by_kernel(x)
+    if _Kernel.usable and x.is_cuda:
+        try:
+            return transposed_by_kernel(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            log.warning("the FP8 transpose kernel failed (%s: %s); using PyTorch's copy", type(exc).__name__, exc)
+            _Kernel.usable = False
+    return x.t().contiguous()
 
 
 def transposed_by_kernel(x: torch.Tensor) -> torch.Tensor:
