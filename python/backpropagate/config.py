@@ -107,9 +107,10 @@ class TrainConfig:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank.", group="LoRA")
     fp8: bool = option(
         False,
-        "Store and multiply the frozen base weights of LoRA in FP8 (e4m3, one byte a weight, half of bf16; forward and "
-        "input-gradient matmuls; activations scaled per token), the adapter, norms and loss staying bf16 / fp32: GPUs with FP8 tensor cores (Ada, Hopper, "
-        "Blackwell). Mode lora (auto picks it), backend torch, bf16 compute; not with DoRA or FSDP.",
+        "Store and multiply the frozen base weights of LoRA in FP8 (e4m3, one byte a weight, half of bf16; forward "
+        "and input-gradient matmuls; activations scaled per token), the adapter, norms and loss staying bf16 / fp32: "
+        "GPUs with FP8 tensor cores (Ada, Hopper, Blackwell). Mode lora (auto picks it), backend torch, bf16 "
+        "compute; not with DoRA or FSDP.",
         group="LoRA",
     )
     # Preference methods
