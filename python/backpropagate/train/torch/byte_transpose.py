@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from backpropagate.log import get_logger
+from backpropagate.train.torch.fast_path import UntilItFails
 
 try:
     import triton
@@ -28,12 +29,6 @@ WARPS = 4
 log = get_logger("fp8")
 
 
-class _Kernel:
-    """Whether the kernel is used: until it fails once (a compiler problem must not stop training)."""
-
-    usable = triton is not None
-
-
 if triton is not None:
 
     @triton.jit
@@ -45,19 +40,6 @@ if triton is not None:
         tl.store(dst + c[None, :] * rows + r[:, None], tile, mask=inside)
 
 
-def transposed(x: torch.Tensor) -> torch.Tensor:
-    """`x.t().contiguous()` for a contiguous 2-D tensor of one-byte elements: by the kernel on CUDA."""
-    if _Kernel.usable and x.is_cuda:
-        try:
-            return transposed_by_kernel(x)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            log.warning("the FP8 transpose kernel failed (%s: %s); using PyTorch's copy", type(exc).__name__, exc)
-            _Kernel.usable = False
-    return x.t().contiguous()
-
-
 def transposed_by_kernel(x: torch.Tensor) -> torch.Tensor:
     """The kernel's transpose; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1`), which tests use."""
     rows, cols = x.shape
@@ -67,3 +49,17 @@ def transposed_by_kernel(x: torch.Tensor) -> torch.Tensor:
         src, dst, rows, cols, TILE=TILE, num_warps=WARPS
     )
     return dst.view(x.dtype)
+
+
+def _strided_copy(x: torch.Tensor) -> torch.Tensor:
+    return x.t().contiguous()
+
+
+# `x.t().contiguous()` for a contiguous 2-D tensor of one-byte elements: by the kernel on CUDA.
+transposed = UntilItFails(
+    transposed_by_kernel if triton is not None else None,
+    _strided_copy,
+    "the FP8 transpose kernel",
+    "PyTorch's copy",
+    log,
+)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from backpropagate.log import get_logger
 from backpropagate.train.torch import fp8, losses
+from backpropagate.train.torch.fast_path import UntilItFails
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -55,36 +56,19 @@ def rope(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-class _Compiled:
-    """A function compiled on first CUDA call, falling back to eager for good if compilation fails.
+def _compiled(fn: Callable[..., Any], dynamic: bool | None = None) -> UntilItFails:
+    """`fn` compiled on its first CUDA call, eager for good if compiling fails; CPU calls run it eager.
 
-    CPU calls (another model in the same process) always run the eager function.
+    By default static shapes first; a second shape (packed rows vary) recompiles once with a
+    dynamic length. `dynamic=True` compiles every dimension symbolic from the start.
     """
-
-    def __init__(self, fn: Callable[..., Any], dynamic: bool | None = None) -> None:
-        self.fn = fn
-        # By default static shapes first; a second shape (packed rows vary) recompiles once with a
-        # dynamic length. `dynamic=True` compiles every dimension symbolic from the start.
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=dynamic)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None and args[0].is_cuda:
-            try:
-                return self.compiled(*args, **kwargs)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # a compiler problem must not stop training
-                log.warning(
-                    "compiling %s failed (%s: %s); using eager kernels", self.fn.__name__, type(exc).__name__, exc
-                )
-                self.compiled = None
-        return self.fn(*args, **kwargs)
+    return UntilItFails(torch.compile(fn, dynamic=dynamic), fn, f"compiling {fn.__name__}", "eager kernels", log)
 
 
-_KERNELS: dict[str, _Compiled] = {}
+_KERNELS: dict[str, UntilItFails] = {}
 
 
-def kernel(name: str) -> _Compiled:
+def kernel(name: str) -> UntilItFails:
     """The shared compiled version of one of this module's functions."""
     if name not in _KERNELS:
         fns: dict[str, Callable[..., Any]] = {
@@ -97,7 +81,7 @@ def kernel(name: str) -> _Compiled:
         }
         # FP8 rows come in a dozen widths (every projection's input and output gradient): one
         # graph for all of them, or the recompile limit sends the later ones to eager kernels.
-        _KERNELS[name] = _Compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
+        _KERNELS[name] = _compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
     return _KERNELS[name]
 
 
