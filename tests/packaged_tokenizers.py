@@ -196,7 +196,8 @@ def _byte_chars() -> dict[int, str]:
 # Phi-4-mini's control tokens (all special): o200k_base's two, then the chat and tool markers from
 # 200,019 on. The chat markers' ids are those Phi-4-mini-instruct's prompts use (<|assistant|> 200019,
 # <|end|> 200020, <|user|> 200021, <|tool|> 200023); <|system|> in the gap and the order of the other
-# tool markers are ours (only <|system|>'s id shows in a test: as one token, whatever its value). The ids between o200k_base's ranks and these are unused embedding rows.
+# tool markers are ours (only <|system|>'s id shows in a test: as one token, whatever its value). The
+# ids between o200k_base's ranks and these are unused embedding rows.
 PHI4_MINI_ADDED = [
     (199999, "<|endoftext|>"),
     (200018, "<|endofprompt|>"),
