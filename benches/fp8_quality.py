@@ -16,11 +16,17 @@ floor that precision alone moves the curve by, bf16 against fp32:
     the held-out chunks, how often the two merged models have the same top-1 token and the
     same top-5 set at a position.
 
+`--sensitivity` instead scores the held-out chunks once per placement of the FP8 weights,
+without training (the adapters are zero there): every adapted projection in FP8, every one
+but one kind (q, k, v, o, gate, up, down), and every one but the first and last layers; so
+it shows which products the loss gap comes from.
+
 On a CPU the FP8 products are computed from the e4m3 values in fp32, slowly; the figures are
 about numerics, which do not depend on the device. Appends one JSON line to
 benches/results/fp8_quality.jsonl.
 
     .venv/bin/python benches/fp8_quality.py --steps 200 --max-seq-length 256
+    .venv/bin/python benches/fp8_quality.py --sensitivity
 """
 
 from __future__ import annotations
@@ -130,12 +136,48 @@ def compare(curve: np.ndarray, reference: np.ndarray, got: list[torch.Tensor], w
     }
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def held_out_loss(folder: Path, inputs: list[torch.Tensor], projections: tuple[str, ...], layers: list[int]) -> float:
+    """Mean held-out loss with the base weights of `projections` in `layers` in FP8 (zero adapters there)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.train.torch import fp8
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    if projections and layers:
+        config = LoraConfig(r=16, target_modules=list(projections), layers_to_transform=layers)
+        model = get_peft_model(model, config)
+        fp8.install(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in inputs:
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def sensitivity(folder: Path, inputs: list[torch.Tensor]) -> dict:
+    """Held-out loss above bf16's for each placement of the FP8 weights."""
+    from transformers import AutoConfig
+
+    every = list(range(AutoConfig.from_pretrained(folder).num_hidden_layers))
+    placements = {"all": (PROJECTIONS, every), "all but the first and last layers": (PROJECTIONS, every[1:-1])}
+    for name in PROJECTIONS:
+        placements[f"all but {name}"] = (tuple(p for p in PROJECTIONS if p != name), every)
+    bf16 = held_out_loss(folder, inputs, (), [])
+    return {name: held_out_loss(folder, inputs, *where) / bf16 - 1 for name, where in placements.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--held-out", type=int, default=24, help="held-out chunks scored")
+    parser.add_argument("--sensitivity", action="store_true", help="score FP8 placements, no training")
     args = parser.parse_args()
     torch.manual_seed(0)
     from backpropagate.model_source import resolve_model
@@ -145,25 +187,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bp-fp8-") as tmp:
         data, held_out = write_split(Path(tmp))
         inputs = held_out_ids(folder, held_out, args.held_out, args.max_seq_length)
+        if args.sensitivity:
+            report({"held_out_loss_above_bf16": sensitivity(folder, inputs)}, args, inputs)
+            return
         for name in RUNS:
             curve, adapter, seconds[name] = train(name, data, args, Path(tmp))
             losses[name] = np.array(curve)
             topk[name] = merged_topk(folder, adapter, inputs)
-    record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": MODEL,
-        "data": f"pydoc_data topics, Python {sys.version.split()[0]}",
+    measured = {
         "steps": args.steps,
-        "max_seq_length": args.max_seq_length,
         "learning_rate": args.learning_rate,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "positions": int(sum(ids.shape[1] for ids in inputs)),
         "fp8_vs_bf16": compare(losses["fp8"], losses["bf16"], topk["fp8"], topk["bf16"]),
         "bf16_vs_fp32": compare(losses["bf16"], losses["fp32"], topk["bf16"], topk["fp32"]),
         "mean_loss": {name: float(curve.mean()) for name, curve in losses.items()},
         "seconds": {name: round(s, 1) for name, s in seconds.items()},
         "losses": {name: [round(float(x), 4) for x in curve] for name, curve in losses.items()},
+    }
+    report(measured, args, inputs)
+
+
+def report(measured: dict, args: argparse.Namespace, inputs: list[torch.Tensor]) -> None:
+    """Prints the record (without the curves) and appends it to the results file."""
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": MODEL,
+        "data": f"pydoc_data topics, Python {sys.version.split()[0]}",
+        "max_seq_length": args.max_seq_length,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "positions": int(sum(ids.shape[1] for ids in inputs)),
+        **measured,
     }
     print(json.dumps({k: v for k, v in record.items() if k != "losses"}, indent=2))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
