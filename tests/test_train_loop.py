@@ -169,7 +169,9 @@ def test_accumulation_is_normalised_by_loss_tokens(tiny_llama, dataset, tmp_path
     # fp32: bf16 matmuls round differently at batch 4 and batch 1, which is not what this checks.
     settings = dict(FAST, precision="fp32")
     one = Trainer("tiny-llama", output_dir=str(tmp_path / "one"), **dict(settings, micro_batch=4, grad_accumulation=1))
-    four = Trainer("tiny-llama", output_dir=str(tmp_path / "four"), **dict(settings, micro_batch=1, grad_accumulation=4))
+    four = Trainer(
+        "tiny-llama", output_dir=str(tmp_path / "four"), **dict(settings, micro_batch=1, grad_accumulation=4)
+    )
     a, b = one.train(dataset, steps=3), four.train(dataset, steps=3)
     np.testing.assert_allclose([loss for _, loss in a.losses], [loss for _, loss in b.losses], rtol=1e-5)
 
