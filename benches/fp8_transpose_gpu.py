@@ -13,6 +13,7 @@ One JSON line per shape and way goes to stdout and to $OUT/fp8_transpose.jsonl (
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -20,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 
 from backpropagate.train.torch import byte_transpose
 
@@ -33,15 +33,7 @@ WARPS = (4, 8)
 
 def kernel(tile: int, warps: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The module's kernel launched at another tile size and warp count."""
-
-    def transpose(x: torch.Tensor) -> torch.Tensor:
-        rows, cols = x.shape
-        dst = torch.empty((cols, rows), dtype=torch.uint8, device=x.device)
-        grid = (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
-        byte_transpose._transpose_kernel[grid](x.view(torch.uint8), dst, rows, cols, TILE=tile, num_warps=warps)
-        return dst.view(x.dtype)
-
-    return transpose
+    return functools.partial(byte_transpose.transposed_by_kernel, tile=tile, warps=warps)
 
 
 def gb_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int = 50) -> float:
@@ -61,7 +53,7 @@ def gb_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeat
 def main() -> int:
     ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "copy (bound)": torch.clone,
-        "torch strided copy": lambda x: x.t().contiguous(),
+        "torch strided copy": byte_transpose.strided_copy,
         "module": byte_transpose.transposed_by_kernel,
     }
     ways.update({f"kernel tile {t} warps {w}": kernel(t, w) for t in TILES for w in WARPS})

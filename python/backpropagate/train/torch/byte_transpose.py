@@ -40,25 +40,26 @@ if triton is not None:
         tl.store(dst + c[None, :] * rows + r[:, None], tile, mask=inside)
 
 
-def transposed_by_kernel(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's transpose; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1`), which tests use."""
+def transposed_by_kernel(x: torch.Tensor, tile: int = TILE, warps: int = WARPS) -> torch.Tensor:
+    """The kernel's transpose (other tiles and warps: the bench); on the CPU only under `TRITON_INTERPRET=1`."""
     rows, cols = x.shape
     src = x.contiguous().view(torch.uint8)
     dst = torch.empty((cols, rows), dtype=torch.uint8, device=x.device)
-    _transpose_kernel[(triton.cdiv(rows, TILE), triton.cdiv(cols, TILE))](
-        src, dst, rows, cols, TILE=TILE, num_warps=WARPS
+    _transpose_kernel[(triton.cdiv(rows, tile), triton.cdiv(cols, tile))](
+        src, dst, rows, cols, TILE=tile, num_warps=warps
     )
     return dst.view(x.dtype)
 
 
-def _strided_copy(x: torch.Tensor) -> torch.Tensor:
+def strided_copy(x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's transpose copy: the plain path, and what the bench measures the kernel against."""
     return x.t().contiguous()
 
 
 # `x.t().contiguous()` for a contiguous 2-D tensor of one-byte elements: by the kernel on CUDA.
 transposed = UntilItFails(
     transposed_by_kernel if triton is not None else None,
-    _strided_copy,
+    strided_copy,
     "the FP8 transpose kernel",
     "PyTorch's copy",
     log,
