@@ -346,15 +346,16 @@ def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dic
 def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say).
 
-    None where the recompute planner kept layers (features `recompute[k/n]` with k < n): it
-    spends the room a cap leaves on purpose, and the estimate is of the step that recomputes
-    every layer, the longest-context setting.
+    None where the recompute planner kept layers (features `recompute[k/n]` with k < n) or kept
+    more than the last layer's input on the card while offloading (`+offload[m/n]`, m < n - 1):
+    it spends the room a cap leaves on purpose, and the estimate is of the step that recomputes
+    every layer and offloads all inputs but one, the longest-context setting.
     """
     recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
-    if recomputed != layers:
+    offload = "+offload[" in recompute
+    if recomputed != layers or (offload and recompute.split("+offload[")[1] != f"{int(layers) - 1}/{layers}]"):
         return None
-    offload = any("+offload" in f for f in features)
     return round(sum(estimate_allocated(shape, length, "qlora", offload).values()) / 2**30, 2)
 
 

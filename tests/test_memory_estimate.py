@@ -117,15 +117,24 @@ def test_offload_moves_saved_inputs_to_the_host_and_lengthens_the_context():
 
 
 def test_host_memory_bounds_the_longest_context():
-    """Offloaded inputs wait in host memory: a machine with less of it trains shorter contexts."""
+    """Offloaded inputs wait in host memory: a machine with less of it trains shorter contexts.
+
+    The card keeps the inputs the host cannot take, so the bound lies beyond the length at
+    which every layer's input but one fills the host.
+    """
+    host = 32 * 2**30
     unbounded = estimate_memory(LLAMA_8B, 4096, lora_r=32).max_context
     bounded = estimate_memory(LLAMA_8B, 4096, lora_r=32, host_gib=32).max_context
     assert bounded[80] < unbounded[80]
-    at_limit = estimate_memory(LLAMA_8B, bounded[80], lora_r=32, card_gib=80)
-    beyond = estimate_memory(LLAMA_8B, bounded[80] + 1, lora_r=32, offload=True)
-    assert at_limit.host_bytes <= 32 * 2**30 < beyond.host_bytes
+    all_but_one = host // (31 * 4096 * 2)
+    assert bounded[80] > 1.5 * all_but_one
+    at_limit = estimate_memory(LLAMA_8B, bounded[80], lora_r=32, card_gib=80, host_gib=32)
+    assert at_limit.host_bytes <= host and at_limit.peak_bytes <= 80 * 2**30
+    assert 0 < at_limit.offloaded_layers < 31
+    beyond = estimate_memory(LLAMA_8B, bounded[80] + 1, lora_r=32, card_gib=80, host_gib=32)
+    assert beyond.host_bytes <= host and beyond.peak_bytes > 80 * 2**30
     # With no room on the host, a card trains what fits it without offload.
-    no_room = estimate_memory(LLAMA_8B, 4096, lora_r=32, host_gib=1).max_context[16]
+    no_room = estimate_memory(LLAMA_8B, 4096, lora_r=32, host_gib=0.001).max_context[16]
     assert no_room == estimate_memory(LLAMA_8B, 4096, lora_r=32, offload=False).max_context[16] > 8192
     with pytest.raises(ConfigError, match="host_gib=0"):
         estimate_memory(LLAMA_8B, 512, host_gib=0)

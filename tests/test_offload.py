@@ -25,11 +25,29 @@ def dataset():
     return rule_dataset(vocab=300, samples=40, max_seq_length=96, seed=2)
 
 
-def gradients(path, dataset, chunk=None, **overrides):
-    """Loss and adapter gradients of one micro-batch of 3 packed rows (288 tokens) through the training loop's step."""
+@pytest.fixture(scope="module")
+def four_layers(tiny_llama, tmp_path_factory):
+    """tiny-llama with four decoder layers (random weights): room for inputs both on the card and on the host."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("four-layers")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def gradients(path, dataset, chunk=None, on_card=None, **overrides):
+    """Loss and adapter gradients of one micro-batch of 3 packed rows (288 tokens) through the training loop's step.
+
+    `on_card`: offload all recomputed layers' inputs but the last `on_card` ones'.
+    """
     config = Trainer("tiny-llama", **FAST, **overrides).config
     seed_everything(config.seed)
     tm = load_for_training(path, config)
+    if on_card is not None:
+        tm.recompute.start_offload(on_card)
     if chunk is not None:
         for layer in tm.recompute.layers:
             chunked_mlp.install(layer.mlp, chunk)
@@ -45,13 +63,50 @@ def gradients(path, dataset, chunk=None, **overrides):
 def test_offloaded_inputs_give_identical_gradients(tiny_llama, dataset):
     loss, plain, _ = gradients(tiny_llama, dataset, gradient_checkpointing="on", offload_activations="off")
     loss_off, moved, tm = gradients(tiny_llama, dataset, gradient_checkpointing="on", offload_activations="on")
-    assert tm.recompute.describe() == "recompute[2/2]+offload"
+    assert tm.recompute.describe() == "recompute[2/2]+offload[1/2]"
     # The first layer's input went to the host buffer and came back (the last layer's stays in place).
     assert tm.recompute.offload.offloaded == 1
     assert tm.recompute.offload.host_bytes == 288 * tm.base.config.hidden_size * 4
     assert loss_off == loss and plain.keys() == moved.keys() and len(plain) == 28
     for name in plain:
         assert torch.equal(plain[name], moved[name]), name
+
+
+def test_inputs_split_between_card_and_host_give_identical_gradients(four_layers, dataset):
+    loss, plain, _ = gradients(four_layers, dataset, gradient_checkpointing="on", offload_activations="off")
+    loss_off, moved, tm = gradients(four_layers, dataset, on_card=2, gradient_checkpointing="on")
+    assert tm.recompute.describe() == "recompute[4/4]+offload[2/4]"
+    # The first two layers' inputs went to the host and came back; the last two stayed in place.
+    assert tm.recompute.offload.offloaded == 2
+    assert tm.recompute.offload.host_bytes == 2 * 288 * tm.base.config.hidden_size * 4
+    assert loss_off == loss and plain.keys() == moved.keys() and len(plain) == 56
+    for name in plain:
+        assert torch.equal(plain[name], moved[name]), name
+
+
+def test_planner_keeps_on_the_card_the_inputs_it_has_room_for(four_layers):
+    """Offload auto: inputs the budget holds beyond the fewest stay on the card; out of memory sends half to the host."""
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.memory_estimate import input_bytes, recomputed_step_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(four_layers)
+    config, tokens, dtype = model.config, 4096, torch.bfloat16
+    fewest = recomputed_step_bytes(config, tokens, dtype, offload=True)
+    one_input = input_bytes(config, tokens, dtype)
+    assert one_input == tokens * config.hidden_size * 2
+    room = RecomputePlan(model, "on", "auto")
+    room.offload_if_short(recomputed_step_bytes(config, tokens, dtype, offload=False), config, dtype, tokens)
+    assert room.offload is None  # the whole step fits
+    plan = RecomputePlan(model, "on", "auto")
+    # The fewest inputs on the card are two (the last layer's and the one prefetched); all four would not fit.
+    plan.offload_if_short(fewest + 1.5 * one_input, config, dtype, tokens)
+    assert plan.describe() == "recompute[4/4]+offload[2/4]" and plan.on_card == 2
+    assert plan.back_off() and plan.describe() == "recompute[4/4]+offload[3/4]"
+    assert not plan.back_off()  # the loop halves the micro-batch next
+    short = RecomputePlan(model, "on", "auto")
+    short.offload_if_short(fewest / 2, config, dtype, tokens)
+    assert short.describe() == "recompute[4/4]+offload[3/4]"
 
 
 @pytest.mark.parametrize("recomputed", ["on", "off"])
@@ -74,7 +129,7 @@ def test_sliced_and_offloaded_training_draws_the_same_curve(tiny_llama, dataset,
     monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 50)
     moved = Trainer("tiny-llama", output_dir=str(tmp_path / "b"), offload_activations="on", **options)
     result = moved.train(dataset, steps=3)
-    assert "recompute[2/2]+offload" in result.features
+    assert "recompute[2/2]+offload[1/2]" in result.features
     np.testing.assert_allclose([loss for _, loss in result.losses], plain_losses, rtol=1e-5)
 
 
@@ -86,7 +141,7 @@ def test_planner_recomputes_then_offloads_then_gives_up(tiny_llama):
     assert plan.describe() == "recompute[0/2]" and plan.graph_obstacle(96) is None
     assert plan.back_off() and plan.describe() == "recompute[1/2]"
     assert plan.back_off() and plan.describe() == "recompute[2/2]"
-    assert plan.back_off() and plan.describe() == "recompute[2/2]+offload" and plan.offload is not None
+    assert plan.back_off() and plan.describe() == "recompute[2/2]+offload[1/2]" and plan.offload is not None
     assert not plan.back_off()  # the loop halves the micro-batch next
     assert plan.graph_obstacle(96) == "activation offload"
     never = RecomputePlan(model, "on", "off")
@@ -136,7 +191,7 @@ def test_out_of_memory_with_every_layer_recomputed_turns_offload_on(tiny_llama, 
     result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), **options).train(dataset, steps=2)
     # Kept layers went back to recomputing first (2 -> 1 -> 0 kept), then the inputs moved to the host.
     assert failures == ["recompute[0/2]", "recompute[1/2]", "recompute[2/2]"]
-    assert "recompute[2/2]+offload" in result.features and len(result.losses) == 2
+    assert "recompute[2/2]+offload[1/2]" in result.features and len(result.losses) == 2
 
 
 def test_mlp_slices_in_evaluation_too(tiny_llama):

@@ -18,8 +18,9 @@ step, and the largest phase:
 * adapter: rank-r A and B on every targeted projection (all linear layers by default):
   fp32 master, gradient and two AdamW moments (16 B per parameter) plus bf16 copies (2 B).
 * saved: each layer's input, H B per token per layer, while the layer waits for its
-  backward. With activation offload only the input of the layer in backward and the one
-  being prefetched stay on the card; the rest (`host_bytes`) waits in pinned host memory.
+  backward. With activation offload only the inputs of the last layers (one, or as many as
+  the host memory requires: `offloaded_layers`) and the one being prefetched stay on the
+  card; the rest (`host_bytes`) waits in pinned host memory.
 * step: through the step, the rotary cos and sin tables (2 head_dim B) and the token ids,
   positions and targets (3 x 8 B); in backward, the residual stream's gradient (H B).
 * attention_backward: a recomputed layer in flash attention's backward holds its first
@@ -39,7 +40,8 @@ step, and the largest phase:
 
 Without offload, `auto` (the default) offloads only when the step would not fit the card.
 The longest context for a card is the largest T whose peak fits, found by bisection; given
-the host memory (`host_gib`), also its offloaded inputs must fit there.
+the host memory (`host_gib`), also its offloaded inputs must fit there, and the card keeps
+the inputs of the layers the host cannot take.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class MemoryEstimate:
         offload: Whether recomputed layers' inputs wait in host memory.
         parts: Bytes by part (see the module doc).
         host_bytes: Pinned host memory the offloaded inputs take.
+        offloaded_layers: Layers whose inputs wait in host memory.
         max_context: Longest trainable context per card size (GiB -> tokens), offload as needed.
         fp8: Whether the base weights are in FP8.
     """
@@ -126,6 +129,7 @@ class MemoryEstimate:
     offload: bool
     parts: dict[str, int]
     host_bytes: int
+    offloaded_layers: int = 0
     max_context: dict[int, int] = field(default_factory=dict)
     fp8: bool = False
 
@@ -148,14 +152,17 @@ def _bytes_per_dtype(dtype: Any) -> int:
     return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) else int(dtype)
 
 
-def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool) -> dict[str, int]:
-    """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc)."""
+def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool, on_card: int = 1) -> dict[str, int]:
+    """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc).
+
+    With offload, the last `on_card` layers' inputs stay on the card, and one more is prefetched.
+    """
     from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
     from backpropagate.train.torch.losses import chunk_length
 
     h, b = shape.hidden, dtype_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    on_card_layers = min(shape.layers, 2) if offload else shape.layers
+    on_card_layers = min(shape.layers, on_card + 1) if offload else shape.layers
     attention_saved = (h + 2 * q + 2 * kv) * b + 4 * shape.heads
     gqa_spread = 2 * q * b if kv < q else 0
     phases = {
@@ -172,14 +179,29 @@ def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool)
     }
 
 
-def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
-    """Host memory the offloaded layer inputs of a step take: every layer's but the last one's."""
-    return max(shape.layers - 1, 0) * shape.hidden * dtype_bytes * tokens
+def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1) -> int:
+    """Host memory the offloaded layer inputs of a step take: every layer's but the last `on_card` ones'."""
+    return max(shape.layers - on_card, 0) * shape.hidden * dtype_bytes * tokens
 
 
-def host_shortfall(config: Any, tokens: int, dtype: Any, available: int | None) -> str | None:
-    """Why offloading a step of `tokens` would not fit the `available` host memory, or None when it fits."""
-    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype))
+def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
+    """One layer's input at `tokens` tokens: what each layer offloaded moves to the host and back."""
+    return Shape.of(config).hidden * _bytes_per_dtype(dtype) * tokens
+
+
+def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> int:
+    """The fewest layers whose inputs must stay on the card so that the others' fit `host_bytes` (at least 1)."""
+    if host_bytes is None:
+        return 1
+    return max(1, shape.layers - int(host_bytes // (shape.hidden * dtype_bytes * max(tokens, 1))))
+
+
+def host_shortfall(config: Any, tokens: int, dtype: Any, available: int | None, on_card: int = 1) -> str | None:
+    """Why offloading a step of `tokens` would not fit the `available` host memory, or None when it fits.
+
+    The last `on_card` layers' inputs stay on the card.
+    """
+    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype), on_card)
     if available is None or needed <= available:
         return None
     return (
@@ -212,12 +234,30 @@ def _static_parts(shape: Shape, mode: str, lora_r: int, fp8: bool = False) -> di
 
 
 def _estimate(
-    shape: Shape, tokens: int, mode: str, lora_r: int, offload: bool, dtype_bytes: int = 2, fp8: bool = False
+    shape: Shape,
+    tokens: int,
+    mode: str,
+    lora_r: int,
+    offload: bool,
+    dtype_bytes: int = 2,
+    fp8: bool = False,
+    host_bytes: float | None = None,
 ) -> MemoryEstimate:
-    parts = _static_parts(shape, mode, lora_r, fp8) | activation_parts(shape, tokens, dtype_bytes, offload)
+    """The estimate of one setting; with offload, the card keeps the inputs that `host_bytes` cannot hold."""
+    on_card = on_card_for_host(shape, tokens, dtype_bytes, host_bytes) if offload else shape.layers
+    offload = offload and on_card < shape.layers
+    parts = _static_parts(shape, mode, lora_r, fp8) | activation_parts(shape, tokens, dtype_bytes, offload, on_card)
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    host = offloaded_bytes(shape, tokens, dtype_bytes) if offload else 0
-    return MemoryEstimate(tokens=tokens, mode=mode, offload=offload, parts=parts, host_bytes=host, fp8=fp8)
+    host = offloaded_bytes(shape, tokens, dtype_bytes, on_card) if offload else 0
+    return MemoryEstimate(
+        tokens=tokens,
+        mode=mode,
+        offload=offload,
+        parts=parts,
+        host_bytes=host,
+        offloaded_layers=shape.layers - on_card if offload else 0,
+        fp8=fp8,
+    )
 
 
 def fits(
@@ -232,11 +272,10 @@ def fits(
 ) -> bool:
     """Whether a step of `tokens` fits `card_bytes` (offload None: with offload if needed), and `host_bytes` if given."""
     choices = (False, True) if offload is None else (offload,)
-    for o in choices:
-        estimate = _estimate(shape, tokens, mode, lora_r, o, fp8=fp8)
-        if estimate.peak_bytes <= card_bytes and (host_bytes is None or estimate.host_bytes <= host_bytes):
-            return True
-    return False
+    return any(
+        _estimate(shape, tokens, mode, lora_r, o, fp8=fp8, host_bytes=host_bytes).peak_bytes <= card_bytes
+        for o in choices
+    )
 
 
 def longest_context(
@@ -302,7 +341,8 @@ def estimate_memory(
         offload: Activation offload on (True), off (False), or (None) only where the step would
             not fit `card_gib` otherwise.
         dtype_bytes: Bytes per activation element: 2 (bf16, CUDA) or 4 (fp32, the CPU's default).
-        host_gib: The host memory offloaded inputs may take; bounds `max_context` (None: unbounded).
+        host_gib: The host memory offloaded inputs may take: the card keeps the inputs it cannot
+            hold, and it bounds `max_context` (None: unbounded).
         fp8: Base weights in FP8 (`--fp8`, mode lora only).
 
     Returns:
@@ -323,7 +363,8 @@ def estimate_memory(
     use_offload = bool(offload)
     if offload is None and card_gib is not None:
         use_offload = _estimate(shape, max_seq_length, mode, lora_r, False, fp8=fp8).peak_bytes > card_gib * _GIB
-    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes, fp8)
+    host = None if host_gib is None else host_gib * _GIB
+    estimate = _estimate(shape, max_seq_length, mode, lora_r, use_offload, dtype_bytes, fp8, host)
     cards = sorted({*CARDS_GIB, *([card_gib] if card_gib else [])})
     estimate.max_context = {
         g: longest_context(shape, mode, lora_r, g, offload, host_gib=host_gib, fp8=fp8) for g in cards

@@ -6,8 +6,10 @@ The function registered here with transformers' `AttentionInterface` reads the s
 boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 `max_length_q`, ...) that the model forward passes down to every attention layer:
 
-* CUDA: `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
-  samples, no padding, no mask); where it is missing, `flex_attention` with a document mask.
+* CUDA: cuDNN's fused attention over the packed row where `cudnn_attention.check` verified
+  it for the model (Hopper and newer; queries and keys with the same boundaries, no sliding
+  window); else `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
+  samples, no padding, no mask); where that is missing, `flex_attention` with a document mask.
 * CPU: causal SDPA over each sample's slice of the row (no mask, and only the lower
   triangle of each sample computed); where a shared-token layout or a sliding window is
   in play, SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from backpropagate.errors import RunFailedError
+from backpropagate.train.torch import cudnn_attention
 
 PACKED_ATTENTION = "backpropagate_packed"
 # Keyword argument carrying the key gather of a shared-token layout down to attention.
@@ -208,6 +211,17 @@ def varlen_supported(scaling: float | None, head_dim: int, window: int | None) -
     return scaling is None or "scale" in params or abs(scaling - head_dim**-0.5) < 1e-12
 
 
+def _token_major(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[1, heads, T, dim] -> contiguous [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass."""
+    q = query[0].transpose(0, 1).contiguous()
+    k, v = (t[0].transpose(0, 1) for t in (key, value))
+    if kv_index is None:
+        return q, k.contiguous(), v.contiguous()
+    return q, k.index_select(0, kv_index), v.index_select(0, kv_index)
+
+
 def _varlen(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -223,13 +237,7 @@ def _varlen(
     assert signature is not None
     params = signature.parameters
     cu_q, cu_k, max_q, max_k = bounds
-    # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass.
-    q = query[0].transpose(0, 1).contiguous()
-    k, v = (t[0].transpose(0, 1) for t in (key, value))
-    if kv_index is None:
-        k, v = k.contiguous(), v.contiguous()
-    else:
-        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+    q, k, v = _token_major(query, key, value, kv_index)
     kwargs: dict[str, Any] = {}
     # Grouped-query attention runs natively in the flash kernel: keys and values are never repeated.
     if q.shape[1] != k.shape[1] and "enable_gqa" in params:
@@ -356,6 +364,9 @@ def packed_attention_forward(
             key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
         mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
+    if query.is_cuda and kv_index is None and window is None and cu_k is cu_q and cudnn_attention.verified(query, key):
+        q, k, v = _token_major(query, key, value, None)
+        return cudnn_attention.attend(q, k, v, cu_q, int(kwargs["max_length_q"]), scaling).unsqueeze(0), None
     if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):
         max_q = int(kwargs["max_length_q"])
         bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))

@@ -23,7 +23,7 @@ from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
 from backpropagate.train.backend import resolve_backend
-from backpropagate.train.torch import fp8, fused, lora_fused
+from backpropagate.train.torch import cudnn_attention, fp8, fused, lora_fused
 from backpropagate.train.torch.losses import LMHead
 from backpropagate.train.torch.precision import compute_dtype_for
 from backpropagate.train.torch.recompute import RecomputePlan
@@ -259,9 +259,11 @@ def prepare_for_training(
             features.append(f"fp8[{fp8.install(model)}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
+    compute = compute_dtype_for(device, config.precision)
+    if cudnn_attention.check(model, device, compute):
+        features.append("cudnn_attention")
     recompute = RecomputePlan(model, config.gradient_checkpointing, config.offload_activations)
     model.train()
-    compute = compute_dtype_for(device, config.precision)
     return TrainingModel(
         model=model,
         device=device,

@@ -16,10 +16,13 @@ reaches: that projection skips its matmul while recomputing (`recomputing()`), a
 quarter of a recomputed layer's matmul work.
 
 When even the recomputed layers' inputs do not fit, they wait in host memory between
-forward and backward (`offload.py`): `offload_activations=on` always, `auto` when the
-estimate of a fully recomputed step (`memory_estimate.py`) exceeds the card before the
-first step, or when a step runs out of memory with no layer left to recompute. Only then
-is the micro-batch halved. Each gated MLP runs in slices of tokens at long lengths
+forward and backward (`offload.py`): `offload_activations=on` always (every recomputed
+layer's but the last one's), `auto` when the estimate of a fully recomputed step
+(`memory_estimate.py`) exceeds the card before the first step, or when a step runs out of
+memory with no layer left to recompute. In `auto` the card still keeps the inputs of as
+many of the last recomputed layers as its spare memory holds, so only the rest takes host
+memory and transfers; a step that runs out of memory sends half of those to the host too.
+Only then is the micro-batch halved. Each gated MLP runs in slices of tokens at long lengths
 (`chunked_mlp.py`), so one layer's recomputation never holds its whole intermediate.
 """
 
@@ -161,6 +164,8 @@ class RecomputePlan:
         self.preserve_rng = draws_random_numbers(model)
         self.mode = mode
         self.kept = 0
+        # While offloading: the last recomputed layers whose inputs stay on the card (backward needs them first).
+        self.on_card = 1
         self.planned = False
         self.set_kept(len(self.layers) if mode == "off" else 0)
         if offload == "on":
@@ -174,11 +179,10 @@ class RecomputePlan:
         moved = last = recompute
         if self.offload is not None:
             moved = offloaded(recompute, self.offload)
-            # The last recomputed layer's input is the first that backward needs: it stays on the device.
             last = offloaded(recompute, self.offload, keep=True)
         for i, layer in enumerate(self.layers):
             layer.gradient_checkpointing = i < recomputed
-            setattr(layer, "_gradient_checkpointing_func", moved if i < recomputed - 1 else last)  # noqa: B010
+            setattr(layer, "_gradient_checkpointing_func", moved if i < recomputed - self.on_card else last)  # noqa: B010
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
                     module.__dict__["bp_recomputed"] = i < recomputed
@@ -188,29 +192,47 @@ class RecomputePlan:
         """Layers that recompute their activations."""
         return len(self.layers) - self.kept
 
-    def describe(self) -> str:
-        """e.g. `recompute[20/28]`, or `recompute[28/28]+offload` when recomputed layers' inputs wait on the host."""
-        return f"recompute[{self.recomputed}/{len(self.layers)}]" + ("+offload" if self.offload else "")
+    @property
+    def offloaded(self) -> int:
+        """Layers whose inputs wait in host memory between forward and backward."""
+        return max(0, self.recomputed - self.on_card) if self.offload is not None else 0
 
-    def start_offload(self) -> None:
-        """Keeps every recomputed layer's input (but the last one's) in host memory between forward and backward."""
-        self.offload = ActivationOffload(self.device)
+    def describe(self) -> str:
+        """e.g. `recompute[20/28]`, or `recompute[28/28]+offload[20/28]` when 20 layers' inputs wait on the host."""
+        offload = f"+offload[{self.offloaded}/{len(self.layers)}]" if self.offload is not None else ""
+        return f"recompute[{self.recomputed}/{len(self.layers)}]{offload}"
+
+    def start_offload(self, on_card: int = 1) -> None:
+        """Keeps the inputs of the recomputed layers but the last `on_card` in host memory between forward and backward."""
+        if self.offload is None:
+            self.offload = ActivationOffload(self.device)
+        self.on_card = max(1, on_card)
         self.set_kept(self.kept)
 
     def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
         """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit."""
-        from backpropagate.memory_estimate import host_shortfall, recomputed_step_bytes
-
         if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
             return
-        budget = memory_budget(self.device)
+        self.offload_if_short(memory_budget(self.device), config, dtype, tokens)
+
+    def offload_if_short(self, budget: float | None, config: Any, dtype: torch.dtype, tokens: int) -> None:
+        """Offloads when a fully recomputed step of `tokens` needs more than `budget` bytes.
+
+        The card keeps the inputs of as many of the last layers as the budget holds beyond the
+        step with the fewest inputs on it.
+        """
+        from backpropagate.memory_estimate import host_shortfall, input_bytes, recomputed_step_bytes
+
         try:
             needed = recomputed_step_bytes(config, tokens, dtype, offload=False)
         except InputError as exc:  # a config without the usual sizes: out-of-memory recovery still offloads
             log.info("activation memory not estimated before the first step (%s)", exc)
             return
         if budget is not None and needed > budget:
-            self.start_offload()
+            # What the fewest inputs on the card leave free holds the inputs of that many more layers.
+            spare = budget - recomputed_step_bytes(config, tokens, dtype, offload=True)
+            more = int(spare // input_bytes(config, tokens, dtype)) if spare > 0 else 0
+            self.start_offload(on_card=min(1 + more, self.recomputed - 1))
             log.info(
                 "activation memory: %.1f GiB needed at %d tokens, %.1f GiB free: %s",
                 needed / 2**30,
@@ -218,7 +240,7 @@ class RecomputePlan:
                 budget / 2**30,
                 self.describe(),
             )
-            shortfall = host_shortfall(config, tokens, dtype, available_ram())
+            shortfall = host_shortfall(config, tokens, dtype, available_ram(), self.on_card)
             if shortfall:
                 log.warning(shortfall)
 
@@ -257,15 +279,20 @@ class RecomputePlan:
         return self.kept > 0
 
     def back_off(self) -> bool:
-        """After an out-of-memory error: recompute half of the kept layers again, else (offload auto) offload.
+        """After an out-of-memory error: the next lever that frees memory without halving the micro-batch.
+
+        Recompute half of the kept layers again; else (offload auto) offload every recomputed
+        layer's input but the last one's, or half of those the card still held.
 
         Returns:
-            False when neither lever is left (the loop halves the micro-batch).
+            False when no lever is left (the loop halves the micro-batch).
         """
         if self.kept > 0:
             self.set_kept(self.kept // 2)
         elif self.offload_mode == "auto" and self.offload is None:
             self.start_offload()
+        elif self.offload is not None and self.on_card > 1:
+            self.start_offload(on_card=1 + (self.on_card - 1) // 2)
         else:
             if self.offload is not None:
                 self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
