@@ -195,6 +195,10 @@ def test_cli_prints_parts_and_json(tmp_path):
     assert data["ok"] and data["peak_bytes"] == sum(data["parts"].values()) and "24" in data["max_context"]
     host = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--host-gib", "16")
     assert host.status == 0 and host.stdout != shown.stdout
+    # 1 GiB of host holds four layers' inputs of 256 MiB (32768 x 4096 x 2 bytes); the card keeps the rest.
+    args = ("--max-seq-length", "32768", "--card-gib", "16", "--host-gib", "1")
+    small_host = run_cli("estimate-memory", "--model", str(tmp_path), *args)
+    assert "host (pinned)" in small_host.stdout and "1.00 GiB (inputs of 4 layers)" in small_host.stdout
     fp8 = run_cli("estimate-memory", "--model", str(tmp_path), "--max-seq-length", "32768", "--mode", "lora", "--fp8")
     assert fp8.status == 0 and "lora fp8" in fp8.stdout and "fp8_transposed" in fp8.stdout
     refused = run_cli("estimate-memory", "--model", str(tmp_path / "nope"), "--max-seq-length", "8", "--json")

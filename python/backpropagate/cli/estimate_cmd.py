@@ -45,5 +45,8 @@ def estimate_memory_cmd(
     for part, size in estimate.parts.items():
         typer.echo(f"  {part:<18} {size / _GIB:8.2f} GiB")
     if estimate.host_bytes:
-        typer.echo(f"  {'host (pinned)':<18} {estimate.host_bytes / _GIB:8.2f} GiB")
+        n = estimate.offloaded_layers
+        typer.echo(
+            f"  {'host (pinned)':<18} {estimate.host_bytes / _GIB:8.2f} GiB (inputs of {n} layer{'s' * (n != 1)})"
+        )
     typer.echo("longest context: " + ", ".join(f"{g} GiB {t:,}" for g, t in estimate.max_context.items()))
