@@ -1,0 +1,107 @@
+"""Speed of packed causal attention on CUDA: flash (`varlen_attn`) against cuDNN's kernel, forward and backward.
+
+Qwen2.5-7B's heads (28 query, 4 key/value, dim 128), bf16, one packed row per case: 4 x 2048
+(the training bench's dense batch), a long-tailed mix of sample lengths packed into 8192, and
+single samples of 16k and 64k tokens. Each way is timed for forward plus backward with CUDA
+events and checked against the other (largest difference of output and gradients, relative
+to the largest value):
+
+  flash      `torch.nn.attention.varlen.varlen_attn` (what `attention._varlen` calls)
+  cudnn      `cudnn_attention.attend` (torch's cuDNN ops over the ragged row, what training uses
+             where `cudnn_attention.check` verified it)
+
+  python benches/attention_gpu.py
+
+One JSON line per case goes to stdout and to $OUT/attention.jsonl (or /tmp). TFLOP/s count the
+causal half of the score matrix, forward (2 matmuls) and backward (5).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from backpropagate.train.torch import attention, cudnn_attention
+
+OUT = Path(os.environ.get("OUT", "/tmp"))
+HEADS, KV_HEADS, DIM = 28, 4, 128
+CASES = {
+    "4 x 2048": [2048] * 4,
+    "mixed, 8192": [1000, 3000, 500, 2000, 120, 1572],
+    "1 x 16384": [16384],
+    "1 x 65536": [65536],
+}
+
+
+def ms_per_call(fn: Callable[[], None], repeats: int) -> float:
+    """Milliseconds per call from CUDA events, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / repeats
+
+
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
+    return attention._varlen(q, k, v, None, (cu, cu, longest, longest), None, None)[0]
+
+
+def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
+    return cudnn_attention.attend(*attention._token_major(q, k, v, None), cu, longest, None)
+
+
+def case(name: str, lengths: list[int], generator: torch.Generator) -> dict[str, object]:
+    """Both ways on one packed row: time, TFLOP/s, and how far apart their results are."""
+    total, longest = sum(lengths), max(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (
+        torch.randn(1, h, total, DIM, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+        for h in (HEADS, KV_HEADS, KV_HEADS)
+    )
+    grad = torch.randn(total, HEADS, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    flops = 7 * sum(n * n for n in lengths) * HEADS * DIM
+    row: dict[str, object] = {"case": name, "tokens": total, "card": torch.cuda.get_device_name()}
+    results = {}
+    for way, fn in (("flash", flash), ("cudnn", cudnn)):
+        forward = functools.partial(fn, q, k, v, cu, longest)
+        try:
+            out = forward()
+            results[way] = [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
+            ms = ms_per_call(lambda f=forward: torch.autograd.backward(f(), grad), 2 if total > 20000 else 10)
+            row[way] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1)}
+        except Exception as exc:  # a way this torch lacks is reported, not fatal
+            row[way] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if len(results) == 2:
+        pairs = zip(results["flash"], results["cudnn"], strict=True)
+        row["largest_difference"] = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
+        row["cudnn_speedup"] = round(row["flash"]["ms"] / row["cudnn"]["ms"], 2)  # type: ignore[index]
+    return row
+
+
+def main() -> None:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    config = types.SimpleNamespace(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM)
+    verified = cudnn_attention.check(types.SimpleNamespace(config=config), torch.device("cuda"), torch.bfloat16)
+    for name, lengths in CASES.items():
+        row = case(name, lengths, generator)
+        row.update(cudnn_verified=verified, torch=torch.__version__, cudnn=torch.backends.cudnn.version())
+        row["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = json.dumps(row)
+        print(line, flush=True)
+        with (OUT / "attention.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
