@@ -1,14 +1,13 @@
-"""Speed of packed causal attention on CUDA: flash (`varlen_attn`) against cuDNN's kernel, forward and backward.
+"""Speed of causal attention over one sample on CUDA: flash (`varlen_attn`) against cuDNN's kernel, forward and backward.
 
-Qwen2.5-7B's heads (28 query, 4 key/value, dim 128), bf16, one packed row per case: 4 x 2048
-(the training bench's dense batch), a long-tailed mix of sample lengths packed into 8192, and
-single samples of 16k and 64k tokens. Each way is timed for forward plus backward with CUDA
-events and checked against the other (largest difference of output and gradients, relative
-to the largest value):
+Qwen2.5-7B's heads (28 query, 4 key/value, dim 128), bf16, one sample of 2k, 8k, 16k and 64k
+tokens (a long-context row holds one sample, and that is where training runs cuDNN's kernel).
+Each way is timed for forward plus backward with CUDA events and checked against the other
+(largest difference of output and gradients, relative to the largest value):
 
   flash      `torch.nn.attention.varlen.varlen_attn` (what `attention._varlen` calls)
-  cudnn      `cudnn_attention.attend` (torch's cuDNN ops over the ragged row, what training uses
-             where `cudnn_attention.check` verified it)
+  cudnn      `cudnn_attention.attend` (SDPA's cuDNN backend, what training uses where
+             `cudnn_attention.check` verified it)
 
   python benches/attention_gpu.py
 
@@ -32,12 +31,7 @@ from backpropagate.train.torch import attention, cudnn_attention
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 HEADS, KV_HEADS, DIM = 28, 4, 128
-CASES = {
-    "4 x 2048": [2048] * 4,
-    "mixed, 8192": [1000, 3000, 500, 2000, 120, 1572],
-    "1 x 16384": [16384],
-    "1 x 65536": [65536],
-}
+LENGTHS = (2048, 8192, 16384, 65536)
 
 
 def ms_per_call(fn: Callable[[], None], repeats: int) -> float:
@@ -53,32 +47,32 @@ def ms_per_call(fn: Callable[[], None], repeats: int) -> float:
     return float(start.elapsed_time(end)) / repeats
 
 
-def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
-    return attention._varlen(q, k, v, None, (cu, cu, longest, longest), None, None)[0]
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    n = q.shape[2]
+    return attention._varlen(q, k, v, None, (cu, cu, n, n), None, None)
 
 
-def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int) -> torch.Tensor:
-    return cudnn_attention.attend(*attention._token_major(q, k, v, None), cu, longest, None)
+def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    return cudnn_attention.attend(q, k, v, None)
 
 
-def case(name: str, lengths: list[int], generator: torch.Generator) -> dict[str, object]:
-    """Both ways on one packed row: time, TFLOP/s, and how far apart their results are."""
-    total, longest = sum(lengths), max(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+def case(tokens: int, generator: torch.Generator) -> dict[str, object]:
+    """Both ways on one sample: time, TFLOP/s, and how far apart their results are."""
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
     q, k, v = (
-        torch.randn(1, h, total, DIM, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+        torch.randn(1, h, tokens, DIM, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
         for h in (HEADS, KV_HEADS, KV_HEADS)
     )
-    grad = torch.randn(total, HEADS, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
-    flops = 7 * sum(n * n for n in lengths) * HEADS * DIM
-    row: dict[str, object] = {"case": name, "tokens": total, "card": torch.cuda.get_device_name()}
+    grad = torch.randn(1, tokens, HEADS, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    flops = 7 * tokens * tokens * HEADS * DIM
+    row: dict[str, object] = {"tokens": tokens, "card": torch.cuda.get_device_name()}
     results = {}
     for way, fn in (("flash", flash), ("cudnn", cudnn)):
-        forward = functools.partial(fn, q, k, v, cu, longest)
+        forward = functools.partial(fn, q, k, v, cu)
         try:
             out = forward()
             results[way] = [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
-            ms = ms_per_call(lambda f=forward: torch.autograd.backward(f(), grad), 2 if total > 20000 else 10)
+            ms = ms_per_call(lambda f=forward: torch.autograd.backward(f(), grad), 2 if tokens > 20000 else 10)
             row[way] = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1)}
         except Exception as exc:  # a way this torch lacks is reported, not fatal
             row[way] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -93,9 +87,9 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     config = types.SimpleNamespace(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM)
     verified = cudnn_attention.check(types.SimpleNamespace(config=config), torch.device("cuda"), torch.bfloat16)
-    for name, lengths in CASES.items():
-        row = case(name, lengths, generator)
-        row.update(cudnn_verified=verified, torch=torch.__version__, cudnn=torch.backends.cudnn.version())
+    for tokens in LENGTHS:
+        row = case(tokens, generator)
+        row.update(cudnn_verified=verified, torch=torch.__version__, cudnn_version=torch.backends.cudnn.version())
         row["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         line = json.dumps(row)
         print(line, flush=True)

@@ -14,8 +14,7 @@ every linear layer, the real training loop (`train.torch.loop.train`) end to end
              (the first three recompute every layer, like the peers)
 
 Also available: realistic_auto and qlora_auto, and for diagnosis dense_nockpt (no activation
-checkpointing), dense_eager (no compiled kernels), a `_flash` suffix (flash attention where cuDNN's
-was verified, e.g. dense_flash, dense_auto_flash) and dense_keepN (the last N layers keep their
+checkpointing), dense_eager (no compiled kernels) and dense_keepN (the last N layers keep their
 activations, the others recompute: what `auto` trades memory for). Run it in the same device call as the
 peers, after them, so both use the same card and the peers' random 7B folder is reused for QLoRA:
 
@@ -46,7 +45,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -139,19 +137,6 @@ def train_config(args: argparse.Namespace, device: torch.device, mode: str, worl
     return TrainConfig(**base).validate()
 
 
-@contextlib.contextmanager
-def flash_attention_only() -> Iterator[None]:
-    """Flash attention where cuDNN's was verified: the `_flash` variants measure what cuDNN's brings."""
-    from backpropagate.train.torch import cudnn_attention
-
-    verified = set(cudnn_attention._verified)
-    cudnn_attention._verified.clear()
-    try:
-        yield
-    finally:
-        cudnn_attention._verified.update(verified)
-
-
 def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SINGLE) -> dict | None:  # type: ignore[type-arg]
     """One variant on this process's device; in a world of several, the row of rank 0 (None on the others)."""
     import synthetic_data as synthetic
@@ -162,15 +147,15 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
     device = torch.device(rank_device(world, args.device))
     seq = args.seqlen
     steps = args.warmup + args.steps
-    kind, *suffixes = variant.split("_")
+    kind = variant.split("_")[0]
     mode = "qlora" if kind == "qlora" else "lora"
     overrides: dict[str, object] = {"fp8": kind == "fp8"}
     overrides["gradient_checkpointing"] = "on"  # the peers' setting; _auto / _nockpt change it
-    if "nockpt" in suffixes:
+    if variant.endswith("_nockpt"):
         overrides["gradient_checkpointing"] = "off"
-    if "auto" in suffixes:
+    if variant.endswith("_auto"):
         overrides["gradient_checkpointing"] = "auto"
-    if "eager" in suffixes:
+    if variant.endswith("_eager"):
         overrides["fused_kernels"] = False
     config = train_config(args, device, mode, world, **overrides)
     t0 = time.perf_counter()
@@ -184,7 +169,7 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
         t0 = time.perf_counter()
         tm = loading.load_for_training(folder, config)
     else:
-        key = ("eager" in suffixes, kind == "fp8")  # FP8 replaces the bf16 weights: never shared
+        key = (variant.endswith("_eager"), kind == "fp8")  # FP8 replaces the bf16 weights: never shared
         if cache.get("model_key") != key:
             cache.pop("model", None)
             release()
@@ -210,11 +195,7 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
         out = Path(tmp)
         step_rows = torch_loop.rows_per_step(config, dataset.num_rows)
         trace = OUT / f"trace_{variant}.json.gz"
-        flash = "flash" in suffixes
-        with (
-            profiled(trace) if args.profile and world.is_main else contextlib.nullcontext(),
-            flash_attention_only() if flash else contextlib.nullcontext(),
-        ):
+        with profiled(trace) if args.profile and world.is_main else contextlib.nullcontext():
             outcome = torch_loop.train(tm, dataset, config, steps, out, f"bench-{variant}", {}, step_rows, world)
         peaks = world.gather(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
         if not world.is_main:
@@ -248,7 +229,7 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
         "peak_mem_gib_per_device": [round(p, 2) for p in peaks],
         "mfu_vs_989": round(tps * flops_per_token / PEAK_BF16_FLOPS / world.size, 3),  # per device
         "loss": round(outcome.state.losses[-1][1], 3),
-        "features": [f for f in outcome.features if not (flash and f == "cudnn_attention")],
+        "features": outcome.features,
         "torch": torch.__version__,
     }
 

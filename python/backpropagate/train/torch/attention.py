@@ -6,10 +6,10 @@ The function registered here with transformers' `AttentionInterface` reads the s
 boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 `max_length_q`, ...) that the model forward passes down to every attention layer:
 
-* CUDA: cuDNN's fused attention over the packed row where `cudnn_attention.check` verified
-  it for the model (Hopper and newer; queries and keys with the same boundaries, no sliding
-  window); else `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
-  samples, no padding, no mask); where that is missing, `flex_attention` with a document mask.
+* CUDA: `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
+  samples, no padding, no mask); where it is missing, `flex_attention` with a document mask.
+  A row of one sample (long contexts) runs on cuDNN's faster kernel instead where
+  `cudnn_attention.check` verified it for the model (Hopper and newer, no sliding window).
 * CPU: causal SDPA over each sample's slice of the row (no mask, and only the lower
   triangle of each sample computed); where a shared-token layout or a sliding window is
   in play, SDPA with a block-diagonal causal mask (built once per forward, shared by layers).
@@ -364,9 +364,9 @@ def packed_attention_forward(
             key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
         mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
-    if query.is_cuda and kv_index is None and window is None and cu_k is cu_q and cudnn_attention.verified(query, key):
-        q, k, v = _token_major(query, key, value, None)
-        return cudnn_attention.attend(q, k, v, cu_q, int(kwargs["max_length_q"]), scaling).unsqueeze(0), None
+    one_sample = cu_q.numel() == 2 and cu_k is cu_q and kv_index is None  # the boundaries are [0, T]
+    if query.is_cuda and one_sample and window is None and cudnn_attention.verified(query, key):
+        return cudnn_attention.attend(query, key, value, scaling), None
     if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):
         max_q = int(kwargs["max_length_q"])
         bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))

@@ -1,18 +1,17 @@
-"""Packed causal attention on cuDNN's fused kernel, for models where it checks out on the card.
+"""Causal attention on cuDNN's fused kernel for rows that hold one sample, where it checks out on the card.
 
-On Hopper, cuDNN's attention trains (forward and backward) faster than flash attention 2,
-the kernel behind `varlen_attn` on older torch (README, "Attention kernels"). It takes a
-packed row's sample boundaries directly as ragged offsets, so it serves every packed batch,
-CUDA graphs included, as long as queries and keys share their boundaries and no sliding
-window applies.
+On Hopper, cuDNN's attention (through SDPA) trains 1.7-1.9x faster than flash attention 2,
+the kernel behind `varlen_attn` on torch 2.11 (README, "Attention kernels"). Long-context
+rows are one sample each, and at long lengths attention is most of the step. SDPA's cuDNN
+kernel takes no sample boundaries, so packed rows of several samples stay on `varlen_attn`
+(which newer torch itself runs on cuDNN where its build supports that; torch 2.11's cuDNN
+ops gave wrong results for packed rows on an H100, cuDNN 9.19).
 
-Its entry points are torch's private ops (`aten._cudnn_attention_forward` / `_backward`,
-which SDPA and newer torch's `varlen_attn` call), and not every torch and cuDNN build pairs
-them correctly for ragged rows. So before training, `check` runs them once on a small packed
-row with the model's head layout, samples of several lengths and the empty samples that
-CUDA graphs pad with, and compares output and gradients with per-sample SDPA in fp32. A
-build where the ops are missing, fail or disagree keeps flash attention for the run; the
-check never switches kernels mid-run, where a recomputed layer must save what its forward did.
+Not every torch and cuDNN build computes every head layout correctly, so before training
+`check` runs the kernel once, forward and backward, on a small row with the model's heads
+and compares it with SDPA's math in fp32. A build where it is missing, fails or disagrees
+keeps flash attention for the run; the check never switches kernels mid-run, where a
+recomputed layer must save what its forward did.
 """
 
 from __future__ import annotations
@@ -31,43 +30,18 @@ _verified: set[tuple[int, int, int, int, torch.dtype]] = set()
 # Largest difference from the fp32 reference, relative to the reference's largest value, that
 # a correct kernel stays under with bf16 inputs and outputs (bf16 keeps 8 bits: about 4e-3).
 TOLERANCE = 2e-2
-# The check's row: samples of several lengths, then the empty samples graphs pad with.
-CHECK_LENGTHS = (37, 128, 1, 300, 70)
-CHECK_EMPTY = 3
+CHECK_TOKENS = 300
 
 
-class _RaggedCausal(torch.autograd.Function):
-    """cuDNN attention over a packed row: [T, heads, dim] in, [T, heads, dim] out."""
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of one sample on cuDNN: [1, heads, T, dim] in (keys may have fewer heads), [1, T, heads, dim] out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    @staticmethod
-    def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
-    ) -> torch.Tensor:
-        result = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
         )
-        out, lse, seed, offset = result[0], result[1], result[6], result[7]
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
-        ctx.max_len, ctx.scale = max_len, scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, seed, offset, None, cu, cu,
-            ctx.max_len, ctx.max_len, 0.0, True, scale=ctx.scale,
-        )  # fmt: skip
-        return dq, dk, dv, None, None, None
-
-
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
-) -> torch.Tensor:
-    """Causal attention within each sample of a packed row ([T, heads, dim], contiguous; keys may be fewer heads)."""
-    out = _RaggedCausal.apply(q, k, v, cu, max_len, scale)
-    assert isinstance(out, torch.Tensor)
-    return out
+    return out.transpose(1, 2)
 
 
 def verified(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -76,39 +50,31 @@ def verified(query: torch.Tensor, key: torch.Tensor) -> bool:
     return (index, query.shape[1], key.shape[1], query.shape[-1], query.dtype) in _verified
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Per-sample causal SDPA in fp32: [T, heads, dim]."""
-    outs = []
-    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
-        if len(qs):
-            a, b, c = (t.float().transpose(0, 1) for t in (qs, ks, vs))
-            outs.append(F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True).transpose(0, 1))
-    return torch.cat(outs)
-
-
 def _worst_difference(device: torch.device, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> float:
-    """Largest relative difference between cuDNN and the reference, output and gradients, on the check's row."""
+    """Largest relative difference between cuDNN and SDPA's math in fp32, output and gradients."""
     generator = torch.Generator(device=device).manual_seed(0)
-    total = sum(CHECK_LENGTHS)
-    bounds = [0, *torch.tensor(CHECK_LENGTHS).cumsum(0).tolist()] + [total] * CHECK_EMPTY
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
 
     def leaf(n: int) -> torch.Tensor:
-        return torch.randn(total, n, head_dim, device=device, generator=generator).to(dtype).requires_grad_()
+        x = torch.randn(1, n, CHECK_TOKENS, head_dim, device=device, generator=generator)
+        return x.to(dtype).requires_grad_()
 
     q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
-    grad = torch.randn(total, heads, head_dim, device=device, generator=generator).to(dtype)
+    grad = torch.randn(1, CHECK_TOKENS, heads, head_dim, device=device, generator=generator)
+
+    def reference() -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+
     results = []
-    for way in (
-        lambda: attend(q, k, v, cu, max(CHECK_LENGTHS), None),
-        lambda: _reference(q, k, v, list(CHECK_LENGTHS)),
-    ):
+    for way in (lambda: attend(q, k, v, None), reference):
         out = way()
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
         results.append([t.float() for t in (out, dq, dk, dv)])
-    return max(
-        float((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) for got, want in zip(*results, strict=True)
-    )
+    pairs = zip(*results, strict=True)
+    return max(float((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) for got, want in pairs)
 
 
 @functools.cache
@@ -117,7 +83,7 @@ def _check_once(device: torch.device, heads: int, kv_heads: int, head_dim: int, 
         worst = _worst_difference(device, heads, kv_heads, head_dim, dtype)
     except torch.OutOfMemoryError:
         raise
-    except Exception as exc:  # a missing op, an unsupported layout or build: flash attention serves instead
+    except Exception as exc:  # a missing backend, an unsupported layout or build: flash attention serves instead
         log.info("cuDNN attention unavailable (%s: %s); using flash attention", type(exc).__name__, str(exc)[:200])
         return False
     if worst > TOLERANCE:
@@ -133,7 +99,7 @@ def check(model: Any, device: torch.device, dtype: torch.dtype) -> bool:
     """
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    if torch.cuda.get_device_capability(device)[0] < 9 or not hasattr(torch.ops.aten, "_cudnn_attention_forward"):
+    if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = config.num_attention_heads
