@@ -185,3 +185,15 @@ def test_a_flex_attention_that_fails_to_compile_stops_the_run(monkeypatch):
             attention._flex(q, k, v, cu, cu, None, 4)
         assert err.value.code == "RUNTIME_KERNEL_COMPILE_FAILED" and "unbacked_bindings" in str(err.value)
     assert len(calls) == 1
+
+
+def test_cudnn_attention_is_tried_only_for_half_precision_on_cuda_cards():
+    """Elsewhere the check runs nothing and verifies nothing: every row keeps the kernels above."""
+    import types
+
+    from backpropagate.train.torch import cudnn_attention
+
+    config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+    model = types.SimpleNamespace(config=config)
+    assert not cudnn_attention.check(model, torch.device("cpu"), torch.bfloat16)
+    assert not cudnn_attention.verified(torch.zeros(1, 4, 8, 128), torch.zeros(1, 1, 8, 128))

@@ -48,7 +48,7 @@ needs_hopper = pytest.mark.skipif(
 
 
 @needs_hopper
-def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample():
+def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample(monkeypatch):
     from transformers import Qwen2Config
 
     from backpropagate.train.torch import attention, cudnn_attention
@@ -77,6 +77,17 @@ def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample():
         ref_grads = torch.autograd.grad(ref.float().square().sum(), [q, k, v])
         for got, want in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+    def fails(*args):
+        raise RuntimeError("cuDNN Frontend error: no engine for this length (simulated)")
+
+    monkeypatch.setattr(cudnn_attention, "attend", fails)
+    cu = torch.tensor([0, total], dtype=torch.int32, device=CUDA)
+    out, _ = attention.packed_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, **attention.packed_kwargs(cu, total)
+    )
+    assert torch.equal(out, attention._varlen(q, k, v, None, (cu, cu, total, total), dim**-0.5, None))
+    assert not cudnn_attention.verified(q, k)  # flash attention for the rest of the process
 
 
 def test_flex_attention_fallback_equals_block_causal_sdpa_on_cuda():

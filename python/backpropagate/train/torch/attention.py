@@ -366,7 +366,12 @@ def packed_attention_forward(
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
     one_sample = cu_q.numel() == 2 and cu_k is cu_q and kv_index is None  # the boundaries are [0, T]
     if query.is_cuda and one_sample and window is None and cudnn_attention.verified(query, key):
-        return cudnn_attention.attend(query, key, value, scaling), None
+        try:
+            return cudnn_attention.attend(query, key, value, scaling), None
+        except torch.OutOfMemoryError:
+            raise  # the loop's recovery handles it
+        except Exception as exc:
+            cudnn_attention.give_up(exc)
     if query.is_cuda and varlen_supported(scaling, query.shape[-1], window):
         max_q = int(kwargs["max_length_q"])
         bounds = (cu_q, cu_k, max_q, int(kwargs.get("max_length_k") or max_q))

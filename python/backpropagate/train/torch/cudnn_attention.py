@@ -44,8 +44,21 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
     return out.transpose(1, 2)
 
 
+def give_up(exc: Exception) -> None:
+    """After the kernel failed where the check passed (a length it did not try): flash attention from now on.
+
+    Every layer attends over the same lengths, so a failure that depends on them comes at a
+    step's first layer, before any layer of that step ran on cuDNN: every recomputation still
+    saves what its forward did.
+    """
+    log.warning("cuDNN attention failed (%s: %s); using flash attention", type(exc).__name__, str(exc)[:200])
+    _verified.clear()
+
+
 def verified(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether `check` passed for this query/key layout ([1, heads, T, dim]) on its device."""
+    """Whether `check` passed for this query/key layout ([1, heads, T, dim]) on its CUDA device."""
+    if not query.is_cuda:
+        return False
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
     return (index, query.shape[1], key.shape[1], query.shape[-1], query.dtype) in _verified
 
