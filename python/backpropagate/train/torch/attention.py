@@ -211,17 +211,6 @@ def varlen_supported(scaling: float | None, head_dim: int, window: int | None) -
     return scaling is None or "scale" in params or abs(scaling - head_dim**-0.5) < 1e-12
 
 
-def _token_major(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_index: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[1, heads, T, dim] -> contiguous [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass."""
-    q = query[0].transpose(0, 1).contiguous()
-    k, v = (t[0].transpose(0, 1) for t in (key, value))
-    if kv_index is None:
-        return q, k.contiguous(), v.contiguous()
-    return q, k.index_select(0, kv_index), v.index_select(0, kv_index)
-
-
 def _varlen(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -237,7 +226,13 @@ def _varlen(
     assert signature is not None
     params = signature.parameters
     cu_q, cu_k, max_q, max_k = bounds
-    q, k, v = _token_major(query, key, value, kv_index)
+    # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass.
+    q = query[0].transpose(0, 1).contiguous()
+    k, v = (t[0].transpose(0, 1) for t in (key, value))
+    if kv_index is None:
+        k, v = k.contiguous(), v.contiguous()
+    else:
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
     kwargs: dict[str, Any] = {}
     # Grouped-query attention runs natively in the flash kernel: keys and values are never repeated.
     if q.shape[1] != k.shape[1] and "enable_gqa" in params:
