@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import Qwen2Config
 
 from backpropagate.train.torch import attention, cudnn_attention
 
@@ -85,7 +86,7 @@ def case(tokens: int, generator: torch.Generator) -> dict[str, object]:
 
 def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
-    config = types.SimpleNamespace(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=DIM)
+    config = Qwen2Config(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=HEADS * DIM)
     verified = cudnn_attention.check(types.SimpleNamespace(config=config), torch.device("cuda"), torch.bfloat16)
     for tokens in LENGTHS:
         row = case(tokens, generator)

@@ -354,7 +354,7 @@ def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
     offload = "+offload[" in recompute
-    if recomputed != layers or (offload and recompute.split("+offload[")[1] != f"{int(layers) - 1}/{layers}]"):
+    if recomputed != layers or (offload and not recompute.endswith(f"+offload[{int(layers) - 1}/{layers}]")):
         return None
     return round(sum(estimate_allocated(shape, length, "qlora", offload).values()) / 2**30, 2)
 

@@ -191,9 +191,10 @@ def test_cudnn_attention_is_tried_only_for_half_precision_on_cuda_cards():
     """Elsewhere the check runs nothing and verifies nothing: every row keeps the kernels above."""
     import types
 
+    from transformers import Qwen2Config
+
     from backpropagate.train.torch import cudnn_attention
 
-    config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=1, head_dim=128)
-    model = types.SimpleNamespace(config=config)
+    model = types.SimpleNamespace(config=Qwen2Config(num_attention_heads=4, num_key_value_heads=1, hidden_size=512))
     assert not cudnn_attention.check(model, torch.device("cpu"), torch.bfloat16)
     assert not cudnn_attention.verified(torch.zeros(1, 4, 8, 128), torch.zeros(1, 1, 8, 128))

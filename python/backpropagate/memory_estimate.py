@@ -152,6 +152,11 @@ def _bytes_per_dtype(dtype: Any) -> int:
     return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) else int(dtype)
 
 
+def _layer_input_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """One decoder layer's input, [tokens, hidden]: what a recomputed layer keeps, or offloads, until its backward."""
+    return shape.hidden * dtype_bytes * tokens
+
+
 def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool, on_card: int = 1) -> dict[str, int]:
     """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc).
 
@@ -173,7 +178,7 @@ def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool,
     }
     busiest = max(phases, key=lambda name: phases[name])
     return {
-        "saved_inputs": on_card_layers * h * b * tokens,
+        "saved_inputs": on_card_layers * _layer_input_bytes(shape, tokens, b),
         "step_state": tokens * (2 * shape.head_dim * b + 3 * 8 + h * b),
         busiest: phases[busiest],
     }
@@ -181,19 +186,19 @@ def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool,
 
 def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1) -> int:
     """Host memory the offloaded layer inputs of a step take: every layer's but the last `on_card` ones'."""
-    return max(shape.layers - on_card, 0) * shape.hidden * dtype_bytes * tokens
+    return max(shape.layers - on_card, 0) * _layer_input_bytes(shape, tokens, dtype_bytes)
 
 
 def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
     """One layer's input at `tokens` tokens: what each layer offloaded moves to the host and back."""
-    return Shape.of(config).hidden * _bytes_per_dtype(dtype) * tokens
+    return _layer_input_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype))
 
 
 def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> int:
     """The fewest layers whose inputs must stay on the card so that the others' fit `host_bytes` (at least 1)."""
     if host_bytes is None:
         return 1
-    return max(1, shape.layers - int(host_bytes // (shape.hidden * dtype_bytes * max(tokens, 1))))
+    return max(1, shape.layers - int(host_bytes // _layer_input_bytes(shape, max(tokens, 1), dtype_bytes)))
 
 
 def host_shortfall(config: Any, tokens: int, dtype: Any, available: int | None, on_card: int = 1) -> str | None:

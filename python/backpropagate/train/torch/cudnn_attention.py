@@ -17,13 +17,16 @@ not try, `give_up` moves the rest of the run to flash attention.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from backpropagate.errors import InputError
+from backpropagate.log import get_logger
+from backpropagate.memory_estimate import Shape
+
+log = get_logger("attention")
 
 # (device index, query heads, key heads, head dim, dtype) of the layouts `check` verified.
 _verified: set[tuple[int, int, int, int, torch.dtype]] = set()
@@ -114,12 +117,13 @@ def check(model: Any, device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if not _check_once(torch.device("cuda", index), heads, kv_heads, head_dim, dtype):
+    try:
+        shape = Shape.of(model.config)
+    except InputError:  # a config without the usual sizes: flash attention, which needs none of them
         return False
-    _verified.add((index, heads, kv_heads, head_dim, dtype))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    layout = (shape.heads, shape.kv_heads, shape.head_dim, dtype)
+    if not _check_once(torch.device("cuda", index), *layout):
+        return False
+    _verified.add((index, *layout))
     return True
