@@ -23,6 +23,15 @@ def test_unknown_names_are_config_errors(monkeypatch):
         assert err.value.code == "CONFIG_UNKNOWN_MODEL"
 
 
+def test_a_failed_hub_fetch_is_one_line(monkeypatch):
+    # No network here (or, with one, no such repo): the hub's error runs to several lines.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ConfigError) as err:
+        resolve_model("nobody/surely-missing-model-xyz", weights=False)
+    assert err.value.code == "CONFIG_UNKNOWN_MODEL" and "surely-missing-model-xyz" in err.value.message
+    assert "\n" not in err.value.message
+
+
 def _gguf_of(model_dir, out, quantization="f16"):
     from backpropagate import _core
     from backpropagate.export.llama_cpp import library_path

@@ -34,7 +34,8 @@ CATALOG: dict[str, CodeInfo] = {
         "Choose an --output-dir that is a folder you can write to (or does not exist yet)."
     ),
     "CONFIG_UNKNOWN_MODEL": CodeInfo(
-        "Pass a Hugging Face id, a local model folder, or a preset from `backprop info --presets`."
+        "Pass a Hugging Face id, a local model folder, or a preset from `backprop info --presets`; "
+        "offline, only a folder (or a model already in the Hugging Face cache) loads."
     ),
     "CONFIG_RUN_ID_AMBIGUOUS": CodeInfo(
         "Several runs start with that id prefix; give more characters (`backprop runs list` shows the ids)."

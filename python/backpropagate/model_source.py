@@ -65,6 +65,7 @@ def _fetch_from_hub(repo_id: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown id, gated repo: all end the same way for the user
+        reason = (str(exc).strip().splitlines() or [""])[0]  # the hub's errors go on for paragraphs
         raise ConfigError(
-            "CONFIG_UNKNOWN_MODEL", f"could not find or fetch {repo_id!r} ({type(exc).__name__}: {exc})"
+            "CONFIG_UNKNOWN_MODEL", f"could not find or fetch {repo_id!r} ({type(exc).__name__}: {reason})"
         ) from exc
