@@ -72,6 +72,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LORA_R = 32
 RESULT = "RESULT "
+# A trial's child prints one of these per finished step, so a trial cut off by time still says how far it got.
+PROGRESS = "PROGRESS "
 _WRITING = threading.Lock()
 # Lengths are multiples of this (bisection steps too).
 GRAIN = 256
@@ -207,9 +209,37 @@ def trial_ours(
     tm = loading.prepare_for_training(model, config, mode, device, params)
     dataset = synthetic_data.random_dataset([length // rows] * (steps * rows), SHAPES[shape]["vocab_size"], length)
     with tempfile.TemporaryDirectory(prefix="bp-maxctx-") as tmp:
-        outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "max-context", {}, 1)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        metrics = Path(tmp) / "metrics.jsonl"
+        done = threading.Event()
+        watcher = threading.Thread(target=report_steps, args=(metrics, device, done), daemon=True)
+        watcher.start()
+        try:
+            outcome = torch_loop.train(tm, dataset, config, steps, Path(tmp), "max-context", {}, 1)
+        finally:
+            done.set()
+            watcher.join()
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {"tokens_per_s": records[-1]["tokens_per_s"], "features": outcome.features}
+
+
+def report_steps(metrics: Path, device: Any, done: threading.Event, every_s: float = 1.0) -> None:
+    """Prints a PROGRESS line for each step the loop appends to `metrics` (step, tokens/s, peak so far) until `done`."""
+    import torch
+
+    started, seen = time.perf_counter(), 0
+    while True:
+        finished = done.wait(every_s)
+        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # whole lines only
+        for line in lines[seen:]:
+            record = json.loads(line)
+            progress = {"step": record["step"], "tokens_per_s": record.get("tokens_per_s")}
+            progress["elapsed_s"] = round(time.perf_counter() - started, 1)
+            if device.type == "cuda":
+                progress["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            print(PROGRESS + json.dumps(progress), flush=True)
+        seen = len(lines)
+        if finished:
+            return
 
 
 def trial_peer(shape: str, length: int, rows: int, device: Any, steps: int = 2) -> dict[str, Any]:
@@ -324,8 +354,8 @@ def run_child(command: list[str], timeout: float, gpu: int | None = None) -> dic
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "oom": False, "timeout": True, "error": f"no result in {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as exc:
+        return cut_off(exc.stdout, timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if lines:
         outcome: dict[str, Any] = json.loads(lines[-1][len(RESULT) :])
@@ -333,6 +363,19 @@ def run_child(command: list[str], timeout: float, gpu: int | None = None) -> dic
     if proc.returncode == -9:  # the kernel's OOM killer: host memory ran out
         return {"ok": False, "oom": True, "error": "killed (host memory exhausted)"}
     return {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+
+
+def cut_off(stdout: bytes | str | None, timeout: float) -> dict[str, Any]:
+    """The outcome of a trial stopped after `timeout` s: not a result, but the steps it finished (its PROGRESS lines)."""
+    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
+    steps = [json.loads(line[len(PROGRESS) :]) for line in text.splitlines() if line.startswith(PROGRESS)]
+    outcome: dict[str, Any] = {"ok": False, "oom": False, "timeout": True, "steps_done": len(steps)}
+    outcome["error"] = f"no result in {timeout:.0f} s"
+    if steps:
+        last = steps[-1]
+        outcome.update(last_step=last, peak_gib=last.get("peak_gib"))
+        outcome["error"] += f" ({len(steps)} step(s) done, the last at {last['tokens_per_s']} tok/s)"
+    return outcome
 
 
 def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dict[str, int]:

@@ -96,3 +96,24 @@ def test_live_at_peak_replays_the_allocator_history():
     peak, peak_site, sites = live_at_peak(events)
     assert peak == 180 and peak_site == "attention.py:20 f"
     assert sites == [("attention.py:10 f", 100, 1), ("attention.py:20 f", 80, 2)]
+
+
+def test_a_trial_reports_each_step_and_a_cut_off_trial_keeps_them(tmp_path):
+    """A trial's child prints a line per finished step; a trial stopped by time still reports those steps."""
+    sys.path.insert(0, str(BENCH.parent))
+    import max_context_gpu as bench
+
+    command = [sys.executable, str(BENCH), "--trial", "ours", "--shape", "tiny", "--cap", "16", "--length", "256"]
+    done = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    progress = [json.loads(line[len(bench.PROGRESS) :]) for line in done.stdout.splitlines() if "PROGRESS" in line]
+    assert [p["step"] for p in progress] == [1, 2] and all(p["tokens_per_s"] > 0 for p in progress)
+    assert done.stdout.splitlines()[-1].startswith(bench.RESULT)
+
+    # The same lines from a child that finished one step and then ran out of time.
+    script = f"print({bench.PROGRESS + json.dumps(progress[0])!r}, flush=True); import time; time.sleep(60)"
+    outcome = bench.run_child([sys.executable, "-c", script], timeout=10)
+    assert outcome["timeout"] and not outcome["ok"] and not outcome["oom"]
+    assert outcome["steps_done"] == 1 and outcome["last_step"] == progress[0]
+    assert "1 step(s) done" in outcome["error"]
+    assert bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=3)["steps_done"] == 0
