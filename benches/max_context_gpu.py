@@ -26,9 +26,11 @@ per GPU (CUDA_VISIBLE_DEVICES per trial): on 8 GPUs every search and the referen
 whole budget. Timings from concurrent trials share the host (CPU, PCIe, host memory).
 
 Each trial and each search result is appended as a JSON line to
-benches/results/max_context_<card>.jsonl (and to $OUT/ when set); one table is printed at the end.
+benches/results/max_context_<card>.jsonl (and to $OUT/ when set, once if that is the same
+folder); one table is printed at the end. An installed package (PYTHONPATH) is imported before
+this tree's python/, whose compiled core may not be built.
 
-  PYTHONPATH=$PWD/python:/tmp/site python benches/max_context_gpu.py            # on the GPU
+  PYTHONPATH=/tmp/site python benches/max_context_gpu.py   # on the GPU, the wheel installed in /tmp/site
   python benches/max_context_gpu.py --shape tiny --max-trials 3                  # smoke test (CPU)
 
 The random 4-bit model is built on the meta device and each linear layer is quantized on
@@ -349,7 +351,8 @@ class Trials:
 def run_child(command: list[str], timeout: float, gpu: int | None = None) -> dict[str, Any]:
     """Runs one trial's child process on GPU `gpu` (None: as the environment has it); the outcome it printed, or why none."""
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    # An installed package (PYTHONPATH) comes before the source tree, whose compiled core may not be built.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT / "python")]))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     try:
@@ -378,28 +381,36 @@ def cut_off(stdout: bytes | str | None, timeout: float) -> dict[str, Any]:
     return outcome
 
 
-def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dict[str, int]:
-    """`estimate-memory`'s parts for a trial's setting, less its allocator margin (a trial reports allocated bytes)."""
+def estimate_allocated(shape: str, length: int, mode: str, offload: bool, on_host: int | None = None) -> dict[str, int]:
+    """`estimate-memory`'s parts for a trial's setting, less its allocator margin (a trial reports allocated bytes).
+
+    `on_host` layers' inputs wait in host memory (None: all but the last): the estimate is
+    bounded by exactly that much host memory, so the card keeps the rest, as the planner did.
+    """
     from backpropagate.memory_estimate import estimate_memory
 
-    estimate = estimate_memory(SHAPES[shape], length, mode=mode, lora_r=LORA_R, offload=offload)
+    host_gib = None
+    if offload and on_host is not None:
+        host_gib = (on_host + 0.5) * length * SHAPES[shape]["hidden_size"] * 2 / 2**30
+    estimate = estimate_memory(SHAPES[shape], length, mode=mode, lora_r=LORA_R, offload=offload, host_gib=host_gib)
     return {part: size for part, size in estimate.parts.items() if part != "margin"}
 
 
 def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say).
 
-    None where the recompute planner kept layers (features `recompute[k/n]` with k < n) or kept
-    more than the last layer's input on the card while offloading (`+offload[m/n]`, m < n - 1):
-    it spends the room a cap leaves on purpose, and the estimate is of the step that recomputes
-    every layer and offloads all inputs but one, the longest-context setting.
+    None where the recompute planner kept layers (features `recompute[k/n]` with k < n): it
+    spends the room a cap leaves on purpose, which the estimate of a step that recomputes
+    every layer does not model. Offloaded trials are estimated with the card keeping as many
+    layers' inputs as the planner kept (`+offload[m/n]`: n - m).
     """
     recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
-    offload = "+offload[" in recompute
-    if recomputed != layers or (offload and not recompute.endswith(f"+offload[{int(layers) - 1}/{layers}]")):
+    if recomputed != layers:
         return None
-    return round(sum(estimate_allocated(shape, length, "qlora", offload).values()) / 2**30, 2)
+    offload = "+offload[" in recompute
+    on_host = int(recompute.split("+offload[")[1].split("/")[0]) if offload else None
+    return round(sum(estimate_allocated(shape, length, "qlora", offload, on_host).values()) / 2**30, 2)
 
 
 def first_length(args: argparse.Namespace, which: str, cap: float) -> tuple[int, float]:
@@ -519,7 +530,7 @@ def emit(record: dict[str, Any], args: argparse.Namespace, card: str, bench: str
     line = json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     folders = [Path(args.results_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     with _WRITING:  # searches on several GPUs write from several threads
-        for folder in folders:
+        for folder in dict.fromkeys(f.resolve() for f in folders):  # once, when results-dir is $OUT
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / f"{bench}_{card}.jsonl", "a") as f:
                 f.write(line + "\n")
