@@ -381,36 +381,33 @@ def cut_off(stdout: bytes | str | None, timeout: float) -> dict[str, Any]:
     return outcome
 
 
-def estimate_allocated(shape: str, length: int, mode: str, offload: bool, on_host: int | None = None) -> dict[str, int]:
-    """`estimate-memory`'s parts for a trial's setting, less its allocator margin (a trial reports allocated bytes).
-
-    `on_host` layers' inputs wait in host memory (None: all but the last): the estimate is
-    bounded by exactly that much host memory, so the card keeps the rest, as the planner did.
-    """
+def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dict[str, int]:
+    """`estimate-memory`'s parts for a trial's setting, less its allocator margin (a trial reports allocated bytes)."""
     from backpropagate.memory_estimate import estimate_memory
 
-    host_gib = None
-    if offload and on_host is not None:
-        host_gib = (on_host + 0.5) * length * SHAPES[shape]["hidden_size"] * 2 / 2**30
-    estimate = estimate_memory(SHAPES[shape], length, mode=mode, lora_r=LORA_R, offload=offload, host_gib=host_gib)
+    estimate = estimate_memory(SHAPES[shape], length, mode=mode, lora_r=LORA_R, offload=offload)
     return {part: size for part, size in estimate.parts.items() if part != "margin"}
 
 
 def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say).
 
-    None where the recompute planner kept layers (features `recompute[k/n]` with k < n): it
-    spends the room a cap leaves on purpose, which the estimate of a step that recomputes
-    every layer does not model. Offloaded trials are estimated with the card keeping as many
-    layers' inputs as the planner kept (`+offload[m/n]`: n - m).
+    None where the recompute planner kept layers (features `recompute[k/n]` with k < n) or had
+    backward replay inputs (`+replay[...]`): it spends the room a cap leaves on purpose, which
+    the estimate of a step that recomputes every layer does not model. An offloaded trial
+    (`+offload[m/n]`) is estimated with the card keeping as many layers' inputs as the planner
+    kept, n - m, where the estimate keeps one.
     """
     recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
-    if recomputed != layers:
+    if recomputed != layers or "+replay[" in recompute:
         return None
     offload = "+offload[" in recompute
-    on_host = int(recompute.split("+offload[")[1].split("/")[0]) if offload else None
-    return round(sum(estimate_allocated(shape, length, "qlora", offload, on_host).values()) / 2**30, 2)
+    allocated = sum(estimate_allocated(shape, length, "qlora", offload).values())
+    if offload:
+        on_host = int(recompute.split("+offload[")[1].split("/")[0])
+        allocated += (int(layers) - on_host - 1) * length * SHAPES[shape]["hidden_size"] * 2
+    return round(allocated / 2**30, 2)
 
 
 def first_length(args: argparse.Namespace, which: str, cap: float) -> tuple[int, float]:

@@ -38,16 +38,16 @@ def four_layers(tiny_llama, tmp_path_factory):
     return folder
 
 
-def gradients(path, dataset, chunk=None, on_card=None, **overrides):
+def gradients(path, dataset, chunk=None, on_card=None, every=1, **overrides):
     """Loss and adapter gradients of one micro-batch of 3 packed rows (288 tokens) through the training loop's step.
 
-    `on_card`: offload all recomputed layers' inputs but the last `on_card` ones'.
+    `on_card`: offload all recomputed layers' inputs but the last `on_card` ones' (one in `every`; the rest replayed).
     """
     config = Trainer("tiny-llama", **FAST, **overrides).config
     seed_everything(config.seed)
     tm = load_for_training(path, config)
     if on_card is not None:
-        tm.recompute.start_offload(on_card)
+        tm.recompute.start_offload(on_card, every)
     if chunk is not None:
         for layer in tm.recompute.layers:
             chunked_mlp.install(layer.mlp, chunk)
@@ -84,6 +84,39 @@ def test_inputs_split_between_card_and_host_give_identical_gradients(four_layers
         assert torch.equal(plain[name], moved[name]), name
 
 
+@pytest.mark.parametrize(("every", "stored", "replayed"), [(2, 2, 1), (3, 1, 2)])
+def test_replayed_inputs_give_identical_gradients(four_layers, dataset, every, stored, replayed):
+    """Of the three offloaded inputs, one in `every` goes to the host; backward replays the others, bit for bit."""
+    loss, plain, _ = gradients(four_layers, dataset, gradient_checkpointing="on", offload_activations="off")
+    loss_off, moved, tm = gradients(four_layers, dataset, on_card=1, every=every, gradient_checkpointing="on")
+    assert tm.recompute.describe() == f"recompute[4/4]+offload[{stored}/4]+replay[{replayed}/4]"
+    offload = tm.recompute.offload
+    assert (offload.offloaded, offload.replayed) == (stored, replayed)
+    assert offload.host_bytes == stored * 288 * tm.base.config.hidden_size * 4
+    assert loss_off == loss and plain.keys() == moved.keys() and len(plain) == 56
+    for name in plain:
+        assert torch.equal(plain[name], moved[name]), name
+
+
+def test_an_input_that_is_not_the_layer_below_s_output_is_stored():
+    """Replay only rebuilds a layer's input from the layer below where that input is the output itself."""
+    from torch.utils.checkpoint import checkpoint
+
+    from backpropagate.train.torch.offload import ActivationOffload, offloaded
+
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    offload = ActivationOffload(torch.device("cpu"), every=3)
+    run = offloaded(lambda f, *a: checkpoint(f, *a, use_reentrant=False), offload)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = run(layers[0], x)
+    h = run(layers[1], h * 2)  # something between the layers: its input is not layer 0's output
+    out = run(layers[2], h)
+    assert (offload.offloaded, offload.replayed) == (2, 1)
+    out.sum().backward()
+    expected = torch.autograd.grad(layers[2](layers[1](layers[0](x) * 2)).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_planner_keeps_on_the_card_the_inputs_it_has_room_for(four_layers):
     """Offload auto: inputs the budget holds beyond the fewest stay on the card; out of memory sends half to the host."""
     from transformers import AutoModelForCausalLM
@@ -107,6 +140,32 @@ def test_planner_keeps_on_the_card_the_inputs_it_has_room_for(four_layers):
     short = RecomputePlan(model, "on", "auto")
     short.offload_if_short(fewest / 2, config, dtype, tokens)
     assert short.describe() == "recompute[4/4]+offload[3/4]"
+
+
+@pytest.mark.parametrize(
+    ("host_inputs", "described"),
+    [
+        (2, "recompute[4/4]+offload[2/4]"),  # the host holds what the card cannot
+        (1.5, "recompute[4/4]+offload[1/4]+replay[2/4]"),  # one stored input, two replayed from it
+        (0.5, "recompute[4/4]+offload[1/4]+replay[2/4]"),  # nothing fits: the least host memory, and a warning
+    ],
+)
+def test_planner_replays_inputs_the_host_cannot_hold(four_layers, host_inputs, described, caplog):
+    """With room for one more input on the card: keep it there, else spend it on a segment that replays."""
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.memory_estimate import input_bytes, recomputed_step_bytes
+    from backpropagate.train.torch.recompute import HOST_TARGET
+
+    model = AutoModelForCausalLM.from_pretrained(four_layers)
+    config, tokens, dtype = model.config, 4096, torch.bfloat16
+    fewest, one = recomputed_step_bytes(config, tokens, dtype, offload=True), input_bytes(config, tokens, dtype)
+    plan = RecomputePlan(model, "on", "auto")
+    plan.offload_if_short(fewest + 1.5 * one, config, dtype, tokens, ram=host_inputs * one / HOST_TARGET)
+    assert plan.describe() == described
+    assert ("host memory" in caplog.text) == (host_inputs < 1)
+    if plan.replayed:
+        assert plan.back_off() is False  # one input on the card already: the micro-batch is halved next
 
 
 @pytest.mark.parametrize("recomputed", ["on", "off"])

@@ -269,3 +269,28 @@ def test_offloaded_activations_train_the_same_curve_and_time_steps_on_the_gpu(ti
     np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-2)
     # A 2-layer model's step is milliseconds: a rate in the millions would mean a step timed as ~0.
     assert all(0 < r < 5e6 for r in rates["on"] + rates["off"]), rates
+
+
+def test_replayed_inputs_train_the_same_curve_on_the_gpu(tiny_llama, tmp_path, monkeypatch):
+    """One offloaded input in two goes to pinned host memory, backward replays the other: the curve of keeping them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from backpropagate import Trainer
+    from backpropagate.train.torch.recompute import RecomputePlan
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    start_offload = RecomputePlan.start_offload
+    monkeypatch.setattr(RecomputePlan, "start_offload", lambda plan, on_card=1, every=1: start_offload(plan, 1, 2))
+    dataset = rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
+    curves, features = {}, {}
+    for offload in ("off", "on"):
+        options = dict(gradient_checkpointing="on", offload_activations=offload, progress=False, report_to="none")
+        result = Trainer(
+            str(tmp_path / "model"), mode="lora", output_dir=str(tmp_path / offload), learning_rate=1e-2, **options
+        ).train(dataset, steps=6)
+        curves[offload], features[offload] = np.array([loss for _, loss in result.losses]), result.features
+    assert "recompute[4/4]+offload[2/4]+replay[1/4]" in features["on"], features
+    np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-2)

@@ -19,8 +19,11 @@ step, and the largest phase:
   fp32 master, gradient and two AdamW moments (16 B per parameter) plus bf16 copies (2 B).
 * saved: each layer's input, H B per token per layer, while the layer waits for its
   backward. With activation offload only the inputs of the last layers (one, or as many as
-  the host memory requires: `offloaded_layers`) and the one being prefetched stay on the
-  card; the rest (`host_bytes`) waits in pinned host memory.
+  the host memory requires) and the one being prefetched stay on the card; the rest
+  (`host_bytes`, `offloaded_layers`) waits in pinned host memory. Where the host holds too
+  few, only every `every`-th of those inputs goes there and backward replays the others
+  (`replayed_layers`, `offload.py`), holding up to `every` inputs on the card instead of
+  one prefetched; of the two ways to fit a host, the one with fewer inputs on the card counts.
 * step: through the step, the rotary cos and sin tables (2 head_dim B) and the token ids,
   positions and targets (3 x 8 B); in backward, the residual stream's gradient (H B).
 * attention_backward: a recomputed layer in flash attention's backward holds its first
@@ -120,6 +123,7 @@ class MemoryEstimate:
         parts: Bytes by part (see the module doc).
         host_bytes: Pinned host memory the offloaded inputs take.
         offloaded_layers: Layers whose inputs wait in host memory.
+        replayed_layers: Layers whose inputs backward replays from an offloaded one below them.
         max_context: Longest trainable context per card size (GiB -> tokens), offload as needed.
         fp8: Whether the base weights are in FP8.
     """
@@ -130,6 +134,7 @@ class MemoryEstimate:
     parts: dict[str, int]
     host_bytes: int
     offloaded_layers: int = 0
+    replayed_layers: int = 0
     max_context: dict[int, int] = field(default_factory=dict)
     fp8: bool = False
 
@@ -157,17 +162,20 @@ def _layer_input_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
     return shape.hidden * dtype_bytes * tokens
 
 
-def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool, on_card: int = 1) -> dict[str, int]:
+def activation_parts(
+    shape: Shape, tokens: int, dtype_bytes: int, offload: bool, on_card: int = 1, every: int = 1
+) -> dict[str, int]:
     """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc).
 
-    With offload, the last `on_card` layers' inputs stay on the card, and one more is prefetched.
+    With offload, the last `on_card` layers' inputs stay on the card, and one more is
+    prefetched (`every` more while a segment of replayed layers runs backward).
     """
     from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
     from backpropagate.train.torch.losses import chunk_length
 
     h, b = shape.hidden, dtype_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    on_card_layers = min(shape.layers, on_card + 1) if offload else shape.layers
+    on_card_layers = min(shape.layers, on_card + every) if offload else shape.layers
     attention_saved = (h + 2 * q + 2 * kv) * b + 4 * shape.heads
     gqa_spread = 2 * q * b if kv < q else 0
     phases = {
@@ -184,9 +192,14 @@ def activation_parts(shape: Shape, tokens: int, dtype_bytes: int, offload: bool,
     }
 
 
-def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1) -> int:
-    """Host memory the offloaded layer inputs of a step take: every layer's but the last `on_card` ones'."""
-    return max(shape.layers - on_card, 0) * _layer_input_bytes(shape, tokens, dtype_bytes)
+def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1, every: int = 1) -> int:
+    """Host memory the offloaded layer inputs of a step take: of the layers but the last `on_card`, every `every`-th."""
+    return stored_layers(shape.layers - on_card, every) * _layer_input_bytes(shape, tokens, dtype_bytes)
+
+
+def stored_layers(moved: int, every: int) -> int:
+    """Of `moved` layers whose inputs leave the card, those whose inputs go to the host (one per segment of `every`)."""
+    return -(-max(moved, 0) // every)
 
 
 def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
@@ -194,19 +207,30 @@ def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
     return _layer_input_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype))
 
 
-def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> int:
-    """The fewest layers whose inputs must stay on the card so that the others' fit `host_bytes` (at least 1)."""
+def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> tuple[int, int]:
+    """Where offloaded inputs go when `host_bytes` bounds the host: (inputs kept on the card, segment length).
+
+    Either the card keeps the inputs the host cannot hold, or every `every`-th input goes to the
+    host and the others are replayed; whichever keeps fewer inputs on the card (the first on a tie).
+    """
     if host_bytes is None:
-        return 1
-    return max(1, shape.layers - int(host_bytes // _layer_input_bytes(shape, max(tokens, 1), dtype_bytes)))
+        return 1, 1
+    fits = int(host_bytes // _layer_input_bytes(shape, max(tokens, 1), dtype_bytes))
+    kept = max(1, shape.layers - fits), 1
+    if fits < 1 or kept[0] == 1:
+        return kept
+    every = next(k for k in range(2, shape.layers + 1) if stored_layers(shape.layers - 1, k) <= fits)
+    return kept if sum(kept) <= 1 + every else (1, every)
 
 
-def host_shortfall(config: Any, tokens: int, dtype: Any, available: int | None, on_card: int = 1) -> str | None:
+def host_shortfall(
+    config: Any, tokens: int, dtype: Any, available: float | None, on_card: int = 1, every: int = 1
+) -> str | None:
     """Why offloading a step of `tokens` would not fit the `available` host memory, or None when it fits.
 
-    The last `on_card` layers' inputs stay on the card.
+    The last `on_card` layers' inputs stay on the card; of the others, every `every`-th goes to the host.
     """
-    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype), on_card)
+    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype), on_card, every)
     if available is None or needed <= available:
         return None
     return (
@@ -248,19 +272,22 @@ def _estimate(
     fp8: bool = False,
     host_bytes: float | None = None,
 ) -> MemoryEstimate:
-    """The estimate of one setting; with offload, the card keeps the inputs that `host_bytes` cannot hold."""
-    on_card = on_card_for_host(shape, tokens, dtype_bytes, host_bytes) if offload else shape.layers
+    """The estimate of one setting; with offload, as `on_card_for_host` places what `host_bytes` cannot hold."""
+    on_card, every = on_card_for_host(shape, tokens, dtype_bytes, host_bytes) if offload else (shape.layers, 1)
     offload = offload and on_card < shape.layers
-    parts = _static_parts(shape, mode, lora_r, fp8) | activation_parts(shape, tokens, dtype_bytes, offload, on_card)
+    activations = activation_parts(shape, tokens, dtype_bytes, offload, on_card, every)
+    parts = _static_parts(shape, mode, lora_r, fp8) | activations
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    host = offloaded_bytes(shape, tokens, dtype_bytes, on_card) if offload else 0
+    host = offloaded_bytes(shape, tokens, dtype_bytes, on_card, every) if offload else 0
+    stored = stored_layers(shape.layers - on_card, every) if offload else 0
     return MemoryEstimate(
         tokens=tokens,
         mode=mode,
         offload=offload,
         parts=parts,
         host_bytes=host,
-        offloaded_layers=shape.layers - on_card if offload else 0,
+        offloaded_layers=stored,
+        replayed_layers=shape.layers - on_card - stored if offload else 0,
         fp8=fp8,
     )
 

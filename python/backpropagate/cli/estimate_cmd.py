@@ -45,8 +45,10 @@ def estimate_memory_cmd(
     for part, size in estimate.parts.items():
         typer.echo(f"  {part:<18} {size / _GIB:8.2f} GiB")
     if estimate.host_bytes:
-        n = estimate.offloaded_layers
+        n, r = estimate.offloaded_layers, estimate.replayed_layers
+        replayed = f"; {r} more replayed in backward" if r else ""
         typer.echo(
-            f"  {'host (pinned)':<18} {estimate.host_bytes / _GIB:8.2f} GiB (inputs of {n} layer{'s' * (n != 1)})"
+            f"  {'host (pinned)':<18} {estimate.host_bytes / _GIB:8.2f} GiB"
+            f" (inputs of {n} layer{'s' * (n != 1)}{replayed})"
         )
     typer.echo("longest context: " + ", ".join(f"{g} GiB {t:,}" for g, t in estimate.max_context.items()))

@@ -15,6 +15,16 @@ checkpointed layer sees exactly that one tensor:
   copy back, and start the copy back of the layer below, which backward reaches next, so
   each transfer overlaps a layer's recomputation and backward.
 
+Where the host cannot hold every input either, only every `every`-th recomputed layer's input
+goes to the host (a segment's first); the inputs of the layers above it in the segment are
+kept nowhere. When backward reaches a segment's top layer, its unpack replays the
+segment's layers forward from that first input, without autograd, and holds each layer's
+input on the device until its own backward takes it. That costs one more forward of
+`every - 1` of each `every` layers and keeps up to `every` inputs on the card while a
+segment runs backward, and divides the host memory by `every`. A replayed input is the
+same tensor as the forward's only where the layer above took the layer's own output as its
+input (checked by identity in forward); anywhere else the input is stored as usual.
+
 Host buffers are pooled by size and reused by the next micro-batch (page-locking memory
 costs more than the copy). On the CPU the same path runs with plain buffers and no streams: the
 "offload" is a copy to another buffer and back, which is what the gradient tests check.
@@ -85,11 +95,13 @@ def _unregister(pointers: list[int]) -> None:
 class _Offloaded:
     """One saved tensor in host memory, and its way back to the device."""
 
-    def __init__(self, offload: ActivationOffload, tensor: torch.Tensor, below: _Offloaded | _Kept | None) -> None:
+    def __init__(self, offload: ActivationOffload, tensor: torch.Tensor, below: _Handle | None) -> None:
         self.offload = offload
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
         # The layer below runs its backward right after this one: it is the next to prefetch.
-        self.below: weakref.ref[_Offloaded | _Kept] | None = None if below is None else weakref.ref(below)
+        self.below: weakref.ref[_Handle] | None = None if below is None else weakref.ref(below)
+        self.position: int = 0  # in its segment of `every` layers
+        self.call: _Call | None = None  # its layer's forward, for the replay of the layer above
         self.host: torch.Tensor | None = offload.pool.take(tensor.numel() * tensor.element_size())
         self.back: torch.Tensor | None = None
         self.arrived: torch.cuda.Event | None = None
@@ -119,15 +131,21 @@ class _Offloaded:
             self.arrived = torch.cuda.Event()
             self.arrived.record(stream)
 
-    def restore(self) -> torch.Tensor:
-        """The tensor on its device, once its copy has landed; its host buffer goes back to the pool."""
+    def peek(self) -> torch.Tensor:
+        """The tensor on its device, once its copy has landed, still held here (a replay starts from it)."""
         self.prefetch()
-        assert self.back is not None and self.host is not None
+        assert self.back is not None
         if self.arrived is not None:
             torch.cuda.current_stream(self.device).wait_event(self.arrived)
+        return self.back
+
+    def restore(self) -> torch.Tensor:
+        """The tensor on its device, once its copy has landed; its host buffer goes back to the pool."""
+        back = self.peek()
+        assert self.host is not None
         # The host buffer is reused only by a later pack, which the side stream orders after this copy.
         self.offload.pool.give(self.host)
-        back, self.back, self.host = self.back, None, None
+        self.back, self.host = None, None
         return back
 
 
@@ -137,15 +155,74 @@ class _Kept:
     Unpacking it starts the copy back of the layer below, as an offloaded one does.
     """
 
-    def __init__(self, tensor: torch.Tensor, below: _Offloaded | _Kept | None) -> None:
+    def __init__(self, tensor: torch.Tensor, below: _Handle | None) -> None:
         self.tensor = tensor
-        self.below: weakref.ref[_Offloaded | _Kept] | None = None if below is None else weakref.ref(below)
+        self.below: weakref.ref[_Handle] | None = None if below is None else weakref.ref(below)
+        self.position: int = 0
+        self.call: _Call | None = None
 
     def prefetch(self) -> None:
         """Nothing to fetch."""
 
+    def peek(self) -> torch.Tensor:
+        return self.tensor
+
     def restore(self) -> torch.Tensor:
         return self.tensor
+
+
+class _Replayed:
+    """A layer input kept nowhere: restored by replaying the layers below it from the segment's stored input."""
+
+    def __init__(self, below: _Offloaded | _Replayed) -> None:
+        self.below: weakref.ref[_Offloaded | _Replayed] = weakref.ref(below)
+        self.tensor: torch.Tensor | None = None
+        self.position: int = below.position + 1
+        self.call: _Call | None = None
+
+    def prefetch(self) -> None:
+        """Starts the copy back of the segment's stored input, which the replay starts from."""
+        below = self.below()
+        if below is not None:
+            below.prefetch()
+
+    def peek(self) -> torch.Tensor:
+        if self.tensor is None:
+            self._replay()
+        assert self.tensor is not None
+        return self.tensor
+
+    def restore(self) -> torch.Tensor:
+        tensor = self.peek()
+        self.tensor = None
+        return tensor
+
+    def _replay(self) -> None:
+        """Runs the layers from the nearest input at hand up to this one forward, filling each replayed input on the way."""
+        chain: list[Any] = [self]
+        while isinstance(chain[-1], _Replayed) and chain[-1].tensor is None:
+            below = chain[-1].below()
+            assert below is not None, "a layer below was freed before the layers above it ran backward"
+            chain.append(below)
+        hidden = chain[-1].peek()
+        with torch.no_grad():
+            for lower, upper in zip(chain[:0:-1], chain[-2::-1], strict=True):
+                hidden = lower.call(hidden)
+                upper.tensor = hidden
+
+
+class _Call:
+    """A checkpointed layer's forward with every argument but its hidden state: the layer's input -> the next one's."""
+
+    def __init__(self, forward: Callable[..., Any], rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.forward, self.rest, self.kwargs = forward, rest, kwargs
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.forward(hidden, *self.rest, **self.kwargs)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+
+_Handle = _Offloaded | _Kept | _Replayed
 
 
 class ActivationOffload:
@@ -153,24 +230,52 @@ class ActivationOffload:
 
     Args:
         device: The training device (a side stream and pinned buffers on CUDA).
+        every: Of the offloaded layers' inputs, every `every`-th goes to the host; the rest are replayed.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, every: int = 1) -> None:
         cuda = device.type == "cuda"
         self.device_type = device.type
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = _HostPool(pinned=cuda)
-        self._last: weakref.ref[_Offloaded | _Kept] | None = None
+        self.every = every
+        self._last: weakref.ref[_Handle] | None = None
+        # The checkpointed layer running now (its call and hidden input) and the output of the one before.
+        self._call: _Call | None = None
+        self._input: torch.Tensor | None = None
+        self._output: weakref.ref[torch.Tensor] | None = None
         self.offloaded = 0
+        self.replayed = 0
 
     def _pack(self, tensor: torch.Tensor, keep: bool) -> Any:
         if not tensor.is_floating_point() or tensor.device.type != self.device_type:
             return tensor  # indices are small; a host tensor (a CPU scalar) is in host memory already
         below = None if self._last is None else self._last()
-        handle = _Kept(tensor, below) if keep else _Offloaded(self, tensor, below)
+        handle: _Handle
+        if keep:
+            handle = _Kept(tensor, below)
+        elif self._replayable(tensor, below):
+            assert isinstance(below, (_Offloaded, _Replayed))
+            handle = _Replayed(below)
+            self.replayed += 1
+        else:
+            handle = _Offloaded(self, tensor, below)
+            self.offloaded += 1
+        handle.call = self._call if tensor is self._input else None
         self._last = weakref.ref(handle)
-        self.offloaded += not keep
         return handle
+
+    def _replayable(self, tensor: torch.Tensor, below: Any) -> bool:
+        """Whether `tensor`, the input of the layer running now, is the output of the offloaded layer below, mid-segment."""
+        return (
+            self.every > 1
+            and isinstance(below, (_Offloaded, _Replayed))
+            and below.call is not None
+            and below.position + 1 < self.every
+            and tensor is self._input
+            and self._output is not None
+            and self._output() is tensor
+        )
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
@@ -195,10 +300,22 @@ class ActivationOffload:
 
 
 def offloaded(checkpoint: Callable[..., Any], offload: ActivationOffload, keep: bool = False) -> Callable[..., Any]:
-    """`checkpoint(forward, *args)` with the checkpoint's saved inputs in host memory (`keep`: on the device)."""
+    """`checkpoint(forward, *args)` with the checkpoint's saved inputs in host memory (`keep`: on the device).
+
+    The layer's call is noted for the replay of the layer above, and its output to check that
+    the layer above takes it as its input.
+    """
 
     def run(forward: Any, *args: Any, **kwargs: Any) -> Any:
-        with offload.hooks(keep):
-            return checkpoint(forward, *args, **kwargs)
+        offload._call = _Call(forward, args[1:], kwargs) if args else None
+        offload._input = args[0] if args else None
+        try:
+            with offload.hooks(keep):
+                out = checkpoint(forward, *args, **kwargs)
+        finally:
+            offload._call = offload._input = None
+        hidden = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
+        offload._output = weakref.ref(hidden) if isinstance(hidden, torch.Tensor) else None
+        return out
 
     return run

@@ -22,6 +22,9 @@ layer's but the last one's), `auto` when the estimate of a fully recomputed step
 memory with no layer left to recompute. In `auto` the card still keeps the inputs of as
 many of the last recomputed layers as its spare memory holds, so only the rest takes host
 memory and transfers; a step that runs out of memory sends half of those to the host too.
+Where the RAM available cannot hold the offloaded inputs (`HOST_TARGET` of it), only one in
+`every` goes there and backward replays the others from it (`offload.py`): the shortest such
+segment is chosen, its extra inputs on the card taken from the card's spare room.
 Only then is the micro-batch halved. Each gated MLP runs in slices of tokens at long lengths
 (`chunked_mlp.py`), so one layer's recomputation never holds its whole intermediate.
 """
@@ -46,6 +49,8 @@ log = get_logger("recompute")
 MEMORY_TARGET = 0.9
 # Share of the RAM available after the first step that kept CPU activations may fill.
 RAM_TARGET = 0.5
+# Share of the RAM available before the first step that offloaded inputs may fill.
+HOST_TARGET = 0.8
 # Decoder layers computing `h = x + attn(norm(x)); out = h + mlp(norm(h))`, mlp ending in `down_proj`.
 LAST_PROJECTION_UNUSED = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
 
@@ -164,8 +169,10 @@ class RecomputePlan:
         self.preserve_rng = draws_random_numbers(model)
         self.mode = mode
         self.kept = 0
-        # While offloading: the last recomputed layers whose inputs stay on the card (backward needs them first).
+        # While offloading: the last recomputed layers whose inputs stay on the card (backward needs them first),
+        # and the segment length: one offloaded input in `every` goes to the host, backward replays the rest.
         self.on_card = 1
+        self.every = 1
         self.planned = False
         self.set_kept(len(self.layers) if mode == "off" else 0)
         if offload == "on":
@@ -195,31 +202,50 @@ class RecomputePlan:
     @property
     def offloaded(self) -> int:
         """Layers whose inputs wait in host memory between forward and backward."""
-        return max(0, self.recomputed - self.on_card) if self.offload is not None else 0
+        from backpropagate.memory_estimate import stored_layers
+
+        return stored_layers(self.recomputed - self.on_card, self.every) if self.offload is not None else 0
+
+    @property
+    def replayed(self) -> int:
+        """Layers whose inputs backward replays from an offloaded one below them."""
+        return max(0, self.recomputed - self.on_card) - self.offloaded if self.offload is not None else 0
 
     def describe(self) -> str:
-        """e.g. `recompute[20/28]`, or `recompute[28/28]+offload[20/28]` when 20 layers' inputs wait on the host."""
-        offload = f"+offload[{self.offloaded}/{len(self.layers)}]" if self.offload is not None else ""
-        return f"recompute[{self.recomputed}/{len(self.layers)}]{offload}"
+        """e.g. `recompute[20/28]`, or `recompute[28/28]+offload[20/28]` when 20 layers' inputs wait on the host.
 
-    def start_offload(self, on_card: int = 1) -> None:
-        """Keeps the inputs of the recomputed layers but the last `on_card` in host memory between forward and backward."""
+        `+replay[r/n]` follows when backward replays r layers' inputs.
+        """
+        n = len(self.layers)
+        offload = f"+offload[{self.offloaded}/{n}]" if self.offload is not None else ""
+        replay = f"+replay[{self.replayed}/{n}]" if self.replayed else ""
+        return f"recompute[{self.recomputed}/{n}]{offload}{replay}"
+
+    def start_offload(self, on_card: int = 1, every: int = 1) -> None:
+        """Keeps the inputs of the recomputed layers but the last `on_card` in host memory between forward and backward.
+
+        With `every` > 1 only one of each `every` goes there; backward replays the others.
+        """
         if self.offload is None:
             self.offload = ActivationOffload(self.device)
         self.on_card = max(1, on_card)
+        self.every = self.offload.every = max(1, every)
         self.set_kept(self.kept)
 
     def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
         """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit."""
         if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
             return
-        self.offload_if_short(memory_budget(self.device), config, dtype, tokens)
+        self.offload_if_short(memory_budget(self.device), config, dtype, tokens, available_ram())
 
-    def offload_if_short(self, budget: float | None, config: Any, dtype: torch.dtype, tokens: int) -> None:
+    def offload_if_short(
+        self, budget: float | None, config: Any, dtype: torch.dtype, tokens: int, ram: float | None = None
+    ) -> None:
         """Offloads when a fully recomputed step of `tokens` needs more than `budget` bytes.
 
         The card keeps the inputs of as many of the last layers as the budget holds beyond the
-        step with the fewest inputs on it.
+        step with the fewest inputs on it. Where `ram` (bytes available; None: unknown) cannot
+        hold the rest, backward replays all but one in `every` of them (`placement`).
         """
         from backpropagate.memory_estimate import host_shortfall, input_bytes, recomputed_step_bytes
 
@@ -231,8 +257,9 @@ class RecomputePlan:
         if budget is not None and needed > budget:
             # What the fewest inputs on the card leave free holds the inputs of that many more layers.
             spare = budget - recomputed_step_bytes(config, tokens, dtype, offload=True)
-            more = int(spare // input_bytes(config, tokens, dtype)) if spare > 0 else 0
-            self.start_offload(on_card=min(1 + more, self.recomputed - 1))
+            one = input_bytes(config, tokens, dtype)
+            more = int(spare // one) if spare > 0 else 0
+            self.start_offload(*self.placement(more, one, ram))
             log.info(
                 "activation memory: %.1f GiB needed at %d tokens, %.1f GiB free: %s",
                 needed / 2**30,
@@ -240,9 +267,27 @@ class RecomputePlan:
                 budget / 2**30,
                 self.describe(),
             )
-            shortfall = host_shortfall(config, tokens, dtype, available_ram(), self.on_card)
+            shortfall = host_shortfall(config, tokens, dtype, ram, self.on_card, self.every)
             if shortfall:
                 log.warning(shortfall)
+
+    def placement(self, more: int, one: int, ram: float | None) -> tuple[int, int]:
+        """(inputs kept on the card, segment length) when offloading: the shortest segment whose inputs fit the host.
+
+        `more`: inputs the card has room for beyond the fewest; a segment of `every` holds `every - 1`
+        of them while it replays. Where none fits, the longest segment, which takes the least (the
+        caller warns).
+        """
+        from backpropagate.memory_estimate import stored_layers
+
+        choices = [
+            (max(1, min(1 + more - (every - 1), self.recomputed - 1)), every)
+            for every in range(1, max(2, self.recomputed))
+        ]
+        fitting = (
+            c for c in choices if ram is None or stored_layers(self.recomputed - c[0], c[1]) * one <= HOST_TARGET * ram
+        )
+        return next(fitting, choices[-1])
 
     def graph_obstacle(self, tokens: int) -> str | None:
         """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
@@ -292,7 +337,7 @@ class RecomputePlan:
         elif self.offload_mode == "auto" and self.offload is None:
             self.start_offload()
         elif self.offload is not None and self.on_card > 1:
-            self.start_offload(on_card=1 + (self.on_card - 1) // 2)
+            self.start_offload(on_card=1 + (self.on_card - 1) // 2, every=self.every)
         else:
             if self.offload is not None:
                 self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
