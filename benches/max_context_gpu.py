@@ -349,28 +349,50 @@ class Trials:
 
 
 def run_child(command: list[str], timeout: float, gpu: int | None = None) -> dict[str, Any]:
-    """Runs one trial's child process on GPU `gpu` (None: as the environment has it); the outcome it printed, or why none."""
+    """Runs one trial's child process on GPU `gpu` (None: as the environment has it); the outcome it printed, or why none.
+
+    Each step the child reports is echoed as it comes, so a trial of several minutes a step
+    shows its progress in the log while it runs.
+    """
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     # An installed package (PYTHONPATH) comes before the source tree, whose compiled core may not be built.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT / "python")]))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        return cut_off(exc.stdout, timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
+    reader.start()
+    expired = threading.Event()
+    timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
+    timer.start()
+    stdout = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        stdout.append(line)
+        if line.startswith(PROGRESS):
+            step = json.loads(line[len(PROGRESS) :])
+            print(
+                f"    step {step['step']}: {step.get('tokens_per_s')} tok/s, peak {step.get('peak_gib')} GiB, "
+                f"{step['elapsed_s']} s",
+                flush=True,
+            )
+    proc.wait()
+    timer.cancel()
+    reader.join()
+    if expired.is_set():
+        return cut_off("".join(stdout), timeout)
+    lines = [line for line in stdout if line.startswith(RESULT)]
     if lines:
         outcome: dict[str, Any] = json.loads(lines[-1][len(RESULT) :])
         return outcome
     if proc.returncode == -9:  # the kernel's OOM killer: host memory ran out
         return {"ok": False, "oom": True, "error": "killed (host memory exhausted)"}
-    return {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+    return {"ok": False, "oom": False, "error": f"exit {proc.returncode}: {''.join(stderr)[-400:]}"}
 
 
-def cut_off(stdout: bytes | str | None, timeout: float) -> dict[str, Any]:
+def cut_off(text: str, timeout: float) -> dict[str, Any]:
     """The outcome of a trial stopped after `timeout` s: not a result, but the steps it finished (its PROGRESS lines)."""
-    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
     steps = [json.loads(line[len(PROGRESS) :]) for line in text.splitlines() if line.startswith(PROGRESS)]
     outcome: dict[str, Any] = {"ok": False, "oom": False, "timeout": True, "steps_done": len(steps)}
     outcome["error"] = f"no result in {timeout:.0f} s"

@@ -105,7 +105,7 @@ def test_live_at_peak_replays_the_allocator_history():
     assert sites == [("attention.py:10 f", 100, 1), ("attention.py:20 f", 80, 2)]
 
 
-def test_a_trial_reports_each_step_and_a_cut_off_trial_keeps_them(tmp_path):
+def test_a_trial_reports_each_step_and_a_cut_off_trial_keeps_them(tmp_path, capsys):
     """A trial's child prints a line per finished step; a trial stopped by time still reports those steps."""
     sys.path.insert(0, str(BENCH.parent))
     import max_context_gpu as bench
@@ -123,4 +123,5 @@ def test_a_trial_reports_each_step_and_a_cut_off_trial_keeps_them(tmp_path):
     assert outcome["timeout"] and not outcome["ok"] and not outcome["oom"]
     assert outcome["steps_done"] == 1 and outcome["last_step"] == progress[0]
     assert "1 step(s) done" in outcome["error"]
+    assert f"step 1: {progress[0]['tokens_per_s']} tok/s" in capsys.readouterr().out  # echoed while it ran
     assert bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], timeout=3)["steps_done"] == 0
