@@ -268,3 +268,21 @@ def test_mlp_slices_in_evaluation_too(tiny_llama):
         expected = whole(x)
     assert calls == [50] * 5 + [38]
     torch.testing.assert_close(sliced, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_replay_under_fsdp(four_layers, tmp_path):
+    """A sharded layer's weights are whole only in its own forward and backward, so the host keeps every input."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(four_layers)
+    plan = RecomputePlan(model, "on", "auto")
+    assert plan.placement(0, 1, 1 / 0.8) == (1, 3)  # room for one input on the host: replay the rest
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for layer in plan.layers:
+            fully_shard(layer)
+        assert plan.placement(0, 1, 1 / 0.8) == (1, 1)
+    finally:
+        dist.destroy_process_group()

@@ -280,9 +280,11 @@ class RecomputePlan:
         """
         from backpropagate.memory_estimate import stored_layers
 
+        # Under FSDP a layer's weights are whole only inside its own forward and backward: no replay.
+        sharded = any(type(p).__name__ == "DTensor" for layer in self.layers for p in layer.parameters())
         choices = [
             (max(1, min(1 + more - (every - 1), self.recomputed - 1)), every)
-            for every in range(1, max(2, self.recomputed))
+            for every in range(1, 2 if sharded else max(2, self.recomputed))
         ]
         fitting = (
             c for c in choices if ram is None or stored_layers(self.recomputed - c[0], c[1]) * one <= HOST_TARGET * ram
