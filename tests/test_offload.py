@@ -286,3 +286,19 @@ def test_no_replay_under_fsdp(four_layers, tmp_path):
         assert plan.placement(0, 1, 1 / 0.8) == (1, 1)
     finally:
         dist.destroy_process_group()
+
+
+def test_an_offload_started_by_out_of_memory_replays_what_the_host_cannot_hold(four_layers, monkeypatch):
+    """The first step's input size is noted, so the recovery's offload also fits the RAM available."""
+    from transformers import AutoModelForCausalLM
+
+    from backpropagate.memory_estimate import input_bytes
+    from backpropagate.train.torch import recompute
+
+    model = AutoModelForCausalLM.from_pretrained(four_layers)
+    config, tokens, dtype = model.config, 4096, torch.bfloat16
+    plan = RecomputePlan(model, "on", "auto")
+    plan.prepare(config, dtype, tokens)  # on the CPU nothing is offloaded up front
+    assert plan.offload is None and plan.input_size == input_bytes(config, tokens, dtype)
+    monkeypatch.setattr(recompute, "available_ram", lambda: 1.5 * plan.input_size / recompute.HOST_TARGET)
+    assert plan.back_off() and plan.describe() == "recompute[4/4]+offload[1/4]+replay[2/4]"

@@ -173,6 +173,8 @@ class RecomputePlan:
         # and the segment length: one offloaded input in `every` goes to the host, backward replays the rest.
         self.on_card = 1
         self.every = 1
+        # One layer's input at the first step's micro-batch (bytes; None: unknown), for offload decisions.
+        self.input_size: int | None = None
         self.planned = False
         self.set_kept(len(self.layers) if mode == "off" else 0)
         if offload == "on":
@@ -233,7 +235,16 @@ class RecomputePlan:
         self.set_kept(self.kept)
 
     def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
-        """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit."""
+        """In offload auto mode on CUDA, offloads from the start when a fully recomputed step would not fit.
+
+        Notes a layer input's size too, for an offload that an out-of-memory error starts later.
+        """
+        from backpropagate.memory_estimate import input_bytes
+
+        try:
+            self.input_size = input_bytes(config, tokens, dtype)
+        except InputError:
+            self.input_size = None
         if self.offload_mode != "auto" or self.offload is not None or self.device.type != "cuda":
             return
         self.offload_if_short(memory_budget(self.device), config, dtype, tokens, available_ram())
@@ -291,6 +302,13 @@ class RecomputePlan:
         )
         return next(fitting, choices[-1])
 
+    def offload_within_host(self, more: int) -> None:
+        """Offloads with room for `more` inputs on the card beyond the fewest, replaying what the RAM available cannot hold."""
+        if self.input_size is None:
+            self.start_offload(1 + more, self.every)
+        else:
+            self.start_offload(*self.placement(more, self.input_size, available_ram()))
+
     def graph_obstacle(self, tokens: int) -> str | None:
         """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
         if self.offload_mode == "on" or self.offload is not None:
@@ -329,7 +347,8 @@ class RecomputePlan:
         """After an out-of-memory error: the next lever that frees memory without halving the micro-batch.
 
         Recompute half of the kept layers again; else (offload auto) offload every recomputed
-        layer's input but the last one's, or half of those the card still held.
+        layer's input but the last one's, or half of those the card still held (replaying
+        what the RAM cannot hold, `placement`).
 
         Returns:
             False when no lever is left (the loop halves the micro-batch).
@@ -337,9 +356,9 @@ class RecomputePlan:
         if self.kept > 0:
             self.set_kept(self.kept // 2)
         elif self.offload_mode == "auto" and self.offload is None:
-            self.start_offload()
+            self.offload_within_host(more=0)
         elif self.offload is not None and self.on_card > 1:
-            self.start_offload(on_card=1 + (self.on_card - 1) // 2, every=self.every)
+            self.offload_within_host(more=(self.on_card - 1) // 2)
         else:
             if self.offload is not None:
                 self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
