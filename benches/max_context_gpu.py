@@ -424,11 +424,13 @@ def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
     if recomputed != layers or "+replay[" in recompute:
         return None
+    from backpropagate.memory_estimate import input_bytes
+
     offload = "+offload[" in recompute
     allocated = sum(estimate_allocated(shape, length, "qlora", offload).values())
     if offload:
         on_host = int(recompute.split("+offload[")[1].split("/")[0])
-        allocated += (int(layers) - on_host - 1) * length * SHAPES[shape]["hidden_size"] * 2
+        allocated += (int(layers) - on_host - 1) * input_bytes(SHAPES[shape], length, 2)
     return round(allocated / 2**30, 2)
 
 

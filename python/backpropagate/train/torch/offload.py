@@ -158,8 +158,6 @@ class _Kept:
     def __init__(self, tensor: torch.Tensor, below: _Handle | None) -> None:
         self.tensor = tensor
         self.below: weakref.ref[_Handle] | None = None if below is None else weakref.ref(below)
-        self.position: int = 0
-        self.call: _Call | None = None
 
     def prefetch(self) -> None:
         """Nothing to fetch."""
@@ -254,14 +252,15 @@ class ActivationOffload:
         handle: _Handle
         if keep:
             handle = _Kept(tensor, below)
-        elif self._replayable(tensor, below):
-            assert isinstance(below, (_Offloaded, _Replayed))
-            handle = _Replayed(below)
-            self.replayed += 1
         else:
-            handle = _Offloaded(self, tensor, below)
-            self.offloaded += 1
-        handle.call = self._call if tensor is self._input else None
+            if self._replayable(tensor, below):
+                assert isinstance(below, (_Offloaded, _Replayed))
+                handle = _Replayed(below)
+                self.replayed += 1
+            else:
+                handle = _Offloaded(self, tensor, below)
+                self.offloaded += 1
+            handle.call = self._call if tensor is self._input else None
         self._last = weakref.ref(handle)
         return handle
 

@@ -268,9 +268,8 @@ class RecomputePlan:
         if budget is not None and needed > budget:
             # What the fewest inputs on the card leave free holds the inputs of that many more layers.
             spare = budget - recomputed_step_bytes(config, tokens, dtype, offload=True)
-            one = input_bytes(config, tokens, dtype)
-            more = int(spare // one) if spare > 0 else 0
-            self.start_offload(*self.placement(more, one, ram))
+            self.input_size = input_bytes(config, tokens, dtype)
+            self.offload_within_host(int(spare // self.input_size) if spare > 0 else 0, ram)
             log.info(
                 "activation memory: %.1f GiB needed at %d tokens, %.1f GiB free: %s",
                 needed / 2**30,
@@ -302,12 +301,12 @@ class RecomputePlan:
         )
         return next(fitting, choices[-1])
 
-    def offload_within_host(self, more: int) -> None:
-        """Offloads with room for `more` inputs on the card beyond the fewest, replaying what the RAM available cannot hold."""
+    def offload_within_host(self, more: int, ram: float | None) -> None:
+        """Offloads with room for `more` inputs on the card beyond the fewest, replaying what `ram` bytes cannot hold."""
         if self.input_size is None:
             self.start_offload(1 + more, self.every)
         else:
-            self.start_offload(*self.placement(more, self.input_size, available_ram()))
+            self.start_offload(*self.placement(more, self.input_size, ram))
 
     def graph_obstacle(self, tokens: int) -> str | None:
         """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
@@ -356,9 +355,9 @@ class RecomputePlan:
         if self.kept > 0:
             self.set_kept(self.kept // 2)
         elif self.offload_mode == "auto" and self.offload is None:
-            self.offload_within_host(more=0)
+            self.offload_within_host(0, available_ram())
         elif self.offload is not None and self.on_card > 1:
-            self.offload_within_host(more=(self.on_card - 1) // 2)
+            self.offload_within_host((self.on_card - 1) // 2, available_ram())
         else:
             if self.offload is not None:
                 self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
