@@ -168,11 +168,10 @@ def test_planner_replays_inputs_the_host_cannot_hold(four_layers, host_inputs, d
         assert plan.back_off() is False  # one input on the card already: the micro-batch is halved next
 
 
-@pytest.mark.parametrize("recomputed", ["on", "off"])
-def test_mlp_in_token_slices_matches_one_piece(tiny_llama, dataset, recomputed):
+def test_mlp_in_token_slices_matches_one_piece(tiny_llama, dataset):
     """288 tokens in slices of 50 (the last one short): outputs and gradients agree to fp32 rounding."""
-    loss, whole, _ = gradients(tiny_llama, dataset, gradient_checkpointing=recomputed)
-    loss_sliced, sliced, _ = gradients(tiny_llama, dataset, chunk=50, gradient_checkpointing=recomputed)
+    loss, whole, _ = gradients(tiny_llama, dataset, gradient_checkpointing="on")
+    loss_sliced, sliced, _ = gradients(tiny_llama, dataset, chunk=50, gradient_checkpointing="on")
     assert loss_sliced == pytest.approx(loss, rel=1e-6)
     for name in whole:
         # Weight gradients are summed slice by slice, so only the summation order differs.
@@ -251,6 +250,28 @@ def test_out_of_memory_with_every_layer_recomputed_turns_offload_on(tiny_llama, 
     # Kept layers went back to recomputing first (2 -> 1 -> 0 kept), then the inputs moved to the host.
     assert failures == ["recompute[0/2]", "recompute[1/2]", "recompute[2/2]"]
     assert "recompute[2/2]+offload[1/2]" in result.features and len(result.losses) == 2
+
+
+def test_only_recomputed_layers_slice_their_mlp(tiny_llama):
+    """A kept layer's MLP runs whole (slicing it would only add a forward), so graphs can capture it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
+    plan = RecomputePlan(model, "on")
+    calls: dict[int, list[int]] = {0: [], 1: []}
+    for i, layer in enumerate(plan.layers):
+        chunked_mlp.install(layer.mlp, 50)
+        whole = layer.mlp.bp_unchunked_forward
+        layer.mlp.__dict__["bp_unchunked_forward"] = lambda x, i=i, whole=whole: (
+            calls[i].append(x.shape[-2]) or whole(x)
+        )
+    plan.set_kept(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 120))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == {0: [50, 50, 20] * 2, 1: [120]}  # forward, then backward's slices; the kept layer once
+    assert plan.graph_obstacle(120) == "MLP in slices at 120 tokens"
+    plan.set_kept(2)
+    assert plan.graph_obstacle(120) is None
 
 
 def test_mlp_slices_in_evaluation_too(tiny_llama):

@@ -44,3 +44,19 @@ def test_unknown_ram_recomputes_every_layer(tiny_llama, dataset, tmp_path, monke
     monkeypatch.setattr(recompute, "available_ram", lambda: None)
     result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), **OPTIONS).train(dataset, steps=2)
     assert "recompute[2/2]" in result.features
+
+
+def test_auto_sets_aside_a_kept_layer_s_whole_mlp_backward(tiny_llama, dataset, tmp_path, monkeypatch):
+    """Beyond a slice's length a kept layer's MLP backward holds its whole gradients: RAM for 2.1 layers keeps one."""
+    from transformers import AutoConfig
+
+    from backpropagate.train.torch import chunked_mlp
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    tokens = OPTIONS["micro_batch"] * 96
+    per_layer = recompute.activation_bytes_per_token(config, torch.float32) * tokens
+    monkeypatch.setattr(recompute, "available_ram", lambda: 2.1 * per_layer / recompute.RAM_TARGET)
+    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 50)
+    assert 0.1 * per_layer < recompute.whole_mlp_backward_excess(config, torch.float32, tokens) < per_layer
+    result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), **OPTIONS).train(dataset, steps=2)
+    assert "recompute[1/2]" in result.features

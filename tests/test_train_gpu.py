@@ -294,3 +294,22 @@ def test_replayed_inputs_train_the_same_curve_on_the_gpu(tiny_llama, tmp_path, m
         curves[offload], features[offload] = np.array([loss for _, loss in result.losses]), result.features
     assert "recompute[4/4]+offload[2/4]+replay[1/4]" in features["on"], features
     np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-2)
+
+
+def test_kept_layers_past_a_slice_s_length_run_as_cuda_graphs(tiny_llama, tmp_path, monkeypatch):
+    """Past `CHUNK_TOKENS` the first step recomputes and slices; once the plan keeps every layer, graphs take over."""
+    from backpropagate import Trainer
+    from backpropagate.train.torch import chunked_mlp
+
+    dataset = rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
+    curves, features = {}, {}
+    for chunk in (8192, 64):
+        monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", chunk)
+        options = dict(gradient_checkpointing="auto", progress=False, report_to="none")
+        result = Trainer(
+            "tiny-llama", mode="lora", output_dir=str(tmp_path / str(chunk)), learning_rate=1e-2, **options
+        )
+        result = result.train(dataset, steps=6)
+        curves[chunk], features[chunk] = np.array([loss for _, loss in result.losses]), result.features
+    assert "recompute[0/2]" in features[64] and any(f.startswith("cuda_graphs[") for f in features[64]), features
+    np.testing.assert_allclose(curves[64], curves[8192], rtol=1e-2)

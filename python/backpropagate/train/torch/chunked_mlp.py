@@ -8,6 +8,10 @@ slice's intermediates, backpropagates through it and moves on, so one slice's
 intermediates exist at a time. The MLP is token-wise, so the result is the same as in
 one piece (up to the summation order of the weight gradients over slices).
 
+Only recomputed layers slice (`bp_sliced`, set by `recompute.RecomputePlan`): a layer that
+keeps its activations has memory planned for its whole intermediates, and slicing it would
+only add an MLP forward (about 40% of a kept layer's work at Llama's widths).
+
 The recomputation costs one more MLP forward, except in the families of
 `recompute.LAST_PROJECTION_UNUSED`: when the layer itself is being recomputed the MLP
 output is never read, so the forward there is skipped altogether and the MLP still runs
@@ -65,11 +69,12 @@ def _sliced(mlp: Any, x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _chunked_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    if x.shape[-2] <= self.bp_chunk_tokens:
+    long = x.shape[-2] > self.bp_chunk_tokens
+    if long and not torch.is_grad_enabled():  # evaluation at long lengths
+        return _sliced(self, x, self.bp_chunk_tokens)
+    if not (long and self.bp_sliced):  # short, or a layer that keeps its activations
         out: torch.Tensor = self.bp_unchunked_forward(x)
         return out
-    if not torch.is_grad_enabled():  # evaluation at long lengths
-        return _sliced(self, x, self.bp_chunk_tokens)
     # Trainable weights are inputs, so the output needs a gradient even where `x` does not.
     params = [p for p in self.parameters() if p.requires_grad]
     out = _ChunkedMLP.apply(x, self, self.bp_chunk_tokens, *params)
@@ -86,6 +91,7 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
 def install(mlp: torch.nn.Module, chunk: int | None = None) -> None:
     """Makes `mlp` run in slices of `chunk` (default `CHUNK_TOKENS`) tokens when given more (idempotent)."""
     mlp.__dict__["bp_chunk_tokens"] = chunk or CHUNK_TOKENS
+    mlp.__dict__.setdefault("bp_sliced", True)
     if "bp_unchunked_forward" not in mlp.__dict__:
         mlp.__dict__["bp_unchunked_forward"] = mlp.forward
         mlp.forward = types.MethodType(_chunked_forward, mlp)

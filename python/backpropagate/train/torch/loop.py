@@ -239,8 +239,8 @@ def train_step(
     totals = world.sum(counts).clamp_(min=1)
     passes = world.most(len(batches)) if sharded else None
     while True:
-        if tm.recompute is not None and tm.recompute.offload is not None:
-            graphs = None  # the offload's side stream and host copies are not captured in graphs
+        if tm.recompute is not None and tm.recompute.graph_obstacle(state.micro_batch * dataset.max_seq_length):
+            graphs = None  # an offload's copies, or MLP slices back after an out-of-memory error
         try:
             return accumulate_gradients(tm, objective, batches, graphs, totals, passes)
         except OOM_ERRORS:
@@ -535,6 +535,8 @@ def train(
                     planned = fsdp.agree_recompute(tm.recompute, world) or planned
                 if planned and graphs is not None:
                     graphs.reset()  # graphs baked the previous plan in
+                elif planned:  # kept layers run their MLP whole, which graphs can capture
+                    graphs = step_graphs(tm, objective, config, dataset.max_seq_length)
                 state.step += 1
                 state.rows_consumed += len(rows)
                 state.tokens_seen += tokens

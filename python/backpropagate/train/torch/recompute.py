@@ -25,8 +25,9 @@ memory and transfers; a step that runs out of memory sends half of those to the 
 Where the RAM available cannot hold the offloaded inputs (`HOST_TARGET` of it), only one in
 `every` goes there and backward replays the others from it (`offload.py`): the shortest such
 segment is chosen, its extra inputs on the card taken from the card's spare room.
-Only then is the micro-batch halved. Each gated MLP runs in slices of tokens at long lengths
-(`chunked_mlp.py`), so one layer's recomputation never holds its whole intermediate.
+Only then is the micro-batch halved. Each recomputed layer's gated MLP runs in slices of tokens
+at long lengths (`chunked_mlp.py`), so its recomputation never holds its whole intermediate; a
+kept layer's runs whole, its intermediates planned for (and the larger backward they need).
 """
 
 from __future__ import annotations
@@ -109,6 +110,18 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return int(elements * torch.finfo(dtype).bits // 8 * 1.1)
 
 
+def whole_mlp_backward_excess(config: Any, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes a kept layer's whole MLP backward holds beyond what the fully recomputed first step held.
+
+    The gradients of gate, up and their product at every token, against one recomputed slice's
+    work (`chunked_mlp.CHUNK_TOKENS` tokens of the three intermediates and their gradients).
+    """
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    sliced = min(tokens, chunked_mlp.CHUNK_TOKENS) * (6 * inter + hidden)
+    return max(0, 3 * inter * tokens - sliced) * torch.finfo(dtype).bits // 8
+
+
 def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """Bytes of RAM the system can hand out without swapping (`MemAvailable`), or None where unknown.
 
@@ -153,11 +166,14 @@ class RecomputePlan:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # Layers whose gated MLP runs in token slices when recomputed (chunked_mlp).
+        self.sliceable: list[Any] = []
         for layer in self.layers:
             mlp = getattr(layer, "mlp", None)
             if mlp is None or not chunked_mlp.is_gated_mlp(mlp):
                 continue
             chunked_mlp.install(mlp)
+            self.sliceable.append(layer)
             if type(layer).__name__ in LAST_PROJECTION_UNUSED:
                 mlp.down_proj.__dict__["bp_output_unused_in_recompute"] = True
                 mlp.__dict__["bp_output_unused_in_recompute"] = True
@@ -195,6 +211,8 @@ class RecomputePlan:
             for module in layer.modules():  # the fused LoRA op keeps dequantized weights only where recomputed
                 if hasattr(module, "lora_A"):
                     module.__dict__["bp_recomputed"] = i < recomputed
+            if layer in self.sliceable:  # a kept layer's MLP runs whole
+                layer.mlp.__dict__["bp_sliced"] = i < recomputed
 
     @property
     def recomputed(self) -> int:
@@ -312,8 +330,9 @@ class RecomputePlan:
         """Why a step of `tokens` tokens cannot run as a CUDA graph under this plan, or None."""
         if self.offload_mode == "on" or self.offload is not None:
             return "activation offload"
+        # Only recomputed layers slice their MLP.
         chunk = min(
-            (getattr(getattr(layer, "mlp", None), "bp_chunk_tokens", tokens) for layer in self.layers), default=tokens
+            (layer.mlp.bp_chunk_tokens for layer in self.sliceable if layer.gradient_checkpointing), default=tokens
         )
         return f"MLP in slices at {tokens} tokens" if tokens > chunk else None
 
@@ -331,6 +350,8 @@ class RecomputePlan:
             log.info("activation memory: %s (available RAM unknown)", self.describe())
             return False
         per_layer = activation_bytes_per_token(config, dtype) * tokens
+        if self.sliceable:
+            budget -= whole_mlp_backward_excess(config, dtype, tokens)
         self.set_kept(int(budget // per_layer) if budget > 0 else 0)
         log.info(
             "activation memory on %s: %s (%.2f GiB per kept layer at %d tokens, %.1f GiB free for them)",
