@@ -50,6 +50,7 @@ def test_auto_sets_aside_a_kept_layer_s_whole_mlp_backward(tiny_llama, dataset, 
     """Beyond a slice's length a kept layer's MLP backward holds its whole gradients: RAM for 2.1 layers keeps one."""
     from transformers import AutoConfig
 
+    from backpropagate.memory_estimate import whole_mlp_backward_excess
     from backpropagate.train.torch import chunked_mlp
 
     config = AutoConfig.from_pretrained(tiny_llama)
@@ -57,6 +58,6 @@ def test_auto_sets_aside_a_kept_layer_s_whole_mlp_backward(tiny_llama, dataset, 
     per_layer = recompute.activation_bytes_per_token(config, torch.float32) * tokens
     monkeypatch.setattr(recompute, "available_ram", lambda: 2.1 * per_layer / recompute.RAM_TARGET)
     monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 50)
-    assert 0.1 * per_layer < recompute.whole_mlp_backward_excess(config, torch.float32, tokens) < per_layer
+    assert 0.1 * per_layer < whole_mlp_backward_excess(config, tokens, torch.float32) < per_layer
     result = Trainer("tiny-llama", output_dir=str(tmp_path / "run"), **OPTIONS).train(dataset, steps=2)
     assert "recompute[1/2]" in result.features

@@ -170,7 +170,6 @@ def activation_parts(
     With offload, the last `on_card` layers' inputs stay on the card, and one more is
     prefetched (`every` more while a segment of replayed layers runs backward).
     """
-    from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
     from backpropagate.train.torch.losses import chunk_length
 
     h, b = shape.hidden, dtype_bytes
@@ -180,8 +179,7 @@ def activation_parts(
     gqa_spread = 2 * q * b if kv < q else 0
     phases = {
         "attention_backward": tokens * (attention_saved + (2 * q + 2 * kv) * b + 4 * q + gqa_spread),
-        "mlp_backward": tokens * (attention_saved + 4 * h * b)
-        + min(tokens, CHUNK_TOKENS) * (6 * shape.intermediate + h) * b,
+        "mlp_backward": tokens * (attention_saved + 4 * h * b) + _mlp_slice_bytes(shape, tokens, b),
         "loss": tokens * 3 * h * b + min(tokens, chunk_length(shape.vocab)) * shape.vocab * 12,
     }
     busiest = max(phases, key=lambda name: phases[name])
@@ -190,6 +188,23 @@ def activation_parts(
         "step_state": tokens * (2 * shape.head_dim * b + 3 * 8 + h * b),
         busiest: phases[busiest],
     }
+
+
+def _mlp_slice_bytes(shape: Shape, tokens: int, dtype_bytes: int) -> int:
+    """A recomputed MLP's backward work on one slice: gate, up, their product and their gradients."""
+    from backpropagate.train.torch.chunked_mlp import CHUNK_TOKENS
+
+    return min(tokens, CHUNK_TOKENS) * (6 * shape.intermediate + shape.hidden) * dtype_bytes
+
+
+def whole_mlp_backward_excess(config: Any, tokens: int, dtype: Any) -> int:
+    """Bytes a kept layer's whole MLP backward holds beyond one recomputed slice's work.
+
+    Its gradients of gate, up and their product at every token (the intermediates themselves
+    are counted as kept activations), against `_mlp_slice_bytes`.
+    """
+    shape, b = Shape.of(config), _bytes_per_dtype(dtype)
+    return max(0, 3 * shape.intermediate * tokens * b - _mlp_slice_bytes(shape, tokens, b))
 
 
 def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1, every: int = 1) -> int:

@@ -110,18 +110,6 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return int(elements * torch.finfo(dtype).bits // 8 * 1.1)
 
 
-def whole_mlp_backward_excess(config: Any, dtype: torch.dtype, tokens: int) -> int:
-    """Bytes a kept layer's whole MLP backward holds beyond what the fully recomputed first step held.
-
-    The gradients of gate, up and their product at every token, against one recomputed slice's
-    work (`chunked_mlp.CHUNK_TOKENS` tokens of the three intermediates and their gradients).
-    """
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    sliced = min(tokens, chunked_mlp.CHUNK_TOKENS) * (6 * inter + hidden)
-    return max(0, 3 * inter * tokens - sliced) * torch.finfo(dtype).bits // 8
-
-
 def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """Bytes of RAM the system can hand out without swapping (`MemAvailable`), or None where unknown.
 
@@ -350,8 +338,10 @@ class RecomputePlan:
             log.info("activation memory: %s (available RAM unknown)", self.describe())
             return False
         per_layer = activation_bytes_per_token(config, dtype) * tokens
-        if self.sliceable:
-            budget -= whole_mlp_backward_excess(config, dtype, tokens)
+        if self.sliceable:  # a kept layer's MLP runs whole (chunked_mlp)
+            from backpropagate.memory_estimate import whole_mlp_backward_excess
+
+            budget -= whole_mlp_backward_excess(config, tokens, dtype)
         self.set_kept(int(budget // per_layer) if budget > 0 else 0)
         log.info(
             "activation memory on %s: %s (%.2f GiB per kept layer at %d tokens, %.1f GiB free for them)",
