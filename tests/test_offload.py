@@ -25,29 +25,35 @@ def dataset():
     return rule_dataset(vocab=300, samples=40, max_seq_length=96, seed=2)
 
 
-@pytest.fixture(scope="module")
-def four_layers(tiny_llama, tmp_path_factory):
-    """tiny-llama with four decoder layers (random weights): room for inputs both on the card and on the host."""
+def deeper(tiny_llama, tmp_path_factory, layers):
+    """tiny-llama with `layers` decoder layers (random weights), saved to a folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(tiny_llama)
-    config.num_hidden_layers = 4
+    config.num_hidden_layers = layers
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("four-layers")
+    folder = tmp_path_factory.mktemp(f"{layers}-layers")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
 
-def gradients(path, dataset, chunk=None, on_card=None, every=1, **overrides):
+@pytest.fixture(scope="module")
+def four_layers(tiny_llama, tmp_path_factory):
+    """Four decoder layers: room for inputs both on the card and on the host."""
+    return deeper(tiny_llama, tmp_path_factory, 4)
+
+
+def gradients(path, dataset, chunk=None, on_card=None, every=1, room=None, **overrides):
     """Loss and adapter gradients of one micro-batch of 3 packed rows (288 tokens) through the training loop's step.
 
-    `on_card`: offload all recomputed layers' inputs but the last `on_card` ones' (one in `every`; the rest replayed).
+    `on_card`: offload all recomputed layers' inputs but the last `on_card` ones' (one in `every`, or as many as
+    the host has `room` for; the rest replayed).
     """
     config = Trainer("tiny-llama", **FAST, **overrides).config
     seed_everything(config.seed)
     tm = load_for_training(path, config)
     if on_card is not None:
-        tm.recompute.start_offload(on_card, every)
+        tm.recompute.start_offload(on_card, every, room)
     if chunk is not None:
         for layer in tm.recompute.layers:
             chunked_mlp.install(layer.mlp, chunk)
@@ -84,16 +90,34 @@ def test_inputs_split_between_card_and_host_give_identical_gradients(four_layers
         assert torch.equal(plain[name], moved[name]), name
 
 
-@pytest.mark.parametrize(("every", "stored", "replayed"), [(2, 2, 1), (3, 1, 2)])
-def test_replayed_inputs_give_identical_gradients(four_layers, dataset, every, stored, replayed):
-    """Of the three offloaded inputs, one in `every` goes to the host; backward replays the others, bit for bit."""
+@pytest.mark.parametrize(("every", "room", "stored", "replayed"), [(2, None, 2, 1), (3, None, 1, 2), (3, 2, 2, 1)])
+def test_replayed_inputs_give_identical_gradients(four_layers, dataset, every, room, stored, replayed):
+    """Of the three offloaded inputs, one in `every` (or the host's `room`) is stored; backward replays the rest, bit for bit."""
     loss, plain, _ = gradients(four_layers, dataset, gradient_checkpointing="on", offload_activations="off")
-    loss_off, moved, tm = gradients(four_layers, dataset, on_card=1, every=every, gradient_checkpointing="on")
+    loss_off, moved, tm = gradients(
+        four_layers, dataset, on_card=1, every=every, room=room, gradient_checkpointing="on"
+    )
     assert tm.recompute.describe() == f"recompute[4/4]+offload[{stored}/4]+replay[{replayed}/4]"
     offload = tm.recompute.offload
     assert (offload.offloaded, offload.replayed) == (stored, replayed)
     assert offload.host_bytes == stored * 288 * tm.base.config.hidden_size * 4
     assert loss_off == loss and plain.keys() == moved.keys() and len(plain) == 56
+    for name in plain:
+        assert torch.equal(plain[name], moved[name]), name
+
+
+def test_a_host_one_input_short_replays_one_layer(tiny_llama, tmp_path_factory, dataset):
+    """Seven inputs leave the card and the host holds six: one layer is replayed, not one in two."""
+    from transformers import AutoModelForCausalLM
+
+    eight_layers = deeper(tiny_llama, tmp_path_factory, 8)
+    plan = RecomputePlan(AutoModelForCausalLM.from_pretrained(eight_layers), "on", "auto")
+    assert plan.placement(0, 1, 6.5 / 0.8) == (1, 2, 6)  # segments of two, the host's room for six
+    loss, plain, _ = gradients(eight_layers, dataset, gradient_checkpointing="on", offload_activations="off")
+    loss_off, moved, tm = gradients(eight_layers, dataset, on_card=1, every=2, room=6, gradient_checkpointing="on")
+    assert tm.recompute.describe() == "recompute[8/8]+offload[6/8]+replay[1/8]"
+    assert (tm.recompute.offload.offloaded, tm.recompute.offload.replayed) == (6, 1)
+    assert loss_off == loss and plain.keys() == moved.keys()
     for name in plain:
         assert torch.equal(plain[name], moved[name]), name
 
@@ -299,12 +323,12 @@ def test_no_replay_under_fsdp(four_layers, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(four_layers)
     plan = RecomputePlan(model, "on", "auto")
-    assert plan.placement(0, 1, 1 / 0.8) == (1, 3)  # room for one input on the host: replay the rest
+    assert plan.placement(0, 1, 1 / 0.8) == (1, 3, 1)  # room for one input on the host: replay the rest
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         for layer in plan.layers:
             fully_shard(layer)
-        assert plan.placement(0, 1, 1 / 0.8) == (1, 1)
+        assert plan.placement(0, 1, 1 / 0.8) == (1, 1, 1)
     finally:
         dist.destroy_process_group()
 

@@ -283,7 +283,9 @@ def test_replayed_inputs_train_the_same_curve_on_the_gpu(tiny_llama, tmp_path, m
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     start_offload = RecomputePlan.start_offload
-    monkeypatch.setattr(RecomputePlan, "start_offload", lambda plan, on_card=1, every=1: start_offload(plan, 1, 2))
+    monkeypatch.setattr(
+        RecomputePlan, "start_offload", lambda plan, on_card=1, every=1, room=None: start_offload(plan, 1, 2)
+    )
     dataset = rule_dataset(vocab=300, samples=90, max_seq_length=96, seed=0)
     curves, features = {}, {}
     for offload in ("off", "on"):

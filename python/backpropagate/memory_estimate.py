@@ -21,9 +21,10 @@ step, and the largest phase:
   backward. With activation offload only the inputs of the last layers (one, or as many as
   the host memory requires) and the one being prefetched stay on the card; the rest
   (`host_bytes`, `offloaded_layers`) waits in pinned host memory. Where the host holds too
-  few, only every `every`-th of those inputs goes there and backward replays the others
-  (`replayed_layers`, `offload.py`), holding up to `every` inputs on the card instead of
-  one prefetched; of the two ways to fit a host, the one with fewer inputs on the card counts.
+  few, it takes as many as it holds and backward replays the others (`replayed_layers`,
+  `offload.py`) in segments of up to `every` layers, holding up to `every` inputs on the card
+  instead of one prefetched; of the two ways to fit a host, the one with fewer inputs on the
+  card counts.
 * step: through the step, the rotary cos and sin tables (2 head_dim B) and the token ids,
   positions and targets (3 x 8 B); in backward, the residual stream's gradient (H B).
 * attention_backward: a recomputed layer in flash attention's backward holds its first
@@ -207,14 +208,26 @@ def whole_mlp_backward_excess(config: Any, tokens: int, dtype: Any) -> int:
     return max(0, 3 * shape.intermediate * tokens * b - _mlp_slice_bytes(shape, tokens, b))
 
 
-def offloaded_bytes(shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1, every: int = 1) -> int:
-    """Host memory the offloaded layer inputs of a step take: of the layers but the last `on_card`, every `every`-th."""
-    return stored_layers(shape.layers - on_card, every) * _layer_input_bytes(shape, tokens, dtype_bytes)
+def offloaded_bytes(
+    shape: Shape, tokens: int, dtype_bytes: int, on_card: int = 1, every: int = 1, room: int | None = None
+) -> int:
+    """Host memory the offloaded layer inputs of a step take: those of the layers but the last `on_card` stored there."""
+    return stored_layers(shape.layers - on_card, every, room) * _layer_input_bytes(shape, tokens, dtype_bytes)
 
 
-def stored_layers(moved: int, every: int) -> int:
-    """Of `moved` layers whose inputs leave the card, those whose inputs go to the host (one per segment of `every`)."""
-    return -(-max(moved, 0) // every)
+def stored_layers(moved: int, every: int, room: int | None = None) -> int:
+    """Of `moved` layers whose inputs leave the card, those whose inputs go to the host.
+
+    At least one per segment of `every`; where the host has `room` for more inputs, it takes up
+    to that many, since each input stored is one layer fewer to replay.
+    """
+    moved = max(moved, 0)
+    return max(-(-moved // every), min(moved, room or 0))
+
+
+def host_room(one: int, host_bytes: float | None) -> int | None:
+    """How many layer inputs of `one` bytes `host_bytes` holds (None: unbounded)."""
+    return None if host_bytes is None else int(host_bytes // max(one, 1))
 
 
 def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
@@ -225,12 +238,13 @@ def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
 def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> tuple[int, int]:
     """Where offloaded inputs go when `host_bytes` bounds the host: (inputs kept on the card, segment length).
 
-    Either the card keeps the inputs the host cannot hold, or every `every`-th input goes to the
-    host and the others are replayed; whichever keeps fewer inputs on the card (the first on a tie).
+    Either the card keeps the inputs the host cannot hold, or the host takes all it holds and
+    backward replays the others in segments of up to `every` layers; whichever keeps fewer
+    inputs on the card (the first on a tie).
     """
-    if host_bytes is None:
+    fits = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
+    if fits is None:
         return 1, 1
-    fits = int(host_bytes // _layer_input_bytes(shape, max(tokens, 1), dtype_bytes))
     kept = max(1, shape.layers - fits), 1
     if fits < 1 or kept[0] == 1:
         return kept
@@ -239,13 +253,20 @@ def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: fl
 
 
 def host_shortfall(
-    config: Any, tokens: int, dtype: Any, available: float | None, on_card: int = 1, every: int = 1
+    config: Any,
+    tokens: int,
+    dtype: Any,
+    available: float | None,
+    on_card: int = 1,
+    every: int = 1,
+    room: int | None = None,
 ) -> str | None:
     """Why offloading a step of `tokens` would not fit the `available` host memory, or None when it fits.
 
-    The last `on_card` layers' inputs stay on the card; of the others, every `every`-th goes to the host.
+    The last `on_card` layers' inputs stay on the card; of the others, the host stores one per
+    segment of `every`, or as many as its `room` (`stored_layers`).
     """
-    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype), on_card, every)
+    needed = offloaded_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype), on_card, every, room)
     if available is None or needed <= available:
         return None
     return (
@@ -293,8 +314,9 @@ def _estimate(
     activations = activation_parts(shape, tokens, dtype_bytes, offload, on_card, every)
     parts = _static_parts(shape, mode, lora_r, fp8) | activations
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    host = offloaded_bytes(shape, tokens, dtype_bytes, on_card, every) if offload else 0
-    stored = stored_layers(shape.layers - on_card, every) if offload else 0
+    room = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
+    host = offloaded_bytes(shape, tokens, dtype_bytes, on_card, every, room) if offload else 0
+    stored = stored_layers(shape.layers - on_card, every, room) if offload else 0
     return MemoryEstimate(
         tokens=tokens,
         mode=mode,

@@ -15,13 +15,14 @@ checkpointed layer sees exactly that one tensor:
   copy back, and start the copy back of the layer below, which backward reaches next, so
   each transfer overlaps a layer's recomputation and backward.
 
-Where the host cannot hold every input either, only every `every`-th recomputed layer's input
-goes to the host (a segment's first); the inputs of the layers above it in the segment are
-kept nowhere. When backward reaches a segment's top layer, its unpack replays the
-segment's layers forward from that first input, without autograd, and holds each layer's
-input on the device until its own backward takes it. That costs one more forward of
-`every - 1` of each `every` layers and keeps up to `every` inputs on the card while a
-segment runs backward, and divides the host memory by `every`. A replayed input is the
+Where the host cannot hold every input either, `replays` of the offloaded inputs are kept
+nowhere: from the bottom up, in segments of up to `every` layers, only a segment's first
+input goes to the host, then each layer above it is stored again once the budget of
+replays is spent (so a host one input short replays one layer, not every other one). When
+backward reaches a segment's top layer, its unpack replays the segment's layers forward
+from that first input, without autograd, and holds each layer's input on the device until
+its own backward takes it. Each replayed input costs one more forward of its layer, and a
+segment keeps up to `every` inputs on the card while it runs backward. A replayed input is the
 same tensor as the forward's only where the layer above took the layer's own output as its
 input (checked by identity in forward); anywhere else the input is stored as usual.
 
@@ -101,6 +102,7 @@ class _Offloaded:
         # The layer below runs its backward right after this one: it is the next to prefetch.
         self.below: weakref.ref[_Handle] | None = None if below is None else weakref.ref(below)
         self.position: int = 0  # in its segment of `every` layers
+        self.replays: int = _replays(below)  # inputs replayed at or below this one in this forward
         self.call: _Call | None = None  # its layer's forward, for the replay of the layer above
         self.host: torch.Tensor | None = offload.pool.take(tensor.numel() * tensor.element_size())
         self.back: torch.Tensor | None = None
@@ -158,6 +160,7 @@ class _Kept:
     def __init__(self, tensor: torch.Tensor, below: _Handle | None) -> None:
         self.tensor = tensor
         self.below: weakref.ref[_Handle] | None = None if below is None else weakref.ref(below)
+        self.replays: int = _replays(below)
 
     def prefetch(self) -> None:
         """Nothing to fetch."""
@@ -176,6 +179,7 @@ class _Replayed:
         self.below: weakref.ref[_Offloaded | _Replayed] = weakref.ref(below)
         self.tensor: torch.Tensor | None = None
         self.position: int = below.position + 1
+        self.replays: int = below.replays + 1
         self.call: _Call | None = None
 
     def prefetch(self) -> None:
@@ -209,6 +213,11 @@ class _Replayed:
                 upper.tensor = hidden
 
 
+def _replays(below: _Handle | None) -> int:
+    """Inputs replayed at or below the handle `below` in this forward (0 at the first layer)."""
+    return 0 if below is None else below.replays
+
+
 class _Call:
     """A checkpointed layer's forward with every argument but its hidden state: the layer's input -> the next one's."""
 
@@ -228,15 +237,18 @@ class ActivationOffload:
 
     Args:
         device: The training device (a side stream and pinned buffers on CUDA).
-        every: Of the offloaded layers' inputs, every `every`-th goes to the host; the rest are replayed.
+        every: The longest segment: its first input goes to the host, backward replays the others.
+        replays: How many inputs a forward may leave to replay, the lowest segments' first (None: all
+            but each segment's first).
     """
 
-    def __init__(self, device: torch.device, every: int = 1) -> None:
+    def __init__(self, device: torch.device, every: int = 1, replays: int | None = None) -> None:
         cuda = device.type == "cuda"
         self.device_type = device.type
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = _HostPool(pinned=cuda)
         self.every = every
+        self.replays = replays
         self._last: weakref.ref[_Handle] | None = None
         # The checkpointed layer running now (its call and hidden input) and the output of the one before.
         self._call: _Call | None = None
@@ -271,6 +283,7 @@ class ActivationOffload:
             and isinstance(below, (_Offloaded, _Replayed))
             and below.call is not None
             and below.position + 1 < self.every
+            and (self.replays is None or below.replays < self.replays)
             and tensor is self._input
             and self._output is not None
             and self._output() is tensor

@@ -22,9 +22,10 @@ layer's but the last one's), `auto` when the estimate of a fully recomputed step
 memory with no layer left to recompute. In `auto` the card still keeps the inputs of as
 many of the last recomputed layers as its spare memory holds, so only the rest takes host
 memory and transfers; a step that runs out of memory sends half of those to the host too.
-Where the RAM available cannot hold the offloaded inputs (`HOST_TARGET` of it), only one in
-`every` goes there and backward replays the others from it (`offload.py`): the shortest such
-segment is chosen, its extra inputs on the card taken from the card's spare room.
+Where the RAM available cannot hold the offloaded inputs (`HOST_TARGET` of it), it takes
+as many as it holds and backward replays the others (`offload.py`), in the shortest segments
+that let the host hold each segment's first input, their extra inputs on the card taken from
+the card's spare room.
 Only then is the micro-batch halved. Each recomputed layer's gated MLP runs in slices of tokens
 at long lengths (`chunked_mlp.py`), so its recomputation never holds its whole intermediate; a
 kept layer's runs whole, its intermediates planned for (and the larger backward they need).
@@ -174,9 +175,11 @@ class RecomputePlan:
         self.mode = mode
         self.kept = 0
         # While offloading: the last recomputed layers whose inputs stay on the card (backward needs them first),
-        # and the segment length: one offloaded input in `every` goes to the host, backward replays the rest.
+        # the longest segment of replayed inputs (its first input goes to the host), and how many
+        # inputs the host has room for (None: all).
         self.on_card = 1
         self.every = 1
+        self.room: int | None = None
         # One layer's input at the first step's micro-batch (bytes; None: unknown), for offload decisions.
         self.input_size: int | None = None
         self.planned = False
@@ -201,6 +204,8 @@ class RecomputePlan:
                     module.__dict__["bp_recomputed"] = i < recomputed
             if layer in self.sliceable:  # a kept layer's MLP runs whole
                 layer.mlp.__dict__["bp_sliced"] = i < recomputed
+        if self.offload is not None:
+            self.offload.every, self.offload.replays = self.every, self.replayed
 
     @property
     def recomputed(self) -> int:
@@ -212,7 +217,7 @@ class RecomputePlan:
         """Layers whose inputs wait in host memory between forward and backward."""
         from backpropagate.memory_estimate import stored_layers
 
-        return stored_layers(self.recomputed - self.on_card, self.every) if self.offload is not None else 0
+        return stored_layers(self.recomputed - self.on_card, self.every, self.room) if self.offload is not None else 0
 
     @property
     def replayed(self) -> int:
@@ -229,15 +234,17 @@ class RecomputePlan:
         replay = f"+replay[{self.replayed}/{n}]" if self.replayed else ""
         return f"recompute[{self.recomputed}/{n}]{offload}{replay}"
 
-    def start_offload(self, on_card: int = 1, every: int = 1) -> None:
+    def start_offload(self, on_card: int = 1, every: int = 1, room: int | None = None) -> None:
         """Keeps the inputs of the recomputed layers but the last `on_card` in host memory between forward and backward.
 
-        With `every` > 1 only one of each `every` goes there; backward replays the others.
+        With `every` > 1 the host stores one input per segment of `every`, or as many as it has
+        `room` for; backward replays the others.
         """
         if self.offload is None:
             self.offload = ActivationOffload(self.device)
         self.on_card = max(1, on_card)
-        self.every = self.offload.every = max(1, every)
+        self.every = max(1, every)
+        self.room = room
         self.set_kept(self.kept)
 
     def prepare(self, config: Any, dtype: torch.dtype, tokens: int) -> None:
@@ -262,7 +269,7 @@ class RecomputePlan:
 
         The card keeps the inputs of as many of the last layers as the budget holds beyond the
         step with the fewest inputs on it. Where `ram` (bytes available; None: unknown) cannot
-        hold the rest, backward replays all but one in `every` of them (`placement`).
+        hold the rest, backward replays what it cannot (`placement`).
         """
         from backpropagate.memory_estimate import host_shortfall, input_bytes, recomputed_step_bytes
 
@@ -283,18 +290,19 @@ class RecomputePlan:
                 budget / 2**30,
                 self.describe(),
             )
-            shortfall = host_shortfall(config, tokens, dtype, ram, self.on_card, self.every)
+            shortfall = host_shortfall(config, tokens, dtype, ram, self.on_card, self.every, self.room)
             if shortfall:
                 log.warning(shortfall)
 
-    def placement(self, more: int, one: int, ram: float | None) -> tuple[int, int]:
-        """(inputs kept on the card, segment length) when offloading: the shortest segment whose inputs fit the host.
+    def placement(self, more: int, one: int, ram: float | None) -> tuple[int, int, int | None]:
+        """(inputs kept on the card, segment length, host room in inputs) when offloading inputs of `one` bytes.
 
-        `more`: inputs the card has room for beyond the fewest; a segment of `every` holds `every - 1`
-        of them while it replays. Where none fits, the longest segment, which takes the least (the
-        caller warns).
+        The shortest segment whose first inputs fit the host; the host then stores all it has room
+        for, so only the rest is replayed. `more`: inputs the card has room for beyond the fewest;
+        a segment of `every` holds `every - 1` of them while it replays. Where none fits, the
+        longest segment, which takes the least (the caller warns).
         """
-        from backpropagate.memory_estimate import stored_layers
+        from backpropagate.memory_estimate import host_room, stored_layers
 
         # Under FSDP a layer's weights are whole only inside its own forward and backward: no replay.
         sharded = any(type(p).__name__ == "DTensor" for layer in self.layers for p in layer.parameters())
@@ -302,15 +310,14 @@ class RecomputePlan:
             (max(1, min(1 + more - (every - 1), self.recomputed - 1)), every)
             for every in range(1, 2 if sharded else max(2, self.recomputed))
         ]
-        fitting = (
-            c for c in choices if ram is None or stored_layers(self.recomputed - c[0], c[1]) * one <= HOST_TARGET * ram
-        )
-        return next(fitting, choices[-1])
+        room = host_room(one, None if ram is None else HOST_TARGET * ram)
+        fitting = (c for c in choices if room is None or stored_layers(self.recomputed - c[0], c[1]) <= room)
+        return (*next(fitting, choices[-1]), room)
 
     def offload_within_host(self, more: int, ram: float | None) -> None:
         """Offloads with room for `more` inputs on the card beyond the fewest, replaying what `ram` bytes cannot hold."""
         if self.input_size is None:
-            self.start_offload(1 + more, self.every)
+            self.start_offload(1 + more, self.every, self.room)
         else:
             self.start_offload(*self.placement(more, self.input_size, ram))
 
