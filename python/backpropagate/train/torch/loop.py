@@ -505,6 +505,9 @@ def train(
     try:
         with packed_attention(tm.model), StopRequest() as stop:
             while state.step < total_steps and not stopping:
+                if pending is not None and pending[0].ready():
+                    # A step the host waited through (long rows) reports now, not after the next one.
+                    settle()
                 if guard is not None:
                     guard.wait_until_cool()
                 step_started, mark = time.perf_counter(), step_mark(tm.device)

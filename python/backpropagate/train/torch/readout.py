@@ -39,6 +39,10 @@ class Readout:
             self.host = stacked
             self.done_at = time.perf_counter()
 
+    def ready(self) -> bool:
+        """Whether the step's work is done, so `values` would not wait (never waits itself)."""
+        return self.done_at is not None or (self.event is not None and self.event.query())
+
     def values(self) -> list[float]:
         """The scalars as floats (waits for the step that made them, not for later work)."""
         if self.event is not None and self.done_at is None:
