@@ -16,9 +16,9 @@ checkpointed layer sees exactly that one tensor:
   each transfer overlaps a layer's recomputation and backward.
 
 Where the host cannot hold every input either, `replays` of the offloaded inputs are kept
-nowhere: from the bottom up, in segments of up to `every` layers, only a segment's first
-input goes to the host, then each layer above it is stored again once the budget of
-replays is spent (so a host one input short replays one layer, not every other one). When
+nowhere: from the bottom layer up, in segments of up to `every` layers, a segment's first
+input goes to the host and the others are left out, until `replays` are; every input above
+those is stored (so a host one input short replays one layer, not every other one). When
 backward reaches a segment's top layer, its unpack replays the segment's layers forward
 from that first input, without autograd, and holds each layer's input on the device until
 its own backward takes it. Each replayed input costs one more forward of its layer, and a
