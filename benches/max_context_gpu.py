@@ -414,23 +414,28 @@ def estimate_allocated(shape: str, length: int, mode: str, offload: bool) -> dic
 def estimated_gib(shape: str, length: int, features: list[str]) -> float | None:
     """`estimate_allocated` in GiB for one of ours' QLoRA trials (offload as its features say).
 
-    None where the recompute planner kept layers (features `recompute[k/n]` with k < n) or had
-    backward replay inputs (`+replay[...]`): it spends the room a cap leaves on purpose, which
-    the estimate of a step that recomputes every layer does not model. An offloaded trial
-    (`+offload[m/n]`) is estimated with the card keeping as many layers' inputs as the planner
-    kept, n - m, where the estimate keeps one.
+    None where the recompute planner kept layers (features `recompute[k/n]` with k < n): it
+    spends the room a cap leaves on purpose, which the estimate of a step that recomputes every
+    layer does not model. An offloaded trial (`+offload[m/n]`, `+replay[r/n]`) is estimated
+    with the card holding the inputs the planner left there, n - m - r, or those of its longest
+    segment of replayed layers where that is more, where the estimate holds one.
     """
     recompute = next((f for f in features if f.startswith("recompute[")), "recompute[0/1]")
     recomputed, layers = recompute.removeprefix("recompute[").split("]")[0].split("/")
-    if recomputed != layers or "+replay[" in recompute:
+    if recomputed != layers:
         return None
     from backpropagate.memory_estimate import input_bytes
+
+    def count(lever: str) -> int:
+        return int(recompute.split(f"+{lever}[")[1].split("/")[0]) if f"+{lever}[" in recompute else 0
 
     offload = "+offload[" in recompute
     allocated = sum(estimate_allocated(shape, length, "qlora", offload).values())
     if offload:
-        on_host = int(recompute.split("+offload[")[1].split("/")[0])
-        allocated += (int(layers) - on_host - 1) * input_bytes(SHAPES[shape], length, 2)
+        on_host, replayed = count("offload"), count("replay")
+        every = -(-(on_host + replayed) // on_host)
+        on_card = int(layers) - on_host - replayed
+        allocated += (max(on_card, every) - 1) * input_bytes(SHAPES[shape], length, 2)
     return round(allocated / 2**30, 2)
 
 

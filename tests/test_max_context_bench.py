@@ -45,6 +45,12 @@ def test_a_trial_is_set_against_the_estimate_only_when_it_recomputed_every_layer
     layer_input_gib = 24576 * 4096 * 2 / 2**30
     partly = estimated_gib("llama8b", 24576, ["recompute[32/32]+offload[20/32]"])  # 12 inputs on the card, not 1
     assert partly == pytest.approx(offloaded + 11 * layer_input_gib, abs=0.01)
+    # 29 inputs left the card, 25 stored and 4 replayed in segments of up to 2: 3 on the card, not 1.
+    replayed = estimated_gib("llama8b", 24576, ["recompute[32/32]+offload[25/32]+replay[4/32]"])
+    assert replayed == pytest.approx(offloaded + 2 * layer_input_gib, abs=0.01)
+    # 31 left, 11 stored and 20 replayed in segments of up to 3: the segment's 3, more than the card's 1.
+    segment = estimated_gib("llama8b", 24576, ["recompute[32/32]+offload[11/32]+replay[20/32]"])
+    assert segment == pytest.approx(offloaded + 2 * layer_input_gib, abs=0.01)
     kept = sum(estimate_allocated("llama8b", 24576, "qlora", False).values()) / 2**30
     assert estimated_gib("llama8b", 24576, ["recompute[32/32]"]) == round(kept, 2) > round(offloaded, 2)
     assert estimated_gib("llama8b", 5120, ["recompute[16/32]"]) is None

@@ -107,16 +107,17 @@ def test_replayed_inputs_give_identical_gradients(four_layers, dataset, every, r
 
 
 def test_a_host_one_input_short_replays_one_layer(tiny_llama, tmp_path_factory, dataset):
-    """Seven inputs leave the card and the host holds six: one layer is replayed, not one in two."""
+    """The host holds five inputs and the card two: six leave the card, one is replayed, not one in two."""
     from transformers import AutoModelForCausalLM
 
     eight_layers = deeper(tiny_llama, tmp_path_factory, 8)
     plan = RecomputePlan(AutoModelForCausalLM.from_pretrained(eight_layers), "on", "auto")
-    assert plan.placement(0, 1, 6.5 / 0.8) == (1, 2, 6)  # segments of two, the host's room for six
+    # Segments of two; the card keeps two inputs, as a segment would hold, and the host has room for five.
+    assert plan.placement(0, 1, 5.5 / 0.8) == (2, 2, 5)
     loss, plain, _ = gradients(eight_layers, dataset, gradient_checkpointing="on", offload_activations="off")
-    loss_off, moved, tm = gradients(eight_layers, dataset, on_card=1, every=2, room=6, gradient_checkpointing="on")
-    assert tm.recompute.describe() == "recompute[8/8]+offload[6/8]+replay[1/8]"
-    assert (tm.recompute.offload.offloaded, tm.recompute.offload.replayed) == (6, 1)
+    loss_off, moved, tm = gradients(eight_layers, dataset, on_card=2, every=2, room=5, gradient_checkpointing="on")
+    assert tm.recompute.describe() == "recompute[8/8]+offload[5/8]+replay[1/8]"
+    assert (tm.recompute.offload.offloaded, tm.recompute.offload.replayed) == (5, 1)
     assert loss_off == loss and plain.keys() == moved.keys()
     for name in plain:
         assert torch.equal(plain[name], moved[name]), name
@@ -170,26 +171,31 @@ def test_planner_keeps_on_the_card_the_inputs_it_has_room_for(four_layers):
     ("host_inputs", "described"),
     [
         (2, "recompute[4/4]+offload[2/4]"),  # the host holds what the card cannot
-        (1.5, "recompute[4/4]+offload[1/4]+replay[2/4]"),  # one stored input, two replayed from it
-        (0.5, "recompute[4/4]+offload[1/4]+replay[2/4]"),  # nothing fits: the least host memory, and a warning
+        (1.5, "recompute[4/4]+offload[1/4]+replay[1/4]"),  # one stored input, one replayed from it
+        (0.5, "recompute[4/4]+offload[1/4]"),  # nothing fits: the least host memory, and a warning
     ],
 )
-def test_planner_replays_inputs_the_host_cannot_hold(four_layers, host_inputs, described, caplog):
-    """With room for one more input on the card: keep it there, else spend it on a segment that replays."""
+def test_planner_replays_inputs_the_host_cannot_hold(four_layers, host_inputs, described, caplog, monkeypatch):
+    """With room for one more input on the card: keep it there, and a segment of two replays below it if need be.
+
+    Where no segment fits the host, the card keeps what the longest would hold, so nothing is replayed.
+    """
     from transformers import AutoModelForCausalLM
 
     from backpropagate.memory_estimate import input_bytes, recomputed_step_bytes
-    from backpropagate.train.torch.recompute import HOST_TARGET
+    from backpropagate.train.torch import recompute
 
     model = AutoModelForCausalLM.from_pretrained(four_layers)
     config, tokens, dtype = model.config, 4096, torch.bfloat16
     fewest, one = recomputed_step_bytes(config, tokens, dtype, offload=True), input_bytes(config, tokens, dtype)
+    ram = host_inputs * one / recompute.HOST_TARGET
+    monkeypatch.setattr(recompute, "available_ram", lambda: ram)
     plan = RecomputePlan(model, "on", "auto")
-    plan.offload_if_short(fewest + 1.5 * one, config, dtype, tokens, ram=host_inputs * one / HOST_TARGET)
+    plan.offload_if_short(fewest + 1.5 * one, config, dtype, tokens, ram=ram)
     assert plan.describe() == described
     assert ("host memory" in caplog.text) == (host_inputs < 1)
-    if plan.replayed:
-        assert plan.back_off() is False  # one input on the card already: the micro-batch is halved next
+    assert plan.back_off() is False  # the host allows no fewer inputs on the card: the micro-batch is halved next
+    assert plan.describe() == described
 
 
 def test_mlp_in_token_slices_matches_one_piece(tiny_llama, dataset):
@@ -323,7 +329,7 @@ def test_no_replay_under_fsdp(four_layers, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(four_layers)
     plan = RecomputePlan(model, "on", "auto")
-    assert plan.placement(0, 1, 1 / 0.8) == (1, 3, 1)  # room for one input on the host: replay the rest
+    assert plan.placement(0, 1, 1 / 0.8) == (2, 2, 1)  # room for one input on the host: replay the rest
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         for layer in plan.layers:
@@ -346,4 +352,4 @@ def test_an_offload_started_by_out_of_memory_replays_what_the_host_cannot_hold(f
     plan.prepare(config, dtype, tokens)  # on the CPU nothing is offloaded up front
     assert plan.offload is None and plan.input_size == input_bytes(config, tokens, dtype)
     monkeypatch.setattr(recompute, "available_ram", lambda: 1.5 * plan.input_size / recompute.HOST_TARGET)
-    assert plan.back_off() and plan.describe() == "recompute[4/4]+offload[1/4]+replay[2/4]"
+    assert plan.back_off() and plan.describe() == "recompute[4/4]+offload[1/4]+replay[1/4]"

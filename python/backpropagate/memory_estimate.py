@@ -22,9 +22,10 @@ step, and the largest phase:
   the host memory requires) and the one being prefetched stay on the card; the rest
   (`host_bytes`, `offloaded_layers`) waits in pinned host memory. Where the host holds too
   few, it takes as many as it holds and backward replays the others (`replayed_layers`,
-  `offload.py`) in segments of up to `every` layers, holding up to `every` inputs on the card
-  instead of one prefetched; of the two ways to fit a host, the one with fewer inputs on the
-  card counts.
+  `offload.py`) in segments of up to `every` layers, which hold up to `every` inputs on the
+  card and one prefetched. The segments lie below the layers whose inputs stay on the card,
+  which backward is done with by then, so the card holds max(on_card, every) + 1 inputs at
+  most, and keeps as many inputs as a segment holds (`place_inputs`).
 * step: through the step, the rotary cos and sin tables (2 head_dim B) and the token ids,
   positions and targets (3 x 8 B); in backward, the residual stream's gradient (H B).
 * attention_backward: a recomputed layer in flash attention's backward holds its first
@@ -169,13 +170,14 @@ def activation_parts(
     """Activation memory of a fully recomputed step: what lives through it, and its largest phase (module doc).
 
     With offload, the last `on_card` layers' inputs stay on the card, and one more is
-    prefetched (`every` more while a segment of replayed layers runs backward).
+    prefetched; a segment of `every` replayed layers, further down, holds `every` once those
+    are gone.
     """
     from backpropagate.train.torch.losses import chunk_length
 
     h, b = shape.hidden, dtype_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    on_card_layers = min(shape.layers, on_card + every) if offload else shape.layers
+    on_card_layers = min(shape.layers, max(on_card, every) + 1) if offload else shape.layers
     attention_saved = (h + 2 * q + 2 * kv) * b + 4 * shape.heads
     gqa_spread = 2 * q * b if kv < q else 0
     phases = {
@@ -235,21 +237,32 @@ def input_bytes(config: Any, tokens: int, dtype: Any) -> int:
     return _layer_input_bytes(Shape.of(config), tokens, _bytes_per_dtype(dtype))
 
 
+def place_inputs(layers: int, room: int | None, more: int = 0, longest: int | None = None) -> tuple[int, int]:
+    """Where `layers` recomputed layers' inputs wait: (inputs kept on the card, longest segment of replayed layers).
+
+    The card keeps the last 1 + `more` (`more`: room for inputs beyond one kept and one
+    prefetched). Where the host's `room` (inputs; None: unbounded) cannot take the rest, the
+    shortest segment whose first inputs it can, up to `longest` layers (None: any). A segment
+    holds its inputs on the card in backward after the card's own have gone, so the card then
+    keeps as many as a segment holds, for free. Where none fits, the longest (the caller warns).
+    """
+    choices = [
+        (max(1, min(max(1 + more, every), layers - 1)), every) for every in range(1, max(1, longest or layers - 1) + 1)
+    ]
+    fitting = (c for c in choices if room is None or stored_layers(layers - c[0], c[1]) <= room)
+    return next(fitting, choices[-1])
+
+
 def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> tuple[int, int]:
     """Where offloaded inputs go when `host_bytes` bounds the host: (inputs kept on the card, segment length).
 
-    Either the card keeps the inputs the host cannot hold, or the host takes all it holds and
-    backward replays the others in segments of up to `every` layers; whichever keeps fewer
-    inputs on the card (the first on a tie).
+    The fewest inputs on the card that leave the host what it holds (`place_inputs`); with no
+    room on the host, all of them.
     """
     fits = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
-    if fits is None:
-        return 1, 1
-    kept = max(1, shape.layers - fits), 1
-    if fits < 1 or kept[0] == 1:
-        return kept
-    every = next(k for k in range(2, shape.layers + 1) if stored_layers(shape.layers - 1, k) <= fits)
-    return kept if sum(kept) <= 1 + every else (1, every)
+    if fits is not None and fits < 1:
+        return shape.layers, 1
+    return place_inputs(shape.layers, fits)
 
 
 def host_shortfall(

@@ -24,8 +24,8 @@ many of the last recomputed layers as its spare memory holds, so only the rest t
 memory and transfers; a step that runs out of memory sends half of those to the host too.
 Where the RAM available cannot hold the offloaded inputs (`HOST_TARGET` of it), it takes
 as many as it holds and backward replays the others (`offload.py`), in the shortest segments
-that let the host hold each segment's first input, their extra inputs on the card taken from
-the card's spare room.
+that let the host hold each segment's first input; a segment's inputs wait on the card in
+backward only after the card's own have gone (`memory_estimate.place_inputs`).
 Only then is the micro-batch halved. Each recomputed layer's gated MLP runs in slices of tokens
 at long lengths (`chunked_mlp.py`), so its recomputation never holds its whole intermediate; a
 kept layer's runs whole, its intermediates planned for (and the larger backward they need).
@@ -297,22 +297,15 @@ class RecomputePlan:
     def placement(self, more: int, one: int, ram: float | None) -> tuple[int, int, int | None]:
         """(inputs kept on the card, segment length, host room in inputs) when offloading inputs of `one` bytes.
 
-        The shortest segment whose first inputs fit the host; the host then stores all it has room
-        for, so only the rest is replayed. `more`: inputs the card has room for beyond the fewest;
-        a segment of `every` holds `every - 1` of them while it replays. Where none fits, the
-        longest segment, which takes the least (the caller warns).
+        `more`: inputs the card has room for beyond the fewest (`memory_estimate.place_inputs`);
+        the host stores all it has room for, so only the rest is replayed.
         """
-        from backpropagate.memory_estimate import host_room, stored_layers
+        from backpropagate.memory_estimate import host_room, place_inputs
 
         # Under FSDP a layer's weights are whole only inside its own forward and backward: no replay.
         sharded = any(type(p).__name__ == "DTensor" for layer in self.layers for p in layer.parameters())
-        choices = [
-            (max(1, min(1 + more - (every - 1), self.recomputed - 1)), every)
-            for every in range(1, 2 if sharded else max(2, self.recomputed))
-        ]
         room = host_room(one, None if ram is None else HOST_TARGET * ram)
-        fitting = (c for c in choices if room is None or stored_layers(self.recomputed - c[0], c[1]) <= room)
-        return (*next(fitting, choices[-1]), room)
+        return (*place_inputs(self.recomputed, room, more, 1 if sharded else None), room)
 
     def offload_within_host(self, more: int, ram: float | None) -> None:
         """Offloads with room for `more` inputs on the card beyond the fewest, replaying what `ram` bytes cannot hold."""
@@ -375,10 +368,17 @@ class RecomputePlan:
         elif self.offload_mode == "auto" and self.offload is None:
             self.offload_within_host(0, available_ram())
         elif self.offload is not None and self.on_card > 1:
+            held = max(self.on_card, self.every)  # inputs on the card at once in backward, less the prefetched one
             self.offload_within_host((self.on_card - 1) // 2, available_ram())
+            if max(self.on_card, self.every) >= held:  # the host allows no fewer
+                return self._no_lever_left()
         else:
-            if self.offload is not None:
-                self.offload.pool.clear()  # the halved micro-batch's inputs take buffers of other sizes
-            return False
+            return self._no_lever_left()
         log.warning("out of memory: %s", self.describe())
         return True
+
+    def _no_lever_left(self) -> bool:
+        """False, for the loop to halve the micro-batch, whose inputs take host buffers of other sizes."""
+        if self.offload is not None:
+            self.offload.pool.clear()
+        return False
