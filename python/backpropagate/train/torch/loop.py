@@ -505,8 +505,10 @@ def train(
     try:
         with packed_attention(tm.model), StopRequest() as stop:
             while state.step < total_steps and not stopping:
-                if pending is not None and pending[0].ready():
-                    # A step the host waited through (long rows) reports now, not after the next one.
+                if world.size == 1 and pending is not None and pending[0].ready():
+                    # A step the host waited through (long rows) reports now, not after the next one. With
+                    # several processes each settles at the same point, so a diverged loss stops all of them
+                    # before the next step's collectives.
                     settle()
                 if guard is not None:
                     guard.wait_until_cool()
