@@ -253,16 +253,15 @@ def place_inputs(layers: int, room: int | None, more: int = 0, longest: int | No
     return next(fitting, choices[-1])
 
 
-def on_card_for_host(shape: Shape, tokens: int, dtype_bytes: int, host_bytes: float | None) -> tuple[int, int]:
-    """Where offloaded inputs go when `host_bytes` bounds the host: (inputs kept on the card, segment length).
+def on_card_for_host(layers: int, room: int | None) -> tuple[int, int]:
+    """Where offloaded inputs go when the host has `room` for that many: (inputs kept on the card, segment length).
 
     The fewest inputs on the card that leave the host what it holds (`place_inputs`); with no
     room on the host, all of them.
     """
-    fits = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
-    if fits is not None and fits < 1:
-        return shape.layers, 1
-    return place_inputs(shape.layers, fits)
+    if room is not None and room < 1:
+        return layers, 1
+    return place_inputs(layers, room)
 
 
 def host_shortfall(
@@ -322,12 +321,12 @@ def _estimate(
     host_bytes: float | None = None,
 ) -> MemoryEstimate:
     """The estimate of one setting; with offload, as `on_card_for_host` places what `host_bytes` cannot hold."""
-    on_card, every = on_card_for_host(shape, tokens, dtype_bytes, host_bytes) if offload else (shape.layers, 1)
+    room = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
+    on_card, every = on_card_for_host(shape.layers, room) if offload else (shape.layers, 1)
     offload = offload and on_card < shape.layers
     activations = activation_parts(shape, tokens, dtype_bytes, offload, on_card, every)
     parts = _static_parts(shape, mode, lora_r, fp8) | activations
     parts["margin"] = int(MARGIN_SHARE * sum(parts.values())) + MARGIN_BYTES
-    room = host_room(_layer_input_bytes(shape, tokens, dtype_bytes), host_bytes)
     host = offloaded_bytes(shape, tokens, dtype_bytes, on_card, every, room) if offload else 0
     stored = stored_layers(shape.layers - on_card, every, room) if offload else 0
     return MemoryEstimate(
