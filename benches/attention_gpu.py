@@ -1,7 +1,9 @@
-"""Speed of causal attention over one sample on CUDA: flash (`varlen_attn`) against cuDNN's kernel, forward and backward.
+"""Speed of causal attention over rows of equal samples on CUDA: flash (`varlen_attn`) against cuDNN's kernel.
 
-Qwen2.5-7B's heads (28 query, 4 key/value, dim 128), bf16, one sample of 2k, 8k, 16k and 64k
-tokens (a long-context row holds one sample, and that is where training runs cuDNN's kernel).
+Qwen2.5-7B's heads (28 query, 4 key/value, dim 128), bf16, forward and backward: one sample
+of 2k, 8k, 16k and 64k tokens (a long-context row holds one sample), and four samples of 2k
+packed in one row (fixed-length chunks: the 4 x 2048 step of `train_gpu.py dense`). Those
+are the rows training runs on cuDNN's kernel.
 Each way is timed for forward plus backward with CUDA events and checked against the other
 (largest difference of output and gradients, relative to the largest value):
 
@@ -32,7 +34,8 @@ from backpropagate.train.torch import attention, cudnn_attention
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 HEADS, KV_HEADS, DIM = 28, 4, 128
-LENGTHS = (2048, 8192, 16384, 65536)
+# (samples in the row, tokens per sample)
+CASES = ((1, 2048), (4, 2048), (1, 8192), (1, 16384), (1, 65536))
 
 
 def ms_per_call(fn: Callable[[], None], repeats: int) -> float:
@@ -49,24 +52,30 @@ def ms_per_call(fn: Callable[[], None], repeats: int) -> float:
 
 
 def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    n = q.shape[2]
-    return attention._varlen(q, k, v, None, (cu, cu, n, n), None, None)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return attention._varlen(q, k, v, None, (cu, cu, longest, longest), None, None)
 
 
 def cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    return cudnn_attention.attend(q, k, v, None)
+    return cudnn_attention.attend(q, k, v, None, rows=len(cu) - 1)
 
 
-def case(tokens: int, generator: torch.Generator) -> dict[str, object]:
-    """Both ways on one sample: time, TFLOP/s, and how far apart their results are."""
-    cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
+def case(rows: int, tokens: int, generator: torch.Generator) -> dict[str, object]:
+    """Both ways on `rows` samples of `tokens` in one row: time, TFLOP/s, and how far apart their results are.
+
+    The inputs are laid out as a model's projections leave them ([1, T, heads, dim] seen as [1, heads, T, dim]).
+    """
+    total = rows * tokens
+    cu = torch.arange(0, total + 1, tokens, dtype=torch.int32, device="cuda")
     q, k, v = (
-        torch.randn(1, h, tokens, DIM, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+        torch.randn(1, total, h, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+        .transpose(1, 2)
+        .requires_grad_()
         for h in (HEADS, KV_HEADS, KV_HEADS)
     )
-    grad = torch.randn(1, tokens, HEADS, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
-    flops = 7 * tokens * tokens * HEADS * DIM
-    row: dict[str, object] = {"tokens": tokens, "card": torch.cuda.get_device_name()}
+    grad = torch.randn(1, total, HEADS, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    flops = 7 * rows * tokens * tokens * HEADS * DIM
+    row: dict[str, object] = {"rows": rows, "tokens": tokens, "card": torch.cuda.get_device_name()}
     results = {}
     for way, fn in (("flash", flash), ("cudnn", cudnn)):
         forward = functools.partial(fn, q, k, v, cu)
@@ -88,8 +97,8 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     config = Qwen2Config(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=HEADS * DIM)
     verified = cudnn_attention.check(types.SimpleNamespace(config=config), torch.device("cuda"), torch.bfloat16)
-    for tokens in LENGTHS:
-        row = case(tokens, generator)
+    for rows, tokens in CASES:
+        row = case(rows, tokens, generator)
         row.update(cudnn_verified=verified, torch=torch.__version__, cudnn_version=torch.backends.cudnn.version())
         row["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         line = json.dumps(row)

@@ -36,8 +36,8 @@ def kernel(tile: int, warps: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return functools.partial(byte_transpose.transposed_by_kernel, tile=tile, warps=warps)
 
 
-def gb_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int = 50) -> float:
-    """Bytes read and written per second, from CUDA events over `repeats` calls after a warm-up."""
+def seconds_per_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 50) -> float:
+    """Seconds per call of `fn(x)`, from CUDA events over `repeats` calls after a warm-up."""
     for _ in range(3):
         fn(x)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,8 +46,12 @@ def gb_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeat
         fn(x)
     end.record()
     torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / repeats
-    return 2 * x.numel() / seconds / 1e9
+    return float(start.elapsed_time(end)) / 1e3 / repeats
+
+
+def gb_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    """Bytes read and written per second."""
+    return 2 * x.numel() / seconds_per_call(fn, x) / 1e9
 
 
 def main() -> int:

@@ -81,6 +81,34 @@ def test_the_transpose_kernel_moves_every_byte_of_partial_tiles_too():
     assert done.returncode == 0, done.stderr
 
 
+ROWS_CHECK = """
+import torch
+from backpropagate.train.torch import fp8, fp8_rows
+g = torch.Generator().manual_seed(0)
+for rows, cols, dtype in ((5, 3584, torch.bfloat16), (3, 18944, torch.bfloat16), (4, 100, torch.float32), (0, 64, torch.bfloat16)):
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-3, 3, cols)).to(dtype)
+    if rows:
+        x[0] = 0  # a row of zeros: the smallest scale, no division by zero
+    scaled, scale = fp8_rows.quantized_by_kernel(x, torch.float32)
+    want = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / fp8.FP8_MAX
+    assert scaled.shape == (rows, cols) and scale.shape == (rows, 1), (rows, cols)
+    assert torch.equal(scale, want) and torch.equal(scale, fp8.rows_in_fp8(x)[1]), (rows, cols)
+    assert torch.equal(scaled, x.float() / want), (rows, cols)
+assert fp8_rows.fits(32768) and not fp8_rows.fits(32769)
+"""
+
+
+def test_the_row_kernel_quantizes_as_the_plain_operations_do():
+    """The CUDA kernel, run by Triton's interpreter on the CPU, before its e4m3 cast (checked on the card).
+
+    A 7B's widths, one that fills no block, no rows.
+    """
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", ROWS_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_row_of_zeros_quantizes_without_dividing_by_zero():
     values, scale = fp8.quantize_rows(torch.zeros(2, 32))
     assert torch.isfinite(values.float()).all() and (values.float() == 0).all() and (scale > 0).all()

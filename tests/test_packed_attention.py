@@ -198,3 +198,45 @@ def test_cudnn_attention_is_tried_only_for_half_precision_on_cuda_cards():
     model = types.SimpleNamespace(config=Qwen2Config(num_attention_heads=4, num_key_value_heads=1, hidden_size=512))
     assert not cudnn_attention.check(model, torch.device("cpu"), torch.bfloat16)
     assert not cudnn_attention.verified(torch.zeros(1, 4, 8, 128), torch.zeros(1, 1, 8, 128))
+
+
+def test_rows_of_equal_samples_are_counted_only_where_they_fill_the_row():
+    count = attention.count_equal_rows
+    assert count(np.array([0, 2048, 4096, 6144, 8192]), 8192) == 4
+    assert count(np.array([0, 500]), 500) == 1  # one sample: a long-context row
+    assert count(np.array([0, 2048, 4000, 6144, 8192]), 8192) == 0  # unequal
+    assert count(np.array([0, 2048, 4096]), 4100) == 0  # tokens past the last sample
+    assert count(np.array([0]), 0) == 0
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    assert attention.packed_kwargs(cu, 4, equal_rows=2)[attention.EQUAL_ROWS] == 2
+    assert attention.EQUAL_ROWS not in attention.packed_kwargs(cu, 4, kv_index=torch.arange(8), equal_rows=2)
+    assert attention.EQUAL_ROWS not in attention.packed_kwargs(cu, 4)
+
+
+@pytest.mark.parametrize("model_layout", [True, False])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_equal_samples_attended_as_a_batch_equal_each_sample_alone(rows, model_layout):
+    """`cudnn_attention.attend`'s view of a packed row as a batch (SDPA's math backend here; cuDNN on the card)."""
+    from torch.nn.attention import SDPBackend
+
+    from backpropagate.train.torch import cudnn_attention
+
+    torch.manual_seed(0)
+    length, heads, kv_heads, dim = 7, 4, 2, 16
+
+    def leaf(n: int) -> torch.Tensor:
+        if model_layout:  # [1, T, heads, dim] seen as [1, heads, T, dim], as projections leave it
+            return torch.randn(1, rows * length, n, dim).transpose(1, 2).requires_grad_()
+        return torch.randn(1, n, rows * length, dim, requires_grad=True)
+
+    q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
+    grad = torch.randn(1, rows * length, heads, dim)
+    cu = torch.arange(0, rows * length + 1, length, dtype=torch.int32)
+    batched = cudnn_attention.attend(q, k, v, 0.3, rows, backend=SDPBackend.MATH)
+    alone = attention._sdpa_per_sample(q, k, v, cu, 0.3)
+    assert batched.shape == alone.shape == (1, rows * length, heads, dim)
+    torch.testing.assert_close(batched, alone)
+    got = torch.autograd.grad(batched, (q, k, v), grad)
+    want = torch.autograd.grad(alone, (q, k, v), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

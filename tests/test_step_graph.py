@@ -9,12 +9,13 @@ import torch
 from backpropagate.config import TrainConfig
 from backpropagate.data import DataConfig, prepare
 from backpropagate.examples import example_path
+from backpropagate.train.torch import attention, step_graph
 from backpropagate.train.torch import loop as torch_loop
-from backpropagate.train.torch import step_graph
 from backpropagate.train.torch.attention import packed_attention
 from backpropagate.train.torch.loading import load_for_training
-from backpropagate.train.torch.losses import step_totals
+from backpropagate.train.torch.losses import DeviceBatch, step_totals
 from backpropagate.train.torch.objectives import objective_for
+from backpropagate.train.torch.preference import batch_of_samples
 from train_helpers import rule_dataset
 
 QUIET = dict(progress=False, report_to="none")
@@ -99,10 +100,37 @@ def test_new_graphs_take_whole_rows_or_the_cheapest_token_count():
     assert step_graph.slack(8192) == 256 and step_graph.slack(100) == step_graph.SLACK
 
 
+def _sft_batch(lengths):
+    ids = [np.arange(1, n + 1) for n in lengths]
+    return DeviceBatch.from_batch(batch_of_samples(ids, ids), torch.device("cpu"))
+
+
+def test_a_graph_of_equal_rows_holds_only_batches_of_those_rows():
+    """Samples of one length that fill the row run attention as a batch: a graph captured so serves no other."""
+    equal, unequal, fewer = _sft_batch([64] * 4), _sft_batch([60, 68, 64, 64]), _sft_batch([64] * 3)
+    assert (equal.equal_rows, unequal.equal_rows, fewer.equal_rows) == (4, 0, 3)
+    rows_shape = step_graph.shape_for(equal, 256)
+    assert rows_shape.rows == 4 and rows_shape.holds(equal)
+    assert not rows_shape.holds(unequal)  # same tokens, other boundaries
+    assert not rows_shape.holds(fewer)  # would need padding, which is not a sample of the batch
+    static = step_graph.padded_batch(equal, rows_shape, 64)
+    assert static.equal_rows == 4 and static.attention_kwargs()[attention.EQUAL_ROWS] == 4
+    general = step_graph.shape_for(unequal, 256)
+    assert general.rows == 0 and general.holds(equal) and general.holds(unequal)
+    padded = step_graph.shape_for(equal, 264)
+    assert padded.rows == 0 and step_graph.padded_batch(equal, padded, 64).equal_rows == 0
+    assert attention.EQUAL_ROWS not in step_graph.padded_batch(equal, padded, 64).attention_kwargs()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("method", "mode"), [("orpo", "qlora"), ("orpo", "lora"), ("sft", "qlora")])
-def test_cuda_graphs_train_like_eager_steps(tiny_qwen2, method, mode, tmp_path, monkeypatch):
-    if method == "sft":
+@pytest.mark.parametrize(
+    ("method", "mode", "length"), [("orpo", "qlora", 0), ("orpo", "lora", 0), ("sft", "qlora", 0), ("sft", "lora", 128)]
+)
+def test_cuda_graphs_train_like_eager_steps(tiny_qwen2, method, mode, length, tmp_path, monkeypatch):
+    """`length`: every sample that long, a row each, so micro-batches are equal rows (cuDNN attention on Hopper)."""
+    if length:
+        dataset = rule_dataset(vocab=400, samples=64, min_len=length, max_len=length, max_seq_length=length, seed=1)
+    elif method == "sft":
         dataset = rule_dataset(vocab=400, samples=64, min_len=5, max_len=60, max_seq_length=128, seed=1)
     else:
         dataset = prepare(example_path("preference"), tiny_qwen2, DataConfig(max_seq_length=256, cache=False))
@@ -129,5 +157,8 @@ def test_cuda_graphs_train_like_eager_steps(tiny_qwen2, method, mode, tmp_path, 
         curves[graphs] = [loss for _, loss in outcome.state.losses]
         replays[graphs] = made[-1].replays if made[-1] is not None else 0
     assert replays[False] == 0 and replays[True] > 0
+    if length:
+        assert [entry.shape.rows for entry in made[-1].entries] == [2]
+        assert ("cudnn_attention" in tm.features) == (torch.cuda.get_device_capability() >= (9, 0))
     np.testing.assert_allclose(curves[True], curves[False], rtol=2e-2)
     assert curves[True][-1] < curves[True][0]

@@ -48,7 +48,7 @@ needs_hopper = pytest.mark.skipif(
 
 
 @needs_hopper
-def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample(monkeypatch):
+def test_cudnn_attention_is_verified_and_serves_rows_of_equal_samples(monkeypatch):
     from transformers import Qwen2Config
 
     from backpropagate.train.torch import attention, cudnn_attention
@@ -60,16 +60,19 @@ def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample(monkeypatch):
     assert not cudnn_attention.check(model, CUDA, torch.float32)
     torch.manual_seed(0)
     total = 1000
-    q = torch.randn(1, heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, kv_heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, kv_heads, total, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (  # laid out as a model's projections leave them: [1, T, heads, dim] seen as [1, heads, T, dim]
+        torch.randn(1, total, n, dim, device=CUDA, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        for n in (heads, kv_heads, kv_heads)
+    )
     assert cudnn_attention.verified(q, k)
-    for bounds in ([0, total], [0, 300, total]):  # one sample: cuDNN; two: flash
+    for bounds in ([0, total], [0, 500, total], [0, 300, total]):  # equal samples: cuDNN; unequal: flash
+        rows = attention.count_equal_rows(np.array(bounds), total)
+        longest = int(np.diff(bounds).max())
         cu = torch.tensor(bounds, dtype=torch.int32, device=CUDA)
-        kwargs = attention.packed_kwargs(cu, total)
+        kwargs = attention.packed_kwargs(cu, longest, equal_rows=rows)
         out, _ = attention.packed_attention_forward(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, **kwargs)
-        ref = attention._varlen(q, k, v, None, (cu, cu, total, total), dim**-0.5, None)
-        if len(bounds) > 2:
+        ref = attention._varlen(q, k, v, None, (cu, cu, longest, longest), dim**-0.5, None)
+        if not rows:
             assert torch.equal(out, ref)
             continue
         torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
@@ -84,7 +87,7 @@ def test_cudnn_attention_is_verified_and_serves_rows_of_one_sample(monkeypatch):
     monkeypatch.setattr(cudnn_attention, "attend", fails)
     cu = torch.tensor([0, total], dtype=torch.int32, device=CUDA)
     out, _ = attention.packed_attention_forward(
-        torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, **attention.packed_kwargs(cu, total)
+        torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, **attention.packed_kwargs(cu, total, equal_rows=1)
     )
     assert torch.equal(out, attention._varlen(q, k, v, None, (cu, cu, total, total), dim**-0.5, None))
     assert not cudnn_attention.verified(q, k)  # flash attention for the rest of the process
@@ -203,24 +206,31 @@ def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
 
 
 @needs_fp8
-def test_fp8_quantization_compiles_once_for_every_width():
-    """Activations and gradients of every width share one compiled kernel: none falls back to eager."""
+def test_fp8_rows_are_quantized_by_the_kernel_and_compiled_once_for_every_width():
+    """The row kernel and the compiled kernel (rows wider than the kernel's) match the plain operations.
+
+    Every width shares one compiled graph: none falls back to eager.
+    """
     import torch._dynamo
 
-    from backpropagate.train.torch import fp8
+    from backpropagate.train.torch import fp8, fp8_rows
 
     def check(rows: int, width: int) -> None:
         x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        q, scale = fp8.quantize_rows(x)
         expected_q, expected_scale = fp8.rows_in_fp8(x.detach())
-        torch.testing.assert_close(scale, expected_scale)
-        # Compiled division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
-        torch.testing.assert_close(q.float(), expected_q.float(), rtol=0.125, atol=2**-9)
+        ways = [fp8._compiled_rows(x.detach().contiguous())]
+        if fp8_rows.fits(width):
+            ways.append(fp8_rows.quantized_by_kernel(x.detach()))
+            ways.append(fp8.quantize_rows(x))
+        for q, scale in ways:
+            torch.testing.assert_close(scale, expected_scale)
+            # Another division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
+            torch.testing.assert_close(q.float(), expected_q.float(), rtol=0.125, atol=2**-9)
 
     check(96, 64)
     check(80, 48)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for rows, width in ((8192, 3584), (8192, 512), (1008, 18944), (16, 4608)):
+        for rows, width in ((8192, 3584), (8192, 512), (1008, 18944), (16, 4608), (4, 40000)):
             check(rows, width)
 
 

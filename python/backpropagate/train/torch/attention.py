@@ -8,7 +8,8 @@ boundaries from the standard flash-attention keyword arguments (`cu_seq_lens_q`,
 
 * CUDA: `torch.nn.attention.varlen.varlen_attn` (flash attention over variable-length
   samples, no padding, no mask); where it is missing, `flex_attention` with a document mask.
-  A row of one sample (long contexts) runs on cuDNN's faster kernel instead where
+  A row whose samples all have one length (one sample: long contexts; fixed-length chunks)
+  runs on cuDNN's faster kernel instead, as a batch of equal rows, where
   `cudnn_attention.check` verified it for the model (Hopper and newer, no sliding window).
 * CPU: causal SDPA over each sample's slice of the row (no mask, and only the lower
   triangle of each sample computed); where a shared-token layout or a sliding window is
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,8 @@ from backpropagate.train.torch import cudnn_attention
 PACKED_ATTENTION = "backpropagate_packed"
 # Keyword argument carrying the key gather of a shared-token layout down to attention.
 KV_INDEX = "packed_kv_index"
+# Keyword argument saying the row holds this many samples of one length and nothing else (`count_equal_rows`).
+EQUAL_ROWS = "packed_equal_rows"
 
 
 class _PerForwardCache:
@@ -329,7 +333,8 @@ def packed_attention_forward(
         scaling: Softmax scale.
         dropout: Attention dropout; must be 0 for packed rows.
         **kwargs: `cu_seq_lens_q` / `max_length_q` carry the query boundaries, `cu_seq_lens_k` /
-            `max_length_k` the key boundaries, and `KV_INDEX` the key gather of a shared-token layout;
+            `max_length_k` the key boundaries, `KV_INDEX` the key gather of a shared-token layout
+            and `EQUAL_ROWS` how many samples of one length fill the row, where they do (`count_equal_rows`);
             `sliding_window` and `softcap` come from the layer.
 
     Returns:
@@ -359,10 +364,10 @@ def packed_attention_forward(
             key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
         mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
-    one_sample = cu_q.numel() == 2 and cu_k is cu_q and kv_index is None  # the boundaries are [0, T]
-    if query.is_cuda and one_sample and window is None and cudnn_attention.verified(query, key):
+    rows = int(kwargs.get(EQUAL_ROWS) or 0) if cu_k is cu_q and kv_index is None else 0
+    if query.is_cuda and rows and window is None and cudnn_attention.verified(query, key):
         try:
-            return cudnn_attention.attend(query, key, value, scaling), None
+            return cudnn_attention.attend(query, key, value, scaling, rows), None
         except torch.OutOfMemoryError:
             raise  # the loop's recovery handles it
         except Exception as exc:
@@ -415,6 +420,7 @@ def packed_kwargs(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     kv_index: torch.Tensor | None = None,
+    equal_rows: int = 0,
 ) -> dict[str, Any]:
     """The keyword arguments a model forward passes down to attention for a packed row.
 
@@ -424,6 +430,7 @@ def packed_kwargs(
         cu_seqlens_k: [n + 1] key boundaries after `kv_index` (None: the query boundaries).
         max_seqlen_k: Longest key segment.
         kv_index: [T'] stored position of each key, or None (keys are the stored tokens).
+        equal_rows: n where the n samples all have one length and fill the row (`count_equal_rows`), else 0.
     """
     kwargs: dict[str, Any] = {
         "cu_seq_lens_q": cu_seqlens,
@@ -433,4 +440,17 @@ def packed_kwargs(
     }
     if kv_index is not None:
         kwargs[KV_INDEX] = kv_index
+    if equal_rows and cu_seqlens_k is None and kv_index is None:
+        kwargs[EQUAL_ROWS] = equal_rows
     return kwargs
+
+
+def count_equal_rows(cu_seqlens: np.ndarray, tokens: int) -> int:
+    """How many samples the boundaries hold where all have one length and together fill `tokens`, else 0.
+
+    Such a row is a batch of equal rows to attention kernels that take no sample boundaries.
+    """
+    lengths = np.diff(cu_seqlens)
+    if len(lengths) == 0 or int(cu_seqlens[-1]) != tokens or int(cu_seqlens[0]) != 0:
+        return 0
+    return len(lengths) if bool((lengths == lengths[0]).all()) and lengths[0] > 0 else 0

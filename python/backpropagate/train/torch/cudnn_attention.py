@@ -1,11 +1,13 @@
-"""Causal attention on cuDNN's fused kernel for rows that hold one sample, where it checks out on the card.
+"""Causal attention on cuDNN's fused kernel for rows of equal samples, where it checks out on the card.
 
 On an H200, cuDNN's attention (through SDPA) ran forward and backward 1.7-1.9x faster than flash attention 2,
 the kernel behind `varlen_attn` on torch 2.11 (README, "Attention kernels"). Long-context
-rows are one sample each, and at long lengths attention is most of the step. SDPA's cuDNN
-kernel takes no sample boundaries, so packed rows of several samples stay on `varlen_attn`
-(which newer torch itself runs on cuDNN where its build supports that; torch 2.11's cuDNN
-ops gave wrong results for packed rows on an H100, cuDNN 9.19).
+rows are one sample each, and at long lengths attention is most of the step. A packed row
+whose samples all have one length (fixed-length chunks of text, rows of one sample each)
+is a batch of equal rows to SDPA: a view, no copy. SDPA's cuDNN kernel takes no sample
+boundaries, so rows of unequal samples stay on `varlen_attn` (which newer torch itself runs
+on cuDNN where its build supports that; torch 2.11's cuDNN ops gave wrong results for
+packed rows on an H100, cuDNN 9.19).
 
 Not every torch and cuDNN build computes every head layout correctly, so before training
 `check` runs the kernel once, forward and backward, on a small row with the model's heads
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backpropagate.errors import InputError
 from backpropagate.log import get_logger
@@ -34,17 +37,44 @@ _verified: set[tuple[int, int, int, int, torch.dtype]] = set()
 # a correct kernel stays under with bf16 inputs and outputs (bf16 keeps 8 bits: about 4e-3).
 TOLERANCE = 2e-2
 CHECK_TOKENS = 300
+CHECK_ROWS = 2
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Causal attention of one sample on cuDNN: [1, heads, T, dim] in (keys may have fewer heads), [1, T, heads, dim] out."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    rows: int = 1,
+    backend: SDPBackend = SDPBackend.CUDNN_ATTENTION,
+) -> torch.Tensor:
+    """Causal attention of `rows` samples of T / rows tokens each, packed in one row, on cuDNN.
 
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    Args:
+        query: [1, heads, T, dim].
+        key: [1, kv_heads, T, dim] (fewer heads than the query: grouped-query attention).
+        value: Like `key`.
+        scale: Softmax scale (None: dim ** -0.5).
+        rows: Samples in the row, all of T / rows tokens.
+        backend: SDPA's backend (another than cuDNN: the tests on the CPU).
+
+    Returns:
+        [1, T, heads, dim].
+    """
+
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [1, h, rows * L, d] -> [rows, h, L, d], a view
+        return x.unflatten(2, (rows, -1))[0].transpose(0, 1)
+
+    with sdpa_kernel(backend):
         out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+            batched(query),
+            batched(key),
+            batched(value),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
         )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).reshape(1, query.shape[2], query.shape[1], -1)
 
 
 def give_up(exc: Exception) -> None:
@@ -67,25 +97,31 @@ def verified(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def _worst_difference(device: torch.device, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> float:
-    """Largest relative difference between cuDNN and SDPA's math in fp32, output and gradients."""
+    """Largest relative difference between cuDNN and SDPA's math in fp32, output and gradients.
+
+    Two samples packed in one row, laid out as a model's projections leave them ([1, T, heads,
+    dim] seen as [1, heads, T, dim]), so the check covers the batched view training passes.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
+    tokens = CHECK_ROWS * CHECK_TOKENS
 
     def leaf(n: int) -> torch.Tensor:
-        x = torch.randn(1, n, CHECK_TOKENS, head_dim, device=device, generator=generator)
-        return x.to(dtype).requires_grad_()
+        x = torch.randn(1, tokens, n, head_dim, device=device, generator=generator)
+        return x.to(dtype).transpose(1, 2).requires_grad_()
 
     q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
-    grad = torch.randn(1, CHECK_TOKENS, heads, head_dim, device=device, generator=generator)
+    grad = torch.randn(1, tokens, heads, head_dim, device=device, generator=generator)
 
     def reference() -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        pieces = []
         with sdpa_kernel(SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)
+            for lo in range(0, tokens, CHECK_TOKENS):
+                qs, ks, vs = (t[:, :, lo : lo + CHECK_TOKENS].float() for t in (q, k, v))
+                pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True))
+        return torch.cat(pieces, dim=2).transpose(1, 2)
 
     results = []
-    for way in (lambda: attend(q, k, v, None), reference):
+    for way in (lambda: attend(q, k, v, None, rows=CHECK_ROWS), reference):
         out = way()
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
         results.append([t.float() for t in (out, dq, dk, dv)])

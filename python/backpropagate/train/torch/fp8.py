@@ -32,7 +32,8 @@ from typing import Any, cast
 import torch
 
 from backpropagate.errors import ConfigError
-from backpropagate.train.torch import byte_transpose
+from backpropagate.train.torch import byte_transpose, fp8_rows
+from backpropagate.train.torch.fast_path import UntilItFails
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -71,16 +72,24 @@ class Fp8Weight:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of x [n, k] as e4m3, with one fp32 scale per row ([n, 1]) that maps its maximum to 448.
 
-    On CUDA this is one compiled kernel per row (read, reduce, scale, cast); eager it would
-    be six passes over a full fp32 copy, which costs more than the FP8 matmul saves.
+    On CUDA this is one pass of `fp8_rows`' kernel (rows it cannot hold: a compiled kernel);
+    eager it would be six passes over a full fp32 copy, which costs more than the FP8 matmul saves.
     """
     if x.is_cuda:
-        from backpropagate.train.torch import fused
-
-        # Detached and contiguous: one compiled graph serves activations and gradients of every width.
-        rows, scale = fused.kernel("fp8_rows")(x.detach().contiguous())
-        return rows, scale
+        x = x.detach().contiguous()
+        if fp8_rows.fits(x.shape[1]):
+            rows, scale = _BY_KERNEL(x)
+            return rows, scale
+        return _compiled_rows(x)
     return rows_in_fp8(x)
+
+
+def _compiled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows_in_fp8` compiled: one graph serves activations and gradients of every width (detached, contiguous)."""
+    from backpropagate.train.torch import fused
+
+    rows, scale = fused.kernel("fp8_rows")(x)
+    return rows, scale
 
 
 def rows_in_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +97,12 @@ def rows_in_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     wide = x.float()
     scale = wide.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     return (wide / scale).to(FP8).contiguous(), scale
+
+
+# The kernel while it works; should it fail on a card, the compiled kernel from then on.
+_BY_KERNEL = UntilItFails(
+    fp8_rows.quantized_by_kernel, _compiled_rows, "the FP8 row kernel", "compiled kernels", fp8_rows.log
+)
 
 
 class _LastInput:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from backpropagate.data.dataset import IGNORE_INDEX, Batch
-from backpropagate.train.torch.attention import packed_kwargs
+from backpropagate.train.torch.attention import count_equal_rows, packed_kwargs
 
 # Bytes of fp32 logits one chunk may hold; sets the chunk length for a vocabulary.
 CHUNK_LOGIT_BYTES = 512 * 2**20
@@ -189,6 +189,8 @@ class DeviceBatch:
         kv_index: [T'] stored position of each key, or None (keys are the stored tokens).
         target_weight: [N] 1 for a target, 0 for padding (None: no padding).
         extra: Objective-specific device tensors (e.g. which samples are chosen).
+        equal_rows: n where the row is n samples of one length and nothing else (attention then
+            runs them as a batch, `attention.count_equal_rows`), else 0.
     """
 
     batch: Batch
@@ -204,6 +206,7 @@ class DeviceBatch:
     kv_index: torch.Tensor | None = None
     target_weight: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    equal_rows: int = 0
 
     @classmethod
     def from_batch(cls, batch: Batch, device: torch.device) -> DeviceBatch:
@@ -220,6 +223,7 @@ class DeviceBatch:
             target_positions=to_device(positions, torch.long, device),
             targets=to_device(labels[1:][positions], torch.long, device),
             target_sample=to_device(sample, torch.long, device),
+            equal_rows=count_equal_rows(batch.cu_seqlens, batch.input_ids.shape[1]),
         )
 
     @property
@@ -230,7 +234,12 @@ class DeviceBatch:
     def attention_kwargs(self) -> dict[str, Any]:
         """What the model forward passes down to packed attention for this batch."""
         return packed_kwargs(
-            self.cu_seqlens, self.max_seqlen, self.cu_seqlens_k, self.max_seqlen_k or None, self.kv_index
+            self.cu_seqlens,
+            self.max_seqlen,
+            self.cu_seqlens_k,
+            self.max_seqlen_k or None,
+            self.kv_index,
+            self.equal_rows,
         )
 
     def weighted(self, values: torch.Tensor) -> torch.Tensor:

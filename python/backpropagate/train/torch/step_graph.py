@@ -68,6 +68,8 @@ class Shape:
         bounds: Entries of the boundary tensors.
         targets: Target positions.
         extra: Name and shape of each objective tensor.
+        rows: Samples of one length that fill the tokens exactly (attention runs them as a batch,
+            `DeviceBatch.equal_rows`); the graph holds only such batches. 0: any samples.
     """
 
     tokens: int
@@ -75,6 +77,7 @@ class Shape:
     bounds: int
     targets: int
     extra: tuple[tuple[str, tuple[int, ...]], ...]
+    rows: int = 0
 
     def holds(self, batch: DeviceBatch) -> bool:
         """Whether `batch` pads into this shape: at most `slack` padded tokens, and targets to spare.
@@ -84,6 +87,8 @@ class Shape:
         """
         pad = self.tokens - batch.input_ids.shape[1]
         if not 0 <= pad <= slack(self.tokens) or (self.keys is None) != (batch.kv_index is None):
+            return False
+        if self.rows and (pad or batch.equal_rows != self.rows):
             return False
         if self.keys is not None and batch.kv_index is not None and self.keys - len(batch.kv_index) <= pad:
             return False
@@ -108,6 +113,7 @@ def shape_for(batch: DeviceBatch, tokens: int) -> Shape:
         bounds=_round_up(2 * len(batch.cu_seqlens), SAMPLE_BUCKET),  # sample counts vary most; empty ones are free
         targets=_round_up(len(batch.targets) * 17 // 16, BUCKET),  # headroom for later batches (only the LM head pays)
         extra=_extra_shapes(batch),
+        rows=batch.equal_rows if pad == 0 else 0,
     )
 
 
@@ -132,6 +138,7 @@ def padded_batch(batch: DeviceBatch, shape: Shape, row_tokens: int) -> DeviceBat
         kv_index=None if batch.kv_index is None or shape.keys is None else _static_like(batch.kv_index, shape.keys),
         target_weight=torch.zeros(shape.targets, dtype=torch.float32, device=batch.targets.device),
         extra={name: torch.empty_like(t) for name, t in batch.extra.items()},
+        equal_rows=shape.rows,
     )
 
 
@@ -250,7 +257,7 @@ class StepGraphs:
     def __call__(self, batch: DeviceBatch, totals: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss (gradients accumulated), replayed where a graph holds its shape."""
         held = [e for e in self.entries if e.shape.holds(batch)]
-        entry = min(held, key=lambda e: e.shape.tokens) if held else None
+        entry = min(held, key=lambda e: (e.shape.tokens, not e.shape.rows)) if held else None
         if not self.enabled or (entry is None and len(self.entries) >= MAX_GRAPHS):
             return self.step(batch, totals)
         if entry is not None:
