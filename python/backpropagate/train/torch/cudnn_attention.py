@@ -124,7 +124,7 @@ def _worst_difference(device: torch.device, heads: int, kv_heads: int, head_dim:
     for way in (lambda: attend(q, k, v, None, rows=CHECK_ROWS), reference):
         out = way()
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
-        results.append([t.float() for t in (out, dq, dk, dv)])
+        results.append([t.detach().float() for t in (out, dq, dk, dv)])
     pairs = zip(*results, strict=True)
     return max(float((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) for got, want in pairs)
 
