@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fp8_transpose_gpu import seconds_per_call  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> int:
                     row["same_scales"] = bool(torch.equal(scale, want_scale))
                 seconds = seconds_per_call(fn, x)
                 row.update(ms=round(seconds * 1e3, 4), gb_per_s=round(3 * x.numel() / seconds / 1e9, 1))
-                row.update(card=card, module_warps=fp8_rows.warps_for(1 << (width - 1).bit_length()), time=stamp)
+                row.update(card=card, module_warps=fp8_rows.warps_for(triton.next_power_of_2(width)), time=stamp)
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
     return 0

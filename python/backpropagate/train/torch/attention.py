@@ -364,7 +364,7 @@ def packed_attention_forward(
             key, value = key.index_select(2, kv_index), value.index_select(2, kv_index)
         mask = _shared_block_mask(cu_q, cu_k, query.shape[2], key.shape[2], window, query.device)
         return _soft_capped(query, key, value, mask, scaling, float(softcap)), None
-    rows = int(kwargs.get(EQUAL_ROWS) or 0) if cu_k is cu_q and kv_index is None else 0
+    rows = int(kwargs.get(EQUAL_ROWS) or 0)  # `packed_kwargs` gives it only where the keys are the queries
     if query.is_cuda and rows and window is None and cudnn_attention.verified(query, key):
         try:
             return cudnn_attention.attend(query, key, value, scaling, rows), None

@@ -21,8 +21,10 @@ try:
 except ImportError:  # CPU-only installs: the compiled or plain path is used
     triton = None
 
-# Widest row one program holds in registers (fp32 values, up to 64 a thread at 16 warps); wider rows take the plain path.
+# Widest row one program holds in registers (fp32 values, up to 64 a thread at 16 warps); wider rows are compiled.
 MAX_BLOCK = 32768
+# e4m3's largest finite value, which each row's maximum maps to.
+LIMIT = float(torch.finfo(torch.float8_e4m3fn).max)
 
 log = get_logger("fp8")
 
@@ -64,6 +66,5 @@ def quantized_by_kernel(
     values = torch.empty((rows, cols), dtype=dtype, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
-        limit = float(torch.finfo(torch.float8_e4m3fn).max)
-        _rows_kernel[(rows,)](x, values, scales, cols, LIMIT=limit, BLOCK=block, num_warps=warps or warps_for(block))
+        _rows_kernel[(rows,)](x, values, scales, cols, LIMIT=LIMIT, BLOCK=block, num_warps=warps or warps_for(block))
     return values, scales
