@@ -47,6 +47,37 @@ def test_fused_lora_matches_peft(tiny_qwen2, lora):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_siblings_share_one_op_and_their_input(tiny_qwen2, monkeypatch):
+    """q, k and v (and gate and up) run as one op on the same input; another input runs alone."""
+    model = _peft_model(tiny_qwen2, r=4, lora_alpha=8)
+    layer = model.base_model.model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    x = torch.randn(2, 5, 64)
+    want = [m(x).detach() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    lora_fused.install(model)
+    assert attn.q_proj.bp_shared_input is attn.v_proj.bp_shared_input is not mlp.up_proj.bp_shared_input
+    calls = []
+    real = lora_fused.lora_projections
+
+    def counted(x, layers, owner):
+        calls.append(len(layers))
+        return real(x, layers, owner)
+
+    monkeypatch.setattr(lora_fused, "lora_projections", counted)
+    got = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert calls == [3]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    attn.q_proj(x)
+    other = x + 1  # not the tensor q was given: k computes alone
+    torch.testing.assert_close(attn.k_proj(other), attn.k_proj._peft_forward(other), rtol=1e-5, atol=1e-6)
+    assert calls == [3, 3, 1]
+    attn.q_proj(x)
+    x.mul_(2)  # changed in place after the op ran: k's held output is stale
+    torch.testing.assert_close(attn.k_proj(x), attn.k_proj._peft_forward(x), rtol=1e-5, atol=1e-6)
+    assert calls == [3, 3, 1, 3, 1]
+
+
 def test_dora_and_dropout_keep_peft_forward(tiny_llama):
     model = _peft_model(tiny_llama, r=4, lora_alpha=8, use_dora=True)
     ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))

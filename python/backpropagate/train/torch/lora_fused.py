@@ -1,4 +1,4 @@
-"""One autograd function for a frozen linear layer plus its LoRA adapter.
+"""One autograd function for frozen linear layers plus their LoRA adapters.
 
 peft's LoRA forward casts the layer input to the adapter's fp32 dtype, runs A and B as
 separate modules, adds in fp32 and casts back: a dozen full-size memory passes per layer
@@ -6,13 +6,18 @@ per token, and autograd keeps several of those copies alive. Here the same mathe
 runs in the compute dtype with the adapter folded into the base matmul's output:
 
     y  = x W^T + b + (x A^T) (s B)^T          (the base matmul accumulates onto the rank-r part)
-    dx = dy W + (dy (s B)) A                  (addmm in place)
+    dx = (dy (s B)) A + dy W                  (the base matmul accumulates onto the rank-r part)
     dA = (dy (s B))^T x,   dB = s dy^T (x A^T)
+
+Layers that read one input (q, k and v; gate and up: `SharedInput`) run as one op: their A
+are stacked so that x A^T is one pass over x for all of them, and their input gradients
+accumulate into one tensor instead of being added by autograd.
 
 Only `x` and the rank-r product `x A^T` are kept for backward. The adapter's parameters
 stay peft's fp32 masters (saved in PEFT format); their compute-dtype copies, A and s B, are
 made once per optimizer step, not per call (the training loop calls `adapters_updated` after
-each step: fused optimizers change the masters without bumping their version counters). 4-bit (bitsandbytes) base weights are
+each step: fused optimizers change the masters without bumping their version counters).
+4-bit (bitsandbytes) base weights are
 dequantized for each matmul and never stored, except in a layer that recomputes its
 activations: there the recomputation, which runs just before the layer's backward, keeps
 its dequantized weight for that backward, so each weight is dequantized twice per step
@@ -27,7 +32,7 @@ otherwise (DoRA, dropout > 0, several adapters, merged or disabled adapters).
 from __future__ import annotations
 
 import types
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -76,16 +81,22 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dense.t() if data.shape[0] == 1 else dense  # packed weights stored as one row come back transposed
 
 
-def adapter_copies(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype) -> Any:
-    """(A, s B) in `dtype`, remade only when the optimizer has changed the masters."""
-    key = (_generation, lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(), dtype, scale)
-    cached = layer.__dict__.get("_bp_copies")
+def adapter_copies(owner: dict[str, Any], members: list[Member], adapters: tuple[torch.Tensor, ...], dtype: Any) -> Any:
+    """(A of every member stacked [sum r, in], [s B per member]) in `dtype`, remade only when the optimizer changed the masters."""
+    pairs = list(zip(adapters[::2], adapters[1::2], strict=True))
+    key = (_generation, dtype) + tuple(
+        (a._version, b._version, a.data_ptr(), b.data_ptr(), m.scale) for (a, b), m in zip(pairs, members, strict=True)
+    )
+    cached = owner.get("_bp_copies")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            a = lora_a.detach().to(dtype)
-            b = lora_b.detach().to(dtype) if scale == 1.0 else (lora_b.detach() * scale).to(dtype)
-        cached = (key, a, b)
-        layer.__dict__["_bp_copies"] = cached
+            stacked = torch.cat([a.detach() for a, _ in pairs]).to(dtype)
+            scaled = [
+                (b.detach() if m.scale == 1.0 else b.detach() * m.scale).to(dtype)
+                for (_, b), m in zip(pairs, members, strict=True)
+            ]
+        cached = (key, stacked, scaled)
+        owner["_bp_copies"] = cached
     return cached[1], cached[2]
 
 
@@ -96,84 +107,169 @@ def _grad_mm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.mm(left, right).float()
 
 
-class _LoraLinear(torch.autograd.Function):
+class Member(NamedTuple):
+    """One LoRA layer of a `_LoraProjections` call: the peft layer, its frozen base and its scale."""
+
+    layer: Any
+    base: torch.nn.Module
+    scale: float
+
+
+class _LoraProjections(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        layer: Any,
-        base: torch.nn.Module,
-        scale: float,
-    ) -> torch.Tensor:
+        ctx: Any, x: torch.Tensor, members: list[Member], owner: dict[str, Any], *adapters: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        a, b_scaled = adapter_copies(layer, lora_a, lora_b, scale, dtype)
-        bias = getattr(base, "bias", None)
-        low = torch.mm(x2, a.t())
-        ctx.base, ctx.scale, ctx.fp8 = base, scale, fp8.of(base)
-        weight = dense_weight(base, dtype) if ctx.fp8 is None else None
-        # A dense weight is the parameter itself (free to keep); a dequantized one only where
-        # the layer recomputes (see the module doc). FP8 weights are read from the layer.
-        keep = weight is not None and (
-            getattr(base.weight, "quant_state", None) is None or layer.__dict__.get("bp_recomputed", False)
-        )
-        ctx.save_for_backward(x, low, a, b_scaled, *([weight] if keep else []))
-        if layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
-            out_features = weight.shape[0] if weight is not None else ctx.fp8.data.shape[0]
-            return x.new_zeros(*x.shape[:-1], out_features)  # nothing reads it (recompute.py)
-        if weight is None:
-            y = ctx.fp8.forward(x, dtype)
-            y.addmm_(low, b_scaled.t())
-            if bias is not None:
-                y.add_(bias.to(dtype))
-        else:
-            # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
-            # other order would read and write the whole [T, out] output once more.
-            y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(dtype), low, b_scaled.t())
-            y.addmm_(x2, weight.t())
-        return y.view(*x.shape[:-1], y.shape[-1])
+        stacked, scaled = adapter_copies(owner, members, adapters, dtype)
+        low = torch.mm(x2, stacked.t())  # every member's rank-r product in one pass over x
+        lows = low.split([b.shape[1] for b in scaled], dim=1)
+        ctx.members, ctx.fp8 = members, [fp8.of(m.base) for m in members]
+        ctx.set_materialize_grads(False)
+        kept: list[torch.Tensor | None] = []
+        outs = []
+        for m, q, low_m, b_m in zip(members, ctx.fp8, lows, scaled, strict=True):
+            weight = dense_weight(m.base, dtype) if q is None else None
+            # A dense weight is the parameter itself (free to keep); a dequantized one only where
+            # the layer recomputes (see the module doc). FP8 weights are read from the layer.
+            keep = weight is not None and (
+                getattr(m.base.weight, "quant_state", None) is None or m.layer.__dict__.get("bp_recomputed", False)
+            )
+            kept.append(weight if keep else None)
+            outs.append(_project(x2, low_m, b_m, m, q, weight))
+        ctx.save_for_backward(x, low, stacked, *scaled, *kept)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, low, a, b_scaled, *kept = ctx.saved_tensors
+    def backward(ctx: Any, *dys: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        n = len(ctx.members)
+        x, low, stacked, *rest = ctx.saved_tensors
+        scaled, kept = rest[:n], rest[n:]
         x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        d_low = torch.mm(dy2, b_scaled)
-        d_a = _grad_mm(d_low.t(), x2) if ctx.needs_input_grad[1] else None
-        d_b = None
-        if ctx.needs_input_grad[2]:
-            d_b = _grad_mm(dy2.t(), low)
-            if ctx.scale != 1.0:
-                d_b.mul_(ctx.scale)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if ctx.fp8 is not None:
-                dx = ctx.fp8.input_grad(dy2, x.dtype)
-            else:
-                dx = torch.mm(dy2, kept[0] if kept else dense_weight(ctx.base, x.dtype))
-            dx.addmm_(d_low, a)
-            dx = dx.view_as(x)
-        return dx, d_a, d_b, None, None, None
+        ranks = [b.shape[1] for b in scaled]
+        dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]).to(x.dtype) for dy in dys]
+        d_lows = [
+            low.new_zeros(low.shape[0], r) if dy2 is None else torch.mm(dy2, b)
+            for dy2, b, r in zip(dy2s, scaled, ranks, strict=True)
+        ]
+        d_low = d_lows[0] if n == 1 else torch.cat(d_lows, dim=1)
+        grads: list[torch.Tensor | None] = [None] * (2 * n)
+        if any(ctx.needs_input_grad[3::2]):
+            for i, d_a in enumerate(_grad_mm(d_low.t(), x2).split(ranks)):
+                grads[2 * i] = d_a
+        for i, (dy2, low_m, m) in enumerate(zip(dy2s, low.split(ranks, dim=1), ctx.members, strict=True)):
+            if ctx.needs_input_grad[4 + 2 * i]:
+                d_b = low_m.new_zeros(scaled[i].shape, dtype=torch.float32) if dy2 is None else _grad_mm(dy2.t(), low_m)
+                grads[2 * i + 1] = d_b.mul_(m.scale) if m.scale != 1.0 else d_b
+        dx = _input_grad(x, dy2s, d_low, stacked, kept, ctx) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, *grads)
 
 
-def lora_linear(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    layer: Any,
-    base: torch.nn.Module,
-    scale: float,
+def _project(
+    x2: torch.Tensor, low: torch.Tensor, b_scaled: torch.Tensor, m: Member, q: Any, weight: torch.Tensor | None
 ) -> torch.Tensor:
-    """`base(x) + scale * x A^T B^T` for the LoRA `layer`, as one fused op (see module doc)."""
-    out: torch.Tensor = _LoraLinear.apply(x, lora_a, lora_b, layer, base, scale)
+    """One member's output [tokens, out] from the rank-r product `low` of its input."""
+    bias = getattr(m.base, "bias", None)
+    if m.layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
+        out_features = weight.shape[0] if weight is not None else q.data.shape[0]
+        return x2.new_zeros(x2.shape[0], out_features)  # nothing reads it (recompute.py)
+    if weight is None:
+        y: torch.Tensor = q.forward(x2, x2.dtype)
+        y.addmm_(low, b_scaled.t())
+        if bias is not None:
+            y.add_(bias.to(x2.dtype))
+        return y
+    # The rank-r product first, then the base matmul accumulates onto it in its epilogue: the
+    # other order would read and write the whole [T, out] output once more.
+    y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(x2.dtype), low, b_scaled.t())
+    return y.addmm_(x2, weight.t())
+
+
+def _input_grad(
+    x: torch.Tensor,
+    dy2s: list[torch.Tensor | None],
+    d_low: torch.Tensor,
+    stacked: torch.Tensor,
+    kept: list[torch.Tensor | None],
+    ctx: Any,
+) -> torch.Tensor:
+    """The input gradient, the sum over members of dy W + (dy s B) A, accumulated in one tensor.
+
+    The adapters' rank-r part is written first and the dense base products add onto it in
+    their epilogues, so no [T, in] tensor is read and written again; FP8 products, which
+    cannot accumulate, come first and the rank-r part adds onto them.
+    """
+    dx: torch.Tensor | None = None
+    for dy2, q in zip(dy2s, ctx.fp8, strict=True):
+        if dy2 is not None and q is not None:
+            part = q.input_grad(dy2, x.dtype)
+            dx = part if dx is None else dx.add_(part)
+    if dx is None:
+        dx = torch.mm(d_low, stacked)
+    else:
+        dx.addmm_(d_low, stacked)
+    for dy2, q, weight, m in zip(dy2s, ctx.fp8, kept, ctx.members, strict=True):
+        if dy2 is not None and q is None:
+            dx.addmm_(dy2, weight if weight is not None else dense_weight(m.base, x.dtype))
+    return dx.view_as(x)
+
+
+def _member(layer: Any) -> Member:
+    name = layer.active_adapters[0]
+    return Member(layer, layer.get_base_layer(), float(layer.scaling[name]))
+
+
+def _adapters(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    name = layer.active_adapters[0]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def lora_projections(x: torch.Tensor, layers: list[Any], owner: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """`base(x) + scale * x A^T B^T` of each LoRA layer in `layers`, as one fused op (see module doc).
+
+    `owner` holds the adapters' compute-dtype copies for this set of layers.
+    """
+    adapters = [t for layer in layers for t in _adapters(layer)]
+    out: tuple[torch.Tensor, ...] = _LoraProjections.apply(x, [_member(m) for m in layers], owner, *adapters)
     return out
 
 
-def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+class SharedInput:
+    """LoRA layers of one module that read the same input (q, k and v; gate and up).
+
+    The first of them to be called computes all of their outputs in one op: one rank-r product
+    of the input for every adapter, and in backward one input gradient that every product
+    accumulates into, where separate ops would each read the input and autograd would add
+    their input gradients. It holds the others' outputs for their own calls, which the model
+    makes right after with the same tensor; a sibling called with another tensor (or one changed
+in place since) computes alone.
+    """
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers = layers
+        self.pending: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.copies: dict[str, Any] = {}
+
+    def output(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s output for `x`: held since a sibling's call, or computed now with its siblings'."""
+        held = self.pending.pop(id(layer), None)
+        if held is not None and held[0] is x and held[1] == x._version:
+            return held[2]
+        if held is not None or not all(_fusable_now(m) for m in self.layers):
+            return lora_projections(x, [layer], layer.__dict__)[0]
+        outs = lora_projections(x, self.layers, self.copies)
+        self.pending.clear()
+        for m, y in zip(self.layers, outs, strict=True):
+            if m is not layer:
+                self.pending[id(m)] = (x, x._version, y)
+        return outs[self.layers.index(layer)]
+
+
+def _fusable_now(self: Any, *args: Any, **kwargs: Any) -> bool:
+    """Whether this call of a LoRA layer takes the fused path (peft's own code runs the rest)."""
     adapters = self.active_adapters
-    if (
+    return not (
         args
         or kwargs
         or self.disable_adapters
@@ -182,12 +278,16 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         or adapters[0] not in self.lora_A
         or adapters[0] in getattr(self, "lora_variant", {})
         or (self.training and not isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity))
-    ):
-        return self._peft_forward(x, *args, **kwargs)
-    name = adapters[0]
-    return lora_linear(
-        x, self.lora_A[name].weight, self.lora_B[name].weight, self, self.get_base_layer(), float(self.scaling[name])
     )
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not _fusable_now(self, *args, **kwargs):
+        return self._peft_forward(x, *args, **kwargs)
+    shared: SharedInput | None = self.__dict__.get("bp_shared_input")
+    if shared is not None:
+        return shared.output(self, x)
+    return lora_projections(x, [self], self.__dict__)[0]
 
 
 def is_fusable(module: torch.nn.Module) -> bool:
@@ -205,12 +305,26 @@ def is_fusable(module: torch.nn.Module) -> bool:
     return dense or four_bit
 
 
+# Sibling projections that transformers' decoders call one after another on the same input.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def install(model: torch.nn.Module) -> int:
-    """Routes every eligible LoRA layer of `model` through `lora_linear`; returns how many."""
+    """Routes every eligible LoRA layer of `model` through `lora_projections`; returns how many.
+
+    Siblings of one module (`SIBLINGS`) that are all fused share one `SharedInput`.
+    """
     count = 0
     for module in model.modules():
         if is_fusable(module) and not hasattr(module, "_peft_forward"):
             setattr(module, "_peft_forward", module.forward)  # noqa: B010 (not a declared attribute)
             setattr(module, "forward", types.MethodType(_fused_forward, module))  # noqa: B010
             count += 1
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [getattr(module, n, None) for n in names]
+            if all(layer is not None and hasattr(layer, "_peft_forward") for layer in layers):
+                shared = SharedInput(layers)
+                for layer in layers:
+                    layer.__dict__["bp_shared_input"] = shared
     return count
