@@ -7,7 +7,7 @@ runs in the compute dtype with the adapter folded into the base matmul's output:
 
     y  = x W^T + b + (x A^T) (s B)^T          (the base matmul accumulates onto the rank-r part)
     dx = (dy (s B)) A + dy W                  (the base matmul accumulates onto the rank-r part)
-    dA = (dy (s B))^T x,   dB = s dy^T (x A^T)
+    dA = (dy (s B))^T x,   dB = s dy^T (x A^T)     (both dy products in one read of dy: `lora_grads`)
 
 Layers that read one input (q, k and v; gate and up: `SharedInput`) run as one op: their A
 are stacked so that x A^T is one pass over x for all of them, and their input gradients
@@ -36,7 +36,8 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
-from backpropagate.train.torch import fp8, nf4, recompute
+from backpropagate.train.torch import fp8, lora_grads, nf4, recompute
+from backpropagate.train.torch.fast_path import UntilItFails
 
 # Adapter gradients come out of the matmul in fp32 on CUDA (no bf16 rounding, no cast).
 _MM_TO_FP32 = hasattr(torch.ops.aten.mm, "dtype")
@@ -149,21 +150,44 @@ class _LoraProjections(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ranks = [b.shape[1] for b in scaled]
         dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]).to(x.dtype) for dy in dys]
-        d_lows = [
-            low.new_zeros(low.shape[0], r) if dy2 is None else torch.mm(dy2, b)
-            for dy2, b, r in zip(dy2s, scaled, ranks, strict=True)
-        ]
-        d_low = d_lows[0] if n == 1 else torch.cat(d_lows, dim=1)
         grads: list[torch.Tensor | None] = [None] * (2 * n)
+        d_lows = []
+        for i, (dy2, low_m, m) in enumerate(zip(dy2s, low.split(ranks, dim=1), ctx.members, strict=True)):
+            need_b = ctx.needs_input_grad[4 + 2 * i]
+            if dy2 is None:
+                d_lows.append(low.new_zeros(low.shape[0], ranks[i]))
+                d_b = low_m.new_zeros(scaled[i].shape, dtype=torch.float32) if need_b else None
+            else:
+                d_low_m, d_b = _output_grads(dy2, scaled[i], low_m, need_b)
+                d_lows.append(d_low_m)
+            if d_b is not None:
+                grads[2 * i + 1] = d_b.mul_(m.scale) if m.scale != 1.0 else d_b
+        d_low = d_lows[0] if n == 1 else torch.cat(d_lows, dim=1)
         if any(ctx.needs_input_grad[3::2]):
             for i, d_a in enumerate(_grad_mm(d_low.t(), x2).split(ranks)):
                 grads[2 * i] = d_a
-        for i, (dy2, low_m, m) in enumerate(zip(dy2s, low.split(ranks, dim=1), ctx.members, strict=True)):
-            if ctx.needs_input_grad[4 + 2 * i]:
-                d_b = low_m.new_zeros(scaled[i].shape, dtype=torch.float32) if dy2 is None else _grad_mm(dy2.t(), low_m)
-                grads[2 * i + 1] = d_b.mul_(m.scale) if m.scale != 1.0 else d_b
         dx = _input_grad(x, dy2s, d_low, stacked, kept, ctx) if ctx.needs_input_grad[0] else None
         return (dx, None, None, *grads)
+
+
+def _two_products(dy2: torch.Tensor, b_scaled: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.mm(dy2, b_scaled), _grad_mm(dy2.t(), low)
+
+
+# One read of dy for both products while the kernel works (`lora_grads`); two matmuls after it fails.
+_BY_KERNEL = UntilItFails(
+    lora_grads.grads_by_kernel, _two_products, "the LoRA gradient kernel", "two matmuls", lora_grads.log
+)
+
+
+def _output_grads(
+    dy2: torch.Tensor, b_scaled: torch.Tensor, low: torch.Tensor, need_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The products of dy: dy (s B) in the compute dtype and, if `need_b`, dy^T (x A^T) in fp32 (unscaled)."""
+    if need_b and dy2.is_cuda and lora_grads.fits(dy2, low):
+        d_low, d_b = _BY_KERNEL(dy2, b_scaled, low)
+        return d_low, d_b
+    return torch.mm(dy2, b_scaled), (_grad_mm(dy2.t(), low) if need_b else None)
 
 
 def _project(
@@ -238,12 +262,12 @@ def lora_projections(x: torch.Tensor, layers: list[Any], owner: dict[str, Any]) 
 class SharedInput:
     """LoRA layers of one module that read the same input (q, k and v; gate and up).
 
-    The first of them to be called computes all of their outputs in one op: one rank-r product
-    of the input for every adapter, and in backward one input gradient that every product
-    accumulates into, where separate ops would each read the input and autograd would add
-    their input gradients. It holds the others' outputs for their own calls, which the model
-    makes right after with the same tensor; a sibling called with another tensor (or one changed
-in place since) computes alone.
+        The first of them to be called computes all of their outputs in one op: one rank-r product
+        of the input for every adapter, and in backward one input gradient that every product
+        accumulates into, where separate ops would each read the input and autograd would add
+        their input gradients. It holds the others' outputs for their own calls, which the model
+        makes right after with the same tensor; a sibling called with another tensor (or one changed
+    in place since) computes alone.
     """
 
     def __init__(self, layers: list[Any]) -> None:
