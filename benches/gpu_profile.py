@@ -9,6 +9,8 @@ the trace it writes. The summary answers the two questions a tokens/s gap raises
 * if busy, on what? device time per kind of kernel (bf16 and FP8 matmuls, attention, our
   Triton kernels, PyTorch's elementwise kernels, copies) and the heaviest kernels by name.
 
+* which operators, on which shapes, launch the copies and elementwise kernels.
+
   python benches/gpu_profile.py trace.json.gz       # summarize a trace written earlier
 """
 
@@ -47,7 +49,7 @@ def profiled(trace: Path) -> Iterator[None]:
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         yield
     plain = trace.with_suffix("")
     prof.export_chrome_trace(str(plain))
@@ -56,9 +58,13 @@ def profiled(trace: Path) -> Iterator[None]:
     plain.unlink()
 
 
-def _kernels(trace: Path) -> list[tuple[float, float, str]]:
+def _events(trace: Path) -> list[dict[str, Any]]:
     with gzip.open(trace, "rt") as f:
-        events = json.load(f)["traceEvents"]
+        events: list[dict[str, Any]] = json.load(f)["traceEvents"]
+    return events
+
+
+def _kernels(events: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
     return sorted(
         (float(e["ts"]), float(e["dur"]), e["name"])
         for e in events
@@ -79,9 +85,35 @@ def _busy_share(kernels: list[tuple[float, float, str]], start: float, end: floa
     return covered / max(end - start, 1e-9)
 
 
+def launch_sites(
+    events: list[dict[str, Any]], kinds: tuple[str, ...] = ("copy", "elementwise"), top: int = 20
+) -> list[dict[str, Any]]:
+    """Device time of the kernels of `kinds` by the operator and input shapes that launched them.
+
+    Only kernels launched by an operator count (eager steps: warm-up, capture); a CUDA graph's
+    replays launch theirs all at once, so the shares of the eager steps stand for them.
+    """
+    ops = {
+        e["args"]["External id"]: f"{e['name']} {e['args'].get('Input Dims', '')}"
+        for e in events
+        if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
+    }
+    sites: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") != "kernel" or kind_of(e["name"]) not in kinds:
+            continue
+        op = ops.get(e.get("args", {}).get("External id"))
+        if op is not None:
+            sites[(kind_of(e["name"]), op)][0] += float(e["dur"])
+            sites[(kind_of(e["name"]), op)][1] += 1
+    heaviest = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"ms": round(ms / 1e3, 2), "calls": int(n), "kind": k, "op": op[:160]} for (k, op), (ms, n) in heaviest]
+
+
 def summarize(trace: Path, top: int = 30) -> dict[str, Any]:
-    """Device time by kind and by kernel, and how busy the GPU was in each tenth of the run."""
-    kernels = _kernels(trace)
+    """Device time by kind and by kernel, how busy the GPU was in each tenth of the run, and where copies come from."""
+    events = _events(trace)
+    kernels = _kernels(events)
     if not kernels:
         return {"trace": trace.name, "kernels": 0}
     first, last = kernels[0][0], max(ts + dur for ts, dur, _ in kernels)
@@ -107,6 +139,7 @@ def summarize(trace: Path, top: int = 30) -> dict[str, Any]:
             {"ms": round(ms / 1e3, 2), "calls": int(calls), "kind": kind_of(name), "name": name[:140]}
             for name, (ms, calls) in heaviest
         ],
+        "copy_and_elementwise_sites": launch_sites(events),
     }
 
 
