@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from backpropagate.log import get_logger
-from backpropagate.train.torch import fp8, losses
+from backpropagate.train.torch import fp8, logprob_rows, losses
 from backpropagate.train.torch.fast_path import UntilItFails
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -67,9 +67,15 @@ def _compiled(fn: Callable[..., Any], dynamic: bool | None = None) -> UntilItFai
 
 _KERNELS: dict[str, UntilItFails] = {}
 
+# The loss's softmax by a Triton kernel in the fewest passes over the logits, while it works.
+_BY_KERNEL = {
+    "logprob_and_grad": logprob_rows.logprob_and_grad_by_kernel,
+    "logprob_only": logprob_rows.logprob_only_by_kernel,
+}
+
 
 def kernel(name: str) -> UntilItFails:
-    """The shared compiled version of one of this module's functions."""
+    """The shared compiled version of one of this module's functions (the loss's softmax: `logprob_rows`' kernel first)."""
     if name not in _KERNELS:
         fns: dict[str, Callable[..., Any]] = {
             "rms_norm": rms_norm,
@@ -81,7 +87,13 @@ def kernel(name: str) -> UntilItFails:
         }
         # FP8 rows come in a dozen widths (every projection's input and output gradient): one
         # graph for all of them, or the recompile limit sends the later ones to eager kernels.
-        _KERNELS[name] = _compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
+        compiled = _compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
+        fast = _BY_KERNEL.get(name) if logprob_rows.triton is not None else None
+        _KERNELS[name] = (
+            compiled
+            if fast is None
+            else UntilItFails(fast, compiled, "the log-prob row kernel", "compiled kernels", logprob_rows.log)
+        )
     return _KERNELS[name]
 
 
