@@ -22,8 +22,9 @@ except ImportError:  # CPU-only installs: the compiled or plain path is used
     triton = None
 
 # Values of a row each loop step reads: 8 KiB of bf16, 16 per thread at 8 warps, so a thread
-# issues two 16-byte loads a step and a program holds little, leaving room for several programs
-# per multiprocessor (what keeps enough reads in flight for the memory's bandwidth).
+# issues two 16-byte loads a step and a program holds few registers, leaving room for several
+# programs per multiprocessor (what keeps enough reads in flight for the memory's bandwidth).
+# `benches/logprob_gpu.py` times other blocks and warp counts.
 BLOCK = 4096
 WARPS = 8
 
