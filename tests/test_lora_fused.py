@@ -76,6 +76,11 @@ def test_siblings_share_one_op_and_their_input(tiny_qwen2, monkeypatch):
     x.mul_(2)  # changed in place after the op ran: k's held output is stale
     torch.testing.assert_close(attn.k_proj(x), attn.k_proj._peft_forward(x), rtol=1e-5, atol=1e-6)
     assert calls == [3, 3, 1, 3, 1]
+    with torch.inference_mode():  # tensors without a version counter
+        y = x.clone()
+        got = [m(y) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert calls == [3, 3, 1, 3, 1, 3]
+    torch.testing.assert_close(got[2], attn.v_proj._peft_forward(x), rtol=1e-5, atol=1e-6)
 
 
 def test_dora_and_dropout_keep_peft_forward(tiny_llama):

@@ -278,7 +278,7 @@ class SharedInput:
     def output(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         """`layer`'s output for `x`: held since a sibling's call, or computed now with its siblings'."""
         held = self.pending.pop(id(layer), None)
-        if held is not None and held[0] is x and held[1] == x._version:
+        if held is not None and held[0] is x and held[1] == _version(x):
             return held[2]
         if held is not None or not all(_fusable_now(m) for m in self.layers):
             return lora_projections(x, [layer], layer.__dict__)[0]
@@ -286,8 +286,13 @@ class SharedInput:
         self.pending.clear()
         for m, y in zip(self.layers, outs, strict=True):
             if m is not layer:
-                self.pending[id(m)] = (x, x._version, y)
+                self.pending[id(m)] = (x, _version(x), y)
         return outs[self.layers.index(layer)]
+
+
+def _version(x: torch.Tensor) -> int:
+    """`x`'s version counter; inference tensors (`torch.inference_mode`) keep none."""
+    return -1 if x.is_inference() else x._version
 
 
 def _fusable_now(self: Any, *args: Any, **kwargs: Any) -> bool:
