@@ -77,8 +77,9 @@ class RedactingStream:
         return getattr(self._inner, name)
 
 
-# peft imports bitsandbytes whenever it is installed, and bitsandbytes then tries to fetch
-# an optional CPU 4-bit kernel from the hub and warns when it cannot. Adapters and exports
+# peft imports bitsandbytes whenever it is installed (on import up to 0.21; from 0.22 when it
+# builds or loads adapter modules), and bitsandbytes then tries to fetch an optional CPU
+# 4-bit kernel from the hub and warns when it cannot. Adapters and exports
 # run nothing in 4-bit, so exactly these records (logger -> message start) are dropped.
 _BITSANDBYTES_IMPORT_NOISE = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",

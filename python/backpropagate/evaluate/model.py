@@ -28,7 +28,8 @@ def load_for_eval(target: EvalTarget, device: str = "auto") -> TrainingModel:
             from peft import PeftModel
 
         try:
-            with warnings.catch_warnings():  # peft calls a transformers alias that is deprecated
+            # peft calls a transformers alias that is deprecated, and imports bitsandbytes here (0.22+)
+            with warnings.catch_warnings(), quiet_bitsandbytes_import():
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 model = PeftModel.from_pretrained(model, target.adapter_dir)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:

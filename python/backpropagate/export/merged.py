@@ -225,7 +225,8 @@ def _merge_through_peft(src: ExportSource, out_dir: Path, max_shard_size: str = 
             from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
+            with quiet_bitsandbytes_import():  # peft 0.22+ imports bitsandbytes while it loads the adapter
+                model = PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
         except Exception as exc:
             raise InputError("INPUT_ADAPTER_INVALID", f"{src.adapter_dir}: cannot merge ({exc})") from exc
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)

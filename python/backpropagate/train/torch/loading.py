@@ -235,7 +235,8 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modu
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with warnings.catch_warnings():  # peft calls a transformers alias that is deprecated
+        # peft calls a transformers alias that is deprecated, and imports bitsandbytes here (0.22+)
+        with warnings.catch_warnings(), quiet_bitsandbytes_import():
             warnings.filterwarnings("ignore", category=FutureWarning)
             return get_peft_model(model, lora)
     except ValueError as exc:  # peft names the target modules it could not find
