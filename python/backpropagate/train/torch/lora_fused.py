@@ -17,12 +17,12 @@ Only `x` and the rank-r product `x A^T` are kept for backward. The adapter's par
 stay peft's fp32 masters (saved in PEFT format); their compute-dtype copies, A and s B, are
 made once per optimizer step, not per call (the training loop calls `adapters_updated` after
 each step: fused optimizers change the masters without bumping their version counters).
-4-bit (bitsandbytes) base weights are
-dequantized for each matmul and never stored, except in a layer that recomputes its
-activations: there the recomputation, which runs just before the layer's backward, keeps
-its dequantized weight for that backward, so each weight is dequantized twice per step
-instead of three times (one layer's dense weights are alive at a time). The nested
-quantization of the 4-bit block scales is undone once and kept (4 bytes per 64 weights).
+4-bit (bitsandbytes) base weights are dequantized for each matmul and never stored, except
+in a layer that recomputes its activations: there the recomputation, which runs just before
+the layer's backward, keeps its dequantized weight for that backward, so each weight is
+dequantized twice per step instead of three times (one layer's dense weights are alive at a
+time). The nested quantization of the 4-bit block scales is undone once and kept (4 bytes
+per 64 weights).
 An FP8 base weight (`fp8.py`) is never made dense: both base matmuls read its e4m3 copy.
 
 This module only replaces `forward` on eligible layers and falls back to peft's own code
@@ -184,10 +184,12 @@ def _output_grads(
     dy2: torch.Tensor, b_scaled: torch.Tensor, low: torch.Tensor, need_b: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The products of dy: dy (s B) in the compute dtype and, if `need_b`, dy^T (x A^T) in fp32 (unscaled)."""
-    if need_b and dy2.is_cuda and lora_grads.fits(dy2, low):
+    if not need_b:
+        return torch.mm(dy2, b_scaled), None
+    if dy2.is_cuda and lora_grads.fits(dy2, low):
         d_low, d_b = _BY_KERNEL(dy2, b_scaled, low)
         return d_low, d_b
-    return torch.mm(dy2, b_scaled), (_grad_mm(dy2.t(), low) if need_b else None)
+    return _two_products(dy2, b_scaled, low)
 
 
 def _project(
@@ -262,11 +264,11 @@ def lora_projections(x: torch.Tensor, layers: list[Any], owner: dict[str, Any]) 
 class SharedInput:
     """LoRA layers of one module that read the same input (q, k and v; gate and up).
 
-        The first of them to be called computes all of their outputs in one op: one rank-r product
-        of the input for every adapter, and in backward one input gradient that every product
-        accumulates into, where separate ops would each read the input and autograd would add
-        their input gradients. It holds the others' outputs for their own calls, which the model
-        makes right after with the same tensor; a sibling called with another tensor (or one changed
+    The first of them to be called computes all of their outputs in one op: one rank-r product
+    of the input for every adapter, and in backward one input gradient that every product
+    accumulates into, where separate ops would each read the input and autograd would add
+    their input gradients. It holds the others' outputs for their own calls, which the model
+    makes right after with the same tensor; a sibling called with another tensor (or one changed
     in place since) computes alone.
     """
 
