@@ -156,3 +156,40 @@ def test_nf4_kernel_equals_bitsandbytes_bit_for_bit(shape):
         )
         assert ours.shape == theirs.shape == shape
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("rank", [4, 5])
+def test_wide_layout_matches_peft_across_updates(tiny_qwen2, rank):
+    """Gate+up (and q+k+v here) as one matmul over [x | x A^T] compute peft's loss and gradients, also after A and B change."""
+    from backpropagate.train.torch import lora_concat
+
+    model = _peft_model(tiny_qwen2, r=rank, lora_alpha=8)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    lora_fused.install(model)
+    layers = model.base_model.model.model.layers
+    # Per layer: gate+up, and q+k+v (3 x 64 outputs of 64 inputs here); o and down are not wide.
+    assert lora_concat.install(model) == 2 * len(layers)
+    mlp = layers[0].mlp
+    assert not {"bp_wide"} & (set(layers[0].self_attn.o_proj.__dict__) | set(mlp.down_proj.__dict__))
+    wide = mlp.gate_proj.bp_shared_input.copies["bp_wide"]
+    gate = mlp.gate_proj.get_base_layer().weight
+    assert gate.untyped_storage().data_ptr() == wide.buffers[0].untyped_storage().data_ptr()  # moved, not copied
+    assert wide.buffers[0].shape[1] % lora_concat.ALIGN == 0
+    loss, grads = _loss_and_grads(model, ids)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # what an optimizer step does to the masters
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.02)
+    lora_fused.adapters_updated()
+    loss, grads = _loss_and_grads(model, ids)
+    for layer in layers:  # peft's own forward, on the moved weights
+        for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.k_proj):
+            m.forward = m._peft_forward
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)

@@ -195,7 +195,9 @@ def test_preference_losses_match_the_torch_rail(tiny_llama, pairs, method, knobs
         want = theirs.loss_sum(hidden, torch_tm.lm_head, device_batch).reshape(-1).numpy()
     ours = MlxObjective(cfg, pairs, mlx_tm.attention_share)
     got = np.array(ours.loss_terms(mlx_tm.net, ours.layout(batch)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Both rails compute in the model's bf16; the torch rail adds a wide layer's adapter inside the
+    # base matmul (lora_concat), MLX after it: their sums round differently, by up to ~2e-4 here.
+    np.testing.assert_allclose(got, want, rtol=5e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])

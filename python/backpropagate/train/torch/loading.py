@@ -23,7 +23,7 @@ from backpropagate.config import TrainConfig
 from backpropagate.errors import ConfigError, DependencyError, InputError, RunFailedError
 from backpropagate.log import get_logger, quiet_bitsandbytes_import
 from backpropagate.train.backend import resolve_backend
-from backpropagate.train.torch import cudnn_attention, fp8, fused, lora_fused
+from backpropagate.train.torch import cudnn_attention, fp8, fused, lora_concat, lora_fused
 from backpropagate.train.torch.losses import LMHead
 from backpropagate.train.torch.precision import compute_dtype_for
 from backpropagate.train.torch.recompute import RecomputePlan
@@ -258,6 +258,8 @@ def prepare_for_training(
             features.append(f"fused_lora[{fused_layers}]")
         if config.fp8:
             features.append(f"fp8[{fp8.install(model)}]")
+        elif not config.fsdp and (concat := lora_concat.install(model)):
+            features.append(f"lora_concat[{concat}]")
     if config.fused_kernels and device.type == "cuda":
         features += fused.install(model)
     compute = compute_dtype_for(device, config.precision)

@@ -11,7 +11,9 @@ runs in the compute dtype with the adapter folded into the base matmul's output:
 
 Layers that read one input (q, k and v; gate and up: `SharedInput`) run as one op: their A
 are stacked so that x A^T is one pass over x for all of them, and their input gradients
-accumulate into one tensor instead of being added by autograd.
+accumulate into one tensor instead of being added by autograd. Groups whose outputs are
+much wider than their input (gate and up) make their outputs in one matmul each over
+[x | x A^T] instead (`lora_concat`).
 
 Only `x` and the rank-r product `x A^T` are kept for backward. The adapter's parameters
 stay peft's fp32 masters (saved in PEFT format); their compute-dtype copies, A and s B, are
@@ -96,6 +98,9 @@ def adapter_copies(owner: dict[str, Any], members: list[Member], adapters: tuple
                 (b.detach() if m.scale == 1.0 else b.detach() * m.scale).to(dtype)
                 for (_, b), m in zip(pairs, members, strict=True)
             ]
+            wide = owner.get("bp_wide")
+            if wide is not None:
+                wide.load(stacked, scaled)  # `lora_concat`: the base weights' buffers hold s B too
         cached = (key, stacked, scaled)
         owner["_bp_copies"] = cached
     return cached[1], cached[2]
@@ -128,9 +133,13 @@ class _LoraProjections(torch.autograd.Function):
         lows = low.split([b.shape[1] for b in scaled], dim=1)
         ctx.members, ctx.fp8 = members, [fp8.of(m.base) for m in members]
         ctx.set_materialize_grads(False)
+        wide = owner.get("bp_wide")
+        joined = None
+        if wide is not None and wide.serves(x2) and not any(_skipped_now(m) for m in members):
+            joined = wide.project(x2, low, [getattr(m.base, "bias", None) for m in members])
         kept: list[torch.Tensor | None] = []
         outs = []
-        for m, q, low_m, b_m in zip(members, ctx.fp8, lows, scaled, strict=True):
+        for i, (m, q, low_m, b_m) in enumerate(zip(members, ctx.fp8, lows, scaled, strict=True)):
             weight = dense_weight(m.base, dtype) if q is None else None
             # A dense weight is the parameter itself (free to keep); a dequantized one only where
             # the layer recomputes (see the module doc). FP8 weights are read from the layer.
@@ -138,7 +147,7 @@ class _LoraProjections(torch.autograd.Function):
                 getattr(m.base.weight, "quant_state", None) is None or m.layer.__dict__.get("bp_recomputed", False)
             )
             kept.append(weight if keep else None)
-            outs.append(_project(x2, low_m, b_m, m, q, weight))
+            outs.append(joined[i] if joined is not None else _project(x2, low_m, b_m, m, q, weight))
         ctx.save_for_backward(x, low, stacked, *scaled, *kept)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
@@ -197,7 +206,7 @@ def _project(
 ) -> torch.Tensor:
     """One member's output [tokens, out] from the rank-r product `low` of its input."""
     bias = getattr(m.base, "bias", None)
-    if m.layer.__dict__.get("bp_output_unused_in_recompute") and recompute.recomputing():
+    if _skipped_now(m):
         out_features = weight.shape[0] if weight is not None else q.data.shape[0]
         return x2.new_zeros(x2.shape[0], out_features)  # nothing reads it (recompute.py)
     if weight is None:
@@ -210,6 +219,11 @@ def _project(
     # other order would read and write the whole [T, out] output once more.
     y = torch.mm(low, b_scaled.t()) if bias is None else torch.addmm(bias.to(x2.dtype), low, b_scaled.t())
     return y.addmm_(x2, weight.t())
+
+
+def _skipped_now(m: Member) -> bool:
+    """Whether this member's output goes unread in the recomputation running now (recompute.py)."""
+    return bool(m.layer.__dict__.get("bp_output_unused_in_recompute")) and recompute.recomputing()
 
 
 def _input_grad(
