@@ -231,8 +231,9 @@ def _varlen(
     params = signature.parameters
     cu_q, cu_k, max_q, max_k = bounds
     # [1, heads, T, dim] -> [T, heads, dim], the layout varlen kernels take; keys gathered in the same pass.
-    q = query[0].transpose(0, 1).contiguous()
-    k, v = (t[0].transpose(0, 1) for t in (key, value))
+    # squeeze, not [0], whose backward would write each gradient into a zero tensor (cudnn_attention).
+    q = query.squeeze(0).transpose(0, 1).contiguous()
+    k, v = (t.squeeze(0).transpose(0, 1) for t in (key, value))
     if kv_index is None:
         k, v = k.contiguous(), v.contiguous()
     else:

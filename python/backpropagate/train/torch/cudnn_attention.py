@@ -63,7 +63,9 @@ def attend(
     """
 
     def batched(x: torch.Tensor) -> torch.Tensor:  # [1, h, rows * L, d] -> [rows, h, L, d], a view
-        return x.unflatten(2, (rows, -1))[0].transpose(0, 1)
+        # squeeze, not [0]: a selection's backward writes the gradient into a zero tensor of the
+        # input's shape, laid out head-major, and every later gradient then needs a copy back.
+        return x.unflatten(2, (rows, -1)).squeeze(0).transpose(0, 1)
 
     with sdpa_kernel(backend):
         out = F.scaled_dot_product_attention(
