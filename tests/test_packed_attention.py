@@ -240,3 +240,21 @@ def test_equal_samples_attended_as_a_batch_equal_each_sample_alone(rows, model_l
     want = torch.autograd.grad(alone, (q, k, v), grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_equal_rows_view_has_no_selection_in_its_backward():
+    """The batch view's backward is views only: a selection's would write each gradient into a zero tensor and copy it."""
+    from torch.nn.attention import SDPBackend
+
+    from backpropagate.train.torch import cudnn_attention
+
+    q, k, v = (torch.randn(1, 12, n, 8).transpose(1, 2).requires_grad_() for n in (4, 2, 2))
+    out = cudnn_attention.attend(q, k, v, None, rows=3, backend=SDPBackend.MATH)
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    assert not {type(node).__name__ for node in seen if type(node).__name__.startswith("SelectBackward")}
