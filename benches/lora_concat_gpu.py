@@ -44,10 +44,8 @@ def main() -> int:
     low = x @ stacked.t()
     lows = low.split(RANK, dim=1)
     members = [lora_fused.Member(SimpleNamespace(), SimpleNamespace(bias=None), 1.0) for _ in OUTS]  # type: ignore[arg-type]
-    width = -(-(IN + RANK * len(OUTS)) // lora_concat.ALIGN) * lora_concat.ALIGN
-    buffers = [torch.cat([w, w.new_zeros(w.shape[0], width - IN)], dim=1) for w in weights]
-    wide = lora_concat.Wide(buffers, [RANK * i for i in range(len(OUTS))], IN, RANK * len(OUTS))
-    wide.load(stacked, scaled)
+    wide = lora_concat.Wide.around(weights, [RANK] * len(OUTS))
+    wide.load(scaled)
 
     def rank_part_first(_: torch.Tensor) -> list[torch.Tensor]:
         return [

@@ -29,14 +29,12 @@ from typing import Any
 
 import torch
 
+from backpropagate.train.torch import fp8
+
 # How many times wider than the input the outputs of a group must be together.
 WIDE = 2
 # Contracted dimensions padded to this many elements (16 bytes in 16-bit, as cuBLAS prefers).
 ALIGN = 8
-
-
-def _padded(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 @dataclass
@@ -48,7 +46,19 @@ class Wide:
     in_features: int
     ranks: int  # R, the stacked ranks (the columns of x A^T)
 
-    def load(self, stacked: torch.Tensor, scaled: list[torch.Tensor]) -> None:
+    @classmethod
+    def around(cls, weights: list[torch.Tensor], ranks: list[int]) -> Wide:
+        """Buffers holding copies of `weights` ([out_i, in], one input) and zero columns for each member's s B."""
+        k = weights[0].shape[1]
+        width = -(-(k + sum(ranks)) // ALIGN) * ALIGN
+        buffers = []
+        for w in weights:
+            buffer = w.new_zeros(w.shape[0], width)
+            buffer[:, :k].copy_(w)
+            buffers.append(buffer)
+        return cls(buffers, [sum(ranks[:i]) for i in range(len(ranks))], k, sum(ranks))
+
+    def load(self, scaled: list[torch.Tensor]) -> None:
         """Writes each member's s B (of `lora_fused`'s compute-dtype copies) into its columns."""
         k = self.in_features
         for buffer, offset, b in zip(self.buffers, self.offsets, scaled, strict=True):
@@ -73,7 +83,7 @@ def _dense_weight(layer: Any) -> torch.Tensor | None:
     """The base layer's plain weight (not 4-bit, not FP8), or None."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
-    if weight is None or getattr(weight, "quant_state", None) is not None or "bp_fp8" in base.__dict__:
+    if weight is None or getattr(weight, "quant_state", None) is not None or fp8.of(base) is not None:
         return None
     return weight
 
@@ -91,17 +101,11 @@ def wide(layers: list[Any]) -> Wide | None:
     k = dense[0].shape[1]
     if sum(w.shape[0] for w in dense) < WIDE * k:
         return None
-    ranks = [_rank(layer) for layer in layers]
-    offsets = [sum(ranks[:i]) for i in range(len(ranks))]
-    width = _padded(k + sum(ranks))
-    buffers = []
     with torch.no_grad():
-        for w in dense:
-            buffer = w.new_zeros(w.shape[0], width)
-            buffer[:, :k].copy_(w)
-            w.data = buffer[:, :k]
-            buffers.append(buffer)
-    return Wide(buffers, offsets, k, sum(ranks))
+        layout = Wide.around(dense, [_rank(layer) for layer in layers])
+        for w, buffer in zip(dense, layout.buffers, strict=True):
+            w.data = buffer[:, :k]  # the weight moves: its old storage is freed
+    return layout
 
 
 def install(model: torch.nn.Module) -> int:

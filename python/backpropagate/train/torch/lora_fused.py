@@ -100,7 +100,7 @@ def adapter_copies(owner: dict[str, Any], members: list[Member], adapters: tuple
             ]
             wide = owner.get("bp_wide")
             if wide is not None:
-                wide.load(stacked, scaled)  # `lora_concat`: the base weights' buffers hold s B too
+                wide.load(scaled)  # `lora_concat`: the base weights' buffers hold s B too
         cached = (key, stacked, scaled)
         owner["_bp_copies"] = cached
     return cached[1], cached[2]
