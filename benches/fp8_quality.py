@@ -21,12 +21,20 @@ without training (the adapters are zero there): every adapted projection in FP8,
 but one kind (q, k, v, o, gate, up, down), and every one but the first and last layers; so
 it shows which products the loss gap comes from.
 
+`--scales` asks what finer scales would buy, also without training: the held-out chunks are
+scored with every adapted projection's product computed from e4m3 values under other scale
+layouts, emulated here in fp32 rather than through `fp8.py`: the weights under the tensor
+scale `--fp8` uses and the activations per token (what `--fp8` does), per block of 128, 64 or
+32 values along the contracted dimension (the 1 x 128 layout FP8 training recipes use
+against outliers), or left in bf16 (the weights' share of the gap alone).
+
 On a CPU the FP8 products are computed from the e4m3 values in fp32, slowly; the figures are
 about numerics, which do not depend on the device. Appends one JSON line to
 benches/results/fp8_quality.jsonl.
 
     .venv/bin/python benches/fp8_quality.py --steps 200 --max-seq-length 256
     .venv/bin/python benches/fp8_quality.py --sensitivity
+    .venv/bin/python benches/fp8_quality.py --scales --held-out 120
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,6 +180,59 @@ def sensitivity(folder: Path, inputs: list[torch.Tensor]) -> dict:
     return {name: held_out_loss(folder, inputs, *where) / bf16 - 1 for name, where in placements.items()}
 
 
+def rounded(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """x [n, k] through e4m3 and back, each row's blocks of `block` values (the whole row if None) scaled to 448."""
+    from backpropagate.train.torch import fp8
+
+    wide = x.float()
+    n, k = wide.shape
+    size = block or k
+    blocks = torch.nn.functional.pad(wide, (0, -k % size)).view(n, -1, size)
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8.FP8_MAX
+    return ((blocks / scale).to(fp8.FP8).float() * scale).view(n, -1)[:, :k]
+
+
+def _emulated_forward(layer: torch.nn.Linear, block: int | None, keep_input: bool) -> Any:
+    """A linear layer's forward as the product of e4m3 values: weight under its tensor scale, input per `block`."""
+    weight = layer.weight.detach()
+    quantized = rounded(weight.reshape(1, -1), None).view_as(weight)
+    bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        rows = rows.float() if keep_input else rounded(rows, block)
+        out = rows @ quantized.t() if bias is None else torch.addmm(bias, rows, quantized.t())
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+    return forward
+
+
+def scales(folder: Path, inputs: list[torch.Tensor]) -> dict:
+    """Held-out loss above bf16's with every adapted projection's product emulated under each scale layout."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(PROJECTIONS)]
+
+    def loss() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids in inputs:
+                total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+        return total / count
+
+    bf16 = loss()
+    layouts = {"per token": (None, False), "1 x 128": (128, False), "1 x 64": (64, False), "1 x 32": (32, False)}
+    layouts["activations in bf16"] = (None, True)
+    above = {}
+    for name, (block, keep_input) in layouts.items():
+        for layer in layers:
+            layer.forward = _emulated_forward(layer, block, keep_input)
+        above[f"activations {name}" if not keep_input else name] = loss() / bf16 - 1
+    return above
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
@@ -178,6 +240,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--held-out", type=int, default=24, help="held-out chunks scored")
     parser.add_argument("--sensitivity", action="store_true", help="score FP8 placements, no training")
+    parser.add_argument("--scales", action="store_true", help="score finer activation scales, no training")
     args = parser.parse_args()
     torch.manual_seed(0)
     from backpropagate.model_source import resolve_model
@@ -189,6 +252,9 @@ def main() -> None:
         inputs = held_out_ids(folder, held_out, args.held_out, args.max_seq_length)
         if args.sensitivity:
             report({"held_out_loss_above_bf16": sensitivity(folder, inputs)}, args, inputs)
+            return
+        if args.scales:
+            report({"scales_held_out_loss_above_bf16": scales(folder, inputs)}, args, inputs)
             return
         for name in RUNS:
             curve, adapter, seconds[name] = train(name, data, args, Path(tmp))
