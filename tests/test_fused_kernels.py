@@ -47,3 +47,29 @@ def test_functions_match_transformers_formulas():
     cos, sin = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
     for got, want in zip(fused.rope(q, k, cos, sin), ml.apply_rotary_pos_emb(q, k, cos, sin), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_compiled_rope_backward_copies_no_gradient(monkeypatch):
+    """Compiled, RoPE hands q's and k's gradients on in the projections' layout, with no copy in backward."""
+    from torch.profiler import profile
+
+    monkeypatch.setitem(fused._KERNELS, "rope_rows", torch.compile(fused.rope_rows))
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(1, 64, 16, generator=g), torch.randn(1, 64, 16, generator=g)
+
+    def copies_in_backward() -> dict[str, int]:
+        # q and k as the projections leave them: [tokens, heads x dim] seen as [batch, heads, tokens, dim]
+        q_proj = torch.randn(64, 4 * 16, generator=g, requires_grad=True)
+        k_proj = torch.randn(64, 2 * 16, generator=g, requires_grad=True)
+        q, k = (p.view(1, 64, -1, 16).transpose(1, 2) for p in (q_proj, k_proj))
+        outs = fused.rope(q, k, cos, sin)
+        grads = [torch.empty_like(o).normal_(generator=g) for o in outs]  # attention allocates them like its inputs
+        with profile() as prof:
+            torch.autograd.backward(list(outs), grads)
+        assert q_proj.grad is not None and k_proj.grad is not None
+        return {
+            e.key: e.count for e in prof.key_averages() if e.key in ("aten::clone", "aten::copy_", "aten::contiguous")
+        }
+
+    copies_in_backward()  # compiles
+    assert copies_in_backward() == {}

@@ -47,13 +47,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope_rows(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q, k [batch, tokens, heads, dim] with cos, sin [batch, tokens, 1, dim]."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transformers' `apply_rotary_pos_emb` (full rotary dimension)."""
-    cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """Transformers' `apply_rotary_pos_emb` (full rotary dimension), computed token-major.
+
+    q and k come as [batch, heads, tokens, dim] views of the projections' [tokens, heads x dim]
+    outputs. The compiled kernel takes and returns them token-major, so its outputs, the
+    gradients attention hands back for them (allocated like its inputs) and the gradients it
+    hands on to the projections all keep the projections' layout. Head-major outputs cost two
+    full copies of q's gradient and two of k's per layer in backward: one into the layout the
+    compiled backward expects, one back for the projection.
+    """
+    heads_first = unsqueeze_dim == 1
+    if heads_first:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q, k = kernel("rope_rows")(q, k, cos.unsqueeze(2), sin.unsqueeze(2))
+    return (q.transpose(1, 2), k.transpose(1, 2)) if heads_first else (q, k)
 
 
 def _compiled(fn: Callable[..., Any], dynamic: bool | None = None) -> UntilItFails:
@@ -80,7 +97,7 @@ def kernel(name: str) -> UntilItFails:
         fns: dict[str, Callable[..., Any]] = {
             "rms_norm": rms_norm,
             "swiglu": swiglu,
-            "rope": rope,
+            "rope_rows": rope_rows,
             "logprob_and_grad": losses._logprob_and_grad,
             "logprob_only": losses._logprob_only,
             "fp8_rows": fp8.rows_in_fp8,
@@ -152,6 +169,6 @@ def install(model: torch.nn.Module) -> list[str]:
     if modeling is not None and hasattr(modeling, "apply_rotary_pos_emb"):
         rotary = getattr(model.config, "partial_rotary_factor", 1.0) in (None, 1.0)
         if rotary:
-            setattr(modeling, "apply_rotary_pos_emb", kernel("rope"))  # noqa: B010 (a module global)
+            setattr(modeling, "apply_rotary_pos_emb", rope)  # noqa: B010 (a module global)
             patched.add("rope")
     return sorted(patched)
