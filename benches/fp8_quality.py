@@ -160,6 +160,11 @@ def held_out_loss(folder: Path, inputs: list[torch.Tensor], projections: tuple[s
         config = LoraConfig(r=16, target_modules=list(projections), layers_to_transform=layers)
         model = get_peft_model(model, config)
         fp8.install(model)
+    return mean_loss(model, inputs)
+
+
+def mean_loss(model: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
+    """The model's loss per predicted token over `inputs`."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in inputs:
@@ -213,23 +218,14 @@ def scales(folder: Path, inputs: list[torch.Tensor]) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(PROJECTIONS)]
-
-    def loss() -> float:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for ids in inputs:
-                total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
-                count += ids.shape[1] - 1
-        return total / count
-
-    bf16 = loss()
+    bf16 = mean_loss(model, inputs)
     layouts = {"per token": (None, False), "1 x 128": (128, False), "1 x 64": (64, False), "1 x 32": (32, False)}
     layouts["activations in bf16"] = (None, True)
     above = {}
     for name, (block, keep_input) in layouts.items():
         for layer in layers:
             layer.forward = _emulated_forward(layer, block, keep_input)
-        above[f"activations {name}" if not keep_input else name] = loss() / bf16 - 1
+        above[f"activations {name}" if not keep_input else name] = mean_loss(model, inputs) / bf16 - 1
     return above
 
 
