@@ -21,6 +21,7 @@ One JSON line per product and way goes to stdout and to $OUT/fp8_blocks.jsonl (o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fp8_quality import blocks_in_fp8, dequantized  # noqa: E402
 from fp8_transpose_gpu import seconds_per_call  # noqa: E402
 
 from backpropagate.train.torch import fp8  # noqa: E402
@@ -40,14 +42,6 @@ TOKENS = 8192
 BLOCK = 128
 # (name, out, in) of a Qwen2.5-7B layer's products; the input gradient swaps out and in.
 PRODUCTS = (("q, o", 3584, 3584), ("gate, up", 18944, 3584), ("down", 3584, 18944))
-
-
-def blocks_in_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, k] in e4m3 with one fp32 scale per 128 values of a row ([n, k / 128])."""
-    n, k = x.shape
-    wide = x.float().view(n, k // BLOCK, BLOCK)
-    scale = wide.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8.FP8_MAX
-    return (wide / scale).to(fp8.FP8).view(n, k), scale.view(n, k // BLOCK)
 
 
 def input_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -69,9 +63,7 @@ def weight_scales(layouts: str, n: int, k: int, value: torch.Tensor) -> torch.Te
 
 def exact(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """The product of the e4m3 values, scaled per block, in fp32."""
-    n, k = x_q.shape
-    x = (x_q.float().view(n, k // BLOCK, BLOCK) * x_scale.view(n, -1, 1)).view(n, k)
-    return x @ (w_q.float() * w_scale).t()
+    return dequantized(x_q, x_scale, BLOCK) @ (w_q.float() * w_scale).t()
 
 
 def error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -82,7 +74,7 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     OUT.mkdir(parents=True, exist_ok=True)
-    blocks = torch.compile(blocks_in_fp8)
+    blocks = torch.compile(functools.partial(blocks_in_fp8, block=BLOCK))
     with open(OUT / "fp8_blocks.jsonl", "a") as log:
         for name, out_features, in_features in PRODUCTS:
             for direction, n, k in (
