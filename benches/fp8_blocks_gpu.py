@@ -1,16 +1,17 @@
-"""What activation scales per block of 128 would cost `--fp8` on CUDA, against the per-token scales it uses.
+"""What activation scales per block of 128 cost `--fp8` on CUDA, against per-token scales.
 
 `fp8_quality.py --scales` finds that scaling each token's activations per block of 128 values,
-not per row, takes a quarter to a third off FP8's loss gap on SmolLM2. `torch._scaled_mm`
-takes such scales (1 x 128 for the input, 128 x 128 for the weight, which here repeat the
-weight's one tensor scale) where cuBLAS has block-scaled FP8 kernels (Hopper, CUDA 12.9+).
-This times, at 8,192 tokens on a Qwen2.5-7B layer's products, forward and input gradient:
+not per row, takes a quarter to a third off FP8's loss gap on SmolLM2, so `--fp8` scales them
+so where cuBLAS has block-scaled FP8 kernels (Hopper, CUDA 12.9+): 1 x 128 for the input,
+128 x 128 for the weight, which repeat the weight's one tensor scale. This times, at 8,192
+tokens on a Qwen2.5-7B layer's products, forward and input gradient:
 
   - bf16 `torch.mm`;
-  - FP8 with per-token scales, as `fp8.scaled_mm` runs it;
+  - FP8 with per-token scales;
   - FP8 with 1 x 128 scales, in each scale layout the build might ask for (it says which one
     it took, or why none);
-  - quantizing the input: `fp8.quantize_rows` against a compiled per-block quantizer;
+  - quantizing the input: per token (`fp8.quantize_rows`), per block by `fp8_rows`' kernel
+    (`fp8.quantize_blocks`), and per block compiled (the kernel's fallback);
 
 and reports each product's error against the exact product of the same e4m3 values.
 
@@ -21,7 +22,6 @@ One JSON line per product and way goes to stdout and to $OUT/fp8_blocks.jsonl (o
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -32,38 +32,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fp8_quality import blocks_in_fp8, dequantized  # noqa: E402
 from fp8_transpose_gpu import seconds_per_call  # noqa: E402
 
 from backpropagate.train.torch import fp8  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 TOKENS = 8192
-BLOCK = 128
 # (name, out, in) of a Qwen2.5-7B layer's products; the input gradient swaps out and in.
 PRODUCTS = (("q, o", 3584, 3584), ("gate, up", 18944, 3584), ("down", 3584, 18944))
 
 
-def input_scales(scale: torch.Tensor) -> torch.Tensor:
-    """The [n, k / 128] scales laid out as cuBLAS reads them: n contiguous."""
-    return scale.t().contiguous().t()
-
-
-def weight_scales(layouts: str, n: int, k: int, value: torch.Tensor) -> torch.Tensor:
-    """The weight's 128 x 128 scales for `torch._scaled_mm(x, W^T)`, W [n, k], every block `value`.
-
-    `rows` lays the [n / 128, k / 128] scales out row-major; `padded` pads each row to a
-    multiple of 4, which some builds ask for.
-    """
-    rows, cols = n // BLOCK, k // BLOCK
-    stride = cols if layouts == "rows" else -(-cols // 4) * 4
-    full = value.reshape(1, 1).expand(rows, stride).contiguous()
-    return full[:, :cols].t()
-
-
 def exact(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """The product of the e4m3 values, scaled per block, in fp32."""
-    return dequantized(x_q, x_scale, BLOCK) @ (w_q.float() * w_scale).t()
+    """The product of the e4m3 values, scaled per token or block, in fp32."""
+    return fp8.dequantized(x_q, x_scale) @ (w_q.float() * w_scale).t()
 
 
 def error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -74,7 +55,7 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     OUT.mkdir(parents=True, exist_ok=True)
-    blocks = torch.compile(functools.partial(blocks_in_fp8, block=BLOCK))
+    blocks = torch.compile(fp8.blocks_in_fp8)
     with open(OUT / "fp8_blocks.jsonl", "a") as log:
         for name, out_features, in_features in PRODUCTS:
             for direction, n, k in (
@@ -101,7 +82,7 @@ def product_rows(n: int, k: int, blocks: Callable[[torch.Tensor], tuple[torch.Te
     x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     weight = fp8.Fp8Weight.of(w)
-    tensor_scale = weight.out_scale[0, :1]
+    tensor_scale = weight.scale
     rows: list[dict] = []
 
     def timed(way: str, fn: Callable[[torch.Tensor], object], arg: torch.Tensor, **extra: object) -> None:
@@ -117,24 +98,25 @@ def product_rows(n: int, k: int, blocks: Callable[[torch.Tensor], tuple[torch.Te
 
     timed("bf16 mm", lambda a: torch.mm(a, w.t()), x)
     x_rows, x_row_scale = fp8.quantize_rows(x)
+    row_scales = fp8.weight_scales(tensor_scale, n, k, fp8.TOKENS)
 
     def by_rows(q: torch.Tensor) -> torch.Tensor:
-        return torch._scaled_mm(
-            q, weight.data.t(), scale_a=x_row_scale, scale_b=weight.out_scale, out_dtype=torch.bfloat16
-        )
+        return torch._scaled_mm(q, weight.data.t(), scale_a=x_row_scale, scale_b=row_scales, out_dtype=torch.bfloat16)
 
-    want = (x_rows.float() * x_row_scale) @ (weight.data.float() * tensor_scale).t()
+    want = exact(x_rows, x_row_scale, weight.data, tensor_scale)
     timed("fp8 per token", by_rows, x_rows, error=round(error(by_rows(x_rows), want), 5))
-    x_blocks, x_block_scale = blocks(x)
-    want = exact(x_blocks, x_block_scale, weight.data, tensor_scale)
-    scale_a = input_scales(x_block_scale)
-    for layout in ("rows", "padded"):
-        scale_b = weight_scales(layout, n, k, tensor_scale)
+    x_blocks, scale_a = fp8.quantize_blocks(x)
+    plain_blocks, plain_scale = fp8.blocks_in_fp8(x)
+    same = torch.equal(x_blocks.view(torch.uint8), plain_blocks.view(torch.uint8)) and torch.equal(scale_a, plain_scale)
+    rows.append({"way": "block kernel against plain operations", "same_bytes_and_scales": same})
+    want = exact(x_blocks, scale_a, weight.data, tensor_scale)
+    for layout in (fp8.BLOCKS, fp8.BLOCKS_PADDED):
+        scale_b = fp8.weight_scales(tensor_scale, n, k, layout)
 
         def by_blocks(q: torch.Tensor, sb: torch.Tensor = scale_b) -> torch.Tensor:
             return torch._scaled_mm(q, weight.data.t(), scale_a=scale_a, scale_b=sb, out_dtype=torch.bfloat16)
 
-        way = f"fp8 1 x 128, scales {layout}"
+        way = f"fp8 1 x 128, {layout}"
         try:
             got = by_blocks(x_blocks)
         except (RuntimeError, NotImplementedError) as failed:
@@ -143,6 +125,7 @@ def product_rows(n: int, k: int, blocks: Callable[[torch.Tensor], tuple[torch.Te
         timed(way, by_blocks, x_blocks, error=round(error(got, want), 5))
         break
     timed("quantize per token", fp8.quantize_rows, x)
+    timed("quantize per 1 x 128 (kernel)", fp8.quantize_blocks, x)
     timed("quantize per 1 x 128 (compiled)", blocks, x)
     return rows
 

@@ -185,38 +185,18 @@ def sensitivity(folder: Path, inputs: list[torch.Tensor]) -> dict:
     return {name: held_out_loss(folder, inputs, *where) / bf16 - 1 for name, where in placements.items()}
 
 
-def blocks_in_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, k] in e4m3 with one fp32 scale per `block` values of a row ([n, ceil(k / block)], the last block partial)."""
-    from backpropagate.train.torch import fp8
-
-    wide = x.float()
-    n, k = wide.shape
-    if k % block:
-        wide = torch.nn.functional.pad(wide, (0, -k % block))
-    blocks = wide.view(n, -1, block)
-    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8.FP8_MAX
-    return (blocks / scale).to(fp8.FP8).view(n, -1)[:, :k], scale.view(n, -1)
-
-
-def dequantized(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """The fp32 values of `blocks_in_fp8(x, block)`'s output."""
-    n, k = q.shape
-    wide = torch.nn.functional.pad(q.float(), (0, -k % block)).view(n, -1, block)
-    return (wide * scale.view(n, -1, 1)).view(n, -1)[:, :k]
-
-
 def _emulated_forward(layer: torch.nn.Linear, block: int | None, keep_input: bool) -> Any:
     """A linear layer's forward as the product of e4m3 values: weight as `--fp8` stores it, input per `block`."""
     from backpropagate.train.torch import fp8
 
     stored = fp8.Fp8Weight.of(layer.weight)
-    quantized = stored.data.float() * stored.out_scale[0, 0]
+    quantized = stored.data.float() * stored.scale
     bias = None if layer.bias is None else layer.bias.detach().float()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         size = block or rows.shape[1]
-        rows = rows.float() if keep_input else dequantized(*blocks_in_fp8(rows, size), size)
+        rows = rows.float() if keep_input else fp8.dequantized(*fp8.blocks_in_fp8(rows, size), size)
         out = rows @ quantized.t() if bias is None else torch.addmm(bias, rows, quantized.t())
         return out.to(x.dtype).view(*x.shape[:-1], -1)
 

@@ -33,7 +33,7 @@ def test_fp8_matmuls_give_the_bf16_products_within_e4m3_rounding():
     x = torch.randn(10, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
     quantized = fp8.Fp8Weight.of(weight)
     assert quantized.data.dtype == torch.float8_e4m3fn and quantized.data.shape == (48, 64)
-    assert quantized.out_scale.shape == (1, 48) and quantized.in_scale.shape == (1, 64)
+    assert quantized.scale.shape == ()
     y = fp8._Fp8Linear.apply(x, quantized, None)
     dy = torch.randn(10, 48, generator=g).to(torch.bfloat16)
     y.backward(dy)
@@ -43,22 +43,61 @@ def test_fp8_matmuls_give_the_bf16_products_within_e4m3_rounding():
 
 
 def test_both_matmuls_read_one_e4m3_copy_of_the_weight():
-    """One byte a weight: the input gradient multiplies the same quantized values as the forward, transposed."""
+    """One byte a weight: the input gradient multiplies the same quantized values as the forward, transposed.
+
+    Both contracted dimensions (200 and 144) end in a partial block of 128.
+    """
     g = torch.Generator().manual_seed(1)
-    weight = torch.randn(32, 80, generator=g) * torch.logspace(-2, 0, 80)  # columns of very different ranges
+    weight = torch.randn(144, 200, generator=g) * torch.logspace(-2, 0, 200)  # columns of very different ranges
     quantized = fp8.Fp8Weight.of(weight)
     assert quantized.data.element_size() * quantized.data.numel() == weight.numel()
-    dequantized = quantized.data.float() * quantized.out_scale[0, 0]
-    assert torch.equal(quantized.in_scale, quantized.out_scale[:, :1].expand(1, 80))
+    dequantized = quantized.data.float() * quantized.scale
     assert relative_error(dequantized, weight) < 0.04
-    x = torch.randn(6, 80, generator=g).to(torch.bfloat16)
-    dy = torch.randn(6, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(6, 200, generator=g).to(torch.bfloat16)
+    dy = torch.randn(6, 144, generator=g).to(torch.bfloat16)
     for product, operand, matrix in (
         (quantized.forward(x, torch.float32), x, dequantized.t()),
         (quantized.input_grad(dy, torch.float32), dy, dequantized),
     ):
-        values, scale = fp8.rows_in_fp8(operand)
-        torch.testing.assert_close(product, (values.float() * scale) @ matrix)
+        values, scale = fp8.blocks_in_fp8(operand)
+        assert scale.shape == (6, 2)
+        torch.testing.assert_close(product, fp8.dequantized(values, scale) @ matrix)
+
+
+def test_block_scales_keep_an_outlier_from_coarsening_the_rest_of_its_token():
+    """An outlier channel (here 300,000x) pushes the token's other values into e4m3's subnormals under one scale per token.
+
+    Scaled per block, only the outlier's own block is coarsened.
+    """
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 256, generator=g)
+    x[:, 3] = 3e5
+    rest = slice(128, 256)
+    by_token = fp8.dequantized(*fp8.rows_in_fp8(x))
+    by_block = fp8.dequantized(*fp8.blocks_in_fp8(x))
+    assert relative_error(by_block[:, rest], x[:, rest]) < 0.04
+    assert relative_error(by_token[:, rest], x[:, rest]) > 0.2
+
+
+def test_per_token_scales_where_cublas_has_no_block_scales(monkeypatch):
+    """The fallback layout: one scale per token, the weight's repeated per output."""
+    monkeypatch.setattr(fp8, "layout_on", lambda device: fp8.TOKENS)
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 200, generator=g)
+    quantized = fp8.Fp8Weight.of(weight)
+    assert quantized.forward_scales.shape == (1, 48) and quantized.backward_scales.shape == (1, 200)
+    x = torch.randn(5, 200, generator=g).to(torch.bfloat16)
+    values, scale = fp8.rows_in_fp8(x)
+    want = fp8.dequantized(values, scale) @ (quantized.data.float() * quantized.scale).t()
+    torch.testing.assert_close(quantized.forward(x, torch.float32), want)
+
+
+def test_weight_scales_take_the_layouts_scaled_mm_checks_for():
+    """128 x 128 blocks of W [n, k], read as scale_b.t(): [ceil(n/128), ceil(k/128)], rows unpadded or padded to 4."""
+    scale = torch.tensor(0.5)
+    for layout, stride in ((fp8.BLOCKS, 6), (fp8.BLOCKS_PADDED, 8)):
+        grid = fp8.weight_scales(scale, 300, 700, layout).t()
+        assert grid.shape == (3, 6) and grid.stride() == (stride, 1) and (grid == 0.5).all()
 
 
 TRANSPOSE_CHECK = """
@@ -97,6 +136,22 @@ for rows, cols, dtype in ((5, 3584, torch.bfloat16), (3, 18944, torch.bfloat16),
 assert fp8_rows.fits(32768) and not fp8_rows.fits(32769)
 """
 
+BLOCKS_CHECK = """
+import torch
+from backpropagate.train.torch import fp8, fp8_rows
+g = torch.Generator().manual_seed(0)
+for rows, cols, dtype in ((70, 3584, torch.bfloat16), (33, 576, torch.bfloat16), (5, 100, torch.float32), (0, 256, torch.bfloat16)):
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-3, 3, cols)).to(dtype)
+    if rows:
+        x[0, :128] = 0  # a block of zeros: the smallest scale, no division by zero
+    scaled, scale = fp8_rows.blocks_by_kernel(x, fp8.BLOCK, torch.float32)
+    blocks = -(-cols // fp8.BLOCK)
+    assert scaled.shape == (rows, cols) and scale.shape == (rows, blocks), (rows, cols)
+    assert rows == 0 or scale.stride() == (1, rows), (rows, cols)  # token-contiguous, as cuBLAS reads them
+    assert torch.equal(scale, fp8.blocks_in_fp8(x)[1]), (rows, cols)
+    assert torch.equal(scaled, x.float() / scale.repeat_interleave(fp8.BLOCK, 1)[:, :cols]), (rows, cols)
+"""
+
 
 def test_the_row_kernel_quantizes_as_the_plain_operations_do():
     """The CUDA kernel, run by Triton's interpreter on the CPU, before its e4m3 cast (checked on the card).
@@ -106,6 +161,17 @@ def test_the_row_kernel_quantizes_as_the_plain_operations_do():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", ROWS_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_block_kernel_quantizes_as_the_plain_operations_do():
+    """The CUDA kernel, run by Triton's interpreter on the CPU, before its e4m3 cast (checked on the card).
+
+    Tiles of rows partly filled, a partial last block (576 = 4.5 blocks), no rows.
+    """
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", BLOCKS_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
 
@@ -119,7 +185,7 @@ def test_layers_reading_one_input_quantize_it_once(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weights = [fp8.Fp8Weight.of(torch.randn(16, 32, generator=g)) for _ in range(3)]
     quantized = []
-    monkeypatch.setattr(fp8, "quantize_rows", lambda x: quantized.append(x.shape) or fp8.rows_in_fp8(x))
+    monkeypatch.setattr(fp8, "quantize", lambda x: quantized.append(x.shape) or fp8.blocks_in_fp8(x))
     x = torch.randn(2, 5, 32, generator=g).to(torch.bfloat16)
     products = [w.forward(x, torch.bfloat16) for w in weights]
     assert quantized == [(10, 32)]

@@ -206,8 +206,8 @@ def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
 
 
 @needs_fp8
-def test_fp8_rows_are_quantized_by_the_kernel_and_compiled_once_for_every_width():
-    """The row kernel and the compiled kernel (rows wider than the kernel's) match the plain operations.
+def test_fp8_rows_and_blocks_are_quantized_by_the_kernels_and_compiled_once_for_every_width():
+    """The row and block kernels and their compiled fallbacks match the plain operations.
 
     Every width shares one compiled graph: none falls back to eager.
     """
@@ -217,21 +217,48 @@ def test_fp8_rows_are_quantized_by_the_kernel_and_compiled_once_for_every_width(
 
     def check(rows: int, width: int) -> None:
         x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        expected_q, expected_scale = fp8.rows_in_fp8(x.detach())
-        ways = [fp8._compiled_rows(x.detach().contiguous())]
+        plain = x.detach().contiguous()
+        by_rows = [fp8._compiled("fp8_rows", plain)]
         if fp8_rows.fits(width):
-            ways.append(fp8_rows.quantized_by_kernel(x.detach()))
-            ways.append(fp8.quantize_rows(x))
-        for q, scale in ways:
-            torch.testing.assert_close(scale, expected_scale)
-            # Another division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
-            torch.testing.assert_close(q.float(), expected_q.float(), rtol=0.125, atol=2**-9)
+            by_rows += [fp8_rows.quantized_by_kernel(plain), fp8.quantize_rows(x)]
+        by_blocks = [fp8._compiled("fp8_blocks", plain), fp8.quantize_blocks(x)]
+        for expected, ways in ((fp8.rows_in_fp8(plain), by_rows), (fp8.blocks_in_fp8(plain), by_blocks)):
+            for q, scale in ways:
+                assert q.shape == expected[0].shape and scale.stride() == expected[1].stride()
+                torch.testing.assert_close(scale, expected[1])
+                # Another division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
+                torch.testing.assert_close(q.float(), expected[0].float(), rtol=0.125, atol=2**-9)
 
     check(96, 64)
     check(80, 48)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for rows, width in ((8192, 3584), (8192, 512), (1008, 18944), (16, 4608), (4, 40000)):
+        for rows, width in ((8192, 3584), (8192, 512), (1008, 18944), (16, 4608), (61, 576), (4, 40000)):
             check(rows, width)
+
+
+@needs_fp8
+def test_fp8_products_take_block_scales_on_cards_whose_cublas_has_them():
+    """CUDA 12.9+ multiplies 1 x 128 blocks; the product equals the emulated one at awkward sizes.
+
+    61 tokens (not a multiple of 4), contracted dimensions of 576 and 192 (partial last blocks).
+    """
+    from backpropagate.train.torch import fp8
+
+    version = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    layout = fp8.layout_on(torch.device("cuda"))
+    assert layout != fp8.TOKENS or version < (12, 9), layout
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(192, 576, device="cuda", generator=g) * 0.02
+    quantized = fp8.Fp8Weight.of(weight)
+    dequantized = quantized.data.float() * quantized.scale
+    x = torch.randn(61, 576, device="cuda", generator=g).to(torch.bfloat16)
+    dy = torch.randn(61, 192, device="cuda", generator=g).to(torch.bfloat16)
+    for product, operand, matrix in (
+        (quantized.forward(x, torch.bfloat16), x, dequantized.t()),
+        (quantized.input_grad(dy, torch.bfloat16), dy, dequantized),
+    ):
+        want = fp8.dequantized(*fp8.quantize(operand)) @ matrix
+        torch.testing.assert_close(product.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 def test_fp8_weights_are_transposed_by_the_kernel_and_by_torch_if_it_fails(monkeypatch, caplog):

@@ -11,15 +11,21 @@ values keep their 3 mantissa bits whatever its range, and on SmolLM2's weights t
 rounding error is 2.65% with a tensor scale against 2.63% with row scales. What a tensor
 scale buys is that both products read the same bytes, where row scales would need a copy
 per product (each matmul scales along its own output dimension), or the backward's scales
-folded into the gradient, which measured worse. `torch._scaled_mm` takes row-wise scales
-as vectors, so s is passed repeated ([1, out] and [1, in], a few KiB).
+folded into the gradient, which measured worse. `torch._scaled_mm` takes the weight's scales
+in the product's layout, so s is passed repeated over W's 128 x 128 blocks (or, per token,
+over its rows), a few KiB.
 
-The activations `x` and gradients `dy` are quantized per token on the fly (e4m3, amax / 448).
+The activations `x` and gradients `dy` are quantized on the fly (e4m3) with one scale per
+block of 128 values of a token (cuBLAS's 1 x 128 block scaling, with the weight's scale laid
+out as its 128 x 128 blocks): a few outlier channels then only coarsen their own block rather
+than pushing the rest of the token toward e4m3's subnormals. On SmolLM2 that takes about a
+quarter off FP8's loss gap against per-token scales (`benches/fp8_quality.py --scales`), for
+3-10% on the products (`benches/fp8_blocks_gpu.py`). Where cuBLAS has no block-scaled kernels
+(CUDA before 12.9), a probe finds that out once and the scales are per token.
 LoRA's A and B, the norms, embeddings, LM head and the loss stay in bf16 / fp32; only the
-base matmuls of adapted linear layers run in FP8. `_scaled_mm` with row-wise scales needs
-FP8 tensor cores on CUDA (compute capability 8.9: Ada, Hopper, Blackwell) and bf16 output;
-on the CPU the same products of the e4m3 values are computed in fp32, slowly, which is
-what the tests run.
+base matmuls of adapted linear layers run in FP8. `_scaled_mm` needs FP8 tensor cores on
+CUDA (compute capability 8.9: Ada, Hopper, Blackwell) and bf16 output; on the CPU the same
+products of the e4m3 values are computed in fp32, slowly, which is what the tests run.
 """
 
 from __future__ import annotations
@@ -41,32 +47,70 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 ALIGN = 16
 # Compute capability of the first CUDA GPUs with FP8 tensor cores (Ada; Hopper is 9.0).
 MIN_CAPABILITY = (8, 9)
+# Values of a token that share one activation scale (cuBLAS's 1 x 128 block scaling).
+BLOCK = 128
+
+# How activations are scaled and the weight's scale laid out for `torch._scaled_mm`:
+TOKENS = "tokens"  # one scale per token; the weight's repeated per output ([1, n])
+BLOCKS = "blocks"  # one per 1 x 128 block; the weight's per 128 x 128 block, rows of ceil(k / 128)
+BLOCKS_PADDED = "blocks, padded"  # the same, with the weight's scale rows padded to a multiple of 4
+
+
+def weight_scales(scale: torch.Tensor, n: int, k: int, layout: str) -> torch.Tensor:
+    """`scale_b` of `torch._scaled_mm(x, W^T)` for W [n, k] with one tensor `scale`, in `layout`."""
+    one = scale.reshape(1, 1)
+    if layout == TOKENS:
+        return one.expand(1, n).contiguous()
+    rows, cols = -(-n // BLOCK), -(-k // BLOCK)
+    stride = cols if layout == BLOCKS else -(-cols // 4) * 4
+    return one.expand(rows, stride).contiguous()[:, :cols].t()
 
 
 @dataclass
 class Fp8Weight:
-    """The e4m3 copy of one frozen weight and its scale, repeated in the two shapes the matmuls take."""
+    """The e4m3 copy of one frozen weight, its scale, and that scale in the layouts of its two products."""
 
     data: torch.Tensor  # [out, in] e4m3, W / scale
-    out_scale: torch.Tensor  # [1, out] fp32
-    in_scale: torch.Tensor  # [1, in] fp32
+    scale: torch.Tensor  # [] fp32
+    forward_scales: torch.Tensor  # scale_b of x Q^T
+    backward_scales: torch.Tensor  # scale_b of dy Q
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Fp8Weight:
         """Quantizes a dense [out, in] weight with the scale that maps its absolute maximum to 448."""
         wide = weight.detach().float()
         scale = wide.abs().amax().clamp(min=1e-12) / FP8_MAX
-        data = (wide / scale).to(FP8)
         out_features, in_features = weight.shape
-        return cls(data, scale.expand(1, out_features).contiguous(), scale.expand(1, in_features).contiguous())
+        layout = layout_on(weight.device)
+        return cls(
+            (wide / scale).to(FP8),
+            scale,
+            weight_scales(scale, out_features, in_features, layout),
+            weight_scales(scale, in_features, out_features, layout),
+        )
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`x W^T` as [tokens, out]."""
-        return scaled_mm(x, self.data, self.out_scale, dtype)
+        return self._product(x, self.data, self.forward_scales, dtype)
 
     def input_grad(self, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`dy W` as [tokens, in]: the product reads Q^T row-major, transposed here and dropped after."""
-        return scaled_mm(dy, byte_transpose.transposed(self.data), self.in_scale, dtype)
+        return self._product(dy, byte_transpose.transposed(self.data), self.backward_scales, dtype)
+
+    def _product(self, x: torch.Tensor, right: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x @ right^T` as [tokens, n] for `right` [n, k] in e4m3; x [..., k] is quantized once for the layers that read it."""
+        x_fp8, x_scale = _LAST_INPUT.of(x)
+        if not x.is_cuda:
+            # Torch's CPU `_scaled_mm` takes row-wise or block scales on some builds only (oneDNN's
+            # does not): the same product of the e4m3 values, in fp32.
+            return (torch.mm(dequantized(x_fp8, x_scale), right.float().t()) * self.scale).to(dtype)
+        out: torch.Tensor = torch._scaled_mm(x_fp8, right.t(), scale_a=x_scale, scale_b=scales, out_dtype=dtype)
+        return out
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x [n, k] in e4m3 with the scales of its device's layout: [n, 1] per token, or [n, ceil(k / 128)] per block."""
+    return quantize_rows(x) if layout_on(x.device) == TOKENS else quantize_blocks(x)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,18 +122,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda:
         x = x.detach().contiguous()
         if fp8_rows.fits(x.shape[1]):
-            rows, scale = _BY_KERNEL(x)
+            rows, scale = _ROWS_BY_KERNEL(x)
             return rows, scale
-        return _compiled_rows(x)
+        return _compiled("fp8_rows", x)
     return rows_in_fp8(x)
 
 
-def _compiled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rows_in_fp8` compiled: one graph serves activations and gradients of every width (detached, contiguous)."""
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x [n, k] as e4m3 with one fp32 scale per 128 values, mapping each block's maximum to 448.
+
+    The scales are [n, ceil(k / 128)], n contiguous, as cuBLAS reads them; the last block of a
+    row may be partial. On CUDA one pass of `fp8_rows`' block kernel.
+    """
+    if x.is_cuda:
+        values, scales = _BLOCKS_BY_KERNEL(x.detach().contiguous())
+        # The compiled fallback may lay the scales out its own way.
+        return values, scales if scales.stride(0) == 1 else scales.t().contiguous().t()
+    return blocks_in_fp8(x)
+
+
+def _compiled(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows_in_fp8` or `blocks_in_fp8` compiled: one graph serves every width (detached, contiguous)."""
     from backpropagate.train.torch import fused
 
-    rows, scale = fused.kernel("fp8_rows")(x)
-    return rows, scale
+    values, scale = fused.kernel(name)(x)
+    return values, scale
 
 
 def rows_in_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +156,39 @@ def rows_in_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wide / scale).to(FP8).contiguous(), scale
 
 
-# The kernel while it works; should it fail on a card, the compiled kernel from then on.
-_BY_KERNEL = UntilItFails(
-    fp8_rows.quantized_by_kernel, _compiled_rows, "the FP8 row kernel", "compiled kernels", fp8_rows.log
+def blocks_in_fp8(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blocks` as plain torch operations; other `block` sizes: the quality bench."""
+    wide = x.float()
+    n, k = wide.shape
+    blocks = torch.nn.functional.pad(wide, (0, -k % block)).view(n, -(-k // block), block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    values = (blocks / scale).to(FP8).flatten(1)[:, :k].contiguous()
+    return values, scale.flatten(1).t().contiguous().t()
+
+
+def dequantized(values: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """The fp32 values that e4m3 `values` [n, k] stand for under per-token ([n, 1]) or per-`block` scales."""
+    if scale.shape[1] == 1:
+        return values.float() * scale
+    n, k = values.shape
+    wide = torch.nn.functional.pad(values.float(), (0, -k % block)).view(n, scale.shape[1], block)
+    return (wide * scale.reshape(n, scale.shape[1], 1)).flatten(1)[:, :k]
+
+
+# The kernels while they work; should one fail on a card, the compiled kernel from then on.
+_ROWS_BY_KERNEL = UntilItFails(
+    fp8_rows.quantized_by_kernel,
+    lambda x: _compiled("fp8_rows", x),
+    "the FP8 row kernel",
+    "compiled kernels",
+    fp8_rows.log,
+)
+_BLOCKS_BY_KERNEL = UntilItFails(
+    None if fp8_rows.triton is None else lambda x: fp8_rows.blocks_by_kernel(x, BLOCK),
+    lambda x: _compiled("fp8_blocks", x),
+    "the FP8 block kernel",
+    "compiled kernels",
+    fp8_rows.log,
 )
 
 
@@ -121,7 +208,7 @@ class _LastInput:
     def of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.quantized is not None and self.source is not None and self.source() is x and self.version == x._version:
             return self.quantized
-        self.quantized = quantize_rows(x.reshape(-1, x.shape[-1]))
+        self.quantized = quantize(x.reshape(-1, x.shape[-1]))
         self.source, self.version = weakref.ref(x, self._forget), x._version
         return self.quantized
 
@@ -133,20 +220,54 @@ class _LastInput:
 _LAST_INPUT = _LastInput()
 
 
-def scaled_mm(
-    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """`x @ W^T` as [tokens, n] for `weight_fp8` = W [n, k] in e4m3 with its [1, n] scales.
+def layout_on(device: torch.device) -> str:
+    """The scale layout FP8 products take on `device`: block scales on the CPU (emulated) and wherever cuBLAS has them."""
+    if device.type != "cuda":
+        return BLOCKS
+    return _probed_layout(device.index if device.index is not None else torch.cuda.current_device())
 
-    x [..., k] is quantized per token here, once for all the layers that read it in a row.
+
+_PROBED: dict[int, str] = {}
+
+
+def _probed_layout(index: int) -> str:
+    """The first block layout whose product on card `index` matches the emulated one, else `TOKENS` (warned once).
+
+    The probe's sizes are the awkward ones: a token count that is not a multiple of 4 and a
+    contracted dimension with a partial last block.
     """
-    x_fp8, x_scale = _LAST_INPUT.of(x)
-    if not x.is_cuda:
-        # Torch's CPU `_scaled_mm` takes row-wise scales on some builds only (oneDNN's does not):
-        # the same product of the e4m3 values, in fp32.
-        return (torch.mm(x_fp8.float(), weight_fp8.float().t()) * x_scale * weight_scale).to(dtype)
-    out: torch.Tensor = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=dtype)
-    return out
+    if index not in _PROBED:
+        _PROBED[index] = _probe(torch.device("cuda", index))
+    return _PROBED[index]
+
+
+def _probe(device: torch.device) -> str:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(61, 320, device=device, generator=g).to(torch.bfloat16)
+    w = torch.randn(256, 320, device=device, generator=g) * 0.02
+    scale = w.abs().amax() / FP8_MAX
+    q = (w / scale).to(FP8)
+    x_fp8, x_scale = blocks_in_fp8(x)
+    want = dequantized(x_fp8, x_scale) @ (q.float() * scale).t()
+    failures = []
+    for layout in (BLOCKS, BLOCKS_PADDED):
+        try:
+            got = torch._scaled_mm(
+                x_fp8, q.t(), scale_a=x_scale, scale_b=weight_scales(scale, 256, 320, layout), out_dtype=torch.bfloat16
+            )
+        except (RuntimeError, NotImplementedError) as failed:
+            failures.append(f"{layout}: {str(failed).splitlines()[0][:200]}")
+            continue
+        error = float((got.float() - want).norm() / want.norm())
+        if error < 1e-2:
+            return layout
+        failures.append(f"{layout}: {error:.1%} off the exact product")
+    fp8_rows.log.warning(
+        "FP8 block scales are not available on %s (%s); activations are scaled per token",
+        torch.cuda.get_device_name(device),
+        "; ".join(failures),
+    )
+    return TOKENS
 
 
 def capable(device: torch.device) -> bool:

@@ -101,10 +101,11 @@ def kernel(name: str) -> UntilItFails:
             "logprob_and_grad": losses._logprob_and_grad,
             "logprob_only": losses._logprob_only,
             "fp8_rows": fp8.rows_in_fp8,
+            "fp8_blocks": fp8.blocks_in_fp8,
         }
-        # FP8 rows come in a dozen widths (every projection's input and output gradient): one
+        # FP8 rows and blocks come in a dozen widths (every projection's input and output gradient): one
         # graph for all of them, or the recompile limit sends the later ones to eager kernels.
-        compiled = _compiled(fns[name], dynamic=True if name == "fp8_rows" else None)
+        compiled = _compiled(fns[name], dynamic=True if name.startswith("fp8_") else None)
         fast = _BY_KERNEL.get(name) if logprob_rows.triton is not None else None
         _KERNELS[name] = (
             compiled
