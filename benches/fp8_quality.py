@@ -93,6 +93,7 @@ def train(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple[l
         micro_batch=1,
         grad_accumulation=1,
         learning_rate=args.learning_rate,
+        seed=args.seed,
         schedule="constant",
         warmup_steps=0,
         save_every=0,
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--held-out", type=int, default=24, help="held-out chunks scored")
+    parser.add_argument("--seed", type=int, default=42, help="the runs' seed: adapter initialisation and row order")
     parser.add_argument("--sensitivity", action="store_true", help="score FP8 placements, no training")
     parser.add_argument("--scales", action="store_true", help="score finer activation scales, no training")
     args = parser.parse_args()
@@ -249,6 +251,7 @@ def main() -> None:
             topk[name] = merged_topk(folder, adapter, inputs)
     measured = {
         "steps": args.steps,
+        "seed": args.seed,
         "learning_rate": args.learning_rate,
         "fp8_vs_bf16": compare(losses["fp8"], losses["bf16"], topk["fp8"], topk["bf16"]),
         "bf16_vs_fp32": compare(losses["bf16"], losses["fp32"], topk["bf16"], topk["fp32"]),

@@ -53,14 +53,14 @@ def test_both_matmuls_read_one_e4m3_copy_of_the_weight():
     assert quantized.data.element_size() * quantized.data.numel() == weight.numel()
     dequantized = quantized.data.float() * quantized.scale
     assert relative_error(dequantized, weight) < 0.04
-    x = torch.randn(6, 200, generator=g).to(torch.bfloat16)
-    dy = torch.randn(6, 144, generator=g).to(torch.bfloat16)
+    x = torch.randn(8, 200, generator=g).to(torch.bfloat16)
+    dy = torch.randn(8, 144, generator=g).to(torch.bfloat16)
     for product, operand, matrix in (
         (quantized.forward(x, torch.float32), x, dequantized.t()),
         (quantized.input_grad(dy, torch.float32), dy, dequantized),
     ):
         values, scale = fp8.blocks_in_fp8(operand)
-        assert scale.shape == (6, 2)
+        assert scale.shape == (8, 2)
         torch.testing.assert_close(product, fp8.dequantized(values, scale) @ matrix)
 
 
@@ -81,23 +81,40 @@ def test_block_scales_keep_an_outlier_from_coarsening_the_rest_of_its_token():
 
 def test_per_token_scales_where_cublas_has_no_block_scales(monkeypatch):
     """The fallback layout: one scale per token, the weight's repeated per output."""
-    monkeypatch.setattr(fp8, "layout_on", lambda device: fp8.TOKENS)
+    monkeypatch.setattr(fp8, "layout_on", lambda device: fp8.Layout(None, partial=False))
     g = torch.Generator().manual_seed(3)
-    weight = torch.randn(48, 200, generator=g)
+    weight = torch.randn(48, 256, generator=g)
     quantized = fp8.Fp8Weight.of(weight)
-    assert quantized.forward_scales.shape == (1, 48) and quantized.backward_scales.shape == (1, 200)
-    x = torch.randn(5, 200, generator=g).to(torch.bfloat16)
+    assert quantized.forward_scales.tokens.shape == (1, 48) and quantized.backward_scales.tokens.shape == (1, 256)
+    assert quantized.forward_scales.blocks is None
+    x = torch.randn(8, 256, generator=g).to(torch.bfloat16)
     values, scale = fp8.rows_in_fp8(x)
     want = fp8.dequantized(values, scale) @ (quantized.data.float() * quantized.scale).t()
     torch.testing.assert_close(quantized.forward(x, torch.float32), want)
 
 
+def test_products_are_block_scaled_where_cublas_takes_their_shape():
+    """cuBLAS refuses token counts that are not a multiple of 4; a row of one block is the per-token case."""
+    full = fp8.Layout(fp8.BLOCKS, partial=True)
+    assert full.blocks_for(8192, 3584) and full.blocks_for(64, 576)
+    assert not full.blocks_for(8190, 3584) and not full.blocks_for(64, 128)
+    assert not fp8.Layout(fp8.BLOCKS, partial=False).blocks_for(64, 576)
+    assert not fp8.Layout(None, partial=False).blocks_for(64, 3584)
+    for tokens, scales in ((8, (8, 2)), (7, (7, 1))):
+        assert fp8.quantize(torch.randn(tokens, 200))[1].shape == scales
+
+
 def test_weight_scales_take_the_layouts_scaled_mm_checks_for():
-    """128 x 128 blocks of W [n, k], read as scale_b.t(): [ceil(n/128), ceil(k/128)], rows unpadded or padded to 4."""
+    """128 x 128 blocks of W [n, k], read as scale_b.t(): [ceil(n/128), ceil(k/128)], rows unpadded or padded to 4.
+
+    Whatever stride cuBLAS reads them with, rows and columns padded to 4 stay inside a buffer of the scale.
+    """
     scale = torch.tensor(0.5)
     for layout, stride in ((fp8.BLOCKS, 6), (fp8.BLOCKS_PADDED, 8)):
         grid = fp8.weight_scales(scale, 300, 700, layout).t()
         assert grid.shape == (3, 6) and grid.stride() == (stride, 1) and (grid == 0.5).all()
+        room = torch.tensor([], dtype=grid.dtype).set_(grid.untyped_storage())
+        assert room.numel() >= 4 * 8 and (room == 0.5).all()
 
 
 TRANSPOSE_CHECK = """
@@ -212,7 +229,7 @@ def test_fp8_lora_follows_the_bf16_curve_with_its_base_weights_in_fp8(tiny_llama
     layers = [m for m in trainer._trained.model.modules() if fp8.of(m) is not None]
     assert len(layers) == 2 * 7  # every adapted linear layer of both blocks
     assert all(m.weight.stride() == (0, 0) for m in layers)  # the bf16 copy is gone
-    assert f"fp8[{len(layers)}]" in result.features
+    assert f"fp8[{len(layers)}]" in result.features and "fp8_scales[1x128]" in result.features
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
 
 

@@ -224,7 +224,9 @@ def test_fp8_rows_and_blocks_are_quantized_by_the_kernels_and_compiled_once_for_
         by_blocks = [fp8._compiled("fp8_blocks", plain), fp8.quantize_blocks(x)]
         for expected, ways in ((fp8.rows_in_fp8(plain), by_rows), (fp8.blocks_in_fp8(plain), by_blocks)):
             for q, scale in ways:
-                assert q.shape == expected[0].shape and scale.stride() == expected[1].stride()
+                assert (
+                    q.shape == expected[0].shape and scale.stride(0) == 1
+                )  # blocks: token-contiguous, as cuBLAS reads them
                 torch.testing.assert_close(scale, expected[1])
                 # Another division may round a tie the other way: one e4m3 step (1/8, or the least subnormal) apart.
                 torch.testing.assert_close(q.float(), expected[0].float(), rtol=0.125, atol=2**-9)
@@ -238,27 +240,33 @@ def test_fp8_rows_and_blocks_are_quantized_by_the_kernels_and_compiled_once_for_
 
 @needs_fp8
 def test_fp8_products_take_block_scales_on_cards_whose_cublas_has_them():
-    """CUDA 12.9+ multiplies 1 x 128 blocks; the product equals the emulated one at awkward sizes.
+    """CUDA 12.9+ multiplies 1 x 128 blocks; each product equals the exact one of its e4m3 values at awkward sizes.
 
-    61 tokens (not a multiple of 4), contracted dimensions of 576 and 192 (partial last blocks).
+    64 tokens (block-scaled) and 61 (per token: cuBLAS takes multiples of 4 only), contracted
+    dimensions of 576 and 192 (partial last blocks, where the card takes them).
     """
     from backpropagate.train.torch import fp8
 
     version = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
     layout = fp8.layout_on(torch.device("cuda"))
-    assert layout != fp8.TOKENS or version < (12, 9), layout
+    assert layout.blocks is not None or version < (12, 9), layout
     g = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn(192, 576, device="cuda", generator=g) * 0.02
     quantized = fp8.Fp8Weight.of(weight)
     dequantized = quantized.data.float() * quantized.scale
-    x = torch.randn(61, 576, device="cuda", generator=g).to(torch.bfloat16)
-    dy = torch.randn(61, 192, device="cuda", generator=g).to(torch.bfloat16)
-    for product, operand, matrix in (
-        (quantized.forward(x, torch.bfloat16), x, dequantized.t()),
-        (quantized.input_grad(dy, torch.bfloat16), dy, dequantized),
-    ):
-        want = fp8.dequantized(*fp8.quantize(operand)) @ matrix
-        torch.testing.assert_close(product.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    for tokens in (64, 61):
+        x = torch.randn(tokens, 576, device="cuda", generator=g).to(torch.bfloat16)
+        dy = torch.randn(tokens, 192, device="cuda", generator=g).to(torch.bfloat16)
+        for product, operand, matrix in (
+            (quantized.forward(x, torch.bfloat16), x, dequantized.t()),
+            (quantized.input_grad(dy, torch.bfloat16), dy, dequantized),
+        ):
+            values, scales = fp8.quantize(operand)
+            assert (scales.shape[1] > 1) == layout.blocks_for(*operand.shape)
+            want = fp8.dequantized(values, scales) @ matrix
+            torch.testing.assert_close(product.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    for tokens, k in ((64, 384), (8192, 3584), (8192, 18944)):  # 3 blocks, then a 7B's widths
+        assert layout.blocks is None or layout.blocks_for(tokens, k)
 
 
 def test_fp8_weights_are_transposed_by_the_kernel_and_by_torch_if_it_fails(monkeypatch, caplog):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -50,20 +50,60 @@ MIN_CAPABILITY = (8, 9)
 # Values of a token that share one activation scale (cuBLAS's 1 x 128 block scaling).
 BLOCK = 128
 
-# How activations are scaled and the weight's scale laid out for `torch._scaled_mm`:
-TOKENS = "tokens"  # one scale per token; the weight's repeated per output ([1, n])
-BLOCKS = "blocks"  # one per 1 x 128 block; the weight's per 128 x 128 block, rows of ceil(k / 128)
-BLOCKS_PADDED = "blocks, padded"  # the same, with the weight's scale rows padded to a multiple of 4
+# How the weight's 128 x 128 scales are strided for `torch._scaled_mm` (builds check one or the other):
+BLOCKS = "blocks"  # rows of ceil(k / 128)
+BLOCKS_PADDED = "blocks, padded"  # rows padded to a multiple of 4
 
 
-def weight_scales(scale: torch.Tensor, n: int, k: int, layout: str) -> torch.Tensor:
-    """`scale_b` of `torch._scaled_mm(x, W^T)` for W [n, k] with one tensor `scale`, in `layout`."""
+@dataclass(frozen=True)
+class Layout:
+    """The FP8 scales a device's `_scaled_mm` takes: per token always; per 1 x 128 block where cuBLAS has them.
+
+    `blocks` is the weight scales' stride (None: per token only). `partial`: whether a contracted
+    dimension may end in a partial block of 128.
+    """
+
+    blocks: str | None
+    partial: bool
+
+    def blocks_for(self, tokens: int, k: int) -> bool:
+        """Whether a product of `tokens` rows contracting `k` values is block-scaled.
+
+        cuBLAS reads the activation scales with the token count a multiple of 4 and refuses others.
+        A row of one block is scaled per token: the same numbers, the simpler kernel.
+        """
+        return self.blocks is not None and tokens % 4 == 0 and k > BLOCK and (self.partial or k % BLOCK == 0)
+
+
+def weight_scales(scale: torch.Tensor, n: int, k: int, blocks: str | None) -> torch.Tensor:
+    """`scale_b` of `torch._scaled_mm(x, W^T)` for W [n, k] with one tensor `scale`: per token, or in `blocks`' stride.
+
+    The block grid is a view into a buffer of `scale` sized for rows and columns padded to
+    multiples of 4: cuBLAS reads the grid's rows padded to 4 whatever stride the build checks
+    for (on torch 2.11 with CUDA 13, an unpadded grid of 3 or 5 columns gave products thousands
+    of times off), and every value it can read there is the scale.
+    """
     one = scale.reshape(1, 1)
-    if layout == TOKENS:
+    if blocks is None:
         return one.expand(1, n).contiguous()
     rows, cols = -(-n // BLOCK), -(-k // BLOCK)
-    stride = cols if layout == BLOCKS else -(-cols // 4) * 4
-    return one.expand(rows, stride).contiguous()[:, :cols].t()
+    stride = cols if blocks == BLOCKS else -(-cols // 4) * 4
+    room = -(-rows // 4) * 4 * (-(-cols // 4) * 4)
+    buffer = one.expand(1, room).contiguous()
+    return buffer.as_strided((rows, cols), (stride, 1)).t()
+
+
+class ProductScales(NamedTuple):
+    """The weight's scale as one product takes it, per token and (where the device has them) per block."""
+
+    tokens: torch.Tensor
+    blocks: torch.Tensor | None
+
+    @classmethod
+    def of(cls, scale: torch.Tensor, n: int, k: int, layout: Layout) -> ProductScales:
+        """The scales of a product with W [n, k] on the right, in the layouts `layout` has."""
+        blocks = None if layout.blocks is None else weight_scales(scale, n, k, layout.blocks)
+        return cls(weight_scales(scale, n, k, None), blocks)
 
 
 @dataclass
@@ -72,8 +112,8 @@ class Fp8Weight:
 
     data: torch.Tensor  # [out, in] e4m3, W / scale
     scale: torch.Tensor  # [] fp32
-    forward_scales: torch.Tensor  # scale_b of x Q^T
-    backward_scales: torch.Tensor  # scale_b of dy Q
+    forward_scales: ProductScales  # of x Q^T
+    backward_scales: ProductScales  # of dy Q
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Fp8Weight:
@@ -85,8 +125,8 @@ class Fp8Weight:
         return cls(
             (wide / scale).to(FP8),
             scale,
-            weight_scales(scale, out_features, in_features, layout),
-            weight_scales(scale, in_features, out_features, layout),
+            ProductScales.of(scale, out_features, in_features, layout),
+            ProductScales.of(scale, in_features, out_features, layout),
         )
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,20 +137,23 @@ class Fp8Weight:
         """`dy W` as [tokens, in]: the product reads Q^T row-major, transposed here and dropped after."""
         return self._product(dy, byte_transpose.transposed(self.data), self.backward_scales, dtype)
 
-    def _product(self, x: torch.Tensor, right: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, right: torch.Tensor, scales: ProductScales, dtype: torch.dtype) -> torch.Tensor:
         """`x @ right^T` as [tokens, n] for `right` [n, k] in e4m3; x [..., k] is quantized once for the layers that read it."""
         x_fp8, x_scale = _LAST_INPUT.of(x)
         if not x.is_cuda:
             # Torch's CPU `_scaled_mm` takes row-wise or block scales on some builds only (oneDNN's
             # does not): the same product of the e4m3 values, in fp32.
             return (torch.mm(dequantized(x_fp8, x_scale), right.float().t()) * self.scale).to(dtype)
-        out: torch.Tensor = torch._scaled_mm(x_fp8, right.t(), scale_a=x_scale, scale_b=scales, out_dtype=dtype)
+        scale_b = scales.tokens if x_scale.shape[1] == 1 else scales.blocks
+        out: torch.Tensor = torch._scaled_mm(x_fp8, right.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=dtype)
         return out
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of x [n, k] in e4m3 with the scales of its device's layout: [n, 1] per token, or [n, ceil(k / 128)] per block."""
-    return quantize_rows(x) if layout_on(x.device) == TOKENS else quantize_blocks(x)
+    """The rows of x [n, k] in e4m3: per block ([n, ceil(k / 128)] scales) where its device multiplies them, else per token ([n, 1])."""
+    if layout_on(x.device).blocks_for(*x.shape):
+        return quantize_blocks(x)
+    return quantize_rows(x)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,54 +263,65 @@ class _LastInput:
 _LAST_INPUT = _LastInput()
 
 
-def layout_on(device: torch.device) -> str:
-    """The scale layout FP8 products take on `device`: block scales on the CPU (emulated) and wherever cuBLAS has them."""
+def layout_on(device: torch.device) -> Layout:
+    """The scales FP8 products take on `device`: on the CPU (emulated) block scales everywhere; on CUDA what the probe found."""
     if device.type != "cuda":
-        return BLOCKS
-    return _probed_layout(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_PROBED: dict[int, str] = {}
-
-
-def _probed_layout(index: int) -> str:
-    """The first block layout whose product on card `index` matches the emulated one, else `TOKENS` (warned once).
-
-    The probe's sizes are the awkward ones: a token count that is not a multiple of 4 and a
-    contracted dimension with a partial last block.
-    """
+        return Layout(BLOCKS, partial=True)
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PROBED:
         _PROBED[index] = _probe(torch.device("cuda", index))
     return _PROBED[index]
 
 
-def _probe(device: torch.device) -> str:
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(61, 320, device=device, generator=g).to(torch.bfloat16)
-    w = torch.randn(256, 320, device=device, generator=g) * 0.02
-    scale = w.abs().amax() / FP8_MAX
-    q = (w / scale).to(FP8)
-    x_fp8, x_scale = blocks_in_fp8(x)
-    want = dequantized(x_fp8, x_scale) @ (q.float() * scale).t()
+_PROBED: dict[int, Layout] = {}
+
+
+def scales_feature(device: torch.device) -> str:
+    """How FP8 products on `device` scale their activations, as the run's features name it."""
+    layout = layout_on(device)
+    if layout.blocks is None:
+        return "fp8_scales[token]"
+    return "fp8_scales[1x128]" if layout.partial else "fp8_scales[1x128, k % 128 == 0]"
+
+
+def _probe(device: torch.device) -> Layout:
+    """Block-scaled products on `device` checked against the exact product of their e4m3 values.
+
+    First a grid of 2 x 3 weight blocks in each stride a build may check for (no block scales
+    if neither gives the product: warned once), then a contracted dimension that ends in a
+    partial block.
+    """
     failures = []
-    for layout in (BLOCKS, BLOCKS_PADDED):
-        try:
-            got = torch._scaled_mm(
-                x_fp8, q.t(), scale_a=x_scale, scale_b=weight_scales(scale, 256, 320, layout), out_dtype=torch.bfloat16
-            )
-        except (RuntimeError, NotImplementedError) as failed:
-            failures.append(f"{layout}: {str(failed).splitlines()[0][:200]}")
-            continue
-        error = float((got.float() - want).norm() / want.norm())
-        if error < 1e-2:
-            return layout
-        failures.append(f"{layout}: {error:.1%} off the exact product")
+    for blocks in (BLOCKS, BLOCKS_PADDED):
+        failed = _probe_product(device, blocks, 384)
+        if failed is None:
+            return Layout(blocks, partial=_probe_product(device, blocks, 320) is None)
+        failures.append(f"{blocks}: {failed}")
     fp8_rows.log.warning(
         "FP8 block scales are not available on %s (%s); activations are scaled per token",
         torch.cuda.get_device_name(device),
         "; ".join(failures),
     )
-    return TOKENS
+    return Layout(None, partial=False)
+
+
+def _probe_product(device: torch.device, blocks: str, k: int) -> str | None:
+    """Why a [64, k] x [k, 256] block-scaled product fails or is off on `device`; None if it is right."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(64, k, device=device, generator=g).to(torch.bfloat16)
+    w = torch.randn(256, k, device=device, generator=g) * 0.02
+    scale = w.abs().amax() / FP8_MAX
+    q = (w / scale).to(FP8)
+    x_fp8, x_scale = blocks_in_fp8(x)
+    want = dequantized(x_fp8, x_scale) @ (q.float() * scale).t()
+    try:
+        got = torch._scaled_mm(
+            x_fp8, q.t(), scale_a=x_scale, scale_b=weight_scales(scale, 256, k, blocks), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, NotImplementedError) as failed:
+        return str(failed).splitlines()[0][:200]
+    error = float((got.float() - want).norm() / want.norm())
+    return None if error < 1e-2 else f"{error:.1%} off the exact product"
 
 
 def capable(device: torch.device) -> bool:

@@ -258,6 +258,7 @@ def prepare_for_training(
             features.append(f"fused_lora[{fused_layers}]")
         if config.fp8:
             features.append(f"fp8[{fp8.install(model)}]")
+            features.append(fp8.scales_feature(device))
         elif not config.fsdp and (concat := lora_concat.install(model)):
             features.append(f"lora_concat[{concat}]")
     if config.fused_kernels and device.type == "cuda":
