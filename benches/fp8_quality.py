@@ -21,12 +21,12 @@ without training (the adapters are zero there): every adapted projection in FP8,
 but one kind (q, k, v, o, gate, up, down), and every one but the first and last layers; so
 it shows which products the loss gap comes from.
 
-`--scales` asks what finer scales would buy, also without training: the held-out chunks are
-scored with every adapted projection's product computed from e4m3 values under other scale
-layouts, emulated here in fp32 rather than through `fp8.py`: the weights under the tensor
-scale `--fp8` uses and the activations per token (what `--fp8` does), per block of 128, 64 or
-32 values along the contracted dimension (the 1 x 128 layout FP8 training recipes use
-against outliers), or left in bf16 (the weights' share of the gap alone).
+`--scales` compares activation scales, also without training: the held-out chunks are
+scored with every adapted projection's product computed from e4m3 values under each scale
+layout, emulated here in fp32 rather than through `fp8.py`: the weights under the tensor
+scale `--fp8` uses and the activations per token (the fallback where cuBLAS has no block
+scales), per block of 128 (what `--fp8` uses), 64 or 32 values along the contracted
+dimension, or left in bf16 (the weights' share of the gap alone).
 
 On a CPU the FP8 products are computed from the e4m3 values in fp32, slowly; the figures are
 about numerics, which do not depend on the device. Appends one JSON line to
