@@ -94,14 +94,25 @@ def test_per_token_scales_where_cublas_has_no_block_scales(monkeypatch):
 
 
 def test_products_are_block_scaled_where_cublas_takes_their_shape():
-    """cuBLAS refuses token counts that are not a multiple of 4; a row of one block is the per-token case."""
+    """A row of one block is the per-token case; partial last blocks only where the card computes them right."""
     full = fp8.Layout(fp8.BLOCKS, partial=True)
-    assert full.blocks_for(8192, 3584) and full.blocks_for(64, 576)
-    assert not full.blocks_for(8190, 3584) and not full.blocks_for(64, 128)
-    assert not fp8.Layout(fp8.BLOCKS, partial=False).blocks_for(64, 576)
-    assert not fp8.Layout(None, partial=False).blocks_for(64, 3584)
-    for tokens, scales in ((8, (8, 2)), (7, (7, 1))):
-        assert fp8.quantize(torch.randn(tokens, 200))[1].shape == scales
+    assert full.blocks_for(3584) and full.blocks_for(576) and not full.blocks_for(128)
+    assert not fp8.Layout(fp8.BLOCKS, partial=False).blocks_for(576)
+    assert not fp8.Layout(None, partial=False).blocks_for(3584)
+    assert fp8.quantize(torch.randn(7, 128))[1].shape == (7, 1)
+
+
+def test_token_counts_cublas_refuses_are_padded_and_the_padding_dropped():
+    """7 tokens are quantized as 8 (a row of zeros added): the product has 7 rows, each as if alone."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 200, generator=g)
+    values, scales = fp8.quantize(x)
+    assert values.shape == (8, 200) and scales.shape == (8, 2) and (values[7].float() == 0).all()
+    weight = fp8.Fp8Weight.of(torch.randn(48, 200, generator=g))
+    product = weight.forward(x, torch.float32)
+    want = fp8.dequantized(*fp8.blocks_in_fp8(x)) @ (weight.data.float() * weight.scale).t()
+    assert product.shape == (7, 48)
+    torch.testing.assert_close(product, want)
 
 
 def test_weight_scales_take_the_layouts_scaled_mm_checks_for():

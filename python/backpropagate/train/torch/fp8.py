@@ -66,13 +66,12 @@ class Layout:
     blocks: str | None
     partial: bool
 
-    def blocks_for(self, tokens: int, k: int) -> bool:
-        """Whether a product of `tokens` rows contracting `k` values is block-scaled.
+    def blocks_for(self, k: int) -> bool:
+        """Whether a product contracting `k` values is block-scaled.
 
-        cuBLAS reads the activation scales with the token count a multiple of 4 and refuses others.
         A row of one block is scaled per token: the same numbers, the simpler kernel.
         """
-        return self.blocks is not None and tokens % 4 == 0 and k > BLOCK and (self.partial or k % BLOCK == 0)
+        return self.blocks is not None and k > BLOCK and (self.partial or k % BLOCK == 0)
 
 
 def weight_scales(scale: torch.Tensor, n: int, k: int, blocks: str | None) -> torch.Tensor:
@@ -144,18 +143,20 @@ class Fp8Weight:
     def _product(self, x: torch.Tensor, right: torch.Tensor, scales: ProductScales, dtype: torch.dtype) -> torch.Tensor:
         """`x @ right^T` as [tokens, n] for `right` [n, k] in e4m3; x [..., k] is quantized once for the layers that read it."""
         x_fp8, x_scale = _LAST_INPUT.of(x)
-        if not x.is_cuda:
+        if x.is_cuda:
+            scale_b = scales.matching(x_scale)
+            out = torch._scaled_mm(x_fp8, right.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=dtype)
+        else:
             # Torch's CPU `_scaled_mm` takes row-wise or block scales on some builds only (oneDNN's
             # does not): the same product of the e4m3 values, in fp32.
-            return (torch.mm(dequantized(x_fp8, x_scale), right.float().t()) * self.scale).to(dtype)
-        scale_b = scales.matching(x_scale)
-        out: torch.Tensor = torch._scaled_mm(x_fp8, right.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=dtype)
-        return out
+            out = (torch.mm(dequantized(x_fp8, x_scale), right.float().t()) * self.scale).to(dtype)
+        tokens = x.numel() // x.shape[-1]
+        return out if out.shape[0] == tokens else out[:tokens]  # without `quantize_blocks`' padding rows
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of x [n, k] in e4m3: per block ([n, ceil(k / 128)] scales) where its device multiplies them, else per token ([n, 1])."""
-    if layout_on(x.device).blocks_for(*x.shape):
+    if layout_on(x.device).blocks_for(x.shape[1]):
         return quantize_blocks(x)
     return quantize_rows(x)
 
@@ -179,10 +180,15 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of x [n, k] as e4m3 with one fp32 scale per 128 values, mapping each block's maximum to 448.
 
     The scales are [n, ceil(k / 128)], n contiguous, as cuBLAS reads them; the last block of a
-    row may be partial. On CUDA one pass of `fp8_rows`' block kernel.
+    row may be partial. The rows are padded with zeros to a multiple of 4 (cuBLAS refuses block
+    scales for other token counts; the CPU does the same), so a product's output has those rows
+    too, dropped after it. On CUDA one pass of `fp8_rows`' block kernel.
     """
+    x = x.detach()
+    if x.shape[0] % 4:
+        x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 4))
     if x.is_cuda:
-        values, scales = _BLOCKS_BY_KERNEL(x.detach().contiguous())
+        values, scales = _BLOCKS_BY_KERNEL(x.contiguous())
         # The compiled fallback may lay the scales out its own way.
         return values, scales if scales.stride(0) == 1 else scales.t().contiguous().t()
     return blocks_in_fp8(x)
