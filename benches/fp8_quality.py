@@ -28,6 +28,10 @@ scale `--fp8` uses and the activations per token (the fallback where cuBLAS has 
 scales), per block of 128 (what `--fp8` uses), 64 or 32 values along the contracted
 dimension, or left in bf16 (the weights' share of the gap alone).
 
+`--rounding` scores the weights' rounding, also without training: every adapted weight in
+FP8 through `--fp8`'s own layers, each value rounded to its nearest e4m3 value or for the
+training rows' first tokens (`fp8_gptq`, what `Trainer` does).
+
 On a CPU the FP8 products are computed from the e4m3 values in fp32, slowly; the figures are
 about numerics, which do not depend on the device. Appends one JSON line to
 benches/results/fp8_quality.jsonl.
@@ -35,6 +39,7 @@ benches/results/fp8_quality.jsonl.
     .venv/bin/python benches/fp8_quality.py --steps 200 --max-seq-length 256
     .venv/bin/python benches/fp8_quality.py --sensitivity
     .venv/bin/python benches/fp8_quality.py --scales --held-out 120
+    .venv/bin/python benches/fp8_quality.py --rounding
 """
 
 from __future__ import annotations
@@ -149,8 +154,13 @@ def compare(curve: np.ndarray, reference: np.ndarray, got: list[torch.Tensor], w
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def held_out_loss(folder: Path, inputs: list[torch.Tensor], projections: tuple[str, ...], layers: list[int]) -> float:
-    """Mean held-out loss with the base weights of `projections` in `layers` in FP8 (zero adapters there)."""
+def fp8_model(
+    folder: Path, projections: tuple[str, ...], layers: list[int], calibration: torch.Tensor | None = None
+) -> torch.nn.Module:
+    """The model with the base weights of `projections` in `layers` in FP8 (zero adapters there).
+
+    `calibration`: token ids the weights are rounded for (`fp8_gptq`); else to nearest.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -160,8 +170,13 @@ def held_out_loss(folder: Path, inputs: list[torch.Tensor], projections: tuple[s
     if projections and layers:
         config = LoraConfig(r=16, target_modules=list(projections), layers_to_transform=layers)
         model = get_peft_model(model, config)
-        fp8.install(model)
-    return mean_loss(model, inputs)
+        fp8.install(model, calibration)
+    return model
+
+
+def held_out_loss(folder: Path, inputs: list[torch.Tensor], projections: tuple[str, ...], layers: list[int]) -> float:
+    """Mean held-out loss with the base weights of `projections` in `layers` in FP8 (zero adapters there)."""
+    return mean_loss(fp8_model(folder, projections, layers), inputs)
 
 
 def mean_loss(model: torch.nn.Module, inputs: list[torch.Tensor]) -> float:
@@ -184,6 +199,49 @@ def sensitivity(folder: Path, inputs: list[torch.Tensor]) -> dict:
         placements[f"all but {name}"] = (tuple(p for p in PROJECTIONS if p != name), every)
     bf16 = held_out_loss(folder, inputs, (), [])
     return {name: held_out_loss(folder, inputs, *where) / bf16 - 1 for name, where in placements.items()}
+
+
+def rounding(folder: Path, data: Path, inputs: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    """How far every adapted weight in FP8 moves the model from bf16, rounded to nearest or for the training data.
+
+    Per held-out position: the KL divergence of the FP8 model's next-token distribution from
+    bf16's, and the loss above bf16's. The loss difference is a small signed sum that bf16's
+    own rounding flips about by as much (the same FP8 products, emulated in another order,
+    gave 0.37% where `--fp8`'s layers give 0.22%); the divergence is the steady measure. The
+    calibration tokens are the ones `Trainer` takes from these training rows.
+    """
+    from transformers import AutoConfig
+
+    from backpropagate.config import TrainConfig
+    from backpropagate.data import prepare
+    from backpropagate.data.config import DataConfig
+    from backpropagate.train.torch.loop import calibration_ids
+
+    dataset = prepare(data, folder, DataConfig(max_seq_length=args.max_seq_length))
+    calibration = calibration_ids(dataset, TrainConfig(seed=args.seed))
+    every = list(range(AutoConfig.from_pretrained(folder).num_hidden_layers))
+    reference = log_probs(fp8_model(folder, (), []), inputs)
+    out: dict[str, Any] = {"calibration_tokens": calibration.numel()}
+    for name, tokens in (("nearest", None), ("for the training data (GPTQ)", calibration)):
+        got = log_probs(fp8_model(folder, PROJECTIONS, every, tokens), inputs)
+        kl = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got, strict=True))
+        positions = sum(r.shape[0] for r in reference)
+        out[name] = {
+            "kl_per_position": kl / positions,
+            "loss_above_bf16": target_loss(got, inputs) / target_loss(reference, inputs) - 1,
+        }
+    return out
+
+
+def log_probs(model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Next-token log-probabilities [positions - 1, vocab] of each input (the last position predicts nothing here)."""
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1) for ids in inputs]
+
+
+def target_loss(logps: list[torch.Tensor], inputs: list[torch.Tensor]) -> float:
+    """Summed loss of the inputs' own next tokens."""
+    return sum(-float(lp[torch.arange(lp.shape[0]), ids[0, 1:]].sum()) for lp, ids in zip(logps, inputs, strict=True))
 
 
 def _emulated_forward(layer: torch.nn.Linear, block: int | None, keep_input: bool) -> Any:
@@ -230,6 +288,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="the runs' seed: adapter initialisation and row order")
     parser.add_argument("--sensitivity", action="store_true", help="score FP8 placements, no training")
     parser.add_argument("--scales", action="store_true", help="score finer activation scales, no training")
+    parser.add_argument("--rounding", action="store_true", help="score the weights' rounding, no training")
     args = parser.parse_args()
     torch.manual_seed(0)
     from backpropagate.model_source import resolve_model
@@ -244,6 +303,9 @@ def main() -> None:
             return
         if args.scales:
             report({"scales_held_out_loss_above_bf16": scales(folder, inputs)}, args, inputs)
+            return
+        if args.rounding:
+            report({"rounding_held_out_loss_above_bf16": rounding(folder, data, inputs, args)}, args, inputs)
             return
         for name in RUNS:
             curve, adapter, seconds[name] = train(name, data, args, Path(tmp))

@@ -158,6 +158,15 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
     if variant.endswith("_eager"):
         overrides["fused_kernels"] = False
     config = train_config(args, device, mode, world, **overrides)
+    vocab = SHAPES[args.shape][6]
+    rows = args.rows * world.size
+    if kind == "realistic":
+        lengths = synthetic.realistic_lengths(rows * steps * seq // 300, seq, seed=0)
+    else:
+        lengths = [seq] * (rows * steps)
+    dataset = synthetic.random_dataset(lengths, vocab, seq, seed=1)
+    # FP8 weights are rounded for the first tokens of the data, as `Trainer` does (`fp8_gptq`).
+    calibration = torch_loop.calibration_ids(dataset, config) if kind == "fp8" else None
     t0 = time.perf_counter()
     if mode == "qlora":
         cache.pop("model", None)
@@ -175,20 +184,13 @@ def run(variant: str, args: argparse.Namespace, cache: dict, world: World = SING
             release()
             model = random_model(args.shape, device)
             n_params = sum(p.numel() for p in model.parameters())
-            cache["model"] = loading.prepare_for_training(model, config, "lora", device, n_params)
+            cache["model"] = loading.prepare_for_training(model, config, "lora", device, n_params, calibration)
             cache["model_key"] = key
         tm = cache["model"]
         tm.recompute = RecomputePlan(tm.model, config.gradient_checkpointing)
         if "_keep" in variant:  # the last N layers keep their activations, the rest recompute
             tm.recompute.set_kept(int(variant.rsplit("_keep", 1)[1]))
     load_s = time.perf_counter() - t0
-    vocab = SHAPES[args.shape][6]
-    rows = args.rows * world.size
-    if kind == "realistic":
-        lengths = synthetic.realistic_lengths(rows * steps * seq // 300, seq, seed=0)
-    else:
-        lengths = [seq] * (rows * steps)
-    dataset = synthetic.random_dataset(lengths, vocab, seq, seed=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak then counts the weights already resident
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:

@@ -200,9 +200,33 @@ def test_fp8_on_cuda_follows_the_bf16_curve(tiny_llama, tmp_path):
             learning_rate=1e-2,
         ).train(dataset, steps=12)
         curves[fp8] = np.array([loss for _, loss in result.losses])
-    assert "fp8[14]" in result.features
+    assert {"fp8[14]", "fp8_rounding[gptq]"} <= set(result.features)
     assert curves[True][-3:].mean() < curves[True][:3].mean() - 0.2, curves
     assert np.abs(curves[True] - curves[False]).max() < 0.05 * curves[False].max(), curves
+
+
+def test_fp8_weights_are_rounded_for_their_inputs_by_the_kernel_as_column_by_column():
+    """The rounding kernel on the card: e4m3's nearest value of every code and midpoint, and 7B-wide blocks."""
+    from backpropagate.train.torch import fp8_gptq
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[torch.isfinite(codes)].sort().values
+    probe = torch.cat([codes, (codes[1:] + codes[:-1]) / 2, torch.tensor([500.0, -1e4, 1e-6])]).cuda()
+    w = torch.nn.functional.pad(probe, (0, -len(probe) % 128)).view(-1, 128).t().contiguous()
+    fp8_gptq._block_by_kernel(w, torch.eye(w.shape[1], device="cuda").contiguous(), 0, w.shape[1])
+    assert torch.equal(w.t().flatten()[: len(probe)], fp8_gptq.nearest(probe))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in ((3584, 18944), (1000, 3584)):
+        x = torch.randn(8192, cols, device="cuda", generator=g) + torch.randn(cols, device="cuda", generator=g)
+        upper = fp8_gptq.upper_inverse(x.t() @ x)
+        values = torch.randn(rows, cols, device="cuda", generator=g) * 60
+        a, b = values.clone(), values.clone()
+        torch.testing.assert_close(
+            fp8_gptq._block_by_kernel(a, upper, 128, 256), fp8_gptq._block_in_steps(b, upper, 128, 256)
+        )
+        assert (a == b).float().mean() > 0.99
+        rounded = fp8_gptq.rounded(values, upper)
+        assert torch.equal(fp8_gptq.nearest(rounded), rounded)
 
 
 @needs_fp8

@@ -307,7 +307,10 @@ class Trainer:
                 self.model_path, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step
             )
         else:
-            trained = load_for_training(self.model_path, config, Path(init_adapter) if init_adapter else None)
+            calibration = torch_loop.calibration_ids(dataset, config) if config.fp8 else None
+            trained = load_for_training(
+                self.model_path, config, Path(init_adapter) if init_adapter else None, calibration
+            )
             outcome = torch_loop.train(
                 trained, dataset, config, total_steps, output_dir, run_id, fingerprint, rows_per_step, world
             )

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from backpropagate.errors import ConfigError
-from backpropagate.train.torch import byte_transpose, fp8_rows
+from backpropagate.train.torch import byte_transpose, fp8_gptq, fp8_rows
 from backpropagate.train.torch.fast_path import UntilItFails
 
 FP8 = torch.float8_e4m3fn
@@ -119,14 +119,19 @@ class Fp8Weight:
     backward_scales: ProductScales  # of dy Q
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> Fp8Weight:
-        """Quantizes a dense [out, in] weight with the scale that maps its absolute maximum to 448."""
+    def of(cls, weight: torch.Tensor, upper: torch.Tensor | None = None) -> Fp8Weight:
+        """Quantizes a dense [out, in] weight with the scale that maps its absolute maximum to 448.
+
+        Each value goes to its nearest e4m3 value, or, given `upper` (`fp8_gptq.upper_inverse`
+        of its inputs' correlations), to the one GPTQ picks for those inputs.
+        """
         wide = weight.detach().float()
         scale = wide.abs().amax().clamp(min=1e-12) / FP8_MAX
+        values = wide / scale
         out_features, in_features = weight.shape
         layout = layout_on(weight.device)
         return cls(
-            (wide / scale).to(FP8),
+            (values if upper is None else fp8_gptq.rounded(values, upper)).to(FP8),
             scale,
             ProductScales.of(scale, out_features, in_features, layout),
             ProductScales.of(scale, in_features, out_features, layout),
@@ -401,26 +406,34 @@ def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def install(model: torch.nn.Module) -> int:
+def install(model: torch.nn.Module, calibration: torch.Tensor | None = None) -> int:
     """Moves the base weight of every adapted linear layer that qualifies to FP8; returns how many.
 
-    The bf16 weight is released: the layer's `weight` keeps its shape, dtype and device (one
-    element broadcast to the full shape), so code that asks for them still works, while the
-    layer's own forward and the fused LoRA path read the FP8 copies.
+    Given `calibration` token ids [rows, length] (the training data's), the weights are rounded
+    for those inputs (`fp8_gptq`), else each to its nearest e4m3 value. The bf16 weight is
+    released: the layer's `weight` keeps its shape, dtype and device (one element broadcast to
+    the full shape), so code that asks for them still works, while the layer's own forward and
+    the fused LoRA path read the FP8 copies.
     """
     from peft.tuners.lora import LoraLayer
 
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        base = cast(Any, module).get_base_layer()
-        if not eligible(base):
-            continue
-        with torch.no_grad():
-            base.__dict__["bp_fp8"] = Fp8Weight.of(base.weight)
-            shape = base.weight.shape
-            base.weight.data = base.weight.new_zeros(1, 1).expand(shape)
-        base.forward = types.MethodType(_fp8_forward, base)
-        count += 1
-    return count
+    layers = [
+        base
+        for module in model.modules()
+        if isinstance(module, LoraLayer) and eligible(base := cast(Any, module).get_base_layer())
+    ]
+    if calibration is not None and layers:
+        fp8_gptq.round_while_running(model, layers, calibration, _install_layer)
+    for base in layers:
+        if of(base) is None:
+            _install_layer(base, None)
+    return len(layers)
+
+
+def _install_layer(base: Any, upper: torch.Tensor | None) -> None:
+    """`base`'s weight in FP8 (rounded for inputs with `upper`, if given) in place of its bf16 one."""
+    with torch.no_grad():
+        base.__dict__["bp_fp8"] = Fp8Weight.of(base.weight, upper)
+        shape = base.weight.shape
+        base.weight.data = base.weight.new_zeros(1, 1).expand(shape)
+    base.forward = types.MethodType(_fp8_forward, base)

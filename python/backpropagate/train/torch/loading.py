@@ -244,21 +244,33 @@ def attach_adapter(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Modu
 
 
 def prepare_for_training(
-    model: torch.nn.Module, config: TrainConfig, mode: str, device: torch.device, num_params: int
+    model: torch.nn.Module,
+    config: TrainConfig,
+    mode: str,
+    device: torch.device,
+    num_params: int,
+    calibration: torch.Tensor | None = None,
 ) -> TrainingModel:
-    """Adapter (or full training), fused fast paths and checkpointing on a loaded model."""
+    """Adapter (or full training), fused fast paths and checkpointing on a loaded model.
+
+    `calibration`: token ids of the training data [rows, length] that FP8 weights are rounded
+    for (`fp8_gptq`); without them each weight takes its nearest e4m3 value.
+    """
     features: list[str] = []
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         model = attach_adapter(model, config)
+        # FP8 first: rounding for the data runs the model through peft's own layers.
+        fp8_layers = fp8.install(model, calibration) if config.fp8 else 0
         fused_layers = lora_fused.install(model)
         if fused_layers:
             features.append(f"fused_lora[{fused_layers}]")
         if config.fp8:
-            features.append(f"fp8[{fp8.install(model)}]")
+            features.append(f"fp8[{fp8_layers}]")
             features.append(fp8.scales_feature(device))
+            features.append("fp8_rounding[gptq]" if calibration is not None else "fp8_rounding[nearest]")
         elif not config.fsdp and (concat := lora_concat.install(model)):
             features.append(f"lora_concat[{concat}]")
     if config.fused_kernels and device.type == "cuda":
@@ -311,15 +323,20 @@ def load_adapter_weights(tm: TrainingModel, adapter: Path) -> None:
     lora_fused.adapters_updated()
 
 
-def load_for_training(path: Path, config: TrainConfig, init_adapter: Path | None = None) -> TrainingModel:
-    """Everything between a model folder and a model the loop can train (from `init_adapter`'s weights if given)."""
+def load_for_training(
+    path: Path, config: TrainConfig, init_adapter: Path | None = None, calibration: torch.Tensor | None = None
+) -> TrainingModel:
+    """Everything between a model folder and a model the loop can train (from `init_adapter`'s weights if given).
+
+    `calibration`: see `prepare_for_training`.
+    """
     device = resolve_device(config.device)
     mode = resolve_mode(config.mode, device, config.fp8)
     if config.fp8:
         fp8.check_supported(device, compute_dtype_for(device, config.precision))
     num_params = check_full_fine_tuning(path, mode, shards(config))
     model = load_base_model(path, mode, device, config.precision)
-    trained = prepare_for_training(model, config, mode, device, num_params)
+    trained = prepare_for_training(model, config, mode, device, num_params, calibration)
     if init_adapter is not None:
         load_adapter_weights(trained, init_adapter)
     log.info(

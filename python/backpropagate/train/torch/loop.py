@@ -34,7 +34,7 @@ from backpropagate.train.distributed import SINGLE, World, row_tokens
 from backpropagate.train.interrupt import StopRequest
 from backpropagate.train.metrics import MetricsLogger, ProgressBar
 from backpropagate.train.thermal import TemperatureGuard, nvml_reader
-from backpropagate.train.torch import fsdp, lora_fused
+from backpropagate.train.torch import fp8_gptq, fsdp, lora_fused
 from backpropagate.train.torch.attention import packed_attention
 from backpropagate.train.torch.linear_attention import linear_attention_layers
 from backpropagate.train.torch.loading import TrainingModel
@@ -96,6 +96,20 @@ def split_rows(dataset: PreparedDataset, eval_split: float, seed: int) -> tuple[
     held = min(dataset.num_rows - 1, max(1, round(eval_split * dataset.num_rows)))
     shuffled = np.random.default_rng([seed, 0xE7A1]).permutation(dataset.num_rows)
     return np.sort(shuffled[held:]), np.sort(shuffled[:held])
+
+
+def calibration_ids(dataset: PreparedDataset, config: TrainConfig) -> torch.Tensor:
+    """The first tokens of the training rows (held-out rows left out) that FP8 weights are rounded for (`fp8_gptq`)."""
+    tokens: list[np.ndarray] = []
+    count = 0
+    for row in split_rows(dataset, config.eval_split, config.seed)[0]:
+        for sample in dataset.row_samples(int(row)):
+            piece = dataset.input_ids[dataset.sample_offsets[sample] : dataset.sample_offsets[sample + 1]]
+            tokens.append(piece)
+            count += len(piece)
+        if count >= fp8_gptq.TOKENS:
+            break
+    return fp8_gptq.calibration_ids(np.concatenate(tokens), dataset.max_seq_length)
 
 
 def micro_batches(dataset: PreparedDataset, rows: np.ndarray, rows_per_batch: int) -> list[Batch]:
