@@ -13,7 +13,8 @@ scale buys is that both products read the same bytes, where row scales would nee
 per product (each matmul scales along its own output dimension), or the backward's scales
 folded into the gradient, which measured worse. `torch._scaled_mm` takes the weight's scales
 in the product's layout, so s is passed repeated over W's 128 x 128 blocks (or, per token,
-over its rows), a few KiB.
+over its rows), a few KiB. Which e4m3 value each weight gets is chosen for the training
+data's inputs where they are known (`fp8_gptq`), else the nearest.
 
 The activations `x` and gradients `dy` are quantized on the fly (e4m3) with one scale per
 block of 128 values of a token (cuBLAS's 1 x 128 block scaling, with the weight's scale laid
