@@ -121,19 +121,24 @@ def test_calibration_takes_the_training_rows_and_leaves_out_the_held_out_ones():
     np.testing.assert_array_equal(ids, want[: len(ids)])
 
 
+SETTINGS = dict(mode="lora", precision="bf16", device="cpu", lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+def tiny(path, fp8_on: bool, ids: torch.Tensor | None):
+    """The tiny model prepared for LoRA, its weights in FP8 (rounded for `ids` if given) or bf16."""
+    device = torch.device("cpu")
+    base = loading.load_base_model(path, "lora", device, "bf16")
+    return loading.prepare_for_training(base, TrainConfig(fp8=fp8_on, **SETTINGS).validate(), "lora", device, 0, ids)
+
+
 @pytest.fixture(scope="module")
 def prepared(tiny_llama):
     """The tiny model with FP8 weights rounded for the data, rounded to nearest, and in bf16; and inputs."""
     dataset = rule_dataset(vocab=300, samples=400, max_seq_length=96, seed=4)
-    settings = dict(mode="lora", precision="bf16", device="cpu", lora_r=8, lora_alpha=16, lora_dropout=0.0)
-    config = TrainConfig(fp8=True, **settings).validate()
-    calibration = calibration_ids(dataset, config)
-    device = torch.device("cpu")
+    calibration = calibration_ids(dataset, TrainConfig(**SETTINGS))
 
     def model(fp8_on: bool, ids: torch.Tensor | None):
-        base = loading.load_base_model(tiny_llama, "lora", device, "bf16")
-        chosen = config if fp8_on else TrainConfig(**settings).validate()
-        return loading.prepare_for_training(base, chosen, "lora", device, 0, ids)
+        return tiny(tiny_llama, fp8_on, ids)
 
     unseen = torch.from_numpy(np.asarray(dataset.input_ids[-960:], dtype=np.int64)).view(10, 96)
     return {"gptq": model(True, calibration), "nearest": model(True, None), "bf16": model(False, None)}, unseen
@@ -166,3 +171,21 @@ def test_weights_rounded_for_the_data_follow_bf16_closer_on_other_rows_of_it(pre
 
     # A 64-wide random model has little correlation to use (SmolLM2: 0.37% -> 0.17% of loss, benches/fp8_quality.py).
     assert error("gptq") < 0.92 * error("nearest"), (error("gptq"), error("nearest"))
+
+
+def test_running_out_of_memory_midway_leaves_the_rest_rounded_to_nearest(tiny_llama, monkeypatch, caplog):
+    """The calibration pass holds activations and an fp32 H: on a full card the run goes on, with fewer layers rounded for the data."""
+    real, calls = fp8_gptq.upper_inverse, []
+
+    def third_runs_out(hessian):
+        calls.append(1)
+        if len(calls) == 3:  # gate and up's input, after q, k, v and o of the first block
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(hessian)
+
+    monkeypatch.setattr(fp8_gptq, "upper_inverse", third_runs_out)
+    ids = calibration_ids(rule_dataset(vocab=300, samples=40, max_seq_length=96, seed=5), TrainConfig(**SETTINGS))
+    tm = tiny(tiny_llama, True, ids)
+    assert {"fp8[14]", "fp8_rounding[gptq 4 of 14]"} <= set(tm.features)
+    assert sum(fp8.of(m) is not None for m in tm.model.modules()) == 14
+    assert "after 4 of 14 layers" in caplog.text

@@ -118,6 +118,7 @@ class Fp8Weight:
     scale: torch.Tensor  # [] fp32
     forward_scales: ProductScales  # of x Q^T
     backward_scales: ProductScales  # of dy Q
+    for_data: bool = False  # rounded for its inputs (`fp8_gptq`) rather than to nearest
 
     @classmethod
     def of(cls, weight: torch.Tensor, upper: torch.Tensor | None = None) -> Fp8Weight:
@@ -136,6 +137,7 @@ class Fp8Weight:
             scale,
             ProductScales.of(scale, out_features, in_features, layout),
             ProductScales.of(scale, in_features, out_features, layout),
+            upper is not None,
         )
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -429,6 +431,15 @@ def install(model: torch.nn.Module, calibration: torch.Tensor | None = None) -> 
         if of(base) is None:
             _install_layer(base, None)
     return len(layers)
+
+
+def rounding_feature(model: torch.nn.Module) -> str:
+    """How the FP8 weights of `model` were rounded, as the run's features name it."""
+    weights = [w for m in model.modules() if (w := of(m)) is not None]
+    for_data = sum(w.for_data for w in weights)
+    if for_data == len(weights):
+        return "fp8_rounding[gptq]"
+    return "fp8_rounding[nearest]" if for_data == 0 else f"fp8_rounding[gptq {for_data} of {len(weights)}]"
 
 
 def _install_layer(base: Any, upper: torch.Tensor | None) -> None:

@@ -203,8 +203,8 @@ def round_while_running(
         nonlocal done
         if layer not in pending:
             return output
-        pending.discard(layer)
         install(layer, inputs.upper_of(args[0]))
+        pending.discard(layer)
         done += 1
         return layer.forward(args[0])  # the installed forward, without this hook
 
@@ -216,10 +216,20 @@ def round_while_running(
     try:
         with torch.no_grad():
             decoder(input_ids=ids.to(device), use_cache=False)
+    except torch.OutOfMemoryError:
+        # The pass holds its tokens' activations and one input's H: where they do not fit, the
+        # layers not reached yet keep the nearest values rather than the run failing.
+        log.warning(
+            "out of memory rounding FP8 weights for the data after %d of %d layers; the rest are rounded to nearest",
+            done,
+            done + len(pending),
+        )
     finally:
         for handle in handles:
             handle.remove()
         inputs.x = inputs.upper = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     log.info(
         "%d FP8 weights rounded for %d tokens of the training data in %.1f s",
         done,

@@ -270,7 +270,7 @@ def prepare_for_training(
         if config.fp8:
             features.append(f"fp8[{fp8_layers}]")
             features.append(fp8.scales_feature(device))
-            features.append("fp8_rounding[gptq]" if calibration is not None else "fp8_rounding[nearest]")
+            features.append(fp8.rounding_feature(model))
         elif not config.fsdp and (concat := lora_concat.install(model)):
             features.append(f"lora_concat[{concat}]")
     if config.fused_kernels and device.type == "cuda":
