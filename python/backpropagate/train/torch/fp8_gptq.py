@@ -29,6 +29,7 @@ import torch
 
 from backpropagate.log import get_logger
 from backpropagate.train.torch.fast_path import UntilItFails
+from backpropagate.train.torch.fp8_rows import LIMIT
 
 try:
     import triton
@@ -46,8 +47,6 @@ SEQUENCE = 2048
 BLOCK = 128
 # Rows of the weight one kernel program rounds.
 KERNEL_ROWS = 16
-# e4m3's largest finite value.
-LIMIT = float(torch.finfo(torch.float8_e4m3fn).max)
 # Added to H's diagonal, relative to its mean: inputs seen rarely keep the rounding plain.
 DAMPING = 0.01
 
@@ -66,13 +65,12 @@ def upper_inverse(hessian: torch.Tensor) -> torch.Tensor:
 
     H is damped in place: a 7B's down-projection has an [18944, 18944] one, 1.4 GB in fp32.
     """
-    h = hessian
-    diagonal = h.diagonal()
+    diagonal = hessian.diagonal()
     diagonal[diagonal == 0] = 1.0
     damping = DAMPING * float(diagonal.mean())
     for _ in range(4):  # more damping where rounding in fp32 left H short of positive definite
-        h.diagonal().add_(damping)
-        factor, info = torch.linalg.cholesky_ex(h)
+        diagonal.add_(damping)
+        factor, info = torch.linalg.cholesky_ex(hessian)
         if int(info) == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).contiguous()
         damping *= 10
@@ -195,17 +193,15 @@ def round_while_running(
     """
     started = time.perf_counter()
     pending = set(layers)
+    total = len(pending)
     inputs = _Inputs()
     handles = []
-    done = 0
 
     def hook(layer: torch.nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        nonlocal done
         if layer not in pending:
             return output
         install(layer, inputs.upper_of(args[0]))
         pending.discard(layer)
-        done += 1
         return layer.forward(args[0])  # the installed forward, without this hook
 
     for layer in pending:
@@ -221,13 +217,14 @@ def round_while_running(
         # layers not reached yet keep the nearest values rather than the run failing.
         log.warning(
             "out of memory rounding FP8 weights for the data after %d of %d layers; the rest are rounded to nearest",
-            done,
-            done + len(pending),
+            total - len(pending),
+            total,
         )
     finally:
         for handle in handles:
             handle.remove()
         inputs.x = inputs.upper = None
+    done = total - len(pending)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log.info(

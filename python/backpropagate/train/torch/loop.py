@@ -100,16 +100,15 @@ def split_rows(dataset: PreparedDataset, eval_split: float, seed: int) -> tuple[
 
 def calibration_ids(dataset: PreparedDataset, config: TrainConfig) -> torch.Tensor:
     """The first tokens of the training rows (held-out rows left out) that FP8 weights are rounded for (`fp8_gptq`)."""
-    tokens: list[np.ndarray] = []
+    lengths = dataset.sample_lengths()
+    samples: list[np.ndarray] = []
     count = 0
     for row in split_rows(dataset, config.eval_split, config.seed)[0]:
-        for sample in dataset.row_samples(int(row)):
-            piece = dataset.input_ids[dataset.sample_offsets[sample] : dataset.sample_offsets[sample + 1]]
-            tokens.append(piece)
-            count += len(piece)
+        samples.append(dataset.row_samples(int(row)))
+        count += int(lengths[samples[-1]].sum())
         if count >= fp8_gptq.TOKENS:
             break
-    return fp8_gptq.calibration_ids(np.concatenate(tokens), dataset.max_seq_length)
+    return fp8_gptq.calibration_ids(dataset.batch_of(np.concatenate(samples)).input_ids[0], dataset.max_seq_length)
 
 
 def micro_batches(dataset: PreparedDataset, rows: np.ndarray, rows_per_batch: int) -> list[Batch]:
