@@ -221,11 +221,11 @@ def rounding(folder: Path, data: Path, inputs: list[torch.Tensor], args: argpars
     calibration = calibration_ids(dataset, TrainConfig(seed=args.seed))
     every = list(range(AutoConfig.from_pretrained(folder).num_hidden_layers))
     reference = log_probs(fp8_model(folder, (), []), inputs)
+    positions = sum(r.shape[0] for r in reference)
     out: dict[str, Any] = {"calibration_tokens": calibration.numel()}
     for name, tokens in (("nearest", None), ("for the training data (GPTQ)", calibration)):
         got = log_probs(fp8_model(folder, PROJECTIONS, every, tokens), inputs)
         kl = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(reference, got, strict=True))
-        positions = sum(r.shape[0] for r in reference)
         out[name] = {
             "kl_per_position": kl / positions,
             "loss_above_bf16": target_loss(got, inputs) / target_loss(reference, inputs) - 1,
